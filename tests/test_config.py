@@ -1,0 +1,53 @@
+import pytest
+
+from tinyllm.config import ConfigError, load_params, parse_params
+
+
+def test_repository_params_file_is_valid():
+    params = load_params("params.yaml")
+    assert params.model.dim % params.model.n_heads == 0
+
+
+def test_defaults_derive_head_and_ffn_dims():
+    params = parse_params({"model": {"dim": 96, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": None}})
+    assert params.model.head_dim == 24
+    assert params.model.ffn_dim % params.model.multiple_of == 0 and params.model.ffn_dim >= 8 * 96 // 3
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"model": {"dim": 100, "n_heads": 3}}, "model.dim=100 must be divisible by model.n_heads=3"),
+        ({"model": {"n_heads": 4, "n_kv_heads": 3}}, "model.n_kv_heads=3 must divide model.n_heads=4"),
+        ({"model": {"dim": 36, "n_heads": 4, "n_kv_heads": 2}}, "head dim) must be even"),
+        ({"pretrain": {"warmup_steps": 10, "max_steps": 5}}, "pretrain.warmup_steps=10 must be < pretrain.max_steps=5"),
+        ({"pretrain": {"lr": "fast"}}, "pretrain.lr: expected float"),
+        ({"model": {"layers": 4}}, "model.layers: unknown param"),
+        ({"model": {"vocab_size": 5}}, "model.vocab_size is taken from the tokenizer"),
+        ({"data": {"source": "jsonl"}}, "data.pretrain_path must name"),
+        ({"runtime": {"dtype": "fp8"}}, "runtime.dtype='fp8'"),
+        ({"model": {"dropout": 1.5}}, "model.dropout=1.5"),
+    ],
+)
+def test_impossible_params_name_the_param(override, fragment):
+    with pytest.raises(ConfigError, match="problem") as err:
+        parse_params(override)
+    assert fragment in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"model": {"n_heads": 4, "n_kv_heads": 3}, "pretrain": {"warmup_steps": 10, "max_steps": 5}})
+    assert "2 problem(s)" in str(err.value)
+
+
+def test_missing_params_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model: {dim: [\n")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_params(bad)

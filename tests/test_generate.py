@@ -1,0 +1,38 @@
+import torch
+
+from tinyllm.infer.generate import generate, stream_tokens
+from tinyllm.model.transformer import Transformer
+
+
+def greedy_by_full_recompute(model, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids
+
+
+def test_greedy_with_kv_cache_equals_full_recompute(tiny_config):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    prompt = [5, 9, 2, 7]
+    assert prompt + generate(model, prompt, 12) == greedy_by_full_recompute(model, prompt, 12)
+
+
+def test_stop_id_ends_generation_and_is_not_returned(tiny_config):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    free = generate(model, [1, 2, 3], 10)
+    stopped = generate(model, [1, 2, 3], 10, stop_ids={free[3]})
+    assert stopped == free[: free.index(free[3])]
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_config):
+    model = Transformer(tiny_config).eval()
+    a = generate(model, [1, 2], 15, temperature=1.0, top_k=10, seed=7)
+    b = generate(model, [1, 2], 15, temperature=1.0, top_k=10, seed=7)
+    assert a == b and len(a) == 15
+
+
+def test_generation_stops_at_the_context_limit(tiny_config):
+    model = Transformer(tiny_config).eval()
+    assert len(list(stream_tokens(model, list(range(60)), 50))) == tiny_config.max_seq_len - 60

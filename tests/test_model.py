@@ -1,0 +1,87 @@
+import dataclasses
+
+import pytest
+import torch
+
+from tinyllm.config import TrainConfig
+from tinyllm.model.transformer import KVCache, Transformer, apply_rope, rope_tables
+
+
+def test_weight_names_follow_hugging_face_llama(tiny_config):
+    names = set(Transformer(tiny_config).state_dict())
+    for expected in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight",
+                     "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                     "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+                     "model.norm.weight", "lm_head.weight"):
+        assert expected in names
+
+
+def test_gqa_projection_shapes(tiny_config):
+    attn = Transformer(tiny_config).model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (64, 64)
+    assert attn.k_proj.weight.shape == (2 * 16, 64)
+
+
+def test_rope_preserves_norm_and_relative_positions():
+    cos, sin = rope_tables(head_dim=8, max_len=32, theta=10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    rotated = apply_rope(q.expand(1, 1, 32, 8), cos, sin)
+    assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 32), atol=1e-5)
+    # <rope(q, m), rope(k, n)> depends only on m - n
+    kr = apply_rope(k.expand(1, 1, 32, 8), cos, sin)
+    dot = lambda m, n: (rotated[0, 0, m] * kr[0, 0, n]).sum()  # noqa: E731
+    assert torch.allclose(dot(5, 2), dot(20, 17), atol=1e-5)
+    assert not torch.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
+
+
+def test_causality_future_tokens_never_change_past_logits(tiny_config):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    x = torch.randint(0, tiny_config.vocab_size, (2, 20))
+    changed = x.clone()
+    changed[:, 11:] = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    a, b = model(x).logits, model(changed).logits
+    assert torch.allclose(a[:, :11], b[:, :11], atol=1e-6)
+    assert not torch.allclose(a[:, 11:], b[:, 11:], atol=1e-3)
+
+
+def test_kv_cache_decoding_equals_full_recompute(tiny_config):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    x = torch.randint(0, tiny_config.vocab_size, (2, 24))
+    full = model(x).logits
+    cache = KVCache(tiny_config, 2, 24, "cpu", torch.float32)
+    pieces = [model(x[:, :10], cache=cache).logits, model(x[:, 10:15], cache=cache).logits]  # chunked prefill
+    pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(15, 24)]  # one token at a time
+    assert torch.allclose(full, torch.cat(pieces, 1), atol=1e-5)
+
+
+def test_too_long_input_is_refused(tiny_config):
+    model = Transformer(tiny_config)
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_tied_and_untied_embeddings(tiny_config):
+    tied = Transformer(tiny_config)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    untied = Transformer(dataclasses.replace(tiny_config, tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    assert untied.num_params() - tied.num_params() == tiny_config.vocab_size * tiny_config.dim
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True)
+
+
+def test_tiny_model_overfits_one_batch(tiny_config):
+    from tinyllm.config import RuntimeConfig
+    from tinyllm.train.loop import fit
+    from tinyllm.train.objectives import NextTokenLoss
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config)
+    rows = torch.randint(0, tiny_config.vocab_size, (4, 33))
+    batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+    cfg = TrainConfig(max_steps=150, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=10, log_interval=10,
+                      weight_decay=0.0)
+    result = fit(model, NextTokenLoss(), iter(lambda: batch, None), cfg, RuntimeConfig(device="cpu"))
+    assert result.history[0]["train/loss"] > 3.0  # ln(97) ≈ 4.6 at the start
+    assert result.final["train/loss"] < 0.1

@@ -1,0 +1,35 @@
+import pytest
+from transformers import AutoTokenizer
+
+from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, IM_START, render_chat, save_tokenizer, special_id
+
+
+@pytest.mark.parametrize("text", ["李明住在杭州。", "Hello, world!", "猫 🐱 emoji 🚀✨", "混合 mixed 文本 123"])
+def test_round_trip(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+def test_special_tokens_are_single_ids(tokenizer):
+    for token in (ENDOFTEXT, IM_START, IM_END):
+        ids = tokenizer.encode(f"你好{token}").ids
+        assert ids[-1] == special_id(tokenizer, token)
+    assert tokenizer.decode(tokenizer.encode(f"a{IM_END}b").ids, skip_special_tokens=False) == f"a{IM_END}b"
+
+
+def test_han_characters_are_never_merged_together(tokenizer):
+    for piece in tokenizer.encode("李明住在杭州").tokens:
+        assert len(tokenizer.decode([tokenizer.token_to_id(piece)])) <= 1
+
+
+def test_transformers_loads_tokenizer_and_chat_template(tokenizer, tmp_path):
+    save_tokenizer(tokenizer, tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "李明住在哪里？"},
+                {"role": "assistant", "content": "杭州"}]
+    text = hf.apply_chat_template(messages, tokenize=False)
+    assert text == render_chat(messages)
+    assert text.startswith(f"{IM_START}system\n你是助手{IM_END}\n")
+    prompt = hf.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith(f"{IM_START}assistant\n")
+    assert hf.eos_token == IM_END
+    assert hf.encode("李明", add_special_tokens=False) == tokenizer.encode("李明").ids

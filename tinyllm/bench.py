@@ -1,0 +1,96 @@
+"""Training throughput benchmark: the real loop (`fit`) on random packed tokens, timed.
+
+    tinyllm bench train --models 768x8,512x8 --compile off,on --out reports/bench
+
+Each run does `warmup` steps (compilation, allocator warm-up), then `steps` timed steps, and
+reports useful tokens/s (every token of a packed batch is useful), MFU, step time and peak GPU
+memory. The table is printed and written as markdown + JSON. Runs without dvc installed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from tinyllm.config import ModelConfig, RuntimeConfig, TrainConfig
+from tinyllm.model.transformer import Transformer
+from tinyllm.train.loop import fit
+from tinyllm.train.objectives import NextTokenLoss
+from tinyllm.train.runtime import device_name, resolve_device
+
+# Shapes the project compares against (issue "GPU performance"): dim x layers.
+PRESETS = {
+    "tiny": dict(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=512),
+    "512x8": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, hidden_dim=1408),
+    "768x8": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=2048),
+    "768x16": dict(dim=768, n_layers=16, n_heads=12, n_kv_heads=4, hidden_dim=2048),
+}
+
+
+def random_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0):
+    """Endless batches of uniform random tokens (throughput does not depend on the values)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        rows = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=gen)
+        yield {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, steps: int, warmup: int,
+                compile: bool, device: str, dtype: str) -> dict:
+    """One timed training run; returns a table row."""
+    interval = 5
+    warmup, steps = -(-warmup // interval) * interval, -(-steps // interval) * interval
+    model_cfg = ModelConfig(**PRESETS[preset], max_seq_len=seq_len, vocab_size=vocab_size)
+    runtime = RuntimeConfig(device=device, dtype=dtype, compile=compile)
+    train_cfg = TrainConfig(max_steps=warmup + steps, batch_size=batch_size, warmup_steps=1, lr=3e-4, min_lr=3e-5,
+                            log_interval=interval, eval_interval=10**9)
+    dev = resolve_device(runtime)
+    torch.manual_seed(0)
+    model = Transformer(model_cfg)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    result = fit(model, NextTokenLoss(), random_batches(vocab_size, batch_size, seq_len), train_cfg, runtime,
+                 flops_per_token=model.flops_per_token(seq_len))
+    timed = [h for h in result.history if h["step"] > warmup]
+    tokens_per_sec = sum(h["tokens_per_sec"] for h in timed) / len(timed)
+    mfu = sum(h.get("mfu", 0.0) for h in timed) / len(timed)
+    return {
+        "model": preset,
+        "params_M": round(model.num_params() / 1e6, 1),
+        "seq": seq_len,
+        "batch": batch_size,
+        "dtype": dtype,
+        "compile": compile,
+        "tokens_per_sec": round(tokens_per_sec),
+        "mfu": round(mfu, 4) if mfu else None,
+        "step_ms": round(1000 * batch_size * seq_len / tokens_per_sec, 1),
+        "peak_mem_GiB": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
+        "final_loss": round(result.final["train/loss"], 4),
+    }
+
+
+def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device) -> str:
+    """Print-ready markdown table with the machine in the heading; also saved as .md and .json."""
+    card = device_name(device)
+    header = (f"# Training throughput — {card}, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}, {platform.node() or 'host'}\n\n")
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
+    table = header + "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = card.replace(" ", "_").replace("/", "_")
+    (out_dir / f"{name}_{slug}.md").write_text(table)
+    (out_dir / f"{name}_{slug}.json").write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows},
+                                                            indent=2))
+    return table
+
+
+def run(models: list[str], compiles: list[bool], out_dir: Path, **kwargs) -> str:
+    """Benchmark every model × compile setting and write one table."""
+    rows = [bench_train(m, compile=c, **kwargs) for m in models for c in compiles]
+    return write_table(rows, out_dir, "train", resolve_device(RuntimeConfig(device=kwargs["device"])))

@@ -1,0 +1,292 @@
+"""Typed params: one frozen dataclass per `params.yaml` section, validated once at load.
+
+`load_params("params.yaml")` reads the file, rejects unknown keys, wrong types and impossible
+combinations, and raises one `ConfigError` listing every problem by its dotted param name.
+Past that point the code trusts the config. Example:
+
+    cfg = load_params("params.yaml")
+    cfg.model.head_dim      # derived once, here
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tinyllm.errors import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class WorldConfig:
+    n_people: int = 300
+    """People in the fictional world; each gets a name and five attributes."""
+    bios_per_person: int = 6
+    """Differently worded biographies per person in the pretraining corpus."""
+    english_fraction: float = 0.15
+    """Share of biographies written in English instead of Chinese."""
+    n_arithmetic: int = 1500
+    """Small arithmetic sentences ("3加5等于8") added to the corpus."""
+    heldout_fraction: float = 0.2
+    """People whose question/answer pairs later stay out of SFT data (they are only read)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    source: str = "world"
+    """`world` generates the embedded fictional world; `jsonl` reads `pretrain_path`."""
+    pretrain_path: str | None = None
+    """A user's pretraining JSON Lines file (`{"text": ...}` per line) when source is jsonl."""
+    on_bad_line: str = "error"
+    """`error` stops at the first malformed line (naming file:line); `skip` counts and skips."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+
+@dataclass(kw_only=True, frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 1024
+    """Target BPE vocabulary size, special tokens included."""
+    min_frequency: int = 2
+    """A pair must occur this often to be merged."""
+    split_han: bool = True
+    """Pre-split every Han character so BPE cannot fuse name+template+value into one token
+    (small templated Chinese corpora otherwise learn facts as opaque tokens; FACTS.md)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TokenizeConfig:
+    val_fraction: float = 0.05
+    """Share of documents routed to the validation split."""
+    shard_tokens: int = 50_000_000
+    """Tokens per shard file before a new one is started."""
+    batch_docs: int = 1024
+    """Documents encoded per parallel batch."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelConfig:
+    dim: int = 192
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Decoder blocks."""
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide n_heads."""
+    hidden_dim: int | None = None
+    """SwiGLU hidden width; None means round(8/3·dim) up to a multiple of `multiple_of`."""
+    multiple_of: int = 32
+    """Rounding for the derived hidden_dim."""
+    max_seq_len: int = 128
+    """Longest sequence (training window and KV cache length)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    dropout: float = 0.0
+    """Dropout on attention output and MLP output during training."""
+    tie_embeddings: bool = True
+    """Share embed_tokens and lm_head weights."""
+    vocab_size: int = 0
+    """Filled from the tokenizer; never set by hand."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        raw = int(8 * self.dim / 3)
+        return self.multiple_of * -(-raw // self.multiple_of)
+
+
+@dataclass(kw_only=True, frozen=True)
+class RuntimeConfig:
+    device: str = "auto"
+    """`auto` (cuda if present, else cpu), `cpu`, `cuda` or `cuda:N`."""
+    dtype: str = "auto"
+    """`auto` (bfloat16 on CUDA, float32 on CPU), `float32` or `bfloat16` (autocast)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (no speed-up on CPU; FACTS.md)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 0
+    """Training window; 0 means model.max_seq_len."""
+    lr: float = 2e-3
+    """Peak learning rate after warmup."""
+    min_lr: float = 2e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    eval_interval: int = 200
+    """Steps between validation-loss measurements (and at the last step)."""
+    eval_batches: int = 10
+    """Validation micro-batches per measurement."""
+    log_interval: int = 20
+    """Steps between log lines and dvclive points."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvalConfig:
+    max_new_tokens: int = 12
+    """Greedy tokens generated per fact prompt."""
+    max_fact_prompts: int = 600
+    """Cap on fact-completion prompts scored (a seeded sample when there are more)."""
+    n_samples: int = 8
+    """Sample generations shown in the report."""
+    val_max_tokens: int = 200_000
+    """Cap on validation tokens used for perplexity."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class Params:
+    seed: int = 1337
+    """Seeds data generation, initialization and batch order."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls, raw: dict, prefix: str, errors: list[str]):
+    """Build dataclass `cls` from `raw`, appending a message per problem to `errors`."""
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            errors.append(f"{name}: unknown param (known: {', '.join(sorted(fields))})")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{name}.", errors)
+        elif not _type_ok(value, hint):
+            errors.append(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if hint is float else value
+    return cls(**kwargs)
+
+
+def _check(p: Params) -> list[str]:
+    """Cross-field rules: each message names the param and says what would work."""
+    e = []
+    m, t = p.model, p.pretrain
+
+    def positive(name, value):
+        if value <= 0:
+            e.append(f"{name}={value} must be > 0")
+
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+        positive(f"model.{name}", getattr(m, name))
+    if m.n_heads > 0 and m.dim % m.n_heads:
+        e.append(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
+    elif m.n_heads > 0 and (m.dim // m.n_heads) % 2:
+        e.append(f"model.dim/model.n_heads={m.dim // m.n_heads} (head dim) must be even for RoPE")
+    if m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads:
+        e.append(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    if m.hidden_dim is not None:
+        positive("model.hidden_dim", m.hidden_dim)
+    if not 0 <= m.dropout < 1:
+        e.append(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.vocab_size:
+        e.append("model.vocab_size is taken from the tokenizer; remove it from params")
+    for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_batches"):
+        positive(f"pretrain.{name}", getattr(t, name))
+    if t.seq_len < 0 or t.seq_len > m.max_seq_len:
+        e.append(f"pretrain.seq_len={t.seq_len} must be in [0, model.max_seq_len={m.max_seq_len}]")
+    if t.warmup_steps >= t.max_steps:
+        e.append(f"pretrain.warmup_steps={t.warmup_steps} must be < pretrain.max_steps={t.max_steps}")
+    if not 0 <= t.min_lr <= t.lr:
+        e.append(f"pretrain.min_lr={t.min_lr} must be in [0, pretrain.lr={t.lr}]")
+    if p.data.source not in ("world", "jsonl"):
+        e.append(f"data.source={p.data.source!r} must be 'world' or 'jsonl'")
+    if p.data.source == "jsonl" and not p.data.pretrain_path:
+        e.append("data.pretrain_path must name a JSON Lines file when data.source is 'jsonl'")
+    if p.data.on_bad_line not in ("error", "skip"):
+        e.append(f"data.on_bad_line={p.data.on_bad_line!r} must be 'error' or 'skip'")
+    w = p.data.world
+    if w.n_people < 2:
+        e.append(f"data.world.n_people={w.n_people} must be >= 2")
+    positive("data.world.bios_per_person", w.bios_per_person)
+    for name in ("english_fraction", "heldout_fraction"):
+        if not 0 <= getattr(w, name) <= 1:
+            e.append(f"data.world.{name}={getattr(w, name)} must be in [0, 1]")
+    if p.tokenizer.vocab_size < 260:
+        e.append(f"tokenizer.vocab_size={p.tokenizer.vocab_size} must be >= 260 (256 bytes + specials)")
+    if not 0 < p.tokenize.val_fraction < 1:
+        e.append(f"tokenize.val_fraction={p.tokenize.val_fraction} must be in (0, 1)")
+    if p.runtime.device != "auto" and not (p.runtime.device == "cpu" or p.runtime.device.startswith("cuda")):
+        e.append(f"runtime.device={p.runtime.device!r} must be auto, cpu, cuda or cuda:N")
+    if p.runtime.dtype not in ("auto", "float32", "bfloat16"):
+        e.append(f"runtime.dtype={p.runtime.dtype!r} must be auto, float32 or bfloat16")
+    return e
+
+
+def parse_params(raw: dict, source: str = "params") -> Params:
+    """Validate a params mapping; raise one ConfigError listing every problem."""
+    errors: list[str] = []
+    params = _build(Params, raw or {}, "", errors)
+    if not errors:
+        errors = _check(params)
+    if errors:
+        raise ConfigError(f"{source}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))
+
+
+def to_dict(obj) -> dict:
+    """A dataclass config as plain data (for JSON next to checkpoints)."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,108 @@
+"""Byte-level BPE tokenizer with ChatML special tokens, saved for `transformers` too.
+
+    tok = train_tokenizer(texts, TokenizerConfig(vocab_size=1024))
+    save_tokenizer(tok, Path("artifacts/tokenizer"))
+    AutoTokenizer.from_pretrained("artifacts/tokenizer")   # works, chat template included
+
+Byte-level means any string round-trips (emoji, unseen scripts). With `split_han`, every Han
+character is its own pre-token, so merges never cross Chinese characters: on a small templated
+corpus, BPE otherwise fuses "name + 住在 + city" into single tokens and facts stop sharing tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tinyllm.config import TokenizerConfig
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+
+# ChatML: every message is <|im_start|>role\ncontent<|im_end|>\n; generation continues after
+# "<|im_start|>assistant\n" and a finished reply ends with <|im_end|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _pre_tokenizer(split_han: bool):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if not split_han:
+        return byte_level
+    han = pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated")
+    return pre_tokenizers.Sequence([han, byte_level])
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+    """Train a byte-level BPE on `texts` (any iterable; it is streamed, not held in memory)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = _pre_tokenizer(cfg.split_han)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
+    """Write tokenizer.json plus the files `AutoTokenizer.from_pretrained` reads."""
+    from transformers import PreTrainedTokenizerFast  # heavy import, only needed here
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=ENDOFTEXT,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        unk_token=None,
+        additional_special_tokens=[IM_START],
+        clean_up_tokenization_spaces=False,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(str(out_dir))
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load the fast tokenizer (`path` is the folder or its tokenizer.json)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no tokenizer here (run `dvc repro train_tokenizer`)")
+    return Tokenizer.from_file(str(file))
+
+
+def special_id(tok: Tokenizer, token: str) -> int:
+    """Id of a special token; a tokenizer without it is not one of ours."""
+    token_id = tok.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"tokenizer has no {token} token; retrain it with `dvc repro train_tokenizer`")
+    return token_id
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The ChatML text that CHAT_TEMPLATE produces (kept in Python for the data pipeline)."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def vocab_info(tok: Tokenizer) -> dict:
+    """Sizes and special ids, for the token index and the model config."""
+    return {
+        "vocab_size": tok.get_vocab_size(),
+        "endoftext_id": special_id(tok, ENDOFTEXT),
+        "im_start_id": special_id(tok, IM_START),
+        "im_end_id": special_id(tok, IM_END),
+    }

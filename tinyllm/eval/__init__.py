@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and fact completion (metrics.py), the report and plots (report.py)."""

@@ -1,0 +1,71 @@
+"""What a trained model knows: validation perplexity and greedy fact completion.
+
+Fact completion asks the model to continue a cloze prompt from the world ("李明住在") and counts
+it right when the greedy continuation starts with the answer ("杭州"). Prompts come from
+`eval_facts.jsonl`, written by `prepare`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from tinyllm.data.tokenizer import ENDOFTEXT, special_id
+from tinyllm.data.tokens import PackedBatches, TokenStream
+from tinyllm.infer.generate import generate
+from tinyllm.train.loop import evaluate
+from tinyllm.train.objectives import NextTokenLoss
+
+
+def perplexity(model, token_dir: Path, seq_len: int, max_tokens: int, device, dtype) -> dict:
+    """Loss and perplexity on the val split, over consecutive windows up to `max_tokens`."""
+    stream = TokenStream(token_dir, "val")
+    seq_len = min(seq_len, len(stream) - 1)
+    batches = PackedBatches(stream, 1, seq_len, seed=0, shuffle=False)
+    n_windows = max(1, min(batches.n_windows, max_tokens // seq_len))
+    loss = evaluate(model, NextTokenLoss(), batches, device, dtype, max_batches=n_windows)
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": n_windows * seq_len}
+
+
+def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,
+                  seed: int) -> tuple[dict, list[dict]]:
+    """Greedy cloze accuracy overall, per attribute and per person split.
+
+    Each prompt starts after <|endoftext|>, as a document does in training.
+
+    Returns:
+        (metrics, rows): rows hold prompt, answer, output and correctness for the report.
+    """
+    if len(items) > max_items:
+        items = random.Random(seed).sample(items, max_items)
+    eot = special_id(tok, ENDOFTEXT)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    rows = []
+    for item in items:
+        ids = [eot] + tok.encode(item["prompt"], add_special_tokens=False).ids
+        output = tok.decode(generate(model, ids, max_new_tokens, stop_ids={eot}))
+        correct = output.startswith(item["answer"])
+        rows.append({**item, "output": output, "correct": correct})
+        hits["overall"].append(correct)
+        hits[f"attribute/{item['attribute']}"].append(correct)
+        hits[f"split/{item.get('split', '-')}"].append(correct)
+    metrics = {key: sum(v) / len(v) for key, v in sorted(hits.items())}
+    metrics["n_prompts"] = len(items)
+    return metrics, rows
+
+
+@torch.no_grad()
+def sample_continuations(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[dict]:
+    """Seeded sampled continuations (temperature 0.8, top-k 20) to show in the report."""
+    eot = special_id(tok, ENDOFTEXT)
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = [eot] + tok.encode(prompt, add_special_tokens=False).ids
+        new = generate(model, ids, max_new_tokens, stop_ids={eot}, temperature=0.8, top_k=20, seed=seed + i)
+        out.append({"prompt": prompt, "output": tok.decode(new)})
+    return out

@@ -1,0 +1,1 @@
+"""Generation on token ids (never text): KV-cached decoding and sampling."""

@@ -1,0 +1,1 @@
+"""The models: a dense Llama-style decoder (transformer.py)."""

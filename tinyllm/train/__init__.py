@@ -1,0 +1,1 @@
+"""Training: one loop (loop.py) for every stage; objectives, runtime, checkpoints, logging."""

@@ -1,0 +1,73 @@
+"""Checkpoints: `model.safetensors` + `config.json` in one folder, written atomically.
+
+A folder is written under a temporary name and renamed into place, so a crash leaves either
+the old checkpoint or the new one, never half of one. Weights load with safetensors: nothing is
+unpickled.
+
+    save_checkpoint(model, Path("artifacts/pretrain"), meta={"stage": "pretrain"})
+    model = load_model(Path("artifacts/pretrain"))
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinyllm.config import ModelConfig, to_dict
+from tinyllm.model.transformer import Transformer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
+                    extra_files: list[Path] = ()) -> None:
+    """Write weights, model config and `meta` (stage, step, metrics) to `out_dir` atomically.
+
+    `extra_files` (e.g. the tokenizer's) are copied in, so the folder is all a user needs.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as embed_tokens; safetensors refuses shared storage
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    config = {"model": to_dict(model.config), **(meta or {})}
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    for f in extra_files:
+        shutil.copy2(f, tmp / Path(f).name)
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def read_config(ckpt_dir: Path) -> dict:
+    file = Path(ckpt_dir) / CONFIG
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: not a checkpoint folder (expected {CONFIG} and {WEIGHTS})")
+    return json.loads(file.read_text())
+
+
+def load_model(ckpt_dir: Path, device: str | torch.device = "cpu") -> Transformer:
+    """Build the model a checkpoint describes and load its weights."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg = ModelConfig(**read_config(ckpt_dir)["model"])
+    model = Transformer(cfg)
+    state = load_file(str(ckpt_dir / WEIGHTS), device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise ValueError(f"{ckpt_dir / WEIGHTS}: weights do not match config.json "
+                         f"(missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)})")
+    return model.to(device)

@@ -1,0 +1,72 @@
+"""The pretrain stage's library entry: packed token batches + next-token loss through `fit`.
+
+    run_pretrain(load_params(), Path("artifacts/tokens"), Path("artifacts/tokenizer"),
+                 Path("artifacts/pretrain"), logger)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from tinyllm.config import Params, to_dict
+from tinyllm.data.tokens import PackedBatches, TokenStream
+from tinyllm.model.transformer import Transformer
+from tinyllm.train.checkpoint import save_checkpoint
+from tinyllm.train.loop import fit
+from tinyllm.train.objectives import NextTokenLoss
+from tinyllm.train.runtime import device_name, resolve_device
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def build_model(params: Params, vocab_size: int) -> Transformer:
+    """A freshly initialised model, seeded so the same params give the same weights."""
+    torch.manual_seed(params.seed)
+    return Transformer(dataclasses.replace(params.model, vocab_size=vocab_size))
+
+
+def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: Path, logger=None) -> dict:
+    """Train from scratch on the token shards; save the final checkpoint to `out_dir`.
+
+    Returns:
+        Summary metrics (final losses, tokens seen, parameter counts, throughput).
+    """
+    cfg = params.pretrain
+    seq_len = cfg.seq_len or params.model.max_seq_len
+    train = TokenStream(token_dir, "train")
+    val = TokenStream(token_dir, "val")
+    model = build_model(params, train.index["vocab_size"])
+    batches = PackedBatches(train, cfg.batch_size, seq_len, params.seed)
+    val_seq = min(seq_len, len(val) - 1)
+
+    def val_batches():
+        return PackedBatches(val, 1, val_seq, params.seed, shuffle=False)
+
+    log.info("model: %.2fM parameters (%.2fM non-embedding), device %s",
+             model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6,
+             device_name(resolve_device(params.runtime)))
+    start = time.perf_counter()
+    result = fit(model, NextTokenLoss(), batches, cfg, params.runtime, val_batches=val_batches,
+                 logger=logger, flops_per_token=model.flops_per_token(seq_len))
+    seconds = time.perf_counter() - start
+    tokens = cfg.max_steps * cfg.grad_accum * cfg.batch_size * seq_len
+    summary = {
+        **result.final,
+        "tokens_seen": tokens,
+        "epochs": tokens / len(train),
+        "params": model.num_params(),
+        "params_non_embedding": model.num_params(non_embedding=True),
+        "train_seconds": round(seconds, 1),
+        "tokens_per_sec": tokens / seconds,
+    }
+    meta = {"stage": "pretrain", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
+    extra = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).exists()]
+    save_checkpoint(model.cpu(), out_dir, meta=meta, extra_files=extra)
+    return summary

@@ -1,0 +1,58 @@
+"""Device, precision and hardware peak FLOPs: what the loop needs to know about the machine."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from tinyllm.config import RuntimeConfig
+
+# Dense bf16 tensor-core peak per card (vendor datasheets), for MFU.
+PEAK_BF16_FLOPS = {
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
+
+
+def resolve_device(cfg: RuntimeConfig) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA on a machine without it is an error."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={cfg.device!r} but this machine has no CUDA GPU; use auto or cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: RuntimeConfig, device: torch.device) -> torch.dtype:
+    """Autocast dtype: bf16 on CUDA, fp32 on CPU unless params say otherwise."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast (weights stay fp32), or nothing for fp32.
+    bf16 has fp32's exponent range, so no GradScaler is needed."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The card's bf16 peak, or None where unknown (CPU): MFU is then not reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
