@@ -38,13 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--models", type=_models, default=["tiny"], help=f"comma list of {', '.join(bench.PRESETS)}")
     train.add_argument("--compile", type=_bool_list, default=[False], help="comma list of on/off")
-    train.add_argument("--seq-len", type=int, default=512)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--vocab-size", type=int, default=6400)
+    train.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    train.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    train.add_argument("--vocab-size", type=int, default=6400, help="embedding rows")
     train.add_argument("--steps", type=int, default=30, help="timed steps")
     train.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="autocast dtype; auto is bf16 on CUDA")
     train.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     return parser
 

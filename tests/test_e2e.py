@@ -1,0 +1,108 @@
+"""End to end: the real `dvc repro` on a tiny config, in a temporary git repo.
+
+The repo is committed before DVC runs: dvclive fails in a git repo with no commits (FACTS.md).
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "data": {"world": {"n_people": 24, "bios_per_person": 2, "n_arithmetic": 40}},
+    "tokenizer": {"vocab_size": 320},
+    "tokenize": {"val_fraction": 0.1},
+    "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 64, "max_seq_len": 32},
+    "pretrain": {"max_steps": 30, "batch_size": 4, "warmup_steps": 5, "log_interval": 5, "eval_interval": 15,
+                 "eval_batches": 2},
+    "eval": {"max_fact_prompts": 12, "n_samples": 2, "max_new_tokens": 4},
+}
+GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def sh(repo: Path, *cmd: str) -> str:
+    env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return sh(repo, sys.executable, "-m", "dvc", *args)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A copy of the project (what git would commit) with tiny params, committed, then reproduced."""
+    repo = tmp_path_factory.mktemp("tinyllm")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(("reports/", "dvc.lock")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny")
+    repo.joinpath("first_repro.log").write_text(dvc(repo, "repro"))
+    return repo
+
+
+@pytest.mark.slow
+def test_repro_writes_every_output_with_sensible_metrics(repo):
+    for path in ("artifacts/data/pretrain.jsonl", "artifacts/tokenizer/tokenizer.json", "artifacts/tokens/index.json",
+                 "artifacts/pretrain/model.safetensors", "artifacts/pretrain/tokenizer.json",
+                 "reports/eval/report.md", "reports/eval/loss.png"):
+        assert (repo / path).is_file(), path
+    metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
+    assert math.isfinite(metrics["val"]["ppl"]) and 1 < metrics["val"]["ppl"] < 320
+    assert 0 <= metrics["facts"]["overall"] <= 1 and metrics["facts"]["n_prompts"] == 12
+    tokens = json.loads((repo / "reports/metrics/tokens.json").read_text())
+    assert tokens["train"]["n_tokens"] > tokens["val"]["n_tokens"] > 0
+    loss_rows = (repo / "reports/live/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()
+    first, last = float(loss_rows[1].split("\t")[-1]), float(loss_rows[-1].split("\t")[-1])
+    assert len(loss_rows) == 1 + 30 // 5 and last < first  # the model learned something
+    assert (repo / "reports/live/pretrain/plots/metrics/val/loss.tsv").is_file()
+
+
+@pytest.mark.slow
+def test_second_repro_does_nothing(repo):
+    out = dvc(repo, "repro")
+    assert "Running stage" not in out
+    assert "up to date" in dvc(repo, "status")
+
+
+@pytest.mark.slow
+def test_changing_an_eval_param_reruns_only_eval(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["eval"]["max_new_tokens"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    out = dvc(repo, "repro")
+    assert "Running stage 'eval'" in out
+    assert not any(f"Running stage '{s}'" in out for s in ("prepare", "train_tokenizer", "tokenize", "pretrain"))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "eval param")
+
+
+@pytest.mark.slow
+def test_exp_run_with_a_set_param_makes_an_experiment(repo):
+    dvc(repo, "exp", "run", "-S", "model.dim=48", "-S", "pretrain.max_steps=20")
+    table = json.loads(dvc(repo, "exp", "show", "--json"))
+    text = json.dumps(table)
+    assert '"dim": 48' in text and '"max_steps": 20' in text
+    assert "metrics.json" in text

@@ -1,0 +1,70 @@
+"""The prepare stage: world mode writes the three outputs; a bad user corpus changes nothing."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tinyllm.config import parse_params
+from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.prepare import OUTPUTS, prepare
+from tinyllm.data.world import load_world
+from tinyllm.errors import DataError
+
+LEXICON = Path(__file__).resolve().parents[1] / "data" / "world" / "lexicon.json"
+SMALL_WORLD = {"n_people": 30, "bios_per_person": 4, "n_arithmetic": 100}
+
+
+def _jsonl_params(path, on_bad_line="error"):
+    return parse_params({"data": {"source": "jsonl", "pretrain_path": str(path), "on_bad_line": on_bad_line}})
+
+
+def _corpus(tmp_path, *lines):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_world_mode_writes_corpus_eval_facts_and_world(tmp_path):
+    out = tmp_path / "out"
+    stats = prepare(parse_params({"data": {"world": SMALL_WORLD}}), out, LEXICON)
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    texts = [r["text"] for r in read_jsonl(out / "pretrain.jsonl", lambda r: None)]
+    facts = list(read_jsonl(out / "eval_facts.jsonl", lambda r: None))
+    assert stats["documents"] == len(texts) and stats["characters"] == sum(map(len, texts))
+    assert stats["eval_facts"] == len(facts) and {"prompt", "answer", "attribute", "split"} <= facts[0].keys()
+    assert stats["people"] == len(load_world(out / "world.json").people) == 30
+    assert stats["bad_lines_skipped"] == 0
+
+
+def test_jsonl_mode_bad_line_errors_and_leaves_existing_outputs_untouched(tmp_path):
+    out = tmp_path / "out"
+    prepare(parse_params({"data": {"world": SMALL_WORLD}}), out, LEXICON)
+    before = {name: (out / name).read_bytes() for name in OUTPUTS}
+    path = _corpus(tmp_path, '{"text": "good"}', '{"text": ', '{"text": "also good"}')
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: not valid JSON"):
+        prepare(_jsonl_params(path), out, LEXICON)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_jsonl_mode_skip_keeps_good_texts_and_counts_bad_lines(tmp_path):
+    path = _corpus(tmp_path, '{"text": "第一篇", "source": "web"}', "oops", '{"text": ""}', '{"text": "second"}')
+    out = tmp_path / "out"
+    stats = prepare(_jsonl_params(path, "skip"), out, LEXICON)
+    assert list(read_jsonl(out / "pretrain.jsonl", lambda r: None)) == [{"text": "第一篇"}, {"text": "second"}]
+    assert stats == {"documents": 2, "characters": 9, "bad_lines_skipped": 2, "people": 0, "eval_facts": 0}
+    assert (out / "eval_facts.jsonl").read_text() == ""
+    assert load_world(out / "world.json") is None
+
+
+def test_jsonl_mode_with_no_usable_line_is_an_error(tmp_path):
+    path = _corpus(tmp_path, "oops", '{"text": 1}')
+    with pytest.raises(DataError, match="no usable documents"):
+        prepare(_jsonl_params(path, "skip"), tmp_path / "out", LEXICON)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_jsonl_mode_missing_file_names_it(tmp_path):
+    with pytest.raises(DataError, match="absent.jsonl"):
+        prepare(_jsonl_params(tmp_path / "absent.jsonl"), tmp_path / "out", LEXICON)

@@ -1,0 +1,57 @@
+"""Stage scripts fail on user mistakes with one line naming the param or file:line, exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_stage(cwd: Path, stage: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def write_params(cwd: Path, **sections) -> None:
+    (cwd / "params.yaml").write_text(yaml.safe_dump(sections, allow_unicode=True))
+
+
+def test_impossible_params_fail_with_the_param_named(tmp_path):
+    write_params(tmp_path, model={"dim": 100, "n_heads": 3})
+    proc = run_stage(tmp_path, "prepare")
+    assert proc.returncode == 2
+    assert "model.dim=100 must be divisible by model.n_heads=3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_malformed_user_corpus_names_file_and_line_and_writes_nothing(tmp_path):
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text('{"text": "第一行"}\n{"text": "第二行"\n{"text": "第三行"}\n', encoding="utf-8")
+    write_params(tmp_path, data={"source": "jsonl", "pretrain_path": str(corpus)})
+    proc = run_stage(tmp_path, "prepare")
+    assert proc.returncode == 2
+    assert f"{corpus}:2: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "artifacts/data/pretrain.jsonl").exists()
+    assert not (tmp_path / "reports/metrics/prepare.json").exists()
+
+
+def test_skip_mode_counts_bad_lines(tmp_path):
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text('{"text": "第一行"}\nnot json\n{"txt": 1}\n{"text": "第四行"}\n', encoding="utf-8")
+    write_params(tmp_path, data={"source": "jsonl", "pretrain_path": str(corpus), "on_bad_line": "skip"})
+    proc = run_stage(tmp_path, "prepare")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "reports/metrics/prepare.json").read_text())
+    assert stats["documents"] == 2 and stats["bad_lines_skipped"] == 2
+    assert f"{corpus}:2:" in proc.stderr and f"{corpus}:3:" in proc.stderr
+
+
+def test_missing_input_says_which_stage_to_run(tmp_path):
+    write_params(tmp_path)
+    proc = run_stage(tmp_path, "tokenize")
+    assert proc.returncode == 2
+    assert "tokenizer" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,1 @@
+"""Data: the fictional world, JSON Lines I/O, the tokenizer and token shards."""
