@@ -1,4 +1,4 @@
-"""Stage eval: perplexity, fact accuracy, report and plots → reports/eval/."""
+"""Stage eval: every stage's checkpoint scored side by side → reports/eval/ (metrics, report, plots)."""
 
 from pathlib import Path
 
@@ -8,9 +8,9 @@ from tinyllm.stage import stage_main
 
 @stage_main
 def main(params):
-    run_eval(params, ckpt_dir=Path("artifacts/pretrain"), token_dir=Path("artifacts/tokens"),
-             facts=Path("artifacts/data/eval_facts.jsonl"), live_dir=Path("reports/live/pretrain"),
-             out_dir=Path("reports/eval"))
+    run_eval(params, {"pretrain": Path("artifacts/pretrain"), "sft": Path("artifacts/sft")},
+             token_dir=Path("artifacts/tokens"), data_dir=Path("artifacts/data"),
+             live_dir=Path("reports/live/pretrain"), out_dir=Path("reports/eval"))
 
 
 if __name__ == "__main__":

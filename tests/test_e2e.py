@@ -22,7 +22,8 @@ TINY = {
     "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 64, "max_seq_len": 32},
     "pretrain": {"max_steps": 30, "batch_size": 4, "warmup_steps": 5, "log_interval": 5, "eval_interval": 15,
                  "eval_batches": 2},
-    "eval": {"max_fact_prompts": 12, "n_samples": 2, "max_new_tokens": 4},
+    "sft": {"max_steps": 20, "batch_size": 4, "warmup_steps": 2, "log_interval": 5},
+    "eval": {"max_fact_prompts": 12, "max_chat_prompts": 40, "max_new_tokens": 6},
 }
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
@@ -67,11 +68,17 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_writes_every_output_with_sensible_metrics(repo):
     for path in ("artifacts/data/pretrain.jsonl", "artifacts/tokenizer/tokenizer.json", "artifacts/tokens/index.json",
                  "artifacts/pretrain/model.safetensors", "artifacts/pretrain/tokenizer.json",
+                 "artifacts/sft/model.safetensors", "reports/live/sft/plots/metrics/train/loss.tsv",
                  "reports/eval/report.md", "reports/eval/loss.png"):
         assert (repo / path).is_file(), path
     metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
-    assert math.isfinite(metrics["val"]["ppl"]) and 1 < metrics["val"]["ppl"] < 320
-    assert 0 <= metrics["facts"]["overall"] <= 1 and metrics["facts"]["n_prompts"] == 12
+    assert math.isfinite(metrics["pretrain"]["val_ppl"]) and 1 < metrics["pretrain"]["val_ppl"] < 320
+    assert set(metrics) == {"pretrain", "sft"}
+    for stage in metrics.values():
+        for key in ("facts", "qa_seen", "qa_heldout", "multi_turn", "identity", "preference"):
+            assert 0 <= stage[key] <= 1, key
+    assert metrics["pretrain"]["facts_detail"]["n_prompts"] == 12
+    assert "| QA, held-out people |" in (repo / "reports/eval/report.md").read_text()
     tokens = json.loads((repo / "reports/metrics/tokens.json").read_text())
     assert tokens["train"]["n_tokens"] > tokens["val"]["n_tokens"] > 0
     loss_rows = (repo / "reports/live/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()
@@ -94,7 +101,7 @@ def test_changing_an_eval_param_reruns_only_eval(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     out = dvc(repo, "repro")
     assert "Running stage 'eval'" in out
-    assert not any(f"Running stage '{s}'" in out for s in ("prepare", "train_tokenizer", "tokenize", "pretrain"))
+    assert not any(f"Running stage '{s}'" in out for s in ("prepare", "train_tokenizer", "tokenize", "pretrain", "sft"))
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "eval param")
 

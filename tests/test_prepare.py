@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tinyllm.config import parse_params
+from tinyllm.data.chat_data import CHAT_OUTPUTS
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.prepare import OUTPUTS, prepare
 from tinyllm.data.world import load_world
@@ -53,7 +54,8 @@ def test_jsonl_mode_skip_keeps_good_texts_and_counts_bad_lines(tmp_path):
     out = tmp_path / "out"
     stats = prepare(_jsonl_params(path, "skip"), out, LEXICON)
     assert list(read_jsonl(out / "pretrain.jsonl", lambda r: None)) == [{"text": "第一篇"}, {"text": "second"}]
-    assert stats == {"documents": 2, "characters": 9, "bad_lines_skipped": 2, "people": 0, "eval_facts": 0}
+    assert stats == {"documents": 2, "characters": 9, "bad_lines_skipped": 2, "people": 0, "eval_facts": 0,
+                     **{name.removesuffix(".jsonl"): 0 for name in CHAT_OUTPUTS}}
     assert (out / "eval_facts.jsonl").read_text() == ""
     assert load_world(out / "world.json") is None
 

@@ -54,4 +54,4 @@ def test_missing_input_says_which_stage_to_run(tmp_path):
     write_params(tmp_path)
     proc = run_stage(tmp_path, "tokenize")
     assert proc.returncode == 2
-    assert "tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+    assert "dvc repro train_tokenizer" in proc.stderr and "Traceback" not in proc.stderr

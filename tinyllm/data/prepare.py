@@ -1,13 +1,14 @@
-"""The prepare stage: pretraining text, fact eval items and the world, in one folder.
+"""The prepare stage: pretraining text, fact eval items, the world and its chat data, in one folder.
 
     dvc repro prepare     # stages/prepare.py → prepare(params, Path("artifacts/data"), lexicon)
 
 `data.source: world` generates the embedded fictional world (tinyllm/data/world.py);
 `data.source: jsonl` checks a user's `{"text": ...}` file line by line and copies its texts.
-Either way out_dir gets pretrain.jsonl, eval_facts.jsonl and world.json (`null` for a user's
-corpus, so the stage's outputs are the same three files). Everything is first written to a
-staging folder inside out_dir and moved into place only when all of it succeeded: a bad input
-line leaves the previous outputs exactly as they were.
+Either way out_dir gets pretrain.jsonl, eval_facts.jsonl, world.json (`null` for a user's corpus)
+and the chat files of tinyllm/data/chat_data.py (CHAT_OUTPUTS: SFT, identity, preference and
+eval sets; empty for a user's corpus), so the stage's outputs are always the same files.
+Everything is first written to a staging folder inside out_dir and moved into place only when
+all of it succeeded: a bad input line leaves the previous outputs exactly as they were.
 """
 
 from __future__ import annotations
@@ -19,25 +20,27 @@ import tempfile
 from pathlib import Path
 
 from tinyllm.config import DataConfig, Params
+from tinyllm.data.chat_data import CHAT_OUTPUTS, chat_files
 from tinyllm.data.jsonl import read_jsonl, validate_pretrain, write_jsonl
 from tinyllm.data.world import build_world, fact_prompts, pretrain_documents
 from tinyllm.errors import DataError
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("pretrain.jsonl", "eval_facts.jsonl", "world.json")
+OUTPUTS = ("pretrain.jsonl", "eval_facts.jsonl", "world.json", *CHAT_OUTPUTS)
 
 
 def prepare(params: Params, out_dir: Path, lexicon_path: Path) -> dict:
-    """Write pretrain.jsonl, eval_facts.jsonl and world.json into out_dir.
+    """Write pretrain.jsonl, eval_facts.jsonl, world.json and the chat files into out_dir.
 
     Args:
         params: Uses `params.data` and `params.seed`.
-        out_dir: Created if missing; only the three output files in it are replaced.
+        out_dir: Created if missing; only the OUTPUTS files in it are replaced.
         lexicon_path: The world's word lists (used when data.source is "world").
 
     Returns:
-        Stats: documents, characters, bad_lines_skipped, people, eval_facts.
+        Stats: documents, characters, bad_lines_skipped, people, eval_facts, and one record count
+        per chat file keyed by its name without ".jsonl" (sft_single, ..., eval_dpo).
 
     Raises:
         DataError: The user's corpus (or the lexicon) is wrong; out_dir is left unchanged.
@@ -65,8 +68,9 @@ def _prepare_world(params: Params, staging: Path, lexicon_path: Path) -> dict:
     write_jsonl(staging / "eval_facts.jsonl", facts)
     (staging / "world.json").write_text(json.dumps(world.to_json(), ensure_ascii=False, indent=1) + "\n",
                                         encoding="utf-8")
+    chat = {name: write_jsonl(staging / name, records) for name, records in chat_files(world, params.seed).items()}
     return {"documents": len(docs), "characters": sum(map(len, docs)), "bad_lines_skipped": 0,
-            "people": len(world.people), "eval_facts": len(facts)}
+            "people": len(world.people), "eval_facts": len(facts), **_chat_stats(chat)}
 
 
 def _prepare_jsonl(data: DataConfig, staging: Path) -> dict:
@@ -86,5 +90,10 @@ def _prepare_jsonl(data: DataConfig, staging: Path) -> dict:
                         'each line must look like {"text": "..."}')
     write_jsonl(staging / "eval_facts.jsonl", [])
     (staging / "world.json").write_text("null\n", encoding="utf-8")
+    chat = {name: write_jsonl(staging / name, []) for name in CHAT_OUTPUTS}
     return {"documents": documents, "characters": characters, "bad_lines_skipped": reader.n_bad,
-            "people": 0, "eval_facts": 0}
+            "people": 0, "eval_facts": 0, **_chat_stats(chat)}
+
+
+def _chat_stats(counts: dict[str, int]) -> dict[str, int]:
+    return {name.removesuffix(".jsonl"): n for name, n in counts.items()}

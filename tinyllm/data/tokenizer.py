@@ -96,13 +96,3 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     """The ChatML text that CHAT_TEMPLATE produces (kept in Python for the data pipeline)."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-
-
-def vocab_info(tok: Tokenizer) -> dict:
-    """Sizes and special ids, for the token index and the model config."""
-    return {
-        "vocab_size": tok.get_vocab_size(),
-        "endoftext_id": special_id(tok, ENDOFTEXT),
-        "im_start_id": special_id(tok, IM_START),
-        "im_end_id": special_id(tok, IM_END),
-    }

@@ -94,12 +94,17 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
     writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in SPLITS}
     rng = random.Random(seed)
     texts = (rec["text"] for rec in read_jsonl(corpus, validate_pretrain))
+    tok.encode_special_tokens = True  # "<|im_end|>" typed in a document is text, not a control token
     try:
         for batch in _batched(texts, cfg.batch_docs):
             for enc in tok.encode_batch(batch, add_special_tokens=False):
                 split = "val" if rng.random() < cfg.val_fraction else "train"
                 writers[split].write(np.append(np.asarray(enc.ids, dtype=np.int64), eot))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
+        tok.encode_special_tokens = False
         for w in writers.values():
             w.close()
     index = {

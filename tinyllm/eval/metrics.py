@@ -12,7 +12,6 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
@@ -58,14 +57,3 @@ def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int,
     metrics["n_prompts"] = len(items)
     return metrics, rows
 
-
-@torch.no_grad()
-def sample_continuations(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[dict]:
-    """Seeded sampled continuations (temperature 0.8, top-k 20) to show in the report."""
-    eot = special_id(tok, ENDOFTEXT)
-    out = []
-    for i, prompt in enumerate(prompts):
-        ids = [eot] + tok.encode(prompt, add_special_tokens=False).ids
-        new = generate(model, ids, max_new_tokens, stop_ids={eot}, temperature=0.8, top_k=20, seed=seed + i)
-        out.append({"prompt": prompt, "output": tok.decode(new)})
-    return out

@@ -1,8 +1,8 @@
 """The eval stage's library entry: metrics JSON, a markdown report and PNG curves under reports/.
 
-    run_eval(params, ckpt_dir=Path("artifacts/pretrain"), token_dir=Path("artifacts/tokens"),
-             facts=Path("artifacts/data/eval_facts.jsonl"), live_dir=Path("reports/live/pretrain"),
-             out_dir=Path("reports/eval"))
+    run_eval(params, {"pretrain": Path("artifacts/pretrain"), "sft": Path("artifacts/sft")},
+             token_dir=Path("artifacts/tokens"), data_dir=Path("artifacts/data"),
+             live_dir=Path("reports/live/pretrain"), out_dir=Path("reports/eval"))
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt
 from tinyllm.config import Params
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import load_tokenizer
-from tinyllm.eval.metrics import fact_accuracy, perplexity, sample_continuations
+from tinyllm.eval.chat_eval import answer_accuracy, preference_accuracy
+from tinyllm.eval.metrics import fact_accuracy, perplexity
 from tinyllm.train.checkpoint import load_model, read_config
 from tinyllm.train.runtime import resolve_device, resolve_dtype
 
@@ -47,49 +48,88 @@ def plot_curves(live_dir: Path, out_file: Path) -> None:
     plt.close(fig)
 
 
-def _markdown(ckpt_meta: dict, metrics: dict, fact_rows: list[dict], samples: list[dict]) -> str:
-    summary = ckpt_meta.get("summary", {})
-    lines = [
-        "# Evaluation report",
-        "",
-        f"Model: {summary.get('params', 0) / 1e6:.2f}M parameters, stage `{ckpt_meta.get('stage')}`, "
-        f"{ckpt_meta.get('steps')} steps, {summary.get('tokens_seen', 0) / 1e6:.2f}M tokens "
-        f"({summary.get('epochs', 0):.1f} epochs) in {summary.get('train_seconds', 0)} s.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| val loss | {metrics['val']['loss']:.4f} |",
-        f"| val perplexity | {metrics['val']['ppl']:.3f} |",
-    ]
-    lines += [f"| fact accuracy: {k} | {v:.3f} |" for k, v in metrics.get("facts", {}).items() if k != "n_prompts"]
-    lines += ["", "![loss curves](loss.png)", "", "## Fact completion (greedy)", "",
-              "| prompt | answer | model | ok |", "|---|---|---|---|"]
-    shown = [r for r in fact_rows if not r["correct"]][:10] + [r for r in fact_rows if r["correct"]][:10]
-    lines += [f"| {r['prompt']} | {r['answer']} | {r['output'].strip() or '∅'} | {'✓' if r['correct'] else '✗'} |"
-              for r in shown]
-    lines += ["", "## Sampled continuations (temperature 0.8, top-k 20)", ""]
-    lines += [f"- **{s['prompt']}**{s['output']}" for s in samples]
-    return "\n".join(lines).replace("\r", " ") + "\n"
+CHAT_SETS = {"qa": "eval_qa.jsonl", "multi_turn": "eval_multi.jsonl", "identity": "eval_identity.jsonl"}
+ROW_NAMES = {"val_ppl": "val perplexity (pretraining text)", "facts": "fact cloze accuracy",
+             "qa_seen": "QA, people seen in SFT", "qa_heldout": "QA, held-out people",
+             "multi_turn": "multi-turn follow-ups, held-out people", "identity": "identity answer rate",
+             "preference": "preference accuracy, held-out pairs"}
 
 
-def run_eval(params: Params, ckpt_dir: Path, token_dir: Path, facts: Path, live_dir: Path, out_dir: Path) -> dict:
-    """Score the checkpoint and write metrics.json, report.md and loss.png to `out_dir`."""
+def _read_items(path: Path) -> list[dict]:
+    return list(read_jsonl(path, lambda obj: None)) if path.exists() else []
+
+
+def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_dir: Path) -> tuple[dict, dict]:
+    """Every metric for one checkpoint: (flat metrics, rows of scored items for the report)."""
     cfg = params.eval
     device = resolve_device(params.runtime)
     dtype = resolve_dtype(params.runtime, device)
     model = load_model(ckpt_dir, device)
     tok = load_tokenizer(ckpt_dir)
-    meta = read_config(ckpt_dir)
-    metrics = {"val": perplexity(model, token_dir, model.config.max_seq_len, cfg.val_max_tokens, device, dtype)}
-    items = list(read_jsonl(facts, lambda obj: None))
-    fact_rows = []
-    if items:
-        metrics["facts"], fact_rows = fact_accuracy(model, tok, items, cfg.max_new_tokens, cfg.max_fact_prompts,
-                                                    params.seed)
-    prompts = [r["prompt"] for r in fact_rows[: cfg.n_samples]] or ["The", "我"][: cfg.n_samples]
-    samples = sample_continuations(model, tok, prompts, 3 * cfg.max_new_tokens, params.seed)
+    trained_len = read_config(ckpt_dir).get("train", {}).get("seq_len") or model.config.max_seq_len
+    val = perplexity(model, token_dir, trained_len, cfg.val_max_tokens, device, dtype)
+    metrics, rows = {"val_loss": val["loss"], "val_ppl": val["ppl"]}, {}
+    facts = _read_items(data_dir / "eval_facts.jsonl")
+    if facts:
+        detail, rows["facts"] = fact_accuracy(model, tok, facts, cfg.max_new_tokens, cfg.max_fact_prompts, params.seed)
+        metrics["facts"] = detail["overall"]
+        metrics["facts_detail"] = detail
+    for name, file in CHAT_SETS.items():
+        items = _read_items(data_dir / file)
+        if items:
+            acc, rows[name] = answer_accuracy(model, tok, items, cfg.max_new_tokens, cfg.max_chat_prompts, params.seed)
+            if name == "qa":
+                metrics.update({"qa_seen": acc.get("seen"), "qa_heldout": acc.get("heldout")})
+            else:
+                metrics[name] = acc["overall"]
+    pairs = _read_items(data_dir / "eval_dpo.jsonl")
+    if pairs:
+        metrics["preference"] = preference_accuracy(model, tok, pairs)
+    return metrics, rows
+
+
+def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> str:
+    stages = list(results)
+    summary = meta.get("summary", {})
+    lines = ["# Evaluation report", "",
+             f"Pretrained model: {summary.get('params', 0) / 1e6:.2f}M parameters, {meta.get('steps')} steps, "
+             f"{summary.get('tokens_seen', 0) / 1e6:.2f}M tokens ({summary.get('epochs', 0):.1f} epochs) "
+             f"in {summary.get('train_seconds', 0)} s.", "",
+             "## What each stage bought", "",
+             "| metric | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+    for key, label in ROW_NAMES.items():
+        values = [results[s].get(key) for s in stages]
+        if any(v is not None for v in values):
+            fmt = "{:.3f}" if key == "val_ppl" else "{:.1%}"
+            lines.append(f"| {label} | " + " | ".join("–" if v is None else fmt.format(v) for v in values) + " |")
+    lines += ["", "![pretraining loss curves](loss.png)", ""]
+    fact_rows = rows.get(stages[0], {}).get("facts", [])
+    if fact_rows:
+        lines += [f"## Fact completion after {stages[0]} (greedy)", "", "| prompt | answer | model | ok |",
+                  "|---|---|---|---|"]
+        shown = [r for r in fact_rows if not r["correct"]][:8] + [r for r in fact_rows if r["correct"]][:8]
+        lines += [f"| {r['prompt']} | {r['answer']} | {r['output'].strip() or '∅'} | {'✓' if r['correct'] else '✗'} |"
+                  for r in shown]
+    last = stages[-1]
+    dialogues = [r for name in CHAT_SETS for r in rows.get(last, {}).get(name, [])[:4]]
+    if dialogues:
+        lines += ["", f"## Sample dialogues with the {last} model (greedy)", ""]
+        for r in dialogues:
+            turns = " / ".join(f"{m['role']}: {m['content']}" for m in r["messages"])
+            lines.append(f"- {turns} → **{r['reply'].strip() or '∅'}** {'✓' if r['correct'] else '✗'}"
+                         f" (expects “{r['answer']}”)")
+    return "\n".join(lines).replace("\r", " ") + "\n"
+
+
+def run_eval(params: Params, checkpoints: dict[str, Path], token_dir: Path, data_dir: Path, live_dir: Path,
+             out_dir: Path) -> dict:
+    """Score each stage's checkpoint; write metrics.json, report.md and loss.png to `out_dir`."""
+    results, rows = {}, {}
+    for stage, ckpt_dir in checkpoints.items():
+        results[stage], rows[stage] = evaluate_checkpoint(params, ckpt_dir, token_dir, data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(live_dir, out_dir / "loss.png")
-    (out_dir / "report.md").write_text(_markdown(meta, metrics, fact_rows, samples), encoding="utf-8")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    meta = read_config(next(iter(checkpoints.values())))
+    (out_dir / "report.md").write_text(_markdown(results, rows, meta), encoding="utf-8")
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    return results

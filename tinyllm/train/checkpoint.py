@@ -24,11 +24,14 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
 def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
-                    extra_files: list[Path] = ()) -> None:
+                    tokenizer_dir: Path | None = None) -> None:
     """Write weights, model config and `meta` (stage, step, metrics) to `out_dir` atomically.
 
-    `extra_files` (e.g. the tokenizer's) are copied in, so the folder is all a user needs.
+    The tokenizer's files are copied in from `tokenizer_dir`, so the folder is all a user needs.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -40,8 +43,9 @@ def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
     config = {"model": to_dict(model.config), **(meta or {})}
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    for f in extra_files:
-        shutil.copy2(f, tmp / Path(f).name)
+    for name in TOKENIZER_FILES if tokenizer_dir else ():
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -131,8 +131,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bad = ~torch.isfinite(step_loss) & (first_bad_step < 0)
-        first_bad_step = torch.where(bad, torch.tensor(step, device=device), first_bad_step)
+        first_bad_step.masked_fill_(~torch.isfinite(step_loss) & (first_bad_step < 0), step)  # no host sync
         window_loss += step_loss
         window_steps += 1
 
@@ -152,6 +151,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             val_loss = evaluate(model, objective, val_batches(), device, dtype, cfg.eval_batches)
             metrics["val/loss"] = val_loss
         logger.log(step + 1, metrics)
+        log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps, train_loss, lr,
+                 metrics["tokens_per_sec"] / 1e3, f" | val {val_loss:.4f}" if "val/loss" in metrics else "")
         result.history.append({"step": step + 1, **metrics})
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k", refresh=False)
         window_loss.zero_()

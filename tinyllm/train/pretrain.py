@@ -23,9 +23,6 @@ from tinyllm.train.runtime import device_name, resolve_device
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
 def build_model(params: Params, vocab_size: int) -> Transformer:
     """A freshly initialised model, seeded so the same params give the same weights."""
     torch.manual_seed(params.seed)
@@ -47,7 +44,7 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
     val_seq = min(seq_len, len(val) - 1)
 
     def val_batches():
-        return PackedBatches(val, 1, val_seq, params.seed, shuffle=False)
+        return PackedBatches(val, 1, val_seq, params.seed)  # a seeded spread of windows, not the first ones
 
     log.info("model: %.2fM parameters (%.2fM non-embedding), device %s",
              model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6,
@@ -67,6 +64,5 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
         "tokens_per_sec": tokens / seconds,
     }
     meta = {"stage": "pretrain", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
-    extra = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).exists()]
-    save_checkpoint(model.cpu(), out_dir, meta=meta, extra_files=extra)
+    save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=tokenizer_dir)
     return summary

@@ -7,11 +7,11 @@ import contextlib
 import torch
 
 from tinyllm.config import RuntimeConfig
+from tinyllm.errors import ConfigError
 
 # Dense bf16 tensor-core peak per card (vendor datasheets), for MFU.
 PEAK_BF16_FLOPS = {
-    "H100 SXM": 989e12,
-    "H100 80GB HBM3": 989e12,
+    "H100 80GB HBM3": 989e12,  # the SXM card's name in torch
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H200": 989e12,
@@ -26,8 +26,11 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA on a machine without it is an error."""
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={cfg.device!r} but this machine has no CUDA GPU; use auto or cpu")
+    if cfg.device.startswith("cuda"):
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device={cfg.device!r} but this machine has {torch.cuda.device_count()} "
+                              "CUDA GPU(s); use auto or cpu")
     return torch.device(cfg.device)
 
 

@@ -1,0 +1,122 @@
+"""Conversations → token ids with loss masks, and packed SFT batches.
+
+A conversation is rendered exactly as the tokenizer's ChatML template renders it; the loss
+covers the assistant content of EVERY turn plus its closing <|im_end|> (so the model learns to
+stop), and nothing else: not the system prompt, not the user turns, not the role headers.
+
+    ids, mask = encode_conversation(tok, messages)          # mask[i]: token i is a target
+    batches = ChatBatches([encode_conversation(tok, c) for c in convs], batch_size=16, seq_len=128, seed=0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from tinyllm.data.tokenizer import IM_END, IM_START
+from tinyllm.model.transformer import IGNORE_INDEX
+
+ROLES = ("system", "user", "assistant")
+
+
+def validate_conversation(obj) -> str | None:
+    """Why a `{"conversations": [...]}` record is unusable, or None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
+        return 'expected an object with a "conversations" list'
+    messages = obj["conversations"]
+    if not messages:
+        return '"conversations" is empty'
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f'message {i}: expected {{"role": one of {ROLES}, "content": string}}'
+    if messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's (nothing to learn otherwise)"
+    return None
+
+
+def encode_conversation(tok: Tokenizer, messages: list[dict], system_prompt: str | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the ChatML rendering and a boolean mask of the tokens that carry loss.
+
+    Pieces are encoded one by one; the byte-level pre-tokenizer splits at newlines and special
+    tokens, so the concatenation equals encoding the whole rendered text (a test pins this).
+    """
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    ids: list[int] = []
+    mask: list[bool] = []
+
+    def add(text: str, learn: bool) -> None:
+        piece = tok.encode(text, add_special_tokens=False).ids
+        ids.extend(piece)
+        mask.extend([learn] * len(piece))
+
+    for m in messages:
+        add(f"{IM_START}{m['role']}\n", False)
+        add(f"{m['content']}{IM_END}", m["role"] == "assistant")
+        add("\n", False)
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+
+
+class ChatBatches:
+    """Endless packed SFT batches: whole conversations laid end to end in rows of seq_len+1.
+
+    A conversation that does not fit the rest of a row starts the next row; the row's tail is
+    padded with <|endoftext|> that carries no loss. A conversation longer than a row is cut,
+    and the labelled tokens lost are counted in `truncated_labels` (reported, never silent).
+    Labels at position i are the target for input i: ids[i+1] where mask[i+1], else IGNORE_INDEX.
+    """
+
+    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], batch_size: int, seq_len: int, seed: int,
+                 pad_id: int):
+        if not examples:
+            raise ValueError("no conversations to train on")
+        row = seq_len + 1
+        self.truncated_labels = int(sum(m[row:].sum() for _, m in examples))
+        self.examples = [(ids[:row], m[:row]) for ids, m in examples]
+        self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
+        self.epoch = 0
+
+    def _rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        width = self.seq_len + 1
+        while True:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+            ids, mask = [], []
+            for i in order:
+                ex_ids, ex_mask = self.examples[i]
+                if len(ids) + len(ex_ids) > width:
+                    yield self._pad(ids, mask)
+                    ids, mask = [], []
+                ids.extend(ex_ids)
+                mask.extend(ex_mask)
+            if ids:
+                yield self._pad(ids, mask)
+            self.epoch += 1
+
+    def _pad(self, ids: list[int], mask: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+        n_pad = self.seq_len + 1 - len(ids)
+        return (np.asarray(ids + [self.pad_id] * n_pad, dtype=np.int64),
+                np.asarray(mask + [False] * n_pad, dtype=bool))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rows = self._rows()
+        while True:
+            ids, mask = map(np.stack, zip(*(next(rows) for _ in range(self.batch_size))))
+            ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+            labels = torch.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)
+            yield {"input_ids": ids[:, :-1], "labels": labels}
+
+
+
+def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad whole conversations to the longest one (for per-sequence scores, not packing)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, (ex_ids, ex_mask) in enumerate(examples):
+        ids[row, : len(ex_ids)] = torch.from_numpy(ex_ids)
+        mask[row, : len(ex_mask)] = torch.from_numpy(ex_mask)
+    return {"input_ids": ids[:, :-1], "labels": torch.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)}

@@ -1,0 +1,75 @@
+"""The sft stage's library entry: chat batches (+ some pretraining text) through `fit`.
+
+Single- and multi-turn conversations train together in one stage; every assistant turn
+carries loss. A share of every batch (`sft.pretrain_mix`) is pretraining text, so facts the
+model only read (people never asked about in SFT) are not forgotten.
+
+    run_sft(params, Path("artifacts/pretrain"), [Path("artifacts/data/sft_single.jsonl")],
+            Path("artifacts/tokens"), Path("artifacts/sft"), logger)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from tinyllm.config import Params, to_dict
+from tinyllm.data.chat import ChatBatches, encode_conversation, validate_conversation
+from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
+from tinyllm.data.tokens import PackedBatches, TokenStream
+from tinyllm.errors import DataError
+from tinyllm.train.checkpoint import load_model, save_checkpoint
+from tinyllm.train.loop import fit
+from tinyllm.train.objectives import NextTokenLoss
+
+log = logging.getLogger(__name__)
+
+
+def mixed_batches(*sources: Iterable[dict]) -> Iterator[dict[str, torch.Tensor]]:
+    """Concatenate the rows of one batch from each source into one batch."""
+    for parts in zip(*sources):
+        yield {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], token_dir: Path, out_dir: Path,
+            logger=None) -> dict:
+    """Fine-tune the checkpoint in `init_dir` on the conversations; save to `out_dir`.
+
+    Returns:
+        Summary metrics, including how many labelled tokens truncation dropped.
+    """
+    cfg = params.sft
+    torch.manual_seed(params.seed)
+    model = load_model(init_dir)
+    tok = load_tokenizer(init_dir)
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    conversations = [rec["conversations"] for f in conversation_files for rec in read_jsonl(f, validate_conversation)]
+    if not conversations:
+        raise DataError(f"{', '.join(map(str, conversation_files))}: no conversations to fine-tune on")
+    examples = [encode_conversation(tok, c, cfg.system_prompt) for c in conversations]
+    text_rows = round(cfg.batch_size * cfg.pretrain_mix)
+    chat = ChatBatches(examples, cfg.batch_size - text_rows, seq_len, params.seed, pad_id=special_id(tok, ENDOFTEXT))
+    sources = [chat]
+    if text_rows:
+        sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 1))
+    if chat.truncated_labels:
+        log.warning("%d assistant tokens fall beyond seq_len=%d and are not trained on", chat.truncated_labels, seq_len)
+    start = time.perf_counter()
+    result = fit(model, NextTokenLoss(), mixed_batches(*sources), cfg, params.runtime, logger=logger,
+                 flops_per_token=model.flops_per_token(seq_len))
+    summary = {
+        **result.final,
+        "conversations": len(conversations),
+        "assistant_tokens": int(sum(m.sum() for _, m in examples)),
+        "truncated_assistant_tokens": chat.truncated_labels,
+        "chat_epochs_completed": chat.epoch,
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    meta = {"stage": "sft", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
+    save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=init_dir)
+    return summary
