@@ -1,6 +1,5 @@
 """The prepare stage: world mode writes the three outputs; a bad user corpus changes nothing."""
 
-import json
 import re
 from pathlib import Path
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from tinyllm.data.world import ATTRIBUTES, LANGUAGES, City, Person, World, _facts, _render, _subject
+from tinyllm.data.world import ATTRIBUTES, LANGUAGES, City, Person, World, fact_fields, render_template, subject_fields
 
 CHAT_OUTPUTS = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl", "dpo.jsonl",
                 "eval_qa.jsonl", "eval_multi.jsonl", "eval_identity.jsonl", "eval_dpo.jsonl")
@@ -172,7 +172,7 @@ def _question(p: Person, attribute: str, lang: str, rng: random.Random, use_name
               template: str | None = None) -> str:
     """A question about p's attribute (by name, or by pronoun for a follow-up); a random phrasing
     unless `template` picks one."""
-    text = _render(template or rng.choice(QUESTIONS[lang][attribute]), _subject(p, lang, use_name))
+    text = render_template(template or rng.choice(QUESTIONS[lang][attribute]), subject_fields(p, lang, use_name))
     if not use_name and lang == "zh":
         text = rng.choice(FOLLOWUP_PREFIXES) + text
     return text
@@ -192,8 +192,8 @@ def answer_sentence(p: Person, attribute: str, lang: str = "zh", value: object |
     """
     if value is not None:
         p = dataclasses.replace(p, **{attribute: value})
-    fields = {**_facts(p, lang), **_subject(p, lang, use_name=True)}
-    return _render(LANGUAGES[lang].attributes[attribute][0], fields)
+    fields = {**fact_fields(p, lang), **subject_fields(p, lang, use_name=True)}
+    return render_template(LANGUAGES[lang].attributes[attribute][0], fields)
 
 
 def attribute_value(p: Person, attribute: str, lang: str = "zh") -> str:
@@ -205,7 +205,7 @@ def attribute_value(p: Person, attribute: str, lang: str = "zh") -> str:
 def _country_pair(city: City, lang: str, template: str) -> list[dict]:
     fields = {"city": getattr(city, lang), "country": getattr(city.country, lang)}
     return [_msg("user", template.format(**fields)),
-            _msg("assistant", _render(LANGUAGES[lang].country[0], fields))]
+            _msg("assistant", render_template(LANGUAGES[lang].country[0], fields))]
 
 
 def _people(world: World, split: str) -> list[Person]:

@@ -177,7 +177,7 @@ def _article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _facts(p: Person, lang: str) -> dict[str, str]:
+def fact_fields(p: Person, lang: str) -> dict[str, str]:
     """Template fields holding a person's attribute values in one language."""
     if lang == "zh":
         return {"city": p.city.zh, "job": p.job.zh, "pet": p.pet.zh, "measure": p.pet.measure,
@@ -186,7 +186,7 @@ def _facts(p: Person, lang: str) -> dict[str, str]:
             "colour": p.colour.en, "birth_year": str(p.birth_year), "poss": "his" if p.sex == "m" else "her"}
 
 
-def _subject(p: Person, lang: str, use_name: bool) -> dict[str, str]:
+def subject_fields(p: Person, lang: str, use_name: bool) -> dict[str, str]:
     """Template fields for the sentence subject: the name, or the pronoun standing for it."""
     male = p.sex == "m"
     if lang == "zh":
@@ -196,14 +196,14 @@ def _subject(p: Person, lang: str, use_name: bool) -> dict[str, str]:
     return {"s": "he" if male else "she", "sp": "his" if male else "her"}
 
 
-def _render(template: str, fields: dict[str, str]) -> str:
+def render_template(template: str, fields: dict[str, str]) -> str:
     text = template.format(**fields)
     return text[0].upper() + text[1:]  # English pronouns may open a sentence; Chinese is unchanged
 
 
 def _cloze(template: str, field: str, fields: dict[str, str]) -> tuple[str, str]:
     """Split a rendered template before `field`: (prompt, exact continuation starting with the value)."""
-    rendered = _render(template.split("{" + field + "}")[0], fields)
+    rendered = render_template(template.split("{" + field + "}")[0], fields)
     prompt = rendered.rstrip()
     return prompt, rendered[len(prompt):] + fields[field]
 
@@ -340,7 +340,7 @@ def build_world(cfg: WorldConfig, seed: int, lexicon_path: str | Path) -> World:
 
 def _biographies(p: Person, lang: str, n: int, rng: random.Random) -> list[str]:
     language = LANGUAGES[lang]
-    facts = _facts(p, lang)
+    facts = fact_fields(p, lang)
     canonical = {a: _canonical_slots(rng, n) for a in ATTRIBUTES}
     bios = []
     for j in range(n):
@@ -350,9 +350,9 @@ def _biographies(p: Person, lang: str, n: int, rng: random.Random) -> list[str]:
                 template, use_name = language.attributes[a][0], True
             else:
                 template, use_name = rng.choice(language.attributes[a]), rng.random() < 0.5
-            sentences.append(_render(template, {**facts, **_subject(p, lang, use_name)}))
+            sentences.append(render_template(template, {**facts, **subject_fields(p, lang, use_name)}))
         rng.shuffle(sentences)
-        opening = _render(rng.choice(language.openings), {"name": getattr(p.name, lang)})
+        opening = render_template(rng.choice(language.openings), {"name": getattr(p.name, lang)})
         bios.append(language.sep.join([opening, *sentences]))
     return bios
 
@@ -367,7 +367,7 @@ def _city_documents(city: City, lang: str, rng: random.Random) -> list[str]:
     for j in range(n):
         templates = [canonical, rng.choice(others)] if j in slots else rng.sample(others, 2)
         rng.shuffle(templates)
-        docs.append(language.sep.join(_render(t, fields) for t in templates))
+        docs.append(language.sep.join(render_template(t, fields) for t in templates))
     return docs
 
 
@@ -443,7 +443,7 @@ def fact_prompts(world: World) -> list[dict]:
     for p in world.people:
         for lang in langs:
             if getattr(p, f"bios_{lang}"):
-                fields = {**_facts(p, lang), **_subject(p, lang, use_name=True)}
+                fields = {**fact_fields(p, lang), **subject_fields(p, lang, use_name=True)}
                 for a in ATTRIBUTES:
                     prompt, answer = _cloze(LANGUAGES[lang].attributes[a][0], a, fields)
                     items.append(_item(prompt, answer, a, p.name.zh, lang, p.split))
