@@ -8,7 +8,8 @@ from tinyllm.stage import stage_main
 
 @stage_main
 def main(params):
-    run_eval(params, {"pretrain": Path("artifacts/pretrain"), "sft": Path("artifacts/sft")},
+    stages = ("pretrain", "sft", "lora", "dpo")
+    run_eval(params, {stage: Path("artifacts") / stage for stage in stages},
              token_dir=Path("artifacts/tokens"), data_dir=Path("artifacts/data"),
              live_dir=Path("reports/live/pretrain"), out_dir=Path("reports/eval"))
 

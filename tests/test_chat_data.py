@@ -167,7 +167,9 @@ def test_sizes_follow_the_module_constants(world, files):
     n_sft = sum(p.split == "sft" for p in world.people)
     n_cities = len(world.cities)
     people_questions = len(files["sft_single.jsonl"]) - n_cities * sum(chat_data.COUNTRY_QUESTIONS.values())
-    assert 5 * n_sft <= people_questions <= 8 * n_sft
+    n_english = sum(p.split == "sft" and bool(p.bios_en) for p in world.people)
+    per_person = len(chat_data.ATTRIBUTES) + chat_data.SFT_EXTRA_QUESTIONS
+    assert people_questions == per_person * n_sft + chat_data.SFT_ENGLISH_QUESTIONS * n_english
     assert len(files["sft_multi.jsonl"]) == chat_data.MULTI_PER_PERSON * n_sft
     assert len(files["dpo.jsonl"]) == chat_data.DPO_PER_PERSON * n_sft
     assert len(files["identity.jsonl"]) == chat_data.IDENTITY_ITEMS

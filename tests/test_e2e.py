@@ -23,6 +23,8 @@ TINY = {
     "pretrain": {"max_steps": 30, "batch_size": 4, "warmup_steps": 5, "log_interval": 5, "eval_interval": 15,
                  "eval_batches": 2},
     "sft": {"max_steps": 20, "batch_size": 4, "warmup_steps": 2, "log_interval": 5},
+    "lora": {"max_steps": 10, "batch_size": 4, "warmup_steps": 2, "log_interval": 5},
+    "dpo": {"max_steps": 10, "batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "log_interval": 5},
     "eval": {"max_fact_prompts": 12, "max_chat_prompts": 40, "max_new_tokens": 6},
 }
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -69,13 +71,20 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
     for path in ("artifacts/data/pretrain.jsonl", "artifacts/tokenizer/tokenizer.json", "artifacts/tokens/index.json",
                  "artifacts/pretrain/model.safetensors", "artifacts/pretrain/tokenizer.json",
                  "artifacts/sft/model.safetensors", "reports/live/sft/plots/metrics/train/loss.tsv",
+                 "artifacts/lora/model.safetensors", "artifacts/lora/adapter/adapter_config.json",
+                 "artifacts/lora/adapter/adapter_model.safetensors", "artifacts/dpo/model.safetensors",
                  "reports/eval/report.md", "reports/eval/loss.png"):
         assert (repo / path).is_file(), path
+    for name in ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin"):
+        assert (repo / f"reports/live/dpo/plots/metrics/train/{name}.tsv").is_file(), name
+    dpo = json.loads((repo / "reports/metrics/dpo.json").read_text())
+    assert math.isfinite(dpo["train/loss"]) and dpo["train/margin"] != 0
+    assert json.loads((repo / "artifacts/dpo/config.json").read_text())["stage"] == "dpo"
     metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
     assert math.isfinite(metrics["pretrain"]["val_ppl"]) and 1 < metrics["pretrain"]["val_ppl"] < 320
-    assert set(metrics) == {"pretrain", "sft"}
+    assert list(metrics) == ["pretrain", "sft", "lora", "dpo"]
     for stage in metrics.values():
-        for key in ("facts", "qa_seen", "qa_heldout", "multi_turn", "identity", "preference"):
+        for key in ("facts", "qa_seen", "qa_heldout", "multi_turn", "identity", "preference", "chosen_style"):
             assert 0 <= stage[key] <= 1, key
     assert metrics["pretrain"]["facts_detail"]["n_prompts"] == 12
     assert "| QA, held-out people |" in (repo / "reports/eval/report.md").read_text()
@@ -101,7 +110,8 @@ def test_changing_an_eval_param_reruns_only_eval(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     out = dvc(repo, "repro")
     assert "Running stage 'eval'" in out
-    assert not any(f"Running stage '{s}'" in out for s in ("prepare", "train_tokenizer", "tokenize", "pretrain", "sft"))
+    assert not any(f"Running stage '{s}'" in out
+                   for s in ("prepare", "train_tokenizer", "tokenize", "pretrain", "sft", "lora", "dpo"))
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "eval param")
 
@@ -113,3 +123,23 @@ def test_exp_run_with_a_set_param_makes_an_experiment(repo):
     text = json.dumps(table)
     assert '"dim": 48' in text and '"max_steps": 20' in text
     assert "metrics.json" in text
+
+
+@pytest.mark.slow
+def test_chat_talks_to_the_newest_pipeline_model(repo):
+    proc = subprocess.run([sys.executable, "-m", "tinyllm.cli", "chat", "--temperature", "0", "--max-tokens", "4"],
+                          input="你是谁？\n/exit\n", cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "chatting with artifacts/dpo" in proc.stdout and "assistant> " in proc.stdout
+
+
+@pytest.mark.slow
+def test_turning_lora_off_runs_dpo_from_sft(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["lora"]["enabled"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    out = dvc(repo, "repro")
+    assert all(f"Running stage '{s}'" in out for s in ("lora", "dpo", "eval"))
+    assert "Running stage 'sft'" not in out
+    assert (repo / "artifacts/lora/DISABLED").is_file() and not (repo / "artifacts/lora/model.safetensors").exists()
+    assert list(json.loads((repo / "reports/eval/metrics.json").read_text())) == ["pretrain", "sft", "dpo"]

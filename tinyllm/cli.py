@@ -1,5 +1,7 @@
 """The `tinyllm` command. Training runs through `dvc repro`; this holds the tools around it.
 
+    tinyllm chat                                   # the pipeline's newest chat model, in the terminal
+    tinyllm chat artifacts/sft --adapter artifacts/lora/adapter --temperature 0
     tinyllm bench train --models 768x8 --compile off,on --dtype bfloat16
     python -m tinyllm.cli bench train ...     # same, where the package is not installed
 """
@@ -8,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from tinyllm import bench
+from tinyllm.errors import UserError
 
 
 def _bool_list(text: str) -> list[bool]:
@@ -19,6 +23,21 @@ def _bool_list(text: str) -> list[bool]:
         return [values[v.strip().lower()] for v in text.split(",")]
     except KeyError:
         raise argparse.ArgumentTypeError(f"expected a comma list of on/off, got {text!r}") from None
+
+
+def _checked(convert, ok, rule: str):
+    """An argparse type: `convert`, then reject values failing `ok` with "must be <rule>"."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {rule}")
+        return value
+
+    return parse
 
 
 def _models(text: str) -> list[str]:
@@ -32,6 +51,22 @@ def _models(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset clears, /exit quits)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    chat.add_argument("checkpoint", nargs="?", type=Path,
+                      help="checkpoint folder; default: the newest of artifacts/dpo, artifacts/lora, artifacts/sft")
+    chat.add_argument("--adapter", type=Path, help="a peft adapter folder to apply on top (e.g. artifacts/lora/adapter)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--temperature", type=_checked(float, lambda v: v >= 0, ">= 0"), default=0.7,
+                      help="0 is greedy")
+    chat.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=0.9,
+                      help="nucleus sampling mass")
+    chat.add_argument("--top-k", type=_checked(int, lambda v: v > 0, "> 0"), default=None,
+                      help="sample among the k most likely tokens")
+    chat.add_argument("--max-tokens", type=_checked(int, lambda v: v > 0, "> 0"), default=256,
+                      help="most tokens per reply (the context window caps it)")
+    chat.add_argument("--seed", type=int, default=None, help="seed sampling for repeatable replies")
+    chat.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     bench_parser = sub.add_parser("bench", help="throughput benchmarks")
     bench_sub = bench_parser.add_subparsers(dest="what", required=True)
     train = bench_sub.add_parser("train", help="training tokens/s, MFU and memory of model presets",
@@ -50,10 +85,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def chat_repl(args) -> None:
+    """Read user turns from stdin, stream replies to stdout, until /exit or end of input."""
+    from tinyllm.infer.chat import ChatSession, load_chat_model
+
+    model, tok, description = load_chat_model(args.checkpoint, args.adapter, args.device)
+    session = ChatSession(model, tok, system_prompt=args.system, max_new_tokens=args.max_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    print(f"chatting with {description} (/reset clears the conversation, /exit quits)", flush=True)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if text == "/exit":
+            return
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)", flush=True)
+            continue
+        if not text:
+            continue
+        dropped = session.dropped_turns
+        print("assistant> ", end="", flush=True)
+        try:
+            for piece in session.send(text):
+                print(piece, end="", flush=True)
+        except UserError as err:
+            print(f"\n(error: {err})", flush=True)
+            continue
+        print(flush=True)
+        if session.dropped_turns > dropped:
+            print(f"(the oldest {session.dropped_turns - dropped} turn(s) no longer fit the context and were dropped)",
+                  flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.command == "bench" and args.what == "train":
+    if args.command == "chat":
+        try:
+            chat_repl(args)
+        except (UserError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+    elif args.command == "bench" and args.what == "train":
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
                         dtype=args.dtype))

@@ -165,6 +165,45 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass(kw_only=True, frozen=True)
+class LoRAConfig(TrainConfig):
+    """LoRA (peft) on the SFT model, teaching the identity set; the base weights stay frozen."""
+
+    enabled: bool = True
+    """False makes the lora stage write only a note, and eval and chat skip it."""
+    max_steps: int = 150
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    rank: int = 8
+    """Rank r of each low-rank update B·A."""
+    alpha: float = 16.0
+    """Scale: the update is (alpha / rank)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear": every Linear but lm_head."""
+    replay_fraction: float = 0.5
+    """Share of each batch's rows taken from the SFT chats, so learning who it is does not make
+    the model answer every question with its name."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation from the SFT model against a frozen copy of it."""
+
+    max_steps: int = 150
+    batch_size: int = 8
+    """Preference pairs per micro-batch (2 × batch_size sequences)."""
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta: float = 0.1
+    """Strength of the pull towards the reference: loss = -log σ(β·(Δchosen - Δrejected))."""
+
+
+@dataclass(kw_only=True, frozen=True)
 class EvalConfig:
     max_new_tokens: int = 24
     """Greedy tokens generated per fact prompt or chat question."""
@@ -187,6 +226,8 @@ class Params:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -196,6 +237,8 @@ def _type_ok(value, annotation) -> bool:
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
+    if origin is list:
+        return isinstance(value, list)  # items are checked by the section's own rules
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
@@ -283,10 +326,20 @@ def _check(p: Params) -> list[str]:
         e.append(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.vocab_size:
         e.append("model.vocab_size is taken from the tokenizer; remove it from params")
-    for section in ("pretrain", "sft"):
+    for section in ("pretrain", "sft", "lora", "dpo"):
         e.extend(_check_train(section, getattr(p, section), m.max_seq_len))
     if not 0 <= p.sft.pretrain_mix < 1:
         e.append(f"sft.pretrain_mix={p.sft.pretrain_mix} must be in [0, 1)")
+    positive("lora.rank", p.lora.rank)
+    positive("lora.alpha", p.lora.alpha)
+    if not 0 <= p.lora.dropout < 1:
+        e.append(f"lora.dropout={p.lora.dropout} must be in [0, 1)")
+    if not 0 <= p.lora.replay_fraction < 1:
+        e.append(f"lora.replay_fraction={p.lora.replay_fraction} must be in [0, 1)")
+    targets = p.lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear" or isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        e.append(f"lora.target_modules={targets!r} must be 'all-linear' or a non-empty list of module names")
+    positive("dpo.beta", p.dpo.beta)
     if p.data.source not in ("world", "jsonl"):
         e.append(f"data.source={p.data.source!r} must be 'world' or 'jsonl'")
     if p.data.source == "jsonl" and not p.data.pretrain_path:

@@ -17,5 +17,9 @@ class DataError(UserError, ValueError):
     """A data file is wrong; the message starts with `path:line:` where a line is to blame."""
 
 
-class NonFiniteLossError(UserError, RuntimeError):
+class TrainingError(UserError, RuntimeError):
+    """Training went wrong in a way params can fix; the message says which param."""
+
+
+class NonFiniteLossError(TrainingError):
     """The loss became NaN/inf; the message names the step."""

@@ -10,7 +10,7 @@ stop), and nothing else: not the system prompt, not the user turns, not the role
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -110,7 +110,6 @@ class ChatBatches:
             yield {"input_ids": ids[:, :-1], "labels": labels}
 
 
-
 def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad whole conversations to the longest one (for per-sequence scores, not packing)."""
     width = max(len(ids) for ids, _ in examples)
@@ -120,3 +119,9 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[
         ids[row, : len(ex_ids)] = torch.from_numpy(ex_ids)
         mask[row, : len(ex_mask)] = torch.from_numpy(ex_mask)
     return {"input_ids": ids[:, :-1], "labels": torch.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)}
+
+
+def mixed_batches(*sources: Iterable[dict]) -> Iterator[dict[str, torch.Tensor]]:
+    """Concatenate the rows of one batch from each source into one batch (e.g. chats + pretraining text)."""
+    for parts in zip(*sources):
+        yield {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

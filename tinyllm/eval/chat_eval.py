@@ -2,7 +2,8 @@
 
 Items come from `prepare`: `{"messages": [...ending with a user turn], "answer": "杭州", "split": ...}`
 is right when the greedy reply contains the answer; a preference pair is right when the model
-gives the chosen reply a higher log-probability than the rejected one.
+gives the chosen reply a higher log-probability than the rejected one, and its free (greedy)
+reply takes the chosen style when it is the chosen reply word for word.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from collections import defaultdict
 import torch
 from tokenizers import Tokenizer
 
-from tinyllm.data.chat import collate, encode_conversation
+from tinyllm.data.preference import encode_pair
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, render_chat, special_id
 from tinyllm.infer.generate import generate
-from tinyllm.train.objectives import sequence_logprobs
+from tinyllm.train.dpo import pair_logprobs
 
 
 def chat_reply(model, tok: Tokenizer, messages: list[dict], max_new_tokens: int) -> str:
@@ -43,21 +44,31 @@ def answer_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: in
     return {key: sum(v) / len(v) for key, v in sorted(hits.items())}, rows
 
 
-@torch.no_grad()
-def preference_accuracy(model, tok: Tokenizer, pairs: list[dict], batch_size: int = 32) -> float:
-    """Share of pairs whose chosen conversation the model scores above the rejected one."""
-    model.eval()
+def preference_accuracy(model, tok: Tokenizer, pairs: list[dict]) -> dict:
+    """Share of pairs whose chosen final reply the model scores above the rejected one, overall
+    and per kind ("wrong_fact", "unhelpful"); scored exactly as DPO trains (final reply, fp32)."""
     device = next(model.parameters()).device
-    pad = special_id(tok, ENDOFTEXT)
-    wins = 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        scores = {}
-        for side in ("chosen", "rejected"):
-            # the newest max_seq_len+1 tokens: the final replies, where chosen and rejected differ
-            encoded = [encode_conversation(tok, p[side]) for p in chunk]
-            keep = model.config.max_seq_len + 1
-            batch = collate([(ids[-keep:], mask[-keep:]) for ids, mask in encoded], pad)
-            scores[side] = sequence_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device))
-        wins += int((scores["chosen"] > scores["rejected"]).sum())
-    return wins / len(pairs)
+    encoded = [encode_pair(tok, p) for p in pairs]
+    logps = pair_logprobs(model, encoded, model.config.max_seq_len, special_id(tok, ENDOFTEXT), device, torch.float32)
+    wins = (logps[:, 0] > logps[:, 1]).tolist()
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for pair, win in zip(pairs, wins):
+        by_kind["overall"].append(win)
+        by_kind[pair.get("kind", "-")].append(win)
+    return {key: sum(v) / len(v) for key, v in sorted(by_kind.items())}
+
+
+def chosen_style_rate(model, tok: Tokenizer, pairs: list[dict], max_new_tokens: int, max_items: int,
+                      seed: int) -> tuple[dict, list[dict]]:
+    """How often the model's own greedy reply to a pair's context IS the chosen reply (exactly),
+    and how often it is the rejected one: what preference training changes in free generation."""
+    if len(pairs) > max_items:
+        pairs = random.Random(seed).sample(pairs, max_items)
+    rows = []
+    for pair in pairs:
+        reply = chat_reply(model, tok, pair["chosen"][:-1], max_new_tokens).strip()
+        rows.append({"messages": pair["chosen"][:-1], "reply": reply, "answer": pair["chosen"][-1]["content"],
+                     "correct": reply == pair["chosen"][-1]["content"].strip(),
+                     "rejected": reply == pair["rejected"][-1]["content"].strip()})
+    return {"chosen": sum(r["correct"] for r in rows) / len(rows),
+            "rejected": sum(r["rejected"] for r in rows) / len(rows)}, rows

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
 from tinyllm.data.tokens import PackedBatches, TokenStream
-from tinyllm.infer.generate import generate
+from tinyllm.infer.generate import stream_tokens
 from tinyllm.train.loop import evaluate
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -29,6 +29,16 @@ def perplexity(model, token_dir: Path, seq_len: int, max_tokens: int, device, dt
     n_windows = max(1, min(batches.n_windows, max_tokens // seq_len))
     loss = evaluate(model, NextTokenLoss(), batches, device, dtype, max_batches=n_windows)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": n_windows * seq_len}
+
+
+def _continuation(model, tok: Tokenizer, ids: list[int], n_chars: int, max_new_tokens: int, eot: int) -> str:
+    """Greedy text after `ids`, stopped once it is `n_chars` long (the answer is settled by then)."""
+    out: list[int] = []
+    for token in stream_tokens(model, ids, max_new_tokens, stop_ids={eot}):
+        out.append(token)
+        if len(tok.decode(out)) >= n_chars:
+            break
+    return tok.decode(out)
 
 
 def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,
@@ -47,7 +57,7 @@ def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int,
     rows = []
     for item in items:
         ids = [eot] + tok.encode(item["prompt"], add_special_tokens=False).ids
-        output = tok.decode(generate(model, ids, max_new_tokens, stop_ids={eot}))
+        output = _continuation(model, tok, ids, len(item["answer"]) + 8, max_new_tokens, eot)
         correct = output.startswith(item["answer"])
         rows.append({**item, "output": output, "correct": correct})
         hits["overall"].append(correct)

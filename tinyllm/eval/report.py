@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt
 from tinyllm.config import Params
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import load_tokenizer
-from tinyllm.eval.chat_eval import answer_accuracy, preference_accuracy
+from tinyllm.eval.chat_eval import answer_accuracy, chosen_style_rate, preference_accuracy
 from tinyllm.eval.metrics import fact_accuracy, perplexity
-from tinyllm.train.checkpoint import load_model, read_config
+from tinyllm.train.checkpoint import is_checkpoint, load_model, read_config
 from tinyllm.train.runtime import resolve_device, resolve_dtype
 
 
@@ -52,7 +52,9 @@ CHAT_SETS = {"qa": "eval_qa.jsonl", "multi_turn": "eval_multi.jsonl", "identity"
 ROW_NAMES = {"val_ppl": "val perplexity (pretraining text)", "facts": "fact cloze accuracy",
              "qa_seen": "QA, people seen in SFT", "qa_heldout": "QA, held-out people",
              "multi_turn": "multi-turn follow-ups, held-out people", "identity": "identity answer rate",
-             "preference": "preference accuracy, held-out pairs"}
+             "preference": "preference accuracy, held-out pairs",
+             "preference_wrong_fact": "… rejected = a wrong fact", "preference_unhelpful": "… rejected = unhelpful",
+             "chosen_style": "free replies = the chosen reply", "rejected_style": "free replies = the rejected reply"}
 
 
 def _read_items(path: Path) -> list[dict]:
@@ -84,7 +86,12 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
                 metrics[name] = acc["overall"]
     pairs = _read_items(data_dir / "eval_dpo.jsonl")
     if pairs:
-        metrics["preference"] = preference_accuracy(model, tok, pairs)
+        pref = preference_accuracy(model, tok, pairs)
+        metrics["preference"] = pref["overall"]
+        metrics.update({f"preference_{kind}": v for kind, v in pref.items() if kind != "overall"})
+        style, rows["style"] = chosen_style_rate(model, tok, pairs, cfg.max_new_tokens, cfg.max_chat_prompts,
+                                                 params.seed)
+        metrics.update({"chosen_style": style["chosen"], "rejected_style": style["rejected"]})
     return metrics, rows
 
 
@@ -110,20 +117,28 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
         shown = [r for r in fact_rows if not r["correct"]][:8] + [r for r in fact_rows if r["correct"]][:8]
         lines += [f"| {r['prompt']} | {r['answer']} | {r['output'].strip() or '∅'} | {'✓' if r['correct'] else '✗'} |"
                   for r in shown]
-    last = stages[-1]
-    dialogues = [r for name in CHAT_SETS for r in rows.get(last, {}).get(name, [])[:4]]
-    if dialogues:
-        lines += ["", f"## Sample dialogues with the {last} model (greedy)", ""]
-        for r in dialogues:
+    dialogue_sets = [name for name in (*CHAT_SETS, "style") if any(name in rows[s] for s in stages)]
+    if dialogue_sets:
+        lines += ["", "## Sample dialogues (greedy), each set with its best stage", ""]
+    for name in dialogue_sets:
+        key = {"qa": "qa_heldout", "style": "chosen_style"}.get(name, name)
+        best = max((s for s in stages if name in rows[s]), key=lambda s: results[s].get(key) or 0)
+        lines.append(f"**{name}**, {best} model:")
+        for r in rows[best][name][:4]:
             turns = " / ".join(f"{m['role']}: {m['content']}" for m in r["messages"])
             lines.append(f"- {turns} → **{r['reply'].strip() or '∅'}** {'✓' if r['correct'] else '✗'}"
                          f" (expects “{r['answer']}”)")
+        lines.append("")
     return "\n".join(lines).replace("\r", " ") + "\n"
 
 
 def run_eval(params: Params, checkpoints: dict[str, Path], token_dir: Path, data_dir: Path, live_dir: Path,
              out_dir: Path) -> dict:
-    """Score each stage's checkpoint; write metrics.json, report.md and loss.png to `out_dir`."""
+    """Score each stage's checkpoint; write metrics.json, report.md and loss.png to `out_dir`.
+
+    A stage whose folder holds no checkpoint (lora with lora.enabled false) is left out.
+    """
+    checkpoints = {stage: path for stage, path in checkpoints.items() if is_checkpoint(path)}
     results, rows = {}, {}
     for stage, ckpt_dir in checkpoints.items():
         results[stage], rows[stage] = evaluate_checkpoint(params, ckpt_dir, token_dir, data_dir)

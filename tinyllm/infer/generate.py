@@ -12,24 +12,33 @@ import torch
 from tinyllm.model.transformer import KVCache, Transformer
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
+def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+    probs = torch.softmax(logits, -1)
+    if top_p is not None and top_p < 1:
+        # nucleus: the smallest set of most likely tokens whose probability reaches top_p
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @torch.no_grad()
 def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
-                  temperature: float = 0.0, top_k: int | None = None, seed: int | None = None) -> Iterator[int]:
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None) -> Iterator[int]:
     """Yield new token ids one by one; stops after a stop id (not yielded) or the length limit.
 
     Args:
         temperature: 0 means greedy (deterministic).
         top_k: sample only among the k most likely tokens.
+        top_p: sample only among the most likely tokens whose probabilities sum to top_p.
         seed: seeds sampling, so the same call gives the same text.
     """
     cfg = model.config
@@ -47,7 +56,7 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
     try:
         for _ in range(budget):
             logits = model(inputs, cache=cache).logits[0, -1]
-            token = _next_token(logits, temperature, top_k, generator)
+            token = _next_token(logits, temperature, top_k, top_p, generator)
             if token in stop_ids:
                 return
             yield token

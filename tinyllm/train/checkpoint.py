@@ -28,10 +28,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
-                    tokenizer_dir: Path | None = None) -> None:
+                    tokenizer_dir: Path | None = None, subdirs: dict[str, Path] | None = None) -> None:
     """Write weights, model config and `meta` (stage, step, metrics) to `out_dir` atomically.
 
-    The tokenizer's files are copied in from `tokenizer_dir`, so the folder is all a user needs.
+    The tokenizer's files are copied in from `tokenizer_dir`, so the folder is all a user needs;
+    `subdirs` ({name: folder}) are moved in under those names (e.g. a LoRA adapter).
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -46,6 +47,8 @@ def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
     for name in TOKENIZER_FILES if tokenizer_dir else ():
         if (Path(tokenizer_dir) / name).exists():
             shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    for name, folder in (subdirs or {}).items():
+        shutil.move(str(folder), str(tmp / name))
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -54,6 +57,11 @@ def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
         shutil.rmtree(old)
     else:
         tmp.rename(out_dir)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a checkpoint (a disabled stage's folder holds only a note)."""
+    return (Path(path) / CONFIG).exists() and (Path(path) / WEIGHTS).exists()
 
 
 def read_config(ckpt_dir: Path) -> dict:

@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
-    """One dict per log interval: step, train/loss, lr, grad_norm, tokens_per_sec, mfu, val/loss."""
+    """One dict per log interval: step, train/loss, lr, grad_norm, tokens_per_sec, mfu, val/loss,
+    and the objective's extras as train/<name>."""
     final: dict = field(default_factory=dict)
-    """The last train loss and val loss."""
+    """The last interval's train/* metrics and the last val loss."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -89,7 +90,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
 
     Args:
         model: the (unwrapped) model; it is moved to the runtime device.
-        objective: `objective(model, batch) -> (loss, metrics)`.
+        objective: `objective(model, batch) -> (loss, extras)`; extras are scalar tensors
+            (e.g. DPO's reward accuracy) averaged per interval and logged as "train/<name>".
         batches: an endless iterable of micro-batches (dicts of CPU tensors with "labels").
         cfg: steps, batch, optimizer and interval settings.
         runtime: device, dtype, compile.
@@ -111,6 +113,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     it = iter(batches)
 
     window_loss = torch.zeros((), device=device)  # summed on the device, read at log time
+    window_extras: dict[str, torch.Tensor] = {}  # the objective's own metrics, likewise
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
     val_loss = None
@@ -124,9 +127,11 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             batch = next(it)
             window_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
             with autocast(device, dtype):
-                loss, _ = objective(step_model, to_device(batch, device))
+                loss, extras = objective(step_model, to_device(batch, device))
             (loss / cfg.grad_accum).backward()
             step_loss += loss.detach().float() / cfg.grad_accum
+            for name, value in extras.items():
+                window_extras[name] = window_extras.get(name, 0) + value.detach().float() / cfg.grad_accum
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
@@ -145,6 +150,9 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         elapsed = time.perf_counter() - window_start
         metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_sec": window_tokens / elapsed}
+        if window_extras:
+            values = (torch.stack(list(window_extras.values())) / window_steps).tolist()
+            metrics.update({f"train/{name}": v for name, v in zip(window_extras, values)})
         if peak and flops_per_token:
             metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / peak
         if val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
@@ -156,9 +164,10 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         result.history.append({"step": step + 1, **metrics})
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k", refresh=False)
         window_loss.zero_()
+        window_extras.clear()
         window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
     bar.close()
-    result.final = {"train/loss": result.history[-1]["train/loss"]}
+    result.final = {k: v for k, v in result.history[-1].items() if k.startswith("train/")}
     if val_loss is not None:
         result.final["val/loss"] = val_loss
     return result

@@ -29,3 +29,28 @@ def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> t
     safe = labels.masked_fill(~mask, 0)
     token_logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return (token_logp * mask).sum(-1)
+
+
+def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """DPO (Rafailov et al., 2023) from summed reply log-probs: B chosen rows, then their B rejected rows.
+
+    The implicit reward of a reply is β·(log π(reply) − log π_ref(reply)); the loss is
+    −log σ(reward_chosen − reward_rejected): log 2 ≈ 0.693 while π = π_ref, falling as the policy
+    raises the chosen reply relative to the rejected one.
+    """
+    chosen, rejected = (beta * (policy_logps - ref_logps)).chunk(2)
+    margin = chosen - rejected
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    return loss, {"reward_accuracy": (margin > 0).float().mean(), "chosen_reward": chosen.mean(),
+                  "rejected_reward": rejected.mean(), "margin": margin.mean()}
+
+
+class DPOLoss:
+    """`dpo_loss` on a batch from `PreferenceBatches`, whose "ref_logps" the frozen reference
+    model computed once before training (no second model in memory)."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        return dpo_loss(sequence_logprobs(model, batch["input_ids"], batch["labels"]), batch["ref_logps"], self.beta)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from tinyllm.config import Params, to_dict
-from tinyllm.data.chat import ChatBatches, encode_conversation, validate_conversation
+from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, validate_conversation
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
 from tinyllm.data.tokens import PackedBatches, TokenStream
@@ -28,12 +27,6 @@ from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 
 log = logging.getLogger(__name__)
-
-
-def mixed_batches(*sources: Iterable[dict]) -> Iterator[dict[str, torch.Tensor]]:
-    """Concatenate the rows of one batch from each source into one batch."""
-    for parts in zip(*sources):
-        yield {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
 def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], token_dir: Path, out_dir: Path,

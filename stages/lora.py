@@ -1,0 +1,30 @@
+"""Stage lora: peft adapters on the SFT model teaching the identity set → artifacts/lora/ (merged + adapter/)."""
+
+import shutil
+from pathlib import Path
+
+from tinyllm.stage import stage_main, write_json
+from tinyllm.train.logging import LiveLogger
+from tinyllm.train.lora import run_lora
+
+OUT = Path("artifacts/lora")
+
+
+@stage_main
+def main(params):
+    if not params.lora.enabled:  # DVC needs the out to exist; eval and chat skip a folder without weights
+        shutil.rmtree(OUT, ignore_errors=True)
+        OUT.mkdir(parents=True)
+        (OUT / "DISABLED").write_text("lora.enabled is false in params.yaml\n")
+        write_json(Path("reports/metrics/lora.json"), {"enabled": False})
+        return
+    logger = LiveLogger(Path("reports/live/lora"))
+    data = Path("artifacts/data")
+    summary = run_lora(params, Path("artifacts/sft"), data / "identity.jsonl",
+                       [data / "sft_single.jsonl", data / "sft_multi.jsonl"], Path("artifacts/tokens"), OUT, logger)
+    logger.close()
+    write_json(Path("reports/metrics/lora.json"), {"enabled": True, **summary})
+
+
+if __name__ == "__main__":
+    main()

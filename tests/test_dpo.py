@@ -1,0 +1,116 @@
+"""Preference data and DPO: masks on the final reply only, the loss on a hand example, training
+from a frozen reference, and the guards against NaN and a loss stuck at log 2."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig
+from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.preference import PreferenceBatches, collate_pairs, encode_pair, validate_preference
+from tinyllm.data.tokenizer import ENDOFTEXT, IM_END
+from tinyllm.errors import DataError
+from tinyllm.model.transformer import IGNORE_INDEX, Transformer
+from tinyllm.train.dpo import pair_logprobs
+from tinyllm.train.loop import fit
+from tinyllm.train.objectives import DPOLoss, dpo_loss, sequence_logprobs
+
+CONTEXT = [{"role": "user", "content": "李明住在哪里？"}, {"role": "assistant", "content": "李明住在杭州。"},
+           {"role": "user", "content": "他养了什么宠物？"}]
+PAIR = {"chosen": CONTEXT + [{"role": "assistant", "content": "李明的宠物是猫。"}],
+        "rejected": CONTEXT + [{"role": "assistant", "content": "我不知道，别问我。"}]}
+CPU = RuntimeConfig(device="cpu")
+
+
+def test_dpo_loss_on_a_hand_computed_example():
+    # chosen reply: policy 1 nat above the reference; rejected: 1 nat below. β = 0.1.
+    policy = torch.tensor([-4.0, -9.0])  # [chosen, rejected]
+    ref = torch.tensor([-5.0, -8.0])
+    loss, extras = dpo_loss(policy, ref, beta=0.1)
+    # rewards 0.1·(+1) = 0.1 and 0.1·(−1) = −0.1, margin 0.2, loss = log(1 + e^−0.2)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-6)
+    assert extras["chosen_reward"].item() == pytest.approx(0.1)
+    assert extras["rejected_reward"].item() == pytest.approx(-0.1)
+    assert extras["margin"].item() == pytest.approx(0.2) and extras["reward_accuracy"].item() == 1.0
+    # the sign convention: preferring the rejected reply costs more than log 2
+    assert dpo_loss(policy.flip(0), ref.flip(0), beta=0.1)[0].item() > math.log(2) > loss.item()
+    assert dpo_loss(ref, ref, beta=0.1)[0].item() == pytest.approx(math.log(2))
+
+
+def test_only_the_final_reply_carries_labels(tokenizer):
+    chosen, rejected = encode_pair(tokenizer, PAIR)
+    for (ids, mask), reply in ((chosen, "李明的宠物是猫。"), (rejected, "我不知道，别问我。")):
+        assert tokenizer.decode(ids[mask].tolist(), skip_special_tokens=False) == reply + IM_END
+
+
+def test_validation_rejects_pairs_that_cannot_teach_anything():
+    assert validate_preference(PAIR) is None
+    same = {"chosen": PAIR["chosen"], "rejected": PAIR["chosen"]}
+    assert "identical" in validate_preference(same)
+    other_context = {"chosen": PAIR["chosen"], "rejected": [{"role": "user", "content": "x"}] + PAIR["rejected"][1:]}
+    assert "share every message" in validate_preference(other_context)
+    assert "rejected: the last message" in validate_preference({"chosen": PAIR["chosen"], "rejected": CONTEXT})
+
+
+def test_a_useless_pair_in_a_file_is_named_by_line(tmp_path):
+    path = tmp_path / "dpo.jsonl"
+    same = {"chosen": PAIR["chosen"], "rejected": PAIR["chosen"]}
+    path.write_text(json.dumps(PAIR, ensure_ascii=False) + "\n" + json.dumps(same, ensure_ascii=False) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: .*identical"):
+        list(read_jsonl(path, validate_preference))
+
+
+def test_batches_put_chosen_rows_first_with_their_reference_logps(tokenizer):
+    pairs = [encode_pair(tokenizer, PAIR)] * 3
+    ref = torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]])
+    batch = next(iter(PreferenceBatches(pairs, ref, batch_size=2, seq_len=63, seed=0,
+                                        pad_id=tokenizer.token_to_id(ENDOFTEXT))))
+    chosen, rejected = batch["ref_logps"].chunk(2)
+    assert torch.equal(chosen - rejected, torch.tensor([1.0, 1.0]))  # each pair's own columns, in order
+    assert batch["input_ids"].shape[0] == 4
+
+
+def _pairs(tokenizer, n=8):
+    pairs = []
+    for i in range(n):
+        p = json.loads(json.dumps(PAIR))
+        p["chosen"][-1]["content"] = f"李明的宠物是猫{i}。"
+        pairs.append(encode_pair(tokenizer, p))
+    return pairs
+
+
+def _config(tokenizer):
+    return ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=64,
+                       vocab_size=tokenizer.get_vocab_size())
+
+
+@torch.no_grad()
+def test_sequence_logprobs_equal_a_per_token_sum(tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(_config(tokenizer)).eval()
+    batch = collate_pairs(_pairs(tokenizer, 2), seq_len=63, pad_id=tokenizer.token_to_id(ENDOFTEXT))
+    fast = sequence_logprobs(model, batch["input_ids"], batch["labels"])
+    logits = model(batch["input_ids"]).logits.double().log_softmax(-1)
+    for row in range(4):
+        expect = sum(logits[row, t, int(batch["labels"][row, t])] for t in range(batch["labels"].shape[1])
+                     if batch["labels"][row, t] != IGNORE_INDEX)
+        assert fast[row].item() == pytest.approx(float(expect), abs=1e-4)
+
+
+def test_training_starts_at_log2_and_prefers_the_chosen_replies(tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(_config(tokenizer))
+    pad = tokenizer.token_to_id(ENDOFTEXT)
+    pairs = _pairs(tokenizer)
+    ref = pair_logprobs(model, pairs, 63, pad, torch.device("cpu"), torch.float32)
+    batches = PreferenceBatches(pairs, ref, batch_size=4, seq_len=63, seed=0, pad_id=pad)
+    first_loss, _ = DPOLoss(0.1)(model, next(iter(batches)))
+    assert first_loss.item() == pytest.approx(math.log(2), abs=1e-5)  # π = π_ref: masks and precision agree
+    cfg = DPOConfig(max_steps=30, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, log_interval=10)
+    result = fit(model, DPOLoss(0.1), batches, cfg, CPU)
+    assert result.final["train/loss"] < 0.6
+    assert result.final["train/reward_accuracy"] == 1.0 and result.final["train/margin"] > 0
+    after = pair_logprobs(model, pairs, 63, pad, torch.device("cpu"), torch.float32)
+    assert ((after[:, 0] - ref[:, 0]) > (after[:, 1] - ref[:, 1])).all()

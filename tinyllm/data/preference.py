@@ -1,0 +1,96 @@
+"""Preference pairs → token ids with final-reply masks, and batches for DPO and its eval.
+
+A record is `{"chosen": [msgs], "rejected": [msgs]}` (MiniMind's DPO format): two conversations
+that share a context and differ in the last assistant message. Only that last reply is scored:
+earlier turns are the same on both sides, so they would add equal terms and nothing else.
+
+    pair = encode_pair(tok, record)                     # ((ids, mask), (ids, mask))
+    batch = collate_pairs([pair, ...], seq_len, pad_id)  # B chosen rows, then B rejected rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from tinyllm.data.chat import collate, encode_conversation, validate_conversation
+
+Encoded = tuple[np.ndarray, np.ndarray]
+
+
+def validate_preference(obj) -> str | None:
+    """Why a preference record is unusable, or None."""
+    if not isinstance(obj, dict) or "chosen" not in obj or "rejected" not in obj:
+        return 'expected an object with "chosen" and "rejected" conversations'
+    for side in ("chosen", "rejected"):
+        problem = validate_conversation({"conversations": obj[side]})
+        if problem:
+            return f"{side}: {problem}"
+    if obj["chosen"][:-1] != obj["rejected"][:-1]:
+        return "chosen and rejected must share every message but the last"
+    if obj["chosen"][-1]["content"] == obj["rejected"][-1]["content"]:
+        return "chosen and rejected replies are identical (DPO would learn nothing: loss stuck at 0.693)"
+    return None
+
+
+def final_reply_only(mask: np.ndarray) -> np.ndarray:
+    """Keep the mask's last run of True (the final assistant reply and its <|im_end|>)."""
+    last = np.flatnonzero(mask)[-1]
+    start = last
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    out = np.zeros_like(mask)
+    out[start:last + 1] = True
+    return out
+
+
+def encode_pair(tok: Tokenizer, record: dict, system_prompt: str | None = None) -> tuple[Encoded, Encoded]:
+    """(chosen, rejected), each (ids, mask) with the mask on the final reply only."""
+    sides = []
+    for side in ("chosen", "rejected"):
+        ids, mask = encode_conversation(tok, record[side], system_prompt)
+        sides.append((ids, final_reply_only(mask)))
+    return sides[0], sides[1]
+
+
+def truncated_labels(pairs: list[tuple[Encoded, Encoded]], seq_len: int) -> int:
+    """Labelled tokens lost by keeping only the newest seq_len + 1 tokens of each row."""
+    return int(sum(mask[:-(seq_len + 1)].sum() for pair in pairs for _, mask in pair))
+
+
+def collate_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """B chosen rows then B rejected rows, right-padded; each row keeps its newest seq_len + 1 tokens
+    (where the replies are) when it is longer."""
+    keep = seq_len + 1
+    rows = [(ids[-keep:], mask[-keep:]) for side in (0, 1) for pair in pairs for ids, mask in [pair[side]]]
+    return collate(rows, pad_id)
+
+
+class PreferenceBatches:
+    """Endless shuffled DPO batches: `batch_size` pairs each, with their reference log-probs.
+
+    Args:
+        pairs: encoded (chosen, rejected) pairs.
+        ref_logps: (len(pairs), 2) reference log-probs of (chosen, rejected), from `pair_logprobs`.
+    """
+
+    def __init__(self, pairs: list[tuple[Encoded, Encoded]], ref_logps: torch.Tensor, batch_size: int,
+                 seq_len: int, seed: int, pad_id: int):
+        if len(pairs) < batch_size:
+            raise ValueError(f"{len(pairs)} preference pairs are fewer than one batch of {batch_size}")
+        self.pairs, self.ref_logps = pairs, ref_logps
+        self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
+            for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+                chunk = order[start:start + self.batch_size].tolist()
+                batch = collate_pairs([self.pairs[i] for i in chunk], self.seq_len, self.pad_id)
+                batch["ref_logps"] = self.ref_logps[chunk].T.reshape(-1)  # chosen column, then rejected
+                yield batch
+            self.epoch += 1

@@ -1,0 +1,93 @@
+"""The dpo stage's library entry: preference pairs + `DPOLoss` through `fit`.
+
+The reference model is the starting checkpoint, frozen. Its log-probs of every pair are computed
+once, before training, and travel in the batches: no second model in memory, no second forward
+pass per step.
+
+    run_dpo(params, Path("artifacts/sft"), Path("artifacts/data/dpo.jsonl"), Path("artifacts/dpo"), logger)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from tinyllm.config import Params, to_dict
+from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.preference import PreferenceBatches, collate_pairs, encode_pair, truncated_labels, validate_preference
+from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
+from tinyllm.errors import DataError, TrainingError
+from tinyllm.train.checkpoint import load_model, save_checkpoint
+from tinyllm.train.loop import fit
+from tinyllm.train.objectives import DPOLoss, sequence_logprobs
+from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def pair_logprobs(model, pairs: list, seq_len: int, pad_id: int, device: torch.device, dtype: torch.dtype,
+                  batch_size: int = 32) -> torch.Tensor:
+    """(len(pairs), 2): summed log-probs of each pair's (chosen, rejected) final reply, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[start:start + batch_size], seq_len, pad_id)
+        with autocast(device, dtype):  # the same precision as the training forward, so π = π_ref at step 0
+            logps = sequence_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device))
+        out.append(torch.stack(logps.float().chunk(2), dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, logger=None) -> dict:
+    """Train the checkpoint in `init_dir` on the preference pairs; save to `out_dir`.
+
+    Raises:
+        DataError: no pairs, or a pair that cannot teach anything (names the file and line).
+        TrainingError: the reference log-probs are not finite, or training left the policy
+            where it started (the margin never moved off 0: the loss would sit at 0.693).
+    """
+    cfg = params.dpo
+    torch.manual_seed(params.seed)
+    model = load_model(init_dir)
+    tok = load_tokenizer(init_dir)
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    pad_id = special_id(tok, ENDOFTEXT)
+    records = list(read_jsonl(pairs_file, validate_preference))
+    if len(records) < cfg.batch_size:
+        raise DataError(f"{pairs_file}: {len(records)} preference pairs, fewer than dpo.batch_size={cfg.batch_size}")
+    pairs = [encode_pair(tok, r, params.sft.system_prompt) for r in records]
+    lost = truncated_labels(pairs, seq_len)
+    if lost:
+        log.warning("%d reply tokens fall beyond seq_len=%d and are not trained on", lost, seq_len)
+
+    device = resolve_device(params.runtime)
+    dtype = resolve_dtype(params.runtime, device)
+    start = time.perf_counter()
+    ref_logps = pair_logprobs(model.to(device), pairs, seq_len, pad_id, device, dtype)
+    if not torch.isfinite(ref_logps).all():
+        bad = int((~torch.isfinite(ref_logps)).any(1).nonzero()[0])
+        raise TrainingError(f"{pairs_file}:{bad + 1}: the reference model's log-prob is not finite")
+    ref_seconds = time.perf_counter() - start
+
+    batches = PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id)
+    result = fit(model, DPOLoss(cfg.beta), batches, cfg, params.runtime, logger=logger,
+                 flops_per_token=model.flops_per_token(seq_len))
+    if abs(result.final["train/margin"]) < 1e-6:
+        raise TrainingError("DPO did not move the policy off the reference (reward margin 0, loss 0.693): "
+                            "raise dpo.lr or dpo.max_steps")
+    summary = {
+        **result.final,
+        "pairs": len(pairs),
+        "truncated_reply_tokens": lost,
+        "reference_seconds": round(ref_seconds, 1),
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    meta = {"stage": "dpo", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
+    save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=init_dir)
+    return summary
