@@ -154,8 +154,8 @@ class SFTConfig(TrainConfig):
     """Fine-tuning defaults: fewer steps and a lower learning rate than pretraining."""
 
     max_steps: int = 400
-    lr: float = 5e-4
-    min_lr: float = 5e-5
+    lr: float = 2e-3
+    min_lr: float = 2e-4
     warmup_steps: int = 20
     pretrain_mix: float = 0.25
     """Share of each batch's rows taken from pretraining text, so SFT does not wash out facts
@@ -170,20 +170,20 @@ class LoRAConfig(TrainConfig):
 
     enabled: bool = True
     """False makes the lora stage write only a note, and eval and chat skip it."""
-    max_steps: int = 150
-    lr: float = 2e-3
-    min_lr: float = 2e-4
+    max_steps: int = 200
+    lr: float = 5e-3
+    min_lr: float = 5e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     rank: int = 8
     """Rank r of each low-rank update B·A."""
     alpha: float = 16.0
     """Scale: the update is (alpha / rank)·B·A."""
-    dropout: float = 0.0
+    dropout: float = 0.1
     """Dropout on the LoRA branch's input."""
     target_modules: str | list[str] = "all-linear"
     """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear": every Linear but lm_head."""
-    replay_fraction: float = 0.5
+    replay_fraction: float = 0.75
     """Share of each batch's rows taken from the SFT chats, so learning who it is does not make
     the model answer every question with its name."""
 
@@ -209,7 +209,7 @@ class EvalConfig:
     """Greedy tokens generated per fact prompt or chat question."""
     max_fact_prompts: int = 600
     """Cap on fact-completion prompts scored (a seeded sample when there are more)."""
-    max_chat_prompts: int = 200
+    max_chat_prompts: int = 300
     """Cap on questions scored per chat eval set (a seeded sample when there are more)."""
     val_max_tokens: int = 200_000
     """Cap on validation tokens used for perplexity."""

@@ -72,6 +72,8 @@ EVAL_QA_ITEMS = {"seen": 100, "heldout": 180}
 """eval_qa questions per split, English included; capped by the person × attribute pairs there."""
 EVAL_ENGLISH_FRACTION = 0.1
 """Share of eval_qa items asked in English (of people with English biographies, if any)."""
+EVAL_IDENTITY_PREFIXES = 2
+"""Greeting prefixes each held-out identity phrasing is asked with (2 × 28 phrasings = 56 items)."""
 EVAL_MULTI_ITEMS = 200
 """eval_multi dialogues (about held-out people)."""
 EVAL_DPO_ITEMS = 200
@@ -373,12 +375,14 @@ def eval_multi(world: World, rng: random.Random) -> list[dict]:
 
 
 def eval_identity(world: World, rng: random.Random) -> list[dict]:
-    """Each held-out identity phrasing once (random greeting prefix); answer = the assistant's name."""
+    """Each held-out identity phrasing EVAL_IDENTITY_PREFIXES times, with distinct random greeting
+    prefixes; answer = the assistant's name."""
     del world
     items = []
     for lang, kind, question in _identity_pool(EVAL_IDENTITY_QUESTIONS):
-        messages = _identity_item(lang, kind, question, rng.choice(IDENTITY_PREFIXES[lang]), rng)[:1]
-        items.append(_eval_item(messages, ASSISTANT_NAME[lang], "heldout", kind, lang))
+        for prefix in rng.sample(IDENTITY_PREFIXES[lang], EVAL_IDENTITY_PREFIXES):
+            messages = _identity_item(lang, kind, question, prefix, rng)[:1]
+            items.append(_eval_item(messages, ASSISTANT_NAME[lang], "heldout", kind, lang))
     return items
 
 

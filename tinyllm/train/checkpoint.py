@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from tinyllm.config import ModelConfig, to_dict
+from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
 from tinyllm.model.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -83,3 +85,15 @@ def load_model(ckpt_dir: Path, device: str | torch.device = "cpu") -> Transforme
         raise ValueError(f"{ckpt_dir / WEIGHTS}: weights do not match config.json "
                          f"(missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)})")
     return model.to(device)
+
+
+def load_for_finetuning(ckpt_dir: Path, seed: int, seq_len: int = 0) -> tuple[Transformer, Tokenizer, int, int]:
+    """What every fine-tuning stage starts with: (model, tokenizer, training seq_len, pad id).
+
+    Seeds torch first, so adapters and dropout start the same way for the same params;
+    `seq_len` 0 means the model's max_seq_len.
+    """
+    torch.manual_seed(seed)
+    model = load_model(ckpt_dir)
+    tok = load_tokenizer(ckpt_dir)
+    return model, tok, seq_len or model.config.max_seq_len, special_id(tok, ENDOFTEXT)

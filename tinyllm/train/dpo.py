@@ -18,9 +18,8 @@ import torch
 from tinyllm.config import Params, to_dict
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.preference import PreferenceBatches, collate_pairs, encode_pair, truncated_labels, validate_preference
-from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
 from tinyllm.errors import DataError, TrainingError
-from tinyllm.train.checkpoint import load_model, save_checkpoint
+from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import DPOLoss, sequence_logprobs
 from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
@@ -53,11 +52,7 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, log
             where it started (the margin never moved off 0: the loss would sit at 0.693).
     """
     cfg = params.dpo
-    torch.manual_seed(params.seed)
-    model = load_model(init_dir)
-    tok = load_tokenizer(init_dir)
-    seq_len = cfg.seq_len or model.config.max_seq_len
-    pad_id = special_id(tok, ENDOFTEXT)
+    model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     records = list(read_jsonl(pairs_file, validate_preference))
     if len(records) < cfg.batch_size:
         raise DataError(f"{pairs_file}: {len(records)} preference pairs, fewer than dpo.batch_size={cfg.batch_size}")

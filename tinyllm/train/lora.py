@@ -25,11 +25,10 @@ from peft import PeftModel, get_peft_model
 from tinyllm.config import LoRAConfig, Params, to_dict
 from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, validate_conversation
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import ConfigError, DataError
 from tinyllm.model.transformer import Transformer
-from tinyllm.train.checkpoint import load_model, save_checkpoint
+from tinyllm.train.checkpoint import load_for_finetuning, load_model, save_checkpoint
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -79,11 +78,7 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     `replay_files` and, in the `sft.pretrain_mix` proportion, pretraining text from `token_dir`.
     """
     cfg = params.lora
-    torch.manual_seed(params.seed)
-    base = load_model(init_dir)
-    tok = load_tokenizer(init_dir)
-    seq_len = cfg.seq_len or base.config.max_seq_len
-    pad_id = special_id(tok, ENDOFTEXT)
+    base, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     identity = _conversations([identity_file])
     if not identity:
         raise DataError(f"{identity_file}: no conversations to teach")

@@ -14,15 +14,12 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from tinyllm.config import Params, to_dict
 from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, validate_conversation
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import DataError
-from tinyllm.train.checkpoint import load_model, save_checkpoint
+from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -37,16 +34,13 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
         Summary metrics, including how many labelled tokens truncation dropped.
     """
     cfg = params.sft
-    torch.manual_seed(params.seed)
-    model = load_model(init_dir)
-    tok = load_tokenizer(init_dir)
-    seq_len = cfg.seq_len or model.config.max_seq_len
+    model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     conversations = [rec["conversations"] for f in conversation_files for rec in read_jsonl(f, validate_conversation)]
     if not conversations:
         raise DataError(f"{', '.join(map(str, conversation_files))}: no conversations to fine-tune on")
     examples = [encode_conversation(tok, c, cfg.system_prompt) for c in conversations]
     text_rows = round(cfg.batch_size * cfg.pretrain_mix)
-    chat = ChatBatches(examples, cfg.batch_size - text_rows, seq_len, params.seed, pad_id=special_id(tok, ENDOFTEXT))
+    chat = ChatBatches(examples, cfg.batch_size - text_rows, seq_len, params.seed, pad_id=pad_id)
     sources = [chat]
     if text_rows:
         sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 1))
