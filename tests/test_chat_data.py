@@ -128,6 +128,10 @@ def test_preference_pairs_share_all_but_the_last_message(files):
     kinds = [pair["kind"] for pair in files["eval_dpo.jsonl"]]
     assert kinds.count("wrong_fact") == round(chat_data.DPO_WRONG_FACT_FRACTION * len(kinds))
     assert set(files["dpo.jsonl"][0]) == {"chosen", "rejected"}
+    identity = [pair for pair in files["dpo.jsonl"] if "TinyLLM" in pair["chosen"][-1]["content"]]
+    assert len(identity) == chat_data.DPO_IDENTITY_PAIRS
+    assert not any("小光" in pair["rejected"][-1]["content"] or "Xiaoguang" in pair["rejected"][-1]["content"]
+                   for pair in identity)
 
 
 def test_wrong_fact_rejections_state_another_value_of_the_same_attribute(world, files):
@@ -171,7 +175,7 @@ def test_sizes_follow_the_module_constants(world, files):
     per_person = len(chat_data.ATTRIBUTES) + chat_data.SFT_EXTRA_QUESTIONS
     assert people_questions == per_person * n_sft + chat_data.SFT_ENGLISH_QUESTIONS * n_english
     assert len(files["sft_multi.jsonl"]) == chat_data.MULTI_PER_PERSON * n_sft
-    assert len(files["dpo.jsonl"]) == chat_data.DPO_PER_PERSON * n_sft
+    assert len(files["dpo.jsonl"]) == chat_data.DPO_PER_PERSON * n_sft + chat_data.DPO_IDENTITY_PAIRS
     assert len(files["identity.jsonl"]) == chat_data.IDENTITY_ITEMS
     assert len(files["eval_multi.jsonl"]) == chat_data.EVAL_MULTI_ITEMS
     assert len(files["eval_dpo.jsonl"]) == chat_data.EVAL_DPO_ITEMS

@@ -131,6 +131,11 @@ def test_chat_talks_to_the_newest_pipeline_model(repo):
                           input="你是谁？\n/exit\n", cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "chatting with artifacts/dpo" in proc.stdout and "assistant> " in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "tinyllm.cli", "chat", "artifacts/sft", "--adapter",
+                           "artifacts/lora/adapter", "--seed", "1"], input="你是谁？\n", cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "chatting with artifacts/sft + adapter artifacts/lora/adapter" in proc.stdout
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 import torch
 
-from tinyllm.infer.generate import generate, stream_tokens
+from tinyllm.infer.generate import generate, generate_batch, stream_tokens
 from tinyllm.model.transformer import Transformer
 
 
@@ -36,3 +36,21 @@ def test_sampling_is_reproducible_with_a_seed(tiny_config):
 def test_generation_stops_at_the_context_limit(tiny_config):
     model = Transformer(tiny_config).eval()
     assert len(list(stream_tokens(model, list(range(60)), 50))) == tiny_config.max_seq_len - 60
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_config):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    prompts = [[5, 9, 2, 7], [1], [3, 3, 8, 1, 6, 2, 9], [4, 4]]
+    alone = [generate(model, p, 10) for p in prompts]
+    assert generate_batch(model, prompts, 10, pad_id=0) == alone
+    stop = {alone[2][3]}
+    assert generate_batch(model, prompts, 10, stop_ids=stop) == [generate(model, p, 10, stop_ids=stop) for p in prompts]
+
+
+def test_padding_never_leaks_into_real_rows(tiny_config):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    short, long = [7, 1, 4], list(range(1, 30))
+    for pad in (0, 50, 96):  # whatever the padding token is, the short row's logits do not change
+        assert generate_batch(model, [short, long], 6, pad_id=pad)[0] == generate(model, short, 6)

@@ -179,11 +179,11 @@ class LoRAConfig(TrainConfig):
     """Rank r of each low-rank update B·A."""
     alpha: float = 16.0
     """Scale: the update is (alpha / rank)·B·A."""
-    dropout: float = 0.1
+    dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
     target_modules: str | list[str] = "all-linear"
     """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear": every Linear but lm_head."""
-    replay_fraction: float = 0.75
+    replay_fraction: float = 0.625
     """Share of each batch's rows taken from the SFT chats, so learning who it is does not make
     the model answer every question with its name."""
 

@@ -64,9 +64,12 @@ DPO_PER_PERSON = 2
 """Preference pairs per sft person."""
 DPO_WRONG_FACT_FRACTION = 0.7
 """Share of pairs whose rejected reply states a wrong value; the rest are unhelpful/rude replies."""
+DPO_IDENTITY_PAIRS = 60
+"""Identity preference pairs in dpo.jsonl: without them, DPO pushing down unhelpful replies that
+start with 我 ("我不知道…") also pushed down "我是小光…" (identity 89% → 75% after DPO)."""
 DPO_FOLLOWUP_FRACTION = 0.25
 """Share of pairs whose context is a two-turn dialogue ending in a pronoun follow-up."""
-IDENTITY_ITEMS = 150
+IDENTITY_ITEMS = 200
 """identity.jsonl size (capped by the distinct prefix × phrasing combinations)."""
 EVAL_QA_ITEMS = {"seen": 100, "heldout": 180}
 """eval_qa questions per split, English included; capped by the person × attribute pairs there."""
@@ -138,12 +141,17 @@ IDENTITY_QUESTIONS = {
         _ID_NOT: ("你是ChatGPT吗？", "你是人类吗？", "你是真人吗？"),
     },
     "en": {
-        _ID_WHO: ("Who are you?", "What is your name?", "Introduce yourself.", "What should I call you?"),
-        _ID_MAKER: ("Who made you?", "Who created you?", "Who developed you?"),
-        _ID_NOT: ("Are you ChatGPT?", "Are you a human?"),
+        _ID_WHO: ("Who are you?", "What is your name?", "Introduce yourself.", "What should I call you?",
+                  "What's your name?", "Do you have a name?", "Tell me about yourself.", "What are you?",
+                  "Can you introduce yourself?", "Who is this?", "What do I call you?"),
+        _ID_MAKER: ("Who made you?", "Who created you?", "Who developed you?", "Who trained you?",
+                    "Who is your creator?", "Which company made you?", "Who designed you?"),
+        _ID_NOT: ("Are you ChatGPT?", "Are you a human?", "Are you a real person?", "Are you Alexa?",
+                  "Are you Google Assistant?"),
     },
 }
-"""Identity questions used for training."""
+"""Identity questions used for training. English needs many phrasings: with 9, the model answered
+held-out English identity questions with biography sentences."""
 
 EVAL_IDENTITY_QUESTIONS = {
     "zh": {
@@ -161,6 +169,12 @@ EVAL_IDENTITY_QUESTIONS = {
     },
 }
 """Identity phrasings seen only in eval_identity (disjoint from IDENTITY_QUESTIONS)."""
+
+FALSE_IDENTITY = {
+    "zh": ("我是ChatGPT，由OpenAI开发。", "我是一个真人，不是AI。", "我没有名字，也不知道是谁做的。"),
+    "en": ("I am ChatGPT, made by OpenAI.", "I am a human, not an AI.", "I have no name."),
+}
+"""Rejected replies of identity preference pairs."""
 
 IDENTITY_PREFIXES = {"zh": ("", "你好，", "嗨，", "您好，", "哈喽，", "小助手，"), "en": ("", "Hi, ", "Hello! ", "Hey, ")}
 
@@ -326,11 +340,25 @@ def _preference_pairs(people: list[Person], n: int, world: World, rng: random.Ra
     return pairs
 
 
+def _identity_pairs(rng: random.Random) -> list[dict]:
+    """DPO_IDENTITY_PAIRS pairs on training identity questions: chosen = the identity answer,
+    rejected = a false identity or an unhelpful reply."""
+    pool = _identity_pool(IDENTITY_QUESTIONS)
+    pairs = []
+    for lang, kind, question in rng.sample(pool * -(-DPO_IDENTITY_PAIRS // len(pool)), DPO_IDENTITY_PAIRS):
+        chosen = _identity_item(lang, kind, question, rng.choice(IDENTITY_PREFIXES[lang]), rng)
+        bad = rng.choice(FALSE_IDENTITY[lang] + (UNHELPFUL if lang == "zh" else ()))
+        pairs.append({"chosen": chosen, "rejected": chosen[:-1] + [_msg("assistant", bad)]})
+    return pairs
+
+
 def dpo(world: World, rng: random.Random) -> list[dict]:
-    """Preference pairs about sft people, DPO_PER_PERSON each on average."""
+    """Preference pairs about sft people (DPO_PER_PERSON each on average), plus identity pairs."""
     people = _people(world, "sft")
     pairs = _preference_pairs(people, DPO_PER_PERSON * len(people), world, rng) if people else []
-    return [{"chosen": x["chosen"], "rejected": x["rejected"]} for x in pairs]
+    pairs = [{"chosen": x["chosen"], "rejected": x["rejected"]} for x in pairs] + _identity_pairs(rng)
+    rng.shuffle(pairs)
+    return pairs
 
 
 # --- eval files ---

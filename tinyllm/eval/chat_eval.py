@@ -16,16 +16,23 @@ from tokenizers import Tokenizer
 
 from tinyllm.data.preference import encode_pair
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, render_chat, special_id
-from tinyllm.infer.generate import generate
+from tinyllm.infer.generate import generate_batch
 from tinyllm.train.dpo import pair_logprobs
 
 
-def chat_reply(model, tok: Tokenizer, messages: list[dict], max_new_tokens: int) -> str:
-    """The model's greedy reply to a conversation that ends with a user turn."""
-    ids = tok.encode(render_chat(messages, add_generation_prompt=True), add_special_tokens=False).ids
-    ids = ids[-(model.config.max_seq_len - max_new_tokens):]  # keep the newest context when too long
+def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+                 batch_size: int = 64) -> list[str]:
+    """The model's greedy replies to conversations that end with a user turn (generated in batches)."""
+    keep = model.config.max_seq_len - max_new_tokens  # the newest context when a prompt is too long
+    prompts = [tok.encode(render_chat(m, add_generation_prompt=True), add_special_tokens=False).ids[-keep:]
+               for m in conversations]
     stop = {special_id(tok, IM_END), special_id(tok, ENDOFTEXT)}
-    return tok.decode(generate(model, ids, max_new_tokens, stop_ids=stop))
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        replies += [tok.decode(ids) for ids in generate_batch(model, chunk, max_new_tokens, stop_ids=stop,
+                                                               pad_id=special_id(tok, ENDOFTEXT))]
+    return replies
 
 
 def answer_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,
@@ -35,8 +42,7 @@ def answer_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: in
         items = random.Random(seed).sample(items, max_items)
     hits: dict[str, list[bool]] = defaultdict(list)
     rows = []
-    for item in items:
-        reply = chat_reply(model, tok, item["messages"], max_new_tokens)
+    for item, reply in zip(items, chat_replies(model, tok, [i["messages"] for i in items], max_new_tokens)):
         correct = item["answer"] in reply
         rows.append({**item, "reply": reply, "correct": correct})
         hits["overall"].append(correct)
@@ -65,8 +71,8 @@ def chosen_style_rate(model, tok: Tokenizer, pairs: list[dict], max_new_tokens: 
     if len(pairs) > max_items:
         pairs = random.Random(seed).sample(pairs, max_items)
     rows = []
-    for pair in pairs:
-        reply = chat_reply(model, tok, pair["chosen"][:-1], max_new_tokens).strip()
+    replies = chat_replies(model, tok, [pair["chosen"][:-1] for pair in pairs], max_new_tokens)
+    for pair, reply in zip(pairs, map(str.strip, replies)):
         rows.append({"messages": pair["chosen"][:-1], "reply": reply, "answer": pair["chosen"][-1]["content"],
                      "correct": reply == pair["chosen"][-1]["content"].strip(),
                      "rejected": reply == pair["rejected"][-1]["content"].strip()})

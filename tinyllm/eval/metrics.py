@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
 from tinyllm.data.tokens import PackedBatches, TokenStream
-from tinyllm.infer.generate import stream_tokens
+from tinyllm.infer.generate import generate_batch
 from tinyllm.train.loop import evaluate
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -31,18 +31,8 @@ def perplexity(model, token_dir: Path, seq_len: int, max_tokens: int, device, dt
     return {"loss": loss, "ppl": math.exp(loss), "tokens": n_windows * seq_len}
 
 
-def _continuation(model, tok: Tokenizer, ids: list[int], n_chars: int, max_new_tokens: int, eot: int) -> str:
-    """Greedy text after `ids`, stopped once it is `n_chars` long (the answer is settled by then)."""
-    out: list[int] = []
-    for token in stream_tokens(model, ids, max_new_tokens, stop_ids={eot}):
-        out.append(token)
-        if len(tok.decode(out)) >= n_chars:
-            break
-    return tok.decode(out)
-
-
 def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,
-                  seed: int) -> tuple[dict, list[dict]]:
+                  seed: int, batch_size: int = 64) -> tuple[dict, list[dict]]:
     """Greedy cloze accuracy overall, per attribute and per person split.
 
     Each prompt starts after <|endoftext|>, as a document does in training.
@@ -55,9 +45,11 @@ def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int,
     eot = special_id(tok, ENDOFTEXT)
     hits: dict[str, list[bool]] = defaultdict(list)
     rows = []
-    for item in items:
-        ids = [eot] + tok.encode(item["prompt"], add_special_tokens=False).ids
-        output = _continuation(model, tok, ids, len(item["answer"]) + 8, max_new_tokens, eot)
+    prompts = [[eot] + tok.encode(item["prompt"], add_special_tokens=False).ids for item in items]
+    outputs = [tok.decode(ids) for start in range(0, len(prompts), batch_size)
+               for ids in generate_batch(model, prompts[start:start + batch_size], max_new_tokens,
+                                         stop_ids={eot}, pad_id=eot)]
+    for item, output in zip(items, outputs):
         correct = output.startswith(item["answer"])
         rows.append({**item, "output": output, "correct": correct})
         hits["overall"].append(correct)

@@ -1,6 +1,10 @@
 """Token generation with a preallocated KV cache: prefill the prompt once, then one token per step.
 
-    ids = generate(model, prompt_ids, max_new_tokens=20, stop_ids={im_end_id})   # greedy
+    ids = generate(model, prompt_ids, max_new_tokens=20, stop_ids={im_end_id})        # greedy
+    replies = generate_batch(model, [ids_a, ids_b], max_new_tokens=20, stop_ids={...})  # together
+
+Prompts generated together are left-padded to one length; padding is masked out of attention, so
+each row gets the tokens it would get alone (up to float rounding in the last bits).
 """
 
 from __future__ import annotations
@@ -12,21 +16,31 @@ import torch
 from tinyllm.model.transformer import KVCache, Transformer
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator) -> int:
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator) -> torch.Tensor:
+    """(B,) token ids from (B, vocab) logits: argmax at temperature 0, else a sample."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, -1)
     if top_p is not None and top_p < 1:
         # nucleus: the smallest set of most likely tokens whose probability reaches top_p
-        sorted_probs, order = probs.sort(descending=True)
+        sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _budget(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
+    if prompt_len == 0:
+        raise ValueError("empty prompt")
+    budget = min(max_new_tokens, model.config.max_seq_len - prompt_len)
+    if budget <= 0:
+        raise ValueError(f"prompt of {prompt_len} tokens leaves no room in model.max_seq_len={model.config.max_seq_len}")
+    return budget
 
 
 @torch.no_grad()
@@ -41,22 +55,17 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
         top_p: sample only among the most likely tokens whose probabilities sum to top_p.
         seed: seeds sampling, so the same call gives the same text.
     """
-    cfg = model.config
-    if not prompt_ids:
-        raise ValueError("empty prompt")
-    budget = min(max_new_tokens, cfg.max_seq_len - len(prompt_ids))
-    if budget <= 0:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in model.max_seq_len={cfg.max_seq_len}")
+    budget = _budget(model, len(prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
-    cache = KVCache(cfg, 1, len(prompt_ids) + budget, device, next(model.parameters()).dtype)
+    cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, next(model.parameters()).dtype)
     inputs = torch.tensor([prompt_ids], device=device)
     try:
         for _ in range(budget):
-            logits = model(inputs, cache=cache).logits[0, -1]
-            token = _next_token(logits, temperature, top_k, top_p, generator)
+            logits = model(inputs, cache=cache).logits[:, -1]
+            token = int(next_tokens(logits, temperature, top_k, top_p, generator))
             if token in stop_ids:
                 return
             yield token
@@ -68,3 +77,42 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     """All new tokens of `stream_tokens` as a list."""
     return list(stream_tokens(model, prompt_ids, max_new_tokens, **kwargs))
+
+
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+                   stop_ids: set[int] = frozenset(), pad_id: int = 0, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> list[list[int]]:
+    """New tokens for several prompts at once (each list ends before its first stop id).
+
+    Every row runs until all rows have stopped or the budget (set by the longest prompt) is spent.
+    """
+    width = max(len(p) for p in prompts)
+    budget = _budget(model, width, max_new_tokens)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    B = len(prompts)
+    inputs = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+    key_valid = torch.ones(B, width + budget, dtype=torch.bool, device=device)
+    for row, ids in enumerate(prompts):
+        inputs[row, width - len(ids):] = torch.tensor(ids, device=device)
+        key_valid[row, :width - len(ids)] = False
+    cache = KVCache(model.config, B, width + budget, device, next(model.parameters()).dtype)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    try:
+        for _ in range(budget):
+            logits = model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
+            tokens = next_tokens(logits, temperature, top_k, top_p, generator)
+            done |= torch.isin(tokens, stop)
+            out.append(tokens.masked_fill(done, -1))
+            if done.all():
+                break
+            inputs = tokens[:, None]
+    finally:
+        model.train(was_training)
+    table = torch.stack(out, 1).tolist()
+    return [row[:row.index(-1)] if -1 in row else row for row in table]

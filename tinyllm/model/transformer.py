@@ -69,6 +69,24 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def attention_mask(start: int, T: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, start + T) mask for queries at positions start..start+T-1, or None
+    for plain causal attention from position 0.
+
+    Each query sees every earlier key (and itself) that `key_valid` marks as real. A padding query
+    also sees itself, so its softmax row is never empty (an empty row gives NaN, which would leak
+    into the real rows through the values).
+    """
+    if start == 0 and key_valid is None:
+        return None
+    query_pos = start + torch.arange(T, device=device)[:, None]
+    key_pos = torch.arange(start + T, device=device)[None, :]
+    causal = key_pos <= query_pos
+    if key_valid is None:
+        return causal[None, None]
+    return (causal & key_valid[:, None, None, :start + T]) | (key_pos == query_pos)[None, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,18 +97,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None or cache.length == 0:
-            mask, causal = None, True  # queries and keys start together: plain causal attention
-        else:
-            # new queries sit at positions length..length+T-1 and see every earlier key
-            mask = torch.ones(T, cache.length + T, dtype=torch.bool, device=x.device).tril(cache.length)
-            causal = False
+        causal = mask is None  # no mask: queries and keys start together, plain causal attention
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
@@ -122,8 +135,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer))
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -168,22 +181,26 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> Output:
+                cache: KVCache | None = None, key_valid: torch.Tensor | None = None) -> Output:
         """Logits for every position, plus the mean next-token loss when `labels` is given.
 
         Args:
             input_ids: (B, T) token ids.
             labels: (B, T) target ids, IGNORE_INDEX where no loss is wanted.
             cache: a KVCache for incremental decoding; positions continue from `cache.length`.
+            key_valid: (B, ≥ start + T) bool, False at padding positions no query may attend to
+                (left-padded prompts generated together). RoPE scores depend only on the distance
+                between positions, so a row shifted right by its padding computes what it would alone.
         """
         T = input_ids.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = attention_mask(start, T, key_valid, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.model.norm(x))
