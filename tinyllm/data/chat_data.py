@@ -64,12 +64,12 @@ DPO_PER_PERSON = 2
 """Preference pairs per sft person."""
 DPO_WRONG_FACT_FRACTION = 0.7
 """Share of pairs whose rejected reply states a wrong value; the rest are unhelpful/rude replies."""
-DPO_IDENTITY_PAIRS = 60
+DPO_IDENTITY_PAIRS = 120
 """Identity preference pairs in dpo.jsonl: without them, DPO pushing down unhelpful replies that
 start with 我 ("我不知道…") also pushed down "我是小光…" (identity 89% → 75% after DPO)."""
 DPO_FOLLOWUP_FRACTION = 0.25
 """Share of pairs whose context is a two-turn dialogue ending in a pronoun follow-up."""
-IDENTITY_ITEMS = 200
+IDENTITY_ITEMS = 240
 """identity.jsonl size (capped by the distinct prefix × phrasing combinations)."""
 EVAL_QA_ITEMS = {"seen": 100, "heldout": 180}
 """eval_qa questions per split, English included; capped by the person × attribute pairs there."""
@@ -135,10 +135,12 @@ IDENTITY_QUESTIONS = {
     "zh": {
         _ID_WHO: ("你是谁？", "你叫什么名字？", "你的名字是什么？", "请介绍一下你自己。", "你是什么？",
                   "我该怎么称呼你？", "你有名字吗？", "告诉我你的名字。", "做个自我介绍吧。", "你是什么模型？",
-                  "你是哪个 AI？", "跟我说说你是谁。"),
+                  "你是哪个 AI？", "跟我说说你是谁。", "和我说话的是谁？", "请问你是？", "你的身份是什么？",
+                  "能告诉我你是谁吗？", "你叫什么？", "现在回答我的是谁？", "你是哪个助手？", "你怎么称呼自己？"),
         _ID_MAKER: ("谁开发了你？", "你是由谁创造的？", "谁训练了你？", "你的开发者是谁？", "你来自哪个团队？",
-                    "你是谁做的？", "是谁制作了你？"),
-        _ID_NOT: ("你是ChatGPT吗？", "你是人类吗？", "你是真人吗？"),
+                    "你是谁做的？", "是谁制作了你？", "你的作者是谁？", "你是被谁开发出来的？", "你的创造者是谁？",
+                    "你是哪家做的？", "谁设计了你？"),
+        _ID_NOT: ("你是ChatGPT吗？", "你是人类吗？", "你是真人吗？", "你是小爱同学吗？", "你是文心一言吗？"),
     },
     "en": {
         _ID_WHO: ("Who are you?", "What is your name?", "Introduce yourself.", "What should I call you?",
