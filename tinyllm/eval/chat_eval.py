@@ -37,7 +37,8 @@ def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new
 
 def answer_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,
                     seed: int) -> tuple[dict, list[dict]]:
-    """Share of replies containing the expected answer, overall and per split ("seen"/"heldout")."""
+    """Share of replies containing the expected answer: overall, per split ("seen"/"heldout") and
+    per split and language ("heldout/en")."""
     if len(items) > max_items:
         items = random.Random(seed).sample(items, max_items)
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -47,6 +48,7 @@ def answer_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: in
         rows.append({**item, "reply": reply, "correct": correct})
         hits["overall"].append(correct)
         hits[item.get("split", "-")].append(correct)
+        hits[f"{item.get('split', '-')}/{item.get('lang', '-')}"].append(correct)
     return {key: sum(v) / len(v) for key, v in sorted(hits.items())}, rows
 
 

@@ -51,6 +51,7 @@ def plot_curves(live_dir: Path, out_file: Path) -> None:
 CHAT_SETS = {"qa": "eval_qa.jsonl", "multi_turn": "eval_multi.jsonl", "identity": "eval_identity.jsonl"}
 ROW_NAMES = {"val_ppl": "val perplexity (pretraining text)", "facts": "fact cloze accuracy",
              "qa_seen": "QA, people seen in SFT", "qa_heldout": "QA, held-out people",
+             "qa_heldout_zh": "… asked in Chinese", "qa_heldout_en": "… asked in English",
              "multi_turn": "multi-turn follow-ups, held-out people", "identity": "identity answer rate",
              "preference": "preference accuracy, held-out pairs",
              "preference_wrong_fact": "… rejected = a wrong fact", "preference_unhelpful": "… rejected = unhelpful",
@@ -81,7 +82,7 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
         if items:
             acc, rows[name] = answer_accuracy(model, tok, items, cfg.max_new_tokens, cfg.max_chat_prompts, params.seed)
             if name == "qa":
-                metrics.update({"qa_seen": acc.get("seen"), "qa_heldout": acc.get("heldout")})
+                metrics.update({f"qa_{key.replace('/', '_')}": v for key, v in acc.items() if key != "overall"})
             else:
                 metrics[name] = acc["overall"]
     pairs = _read_items(data_dir / "eval_dpo.jsonl")
