@@ -12,13 +12,15 @@ OUT = Path("artifacts/lora")
 
 @stage_main
 def main(params):
-    if not params.lora.enabled:  # DVC needs the out to exist; eval and chat skip a folder without weights
+    logger = LiveLogger(Path("reports/live/lora"))
+    if not params.lora.enabled:  # DVC needs every out to exist; eval and chat skip a folder without weights
         shutil.rmtree(OUT, ignore_errors=True)
         OUT.mkdir(parents=True)
         (OUT / "DISABLED").write_text("lora.enabled is false in params.yaml\n")
+        logger.log(0, {"enabled": 0})
+        logger.close()
         write_json(Path("reports/metrics/lora.json"), {"enabled": False})
         return
-    logger = LiveLogger(Path("reports/live/lora"))
     data = Path("artifacts/data")
     summary = run_lora(params, Path("artifacts/sft"), data / "identity.jsonl",
                        [data / "sft_single.jsonl", data / "sft_multi.jsonl"], Path("artifacts/tokens"), OUT, logger)
