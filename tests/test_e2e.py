@@ -117,12 +117,22 @@ def test_changing_an_eval_param_reruns_only_eval(repo):
 
 
 @pytest.mark.slow
-def test_exp_run_with_a_set_param_makes_an_experiment(repo):
-    dvc(repo, "exp", "run", "-S", "model.dim=48", "-S", "pretrain.max_steps=20")
+def test_exp_run_with_moe_runs_the_whole_pipeline(repo):
+    dvc(repo, "exp", "run", "-S", "model.dim=48", "-S", "model.n_layers=2", "-S", "model.moe.enabled=true",
+        "-S", "model.moe.n_routed_experts=4", "-S", "pretrain.max_steps=20")
     table = json.loads(dvc(repo, "exp", "show", "--json"))
     text = json.dumps(table)
-    assert '"dim": 48' in text and '"max_steps": 20' in text
+    assert '"dim": 48' in text and '"max_steps": 20' in text and '"enabled": true' in text
     assert "metrics.json" in text
+    metrics = json.loads((repo / "reports/eval/metrics.json").read_text())  # the workspace holds the experiment
+    assert list(metrics) == ["pretrain", "sft", "lora", "dpo"]
+    for stage in metrics.values():
+        assert 1 <= stage["moe_max_load"] <= 4 and len(stage["moe_balance"]["load"]["layer1"]) == 4
+    assert (repo / "reports/live/pretrain/plots/metrics/train/moe/layer1/expert3.tsv").is_file()
+    assert (repo / "reports/live/pretrain/plots/metrics/train/balance_loss.tsv").is_file()
+    pretrain = json.loads((repo / "reports/metrics/pretrain.json").read_text())
+    assert pretrain["params_active"] < pretrain["params"]
+    assert "busiest expert" in (repo / "reports/eval/report.md").read_text()
 
 
 @pytest.mark.slow

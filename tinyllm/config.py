@@ -69,6 +69,32 @@ class TokenizeConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class MoEConfig:
+    """DeepSeek-V2-style mixture of experts in place of the dense FFN (tinyllm/model/moe.py)."""
+
+    enabled: bool = False
+    """Replace the FFN of every layer after the first `first_dense_layers` with an MoE."""
+    n_routed_experts: int = 8
+    """Experts the router chooses among."""
+    n_shared_experts: int = 1
+    """Experts every token always goes through (fused into one SwiGLU)."""
+    top_k: int = 2
+    """Routed experts per token."""
+    expert_hidden_dim: int | None = None
+    """Each expert's SwiGLU width; None means the dense FFN width / 4 (fine-grained experts)."""
+    aux_loss_coef: float = 0.01
+    """Weight of the expert-level balance loss added to the training loss (0 turns it off)."""
+    scoring: str = "softmax"
+    """Router scores: softmax (DeepSeek-V2) or sigmoid (DeepSeek-V3)."""
+    bias_update_rate: float = 0.0
+    """DeepSeek-V3's aux-loss-free balancing: per-step bias nudge for selection (sigmoid scoring)."""
+    norm_topk_prob: bool = True
+    """Renormalise the chosen experts' weights to sum to 1."""
+    first_dense_layers: int = 1
+    """Leading layers that keep a dense FFN (DeepSeek keeps the first one dense)."""
+
+
+@dataclass(kw_only=True, frozen=True)
 class ModelConfig:
     dim: int = 192
     """Width of the residual stream."""
@@ -94,6 +120,12 @@ class ModelConfig:
     """Share embed_tokens and lm_head weights."""
     vocab_size: int = 0
     """Filled from the tokenizer; never set by hand."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of experts in place of the dense FFN (off by default)."""
+
+    def __post_init__(self):
+        if isinstance(self.moe, dict):  # read back from a checkpoint's config.json
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
 
     @property
     def head_dim(self) -> int:
@@ -326,6 +358,22 @@ def _check(p: Params) -> list[str]:
         e.append(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.vocab_size:
         e.append("model.vocab_size is taken from the tokenizer; remove it from params")
+    moe = m.moe
+    if moe.enabled:
+        positive("model.moe.n_routed_experts", moe.n_routed_experts)
+        if not 0 < moe.top_k <= moe.n_routed_experts:
+            e.append(f"model.moe.top_k={moe.top_k} must be in [1, model.moe.n_routed_experts={moe.n_routed_experts}]")
+        if moe.n_shared_experts < 0:
+            e.append(f"model.moe.n_shared_experts={moe.n_shared_experts} must be >= 0")
+        if moe.expert_hidden_dim is not None:
+            positive("model.moe.expert_hidden_dim", moe.expert_hidden_dim)
+        if moe.scoring not in ("softmax", "sigmoid"):
+            e.append(f"model.moe.scoring={moe.scoring!r} must be 'softmax' or 'sigmoid'")
+        if moe.aux_loss_coef < 0 or moe.bias_update_rate < 0:
+            e.append("model.moe.aux_loss_coef and model.moe.bias_update_rate must be >= 0")
+        if not 0 <= moe.first_dense_layers < m.n_layers:
+            e.append(f"model.moe.first_dense_layers={moe.first_dense_layers} must be in [0, model.n_layers={m.n_layers}) "
+                     "so at least one layer has experts")
     for section in ("pretrain", "sft", "lora", "dpo"):
         e.extend(_check_train(section, getattr(p, section), m.max_seq_len))
     if not 0 <= p.sft.pretrain_mix < 1:

@@ -12,6 +12,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
@@ -29,6 +30,24 @@ def perplexity(model, token_dir: Path, seq_len: int, max_tokens: int, device, dt
     n_windows = max(1, min(batches.n_windows, max_tokens // seq_len))
     loss = evaluate(model, NextTokenLoss(), batches, device, dtype, max_batches=n_windows)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": n_windows * seq_len}
+
+
+@torch.no_grad()
+def expert_balance(model, token_dir: Path, seq_len: int, max_windows: int = 16) -> dict:
+    """For an MoE model: each expert's share of routing on validation text, and per layer the
+    busiest expert's share over the fair share (1.0 is perfectly even; E means one expert takes all)."""
+    stream = TokenStream(token_dir, "val")
+    seq_len = min(seq_len, len(stream) - 1)
+    batches = PackedBatches(stream, 1, seq_len, seed=0, shuffle=False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loads = [model(b["input_ids"].to(device)).expert_load for _, b in zip(range(max_windows), batches)]
+    model.train(was_training)
+    load = torch.stack(loads).mean(0)  # (MoE layers, experts)
+    first = model.config.moe.first_dense_layers
+    return {"max_over_mean": {f"layer{first + i}": float(row.max() * row.numel()) for i, row in enumerate(load)},
+            "load": {f"layer{first + i}": [round(float(v), 4) for v in row] for i, row in enumerate(load)}}
 
 
 def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,

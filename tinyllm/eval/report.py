@@ -17,7 +17,7 @@ from tinyllm.config import Params
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.eval.chat_eval import answer_accuracy, chosen_style_rate, preference_accuracy
-from tinyllm.eval.metrics import fact_accuracy, perplexity
+from tinyllm.eval.metrics import expert_balance, fact_accuracy, perplexity
 from tinyllm.train.checkpoint import is_checkpoint, load_model, read_config
 from tinyllm.train.runtime import resolve_device, resolve_dtype
 
@@ -49,7 +49,8 @@ def plot_curves(live_dir: Path, out_file: Path) -> None:
 
 
 CHAT_SETS = {"qa": "eval_qa.jsonl", "multi_turn": "eval_multi.jsonl", "identity": "eval_identity.jsonl"}
-ROW_NAMES = {"val_ppl": "val perplexity (pretraining text)", "facts": "fact cloze accuracy",
+ROW_NAMES = {"val_ppl": "val perplexity (pretraining text)",
+             "moe_max_load": "busiest expert's load ÷ fair share (MoE; 1 is even)", "facts": "fact cloze accuracy",
              "qa_seen": "QA, people seen in SFT", "qa_heldout": "QA, held-out people",
              "qa_heldout_zh": "… asked in Chinese", "qa_heldout_en": "… asked in English",
              "multi_turn": "multi-turn follow-ups, held-out people", "identity": "identity answer rate",
@@ -72,6 +73,10 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
     trained_len = read_config(ckpt_dir).get("train", {}).get("seq_len") or model.config.max_seq_len
     val = perplexity(model, token_dir, trained_len, cfg.val_max_tokens, device, dtype)
     metrics, rows = {"val_loss": val["loss"], "val_ppl": val["ppl"]}, {}
+    if model.config.moe.enabled:
+        balance = expert_balance(model, token_dir, trained_len)
+        metrics["moe_max_load"] = max(balance["max_over_mean"].values())
+        metrics["moe_balance"] = balance
     facts = _read_items(data_dir / "eval_facts.jsonl")
     if facts:
         detail, rows["facts"] = fact_accuracy(model, tok, facts, cfg.max_new_tokens, cfg.max_fact_prompts, params.seed)
@@ -99,8 +104,10 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
 def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> str:
     stages = list(results)
     summary = meta.get("summary", {})
+    active = (f" ({summary['params_active'] / 1e6:.2f}M active per token)"
+              if summary.get("params_active", summary.get("params")) != summary.get("params") else "")
     lines = ["# Evaluation report", "",
-             f"Pretrained model: {summary.get('params', 0) / 1e6:.2f}M parameters, {meta.get('steps')} steps, "
+             f"Pretrained model: {summary.get('params', 0) / 1e6:.2f}M parameters{active}, {meta.get('steps')} steps, "
              f"{summary.get('tokens_seen', 0) / 1e6:.2f}M tokens ({summary.get('epochs', 0):.1f} epochs) "
              f"in {summary.get('train_seconds', 0)} s.", "",
              "## What each stage bought", "",
@@ -108,7 +115,7 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
     for key, label in ROW_NAMES.items():
         values = [results[s].get(key) for s in stages]
         if any(v is not None for v in values):
-            fmt = "{:.3f}" if key == "val_ppl" else "{:.1%}"
+            fmt = "{:.3f}" if key in ("val_ppl", "moe_max_load") else "{:.1%}"
             lines.append(f"| {label} | " + " | ".join("–" if v is None else fmt.format(v) for v in values) + " |")
     lines += ["", "![pretraining loss curves](loss.png)", ""]
     fact_rows = rows.get(stages[0], {}).get("facts", [])

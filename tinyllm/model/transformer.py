@@ -1,4 +1,5 @@
-"""A dense Llama-style decoder: pre-norm RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""A Llama-style decoder: pre-norm RMSNorm, RoPE, grouped-query attention, SwiGLU — dense, or with a
+DeepSeek-V2-style mixture of experts in place of the FFN (`model.moe`, tinyllm/model/ffn.py).
 
 Weight names follow Hugging Face Llama (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 `mlp.gate_proj`, `model.norm`, `lm_head`), with the rotate-half RoPE layout, so a state dict
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyllm.config import ModelConfig
+from tinyllm.model.ffn import MLP, MoE
 
 IGNORE_INDEX = -100  # label value that carries no loss (prompt tokens, padding)
 
@@ -113,31 +115,23 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.is_moe = cfg.moe.enabled and index >= cfg.moe.first_dense_layers
+        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.dim, cfg.ffn_dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        """(new x, (balance loss, expert load) for an MoE layer, else None)."""
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        if not self.is_moe:
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x))), None
+        y, balance_loss, load = self.mlp(self.post_attention_layernorm(x))
+        return x + self.dropout(y), (balance_loss, load)
 
 
 class Backbone(nn.Module):
@@ -146,7 +140,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
 
@@ -154,6 +148,11 @@ class Backbone(nn.Module):
 class Output:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
+    """Next-token cross-entropy, plus the MoE balance loss when there are experts."""
+    balance_loss: torch.Tensor | None = None
+    """Sum over MoE layers of the expert-level balance loss (already inside `loss`)."""
+    expert_load: torch.Tensor | None = None
+    """(MoE layers, experts): share of routing assignments each expert got in this call."""
 
 
 class Transformer(nn.Module):
@@ -172,7 +171,7 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         # residual-branch outputs scaled down so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
@@ -199,27 +198,41 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         mask = attention_mask(start, T, key_valid, input_ids.device)
         x = self.model.embed_tokens(input_ids)
+        moe_stats = []
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, mask)
+            x, stats = layer(x, cos, sin, cache, i, mask)
+            if stats is not None:
+                moe_stats.append(stats)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.model.norm(x))
+        balance_loss = sum(b for b, _ in moe_stats) if moe_stats else None
+        load = torch.stack([l for _, l in moe_stats]) if moe_stats else None
         if labels is None:
-            return Output(logits)
+            return Output(logits, None, balance_loss, load)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return Output(logits, loss)
+        if balance_loss is not None:
+            loss = loss + balance_loss  # the balance loss trains the routers (MiniMind v1 dropped it)
+        return Output(logits, loss, balance_loss, load)
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Parameter count (tied weights once); non_embedding drops the embedding table (and an
-        untied lm_head), the convention of the 6·N FLOPs formula."""
+        untied lm_head), the convention of the 6·N FLOPs formula; active counts only the top_k
+        routed experts a token goes through, not all of them."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.model.embed_tokens.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.lm_head.weight.numel()
+        if active:
+            moe = self.config.moe
+            for layer in self.model.layers:
+                if layer.is_moe:
+                    routed = sum(p.numel() for p in layer.mlp.experts.parameters())
+                    n -= routed - routed * moe.top_k // moe.n_routed_experts
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6·N_non-embedding (matmuls fwd+bwd) + 12·L·d·T (attention)."""
+        """Training FLOPs per token: 6·N_active-non-embedding (matmuls fwd+bwd) + 12·L·d·T (attention)."""
         cfg = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layers * cfg.dim * seq_len
+        return 6 * self.num_params(non_embedding=True, active=True) + 12 * cfg.n_layers * cfg.dim * seq_len

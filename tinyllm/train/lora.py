@@ -37,9 +37,10 @@ ADAPTER_DIR = "adapter"
 
 def lora_targets(model: Transformer, spec: str | list[str]) -> list[str]:
     """Module names to adapt. "all-linear" is every Linear layer except lm_head (tied to the
-    embedding by default: adapting it would change the input embedding too)."""
+    embedding by default: adapting it would change the input embedding too) and an MoE's router
+    `gate` (its scores pick experts; routed experts are stacked tensors, not Linear layers)."""
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear) and name != "lm_head"})
+                     if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith("mlp.gate")})
     if spec == "all-linear":
         return linear
     unknown = sorted(set(spec) - set(linear))

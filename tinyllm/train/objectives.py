@@ -12,10 +12,22 @@ from tinyllm.model.transformer import IGNORE_INDEX
 
 
 class NextTokenLoss:
-    """Mean cross-entropy over every labelled position."""
+    """Mean cross-entropy over every labelled position (+ the MoE balance loss, inside the model).
+
+    For an MoE model the extras report the balance loss and each layer's expert load (share of
+    routing assignments per expert), which the loop logs as train/balance_loss and
+    train/moe/layer<i>/expert<j>.
+    """
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        return model(batch["input_ids"], labels=batch["labels"]).loss, {}
+        out = model(batch["input_ids"], labels=batch["labels"])
+        if out.expert_load is None:
+            return out.loss, {}
+        extras = {"balance_loss": out.balance_loss.detach()}
+        first = model.config.moe.first_dense_layers
+        for i, layer_load in enumerate(out.expert_load):
+            extras.update({f"moe/layer{first + i}/expert{j}": share for j, share in enumerate(layer_load)})
+        return out.loss, extras
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,8 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
     def val_batches():
         return PackedBatches(val, 1, val_seq, params.seed)  # a seeded spread of windows, not the first ones
 
-    log.info("model: %.2fM parameters (%.2fM non-embedding), device %s",
-             model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6,
+    log.info("model: %.2fM parameters (%.2fM non-embedding, %.2fM active per token), device %s",
+             model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6, model.num_params(active=True) / 1e6,
              device_name(resolve_device(params.runtime)))
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), batches, cfg, params.runtime, val_batches=val_batches,
@@ -60,6 +60,7 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
         "epochs": tokens / len(train),
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
+        "params_active": model.num_params(active=True),
         "train_seconds": round(seconds, 1),
         "tokens_per_sec": tokens / seconds,
     }
