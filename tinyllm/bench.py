@@ -3,8 +3,8 @@
     tinyllm bench train --models 768x8,512x8 --compile off,on --out reports/bench
 
 Each run does `warmup` steps (compilation, allocator warm-up), then `steps` timed steps, and
-reports useful tokens/s (every token of a packed batch is useful), MFU, step time and peak GPU
-memory. The table is printed and written as markdown + JSON. Runs without dvc installed.
+reports useful tokens/s (every token of a packed batch is useful), MFU (on active parameters for
+an MoE), step time and peak GPU memory. The table is printed and written as markdown + JSON. Runs without dvc installed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from tinyllm.config import ModelConfig, RuntimeConfig, TrainConfig
+from tinyllm.config import ModelConfig, MoEConfig, RuntimeConfig, TrainConfig
+from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
@@ -25,9 +26,23 @@ from tinyllm.train.runtime import device_name, resolve_device
 # Shapes the project compares against (issue "GPU performance"): dim x layers.
 PRESETS = {
     "tiny": dict(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=512),
+    # the default pipeline model as an MoE with the same active FFN width (2 shared + top-2 of 8, 128 wide)
+    "tinymoe": dict(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=512,
+                    moe=MoEConfig(enabled=True, n_routed_experts=8, n_shared_experts=2, top_k=2,
+                                  expert_hidden_dim=128, first_dense_layers=1)),
     "512x8": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, hidden_dim=1408),
     "768x8": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=2048),
     "768x16": dict(dim=768, n_layers=16, n_heads=12, n_kv_heads=4, hidden_dim=2048),
+    # MoE (issue "MoE"): MiniMind's shape (4 experts of full width, top-1, no shared expert) ...
+    "moe768x8": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=2048,
+                     moe=MoEConfig(enabled=True, n_routed_experts=4, n_shared_experts=0, top_k=1,
+                                   expert_hidden_dim=2048, first_dense_layers=0)),
+    # ... a DeepSeek-style one (8 fine-grained experts of width 512, top-2, 1 shared: 3 × 512 active) ...
+    "ds768x8": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=2048,
+                    moe=MoEConfig(enabled=True, n_routed_experts=8, n_shared_experts=1, top_k=2,
+                                  expert_hidden_dim=512, first_dense_layers=0)),
+    # ... and the dense model with the same active parameters per token.
+    "768x8h1536": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1536),
 }
 
 
@@ -40,10 +55,20 @@ def random_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0
 
 
 def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, steps: int, warmup: int,
-                compile: bool, device: str, dtype: str) -> dict:
-    """One timed training run; returns a table row."""
+                compile: bool, device: str, dtype: str, tokens: Path | None = None) -> dict:
+    """One timed training run; returns a table row (and the loss curve, kept out of the table).
+
+    tokens: the pipeline's token folder (artifacts/tokens) to train on instead of random tokens;
+    the vocabulary then comes from its index.
+    """
     interval = 5
     warmup, steps = -(-warmup // interval) * interval, -(-steps // interval) * interval
+    if tokens is not None:
+        stream = TokenStream(tokens, "train")
+        vocab_size = stream.index["vocab_size"]
+        batches = PackedBatches(stream, batch_size, seq_len, seed=0)
+    else:
+        batches = random_batches(vocab_size, batch_size, seq_len)
     model_cfg = ModelConfig(**PRESETS[preset], max_seq_len=seq_len, vocab_size=vocab_size)
     runtime = RuntimeConfig(device=device, dtype=dtype, compile=compile)
     train_cfg = TrainConfig(max_steps=warmup + steps, batch_size=batch_size, warmup_steps=1, lr=3e-4, min_lr=3e-5,
@@ -53,14 +78,14 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     model = Transformer(model_cfg)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    result = fit(model, NextTokenLoss(), random_batches(vocab_size, batch_size, seq_len), train_cfg, runtime,
-                 flops_per_token=model.flops_per_token(seq_len))
+    result = fit(model, NextTokenLoss(), batches, train_cfg, runtime, flops_per_token=model.flops_per_token(seq_len))
     timed = [h for h in result.history if h["step"] > warmup]
     tokens_per_sec = sum(h["tokens_per_sec"] for h in timed) / len(timed)
     mfu = sum(h.get("mfu", 0.0) for h in timed) / len(timed)
     return {
         "model": preset,
         "params_M": round(model.num_params() / 1e6, 1),
+        "active_M": round(model.num_params(active=True) / 1e6, 1),
         "seq": seq_len,
         "batch": batch_size,
         "dtype": dtype,
@@ -70,6 +95,7 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         "step_ms": round(1000 * batch_size * seq_len / tokens_per_sec, 1),
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
         "final_loss": round(result.final["train/loss"], 4),
+        "loss_curve": [(h["step"], round(h["train/loss"], 4)) for h in result.history],
     }
 
 
@@ -78,7 +104,7 @@ def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device
     card = device_name(device)
     header = (f"# Training throughput — {card}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}, {platform.node() or 'host'}\n\n")
-    cols = list(rows[0])
+    cols = [c for c in rows[0] if c != "loss_curve"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
     table = header + "\n".join(lines) + "\n"

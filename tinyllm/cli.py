@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                        help="autocast dtype; auto is bf16 on CUDA")
+    train.add_argument("--tokens", type=Path, default=None,
+                       help="train on this token folder (e.g. artifacts/tokens) instead of random tokens")
     train.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     return parser
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench" and args.what == "train":
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
-                        dtype=args.dtype))
+                        dtype=args.dtype, tokens=args.tokens))
 
 
 if __name__ == "__main__":

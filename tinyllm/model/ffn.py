@@ -28,9 +28,13 @@ from torch import nn
 from tinyllm.config import ModelConfig
 
 
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+"""One kernel for many matmuls of different row counts: public from torch 2.10, private before."""
+
+
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether F.grouped_mm runs for x: on CPU, or on CUDA in bf16 (its kernels need bf16, SM ≥ 80)."""
-    if not hasattr(F, "grouped_mm"):
+    """Whether the grouped matmul runs for x: on CPU, or on CUDA in bf16 (its kernels need bf16, SM ≥ 80)."""
+    if GROUPED_MM is None:
         return False
     return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
 
@@ -58,7 +62,7 @@ class RoutedExperts(nn.Module):
             offsets = counts.cumsum(0).to(torch.int32)
 
             def mm(a, w):  # a @ w[e].T for each expert's rows
-                return F.grouped_mm(a, w.transpose(-2, -1), offs=offsets)
+                return GROUPED_MM(a, w.transpose(-2, -1), offs=offsets)
 
             return mm(F.silu(mm(x, gate_w)) * mm(x, up_w), down_w)
         # fallback (e.g. CUDA fp32): one matmul per expert, reading the counts back to the host
