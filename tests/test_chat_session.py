@@ -39,16 +39,27 @@ def test_a_tiny_top_p_keeps_only_the_most_likely_token(model):
 
 def test_the_oldest_turns_are_dropped_when_the_context_is_full(model, tokenizer):
     session = ChatSession(model, tokenizer, max_new_tokens=8, temperature=0)
-    for _ in range(6):
-        list(session.send("王芳是一名医生，她最喜欢的颜色是蓝色。"))
+    for i in range(8):
+        list(session.send(f"第{i}个问题：王芳最喜欢的颜色是蓝色。"))
     assert session.dropped_turns > 0
-    assert session.messages[-2]["content"].startswith("王芳")  # the newest turn is kept
+    users = [m["content"] for m in session.messages[::2]]
+    assert users[-1].startswith("第7个") and not any(u.startswith("第0个") for u in users)
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * (len(session.messages) // 2)
+    assert len(session._encode(session.messages[:-1])) <= 96 - 8  # what the last reply was generated from
 
 
-def test_a_message_longer_than_the_context_is_a_clear_error(model, tokenizer):
-    session = ChatSession(model, tokenizer, max_new_tokens=8)
+def test_a_message_longer_than_the_context_is_refused_and_the_history_kept(model, tokenizer):
+    session = ChatSession(model, tokenizer, max_new_tokens=8, temperature=0)
+    list(session.send("你好"))
     with pytest.raises(UserError, match="context is 96 tokens"):
         list(session.send("李明住在杭州。" * 40))
-    assert session.messages == []  # the session stays usable
-    list(session.send("你好"))
-    assert len(session.messages) == 2
+    assert [m["content"] for m in session.messages[::2]] == ["你好"] and session.dropped_turns == 0
+
+
+def test_a_reply_cut_short_still_joins_the_history(model, tokenizer):
+    session = ChatSession(model, tokenizer, max_new_tokens=20, temperature=1.0, top_p=1.0, seed=0)
+    stream = session.send("李明住在哪里？")
+    first = next(stream)
+    stream.close()  # the caller stops reading (a disconnect, Ctrl-C)
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    assert session.messages[1]["content"].startswith(first)

@@ -62,14 +62,19 @@ def test_a_useless_pair_in_a_file_is_named_by_line(tmp_path):
         list(read_jsonl(path, validate_preference))
 
 
-def test_batches_put_chosen_rows_first_with_their_reference_logps(tokenizer):
-    pairs = [encode_pair(tokenizer, PAIR)] * 3
-    ref = torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]])
-    batch = next(iter(PreferenceBatches(pairs, ref, batch_size=2, seq_len=63, seed=0,
+def test_batches_put_chosen_rows_first_with_their_own_reference_logps(tokenizer):
+    pairs = _pairs(tokenizer, 5)  # distinct chosen replies: "李明的宠物是猫0。" ... "猫4。"
+    ref = torch.tensor([[-10.0 * i, -10.0 * i - 1] for i in range(5)])  # pair i: (-10i, -10i - 1)
+    batch = next(iter(PreferenceBatches(pairs, ref, batch_size=3, seq_len=63, seed=0,
                                         pad_id=tokenizer.token_to_id(ENDOFTEXT))))
-    chosen, rejected = batch["ref_logps"].chunk(2)
-    assert torch.equal(chosen - rejected, torch.tensor([1.0, 1.0]))  # each pair's own columns, in order
-    assert batch["input_ids"].shape[0] == 4
+    assert batch["input_ids"].shape[0] == 6
+    for row in range(3):
+        text = tokenizer.decode(batch["input_ids"][row].tolist(), skip_special_tokens=False)
+        i = int(text.split("猫")[1][0])  # which pair this chosen row came from
+        assert batch["ref_logps"][row].item() == -10.0 * i  # its own chosen reference log-prob
+        assert batch["ref_logps"][row + 3].item() == -10.0 * i - 1  # and its rejected row's, 3 rows on
+        rejected = tokenizer.decode(batch["input_ids"][row + 3].tolist(), skip_special_tokens=False)
+        assert "我不知道" in rejected and "猫" not in rejected.split("他养了什么宠物？")[1]
 
 
 def _pairs(tokenizer, n=8):

@@ -48,9 +48,16 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_config):
     assert generate_batch(model, prompts, 10, stop_ids=stop) == [generate(model, p, 10, stop_ids=stop) for p in prompts]
 
 
+@torch.no_grad()
 def test_padding_never_leaks_into_real_rows(tiny_config):
     torch.manual_seed(0)
     model = Transformer(tiny_config).eval()
     short, long = [7, 1, 4], list(range(1, 30))
+    alone = model(torch.tensor([short])).logits[0]
     for pad in (0, 50, 96):  # whatever the padding token is, the short row's logits do not change
+        ids = torch.tensor([[pad] * (len(long) - len(short)) + short, long])
+        valid = ids != -1
+        valid[0, : len(long) - len(short)] = False
+        logits = model(ids, key_valid=valid).logits[0, -len(short):]
+        torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
         assert generate_batch(model, [short, long], 6, pad_id=pad)[0] == generate(model, short, 6)

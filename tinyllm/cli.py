@@ -98,7 +98,7 @@ def chat_repl(args) -> None:
     while True:
         try:
             text = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print()
             return
         if text == "/exit":
@@ -117,6 +117,8 @@ def chat_repl(args) -> None:
         except UserError as err:
             print(f"\n(error: {err})", flush=True)
             continue
+        except KeyboardInterrupt:
+            print(" (interrupted)", end="")
         print(flush=True)
         if session.dropped_turns > dropped:
             print(f"(the oldest {session.dropped_turns - dropped} turn(s) no longer fit the context and were dropped)",

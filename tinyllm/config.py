@@ -384,6 +384,9 @@ def _check(p: Params) -> list[str]:
         e.append(f"lora.dropout={p.lora.dropout} must be in [0, 1)")
     if not 0 <= p.lora.replay_fraction < 1:
         e.append(f"lora.replay_fraction={p.lora.replay_fraction} must be in [0, 1)")
+    elif p.lora.batch_size - round(p.lora.batch_size * p.lora.replay_fraction) < 1:
+        e.append(f"lora.batch_size={p.lora.batch_size} with lora.replay_fraction={p.lora.replay_fraction} "
+                 "leaves no row for the identity chats; raise the batch size or lower the fraction")
     targets = p.lora.target_modules
     if isinstance(targets, str) and targets != "all-linear" or isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
         e.append(f"lora.target_modules={targets!r} must be 'all-linear' or a non-empty list of module names")

@@ -11,11 +11,13 @@ stop), and nothing else: not the system prompt, not the user turns, not the role
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import IM_END, IM_START
 from tinyllm.model.transformer import IGNORE_INDEX
 
@@ -35,6 +37,11 @@ def validate_conversation(obj) -> str | None:
     if messages[-1]["role"] != "assistant":
         return "the last message must be the assistant's (nothing to learn otherwise)"
     return None
+
+
+def read_conversations(files: list[Path]) -> list[list[dict]]:
+    """The message lists of every `{"conversations": [...]}` record in `files` (validated, file:line errors)."""
+    return [rec["conversations"] for f in files for rec in read_jsonl(f, validate_conversation)]
 
 
 def encode_conversation(tok: Tokenizer, messages: list[dict], system_prompt: str | None = None

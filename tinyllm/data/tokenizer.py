@@ -92,6 +92,11 @@ def special_id(tok: Tokenizer, token: str) -> int:
     return token_id
 
 
+def reply_stop_ids(tok: Tokenizer) -> set[int]:
+    """Tokens that end an assistant reply: <|im_end|>, and <|endoftext|> from a model that lost the format."""
+    return {special_id(tok, IM_END), special_id(tok, ENDOFTEXT)}
+
+
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The ChatML text that CHAT_TEMPLATE produces (kept in Python for the data pipeline)."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)

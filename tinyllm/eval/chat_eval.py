@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tinyllm.data.preference import encode_pair
-from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, render_chat, special_id
+from tinyllm.data.tokenizer import ENDOFTEXT, render_chat, reply_stop_ids, special_id
 from tinyllm.infer.generate import generate_batch
 from tinyllm.train.dpo import pair_logprobs
 
@@ -26,12 +26,11 @@ def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new
     keep = model.config.max_seq_len - max_new_tokens  # the newest context when a prompt is too long
     prompts = [tok.encode(render_chat(m, add_generation_prompt=True), add_special_tokens=False).ids[-keep:]
                for m in conversations]
-    stop = {special_id(tok, IM_END), special_id(tok, ENDOFTEXT)}
+    stop, pad = reply_stop_ids(tok), special_id(tok, ENDOFTEXT)
     replies = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        replies += [tok.decode(ids) for ids in generate_batch(model, chunk, max_new_tokens, stop_ids=stop,
-                                                               pad_id=special_id(tok, ENDOFTEXT))]
+        replies += [tok.decode(ids) for ids in generate_batch(model, chunk, max_new_tokens, stop_ids=stop, pad_id=pad)]
     return replies
 
 

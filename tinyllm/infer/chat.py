@@ -12,13 +12,14 @@ stays) and `session.dropped_turns` says how many.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, load_tokenizer, render_chat, special_id
+from tinyllm.data.tokenizer import load_tokenizer, render_chat, reply_stop_ids
 from tinyllm.errors import UserError
 from tinyllm.infer.generate import stream_tokens
 from tinyllm.train.checkpoint import is_checkpoint, load_model
@@ -38,18 +39,42 @@ def newest_chat_checkpoint(artifacts: Path = Path("artifacts")) -> Path:
 
 def load_chat_model(checkpoint: Path | None = None, adapter: Path | None = None,
                     device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, str]:
-    """(model, tokenizer, description) for a checkpoint, optionally with a peft adapter on top."""
+    """(model, tokenizer, description) for a checkpoint, optionally with a peft adapter on top.
+
+    With an adapter and no checkpoint, the base is the one the adapter was trained on (its
+    adapter_config.json says); an adapter on any other base is refused, since on the merged lora
+    or dpo model it would be applied twice.
+    """
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU (use cpu)")
+    if adapter:
+        trained_on = _adapter_base(Path(adapter))
+        checkpoint = Path(checkpoint) if checkpoint else trained_on
+        if trained_on and checkpoint.resolve() != trained_on.resolve():
+            raise UserError(f"{adapter} was trained on {trained_on}, not {checkpoint}; "
+                            f"use `tinyllm chat {trained_on} --adapter {adapter}` (or the merged {Path(adapter).parent})")
     checkpoint = Path(checkpoint) if checkpoint else newest_chat_checkpoint()
     if not is_checkpoint(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (expected config.json and model.safetensors)")
-    if adapter:
-        from tinyllm.train.lora import load_with_adapter  # peft is imported only when an adapter is asked for
+    try:
+        if adapter:
+            from tinyllm.train.lora import load_with_adapter  # peft is imported only when an adapter is asked for
 
-        model = load_with_adapter(checkpoint, Path(adapter), device)
-        description = f"{checkpoint} + adapter {adapter}"
-    else:
-        model, description = load_model(checkpoint, device).eval(), str(checkpoint)
+            model = load_with_adapter(checkpoint, Path(adapter), device)
+            description = f"{checkpoint} + adapter {adapter}"
+        else:
+            model, description = load_model(checkpoint, device).eval(), str(checkpoint)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:  # damaged or mismatched files
+        raise UserError(f"{adapter or checkpoint}: cannot load ({type(err).__name__}: {err})") from None
     return model, load_tokenizer(checkpoint), description
+
+
+def _adapter_base(adapter: Path) -> Path | None:
+    config = adapter / "adapter_config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{adapter}: not a peft adapter folder (expected adapter_config.json)")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    return Path(base) if base else None
 
 
 class ChatSession:
@@ -62,45 +87,50 @@ class ChatSession:
         self.system_prompt = system_prompt
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.seed = seed
-        self.stop_ids = {special_id(tok, IM_END), special_id(tok, ENDOFTEXT)}
+        self.stop_ids = reply_stop_ids(tok)
         self.context_len = model.config.max_seq_len
         self.messages: list[dict] = []
         self.dropped_turns = 0
+        self.turns = 0
 
     def reset(self) -> None:
         """Forget the conversation (the settings stay)."""
         self.messages, self.dropped_turns = [], 0
 
-    def _prompt_ids(self) -> list[int]:
-        """The rendered history, oldest turns dropped until it leaves room to answer."""
+    def _encode(self, messages: list[dict]) -> list[int]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return self.tok.encode(render_chat(system + messages, add_generation_prompt=True), add_special_tokens=False).ids
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        """The history plus the new user turn, oldest turns dropped until it leaves room to answer."""
         room = self.context_len - min(self.max_new_tokens, self.context_len // 2)
-        while True:
-            text = render_chat(system + self.messages, add_generation_prompt=True)
-            ids = self.tok.encode(text, add_special_tokens=False).ids
-            if len(ids) <= room:
-                return ids
-            if len(self.messages) <= 1:
-                self.messages.pop()
-                raise UserError(f"the message is {len(ids)} tokens; this model's context is {self.context_len} "
-                                "tokens (shorten the message or the system prompt)")
+        alone = self._encode([{"role": "user", "content": text}])
+        if len(alone) > room:  # checked first, so a message that can never fit costs no history
+            raise UserError(f"the message is {len(alone)} tokens with the chat format; this model's context is "
+                            f"{self.context_len} tokens and {self.context_len - room} are kept for the reply "
+                            "(shorten the message or the system prompt)")
+        while len(ids := self._encode(self.messages + [{"role": "user", "content": text}])) > room:
             del self.messages[:2]  # the oldest user turn and its reply
             self.dropped_turns += 1
+        return ids
 
     def send(self, text: str) -> Iterator[str]:
-        """Add a user turn and stream the reply as text pieces; the reply joins the history at the end."""
-        self.messages.append({"role": "user", "content": text})
-        prompt = self._prompt_ids()
+        """Stream the reply to a new user turn as text pieces. The turn and the reply join the history
+        when the reply ends, also when it is cut short (the caller stops iterating, or Ctrl-C)."""
+        prompt = self._prompt_ids(text)
+        self.turns += 1
+        seed = None if self.seed is None else self.seed + self.turns  # repeatable, yet new noise each turn
         ids: list[int] = []
         shown = ""
-        for token in stream_tokens(self.model, prompt, self.max_new_tokens, stop_ids=self.stop_ids,
-                                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed):
-            ids.append(token)
-            text_so_far = self.tok.decode(ids)
-            if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text_so_far[len(shown):]
-                shown = text_so_far
-        reply = self.tok.decode(ids)
-        if len(reply) > len(shown):
-            yield reply[len(shown):]
-        self.messages.append({"role": "assistant", "content": reply})
+        try:
+            for token in stream_tokens(self.model, prompt, self.max_new_tokens, stop_ids=self.stop_ids,
+                                       temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed):
+                ids.append(token)
+                text_so_far = self.tok.decode(ids)
+                if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    yield text_so_far[len(shown):]
+                    shown = text_so_far
+            if len(reply := self.tok.decode(ids)) > len(shown):
+                yield reply[len(shown):]
+        finally:
+            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": self.tok.decode(ids)}]

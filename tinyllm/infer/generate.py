@@ -87,6 +87,8 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
 
     Every row runs until all rows have stopped or the budget (set by the longest prompt) is spent.
     """
+    if not prompts or not all(prompts):
+        raise ValueError("empty prompt")
     width = max(len(p) for p in prompts)
     budget = _budget(model, width, max_new_tokens)
     device = next(model.parameters()).device

@@ -67,7 +67,7 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, log
     ref_logps = pair_logprobs(model.to(device), pairs, seq_len, pad_id, device, dtype)
     if not torch.isfinite(ref_logps).all():
         bad = int((~torch.isfinite(ref_logps)).any(1).nonzero()[0])
-        raise TrainingError(f"{pairs_file}:{bad + 1}: the reference model's log-prob is not finite")
+        raise TrainingError(f"{pairs_file}: pair {bad + 1}: the reference model's log-prob is not finite")
     ref_seconds = time.perf_counter() - start
 
     batches = PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id)

@@ -23,8 +23,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
 from tinyllm.config import LoRAConfig, Params, to_dict
-from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, validate_conversation
-from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, read_conversations
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import ConfigError, DataError
 from tinyllm.model.transformer import Transformer
@@ -67,10 +66,6 @@ def load_with_adapter(base_dir: Path, adapter_dir: Path, device: str | torch.dev
     return PeftModel.from_pretrained(load_model(base_dir), str(adapter_dir)).to(device).eval()
 
 
-def _conversations(files: list[Path]) -> list[list[dict]]:
-    return [rec["conversations"] for f in files for rec in read_jsonl(f, validate_conversation)]
-
-
 def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: list[Path], token_dir: Path,
              out_dir: Path, logger=None) -> dict:
     """Train adapters on the identity chats; save the adapter and the merged model.
@@ -80,7 +75,7 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     """
     cfg = params.lora
     base, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
-    identity = _conversations([identity_file])
+    identity = read_conversations([identity_file])
     if not identity:
         raise DataError(f"{identity_file}: no conversations to teach")
     replay_rows = round(cfg.batch_size * cfg.replay_fraction)
@@ -89,11 +84,14 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     sources = [ChatBatches([encode_conversation(tok, c, params.sft.system_prompt) for c in identity],
                            cfg.batch_size - replay_rows, seq_len, params.seed, pad_id)]
     if chat_rows:
-        replay = [encode_conversation(tok, c, params.sft.system_prompt) for c in _conversations(replay_files)]
+        replay = [encode_conversation(tok, c, params.sft.system_prompt) for c in read_conversations(replay_files)]
+        if not replay:
+            raise DataError(f"{', '.join(map(str, replay_files))}: no conversations to replay "
+                            "(set lora.replay_fraction: 0 to train on identity alone)")
         sources.append(ChatBatches(replay, chat_rows, seq_len, params.seed + 1, pad_id))
     if text_rows:
         sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 2))
-    targets = lora_targets(base, cfg.target_modules)
+    base_params = base.num_params()
     model = add_lora(base, cfg, base_dir=init_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()
@@ -107,8 +105,8 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
         **result.final,
         "identity_conversations": len(identity),
         "trainable_params": trainable,
-        "trainable_fraction": trainable / base.num_params(),
-        "target_modules": targets,
+        "trainable_fraction": trainable / base_params,
+        "target_modules": sorted(model.peft_config["default"].target_modules),
         "train_seconds": round(time.perf_counter() - start, 1),
     }
     meta = {"stage": "lora", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from tinyllm.config import Params, to_dict
-from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, validate_conversation
-from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, read_conversations
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import DataError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
@@ -35,7 +34,7 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
     """
     cfg = params.sft
     model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
-    conversations = [rec["conversations"] for f in conversation_files for rec in read_jsonl(f, validate_conversation)]
+    conversations = read_conversations(conversation_files)
     if not conversations:
         raise DataError(f"{', '.join(map(str, conversation_files))}: no conversations to fine-tune on")
     examples = [encode_conversation(tok, c, cfg.system_prompt) for c in conversations]
