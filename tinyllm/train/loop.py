@@ -12,6 +12,7 @@ inside a step: losses stay on the device and are read only at log intervals.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -19,11 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinyllm.config import RuntimeConfig, TrainConfig
 from tinyllm.errors import NonFiniteLossError
 from tinyllm.model.transformer import IGNORE_INDEX
+from tinyllm.train.distributed import Dist
 from tinyllm.train.logging import NullLogger
 from tinyllm.train.runtime import autocast, peak_flops, resolve_device, resolve_dtype
 
@@ -85,7 +88,7 @@ def evaluate(model, objective, batches: Iterable[dict], device: torch.device, dt
 
 def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cfg: TrainConfig,
         runtime: RuntimeConfig, *, val_batches: Callable[[], Iterable[dict]] | None = None,
-        logger=None, flops_per_token: float | None = None) -> FitResult:
+        logger=None, flops_per_token: float | None = None, dist: Dist | None = None) -> FitResult:
     """Train `model` in place for cfg.max_steps optimizer steps.
 
     Args:
@@ -98,15 +101,22 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         val_batches: makes a fresh validation iterable; None skips validation.
         logger: receives metrics at each log interval (NullLogger when None).
         flops_per_token: training FLOPs per token for MFU; None skips MFU.
+        dist: the process group (torchrun). With several processes the model is wrapped in DDP,
+            gradients are all-reduced once per optimizer step (no_sync while accumulating), and
+            logged losses and throughput are for all ranks together; `batches` must be this
+            rank's share.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (the message names the step).
     """
     logger = logger or NullLogger()
-    device = resolve_device(runtime)
+    dist = dist or Dist()
+    device = resolve_device(runtime, dist)
     dtype = resolve_dtype(runtime, device)
     model.to(device).train()
-    step_model = torch.compile(model) if runtime.compile else model
+    wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if dist.enabled else model
+    step_model = torch.compile(wrapped) if runtime.compile else wrapped
     optimizer = build_optimizer(model, cfg, device)
     peak = peak_flops(device)
     result = FitResult()
@@ -117,18 +127,21 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
     val_loss = None
-    bar = tqdm(range(cfg.max_steps), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(range(cfg.max_steps), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not dist.is_main)
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = next(it)
-            window_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-            with autocast(device, dtype):
+            window_tokens += int((batch["labels"] != IGNORE_INDEX).sum()) * dist.world_size
+            last_micro = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last_micro or not dist.enabled else wrapped.no_sync()
+            with sync, autocast(device, dtype):
                 loss, extras = objective(step_model, to_device(batch, device))
-            (loss / cfg.grad_accum).backward()
+                (loss / cfg.grad_accum).backward()
             step_loss += loss.detach().float() / cfg.grad_accum
             for name, value in extras.items():
                 window_extras[name] = window_extras.get(name, 0) + value.detach().float() / cfg.grad_accum
@@ -143,6 +156,13 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         last = step == cfg.max_steps - 1
         if (step + 1) % cfg.log_interval and not last:
             continue
+        if dist.enabled:  # the mean over ranks, and the first bad step any rank saw
+            torch.distributed.all_reduce(window_loss)
+            window_loss /= dist.world_size
+            for value in window_extras.values():
+                torch.distributed.all_reduce(value)
+                value /= dist.world_size
+            torch.distributed.all_reduce(first_bad_step, torch.distributed.ReduceOp.MAX)
         train_loss = (window_loss / window_steps).item()  # the one host sync per interval
         if first_bad_step.item() >= 0:
             raise NonFiniteLossError(f"loss became non-finite at step {first_bad_step.item() + 1}; "
@@ -159,8 +179,9 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             val_loss = evaluate(model, objective, val_batches(), device, dtype, cfg.eval_batches)
             metrics["val/loss"] = val_loss
         logger.log(step + 1, metrics)
-        log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps, train_loss, lr,
-                 metrics["tokens_per_sec"] / 1e3, f" | val {val_loss:.4f}" if "val/loss" in metrics else "")
+        if dist.is_main:
+            log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps, train_loss, lr,
+                     metrics["tokens_per_sec"] / 1e3, f" | val {val_loss:.4f}" if "val/loss" in metrics else "")
         result.history.append({"step": step + 1, **metrics})
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k", refresh=False)
         window_loss.zero_()

@@ -24,7 +24,7 @@ class NextTokenLoss:
         if out.expert_load is None:
             return out.loss, {}
         extras = {"balance_loss": out.balance_loss.detach()}
-        first = model.config.moe.first_dense_layers
+        first = getattr(model, "module", model).config.moe.first_dense_layers  # through a DDP wrapper
         for i, layer_load in enumerate(out.expert_load):
             extras.update({f"moe/layer{first + i}/expert{j}": share for j, share in enumerate(layer_load)})
         return out.loss, extras

@@ -16,7 +16,9 @@ import torch
 from tinyllm.config import Params, to_dict
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.model.transformer import Transformer
+from tinyllm.errors import ConfigError
 from tinyllm.train.checkpoint import save_checkpoint
+from tinyllm.train.distributed import Dist
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 from tinyllm.train.runtime import device_name, resolve_device
@@ -29,18 +31,26 @@ def build_model(params: Params, vocab_size: int) -> Transformer:
     return Transformer(dataclasses.replace(params.model, vocab_size=vocab_size))
 
 
-def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: Path, logger=None) -> dict:
-    """Train from scratch on the token shards; save the final checkpoint to `out_dir`.
+def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: Path, logger=None,
+                 dist: Dist | None = None) -> dict:
+    """Train from scratch on the token shards; save the final checkpoint to `out_dir` (rank 0).
+
+    Under torchrun each of the N processes takes pretrain.batch_size / N rows of every batch, so
+    the global batch, and the losses, are the same for any N.
 
     Returns:
         Summary metrics (final losses, tokens seen, parameter counts, throughput).
     """
     cfg = params.pretrain
+    dist = dist or Dist()
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"pretrain.batch_size={cfg.batch_size} must be divisible by the {dist.world_size} processes")
     seq_len = cfg.seq_len or params.model.max_seq_len
     train = TokenStream(token_dir, "train")
     val = TokenStream(token_dir, "val")
     model = build_model(params, train.index["vocab_size"])
-    batches = PackedBatches(train, cfg.batch_size, seq_len, params.seed)
+    batches = PackedBatches(train, cfg.batch_size // dist.world_size, seq_len, params.seed,
+                            rank=dist.rank, world_size=dist.world_size)
     val_seq = min(seq_len, len(val) - 1)
 
     def val_batches():
@@ -48,15 +58,16 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
 
     log.info("model: %.2fM parameters (%.2fM non-embedding, %.2fM active per token), device %s",
              model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6, model.num_params(active=True) / 1e6,
-             device_name(resolve_device(params.runtime)))
+             device_name(resolve_device(params.runtime, dist)))
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), batches, cfg, params.runtime, val_batches=val_batches,
-                 logger=logger, flops_per_token=model.flops_per_token(seq_len))
+                 logger=logger, flops_per_token=model.flops_per_token(seq_len), dist=dist)
     seconds = time.perf_counter() - start
     tokens = cfg.max_steps * cfg.grad_accum * cfg.batch_size * seq_len
     summary = {
         **result.final,
         "tokens_seen": tokens,
+        "processes": dist.world_size,
         "epochs": tokens / len(train),
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
@@ -65,5 +76,6 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
         "tokens_per_sec": tokens / seconds,
     }
     meta = {"stage": "pretrain", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
-    save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=tokenizer_dir)
+    if dist.is_main:
+        save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=tokenizer_dir)
     return summary

@@ -22,10 +22,13 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def resolve_device(cfg: RuntimeConfig) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA on a machine without it is an error."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(cfg: RuntimeConfig, dist=None) -> torch.device:
+    """`auto` picks CUDA when present (GPU LOCAL_RANK under torchrun); asking for CUDA on a machine
+    without it is an error."""
+    if cfg.device == "auto" or (cfg.device == "cuda" and dist is not None and dist.enabled):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", dist.local_rank if dist is not None else torch.cuda.current_device())
     if cfg.device.startswith("cuda"):
         index = int(cfg.device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():

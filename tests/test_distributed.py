@@ -1,0 +1,66 @@
+"""The pretrain stage under torchrun: 2 CPU processes (gloo) train exactly what 1 process does."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tinyllm.config import TokenizeConfig
+from tinyllm.data.tokenizer import save_tokenizer
+from tinyllm.data.tokens import tokenize_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = {
+    "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 64, "max_seq_len": 32},
+    "pretrain": {"max_steps": 20, "batch_size": 4, "grad_accum": 2, "warmup_steps": 2, "log_interval": 5,
+                 "eval_interval": 10, "eval_batches": 2},
+}
+
+
+def _workdir(tmp_path: Path, tokenizer, name: str) -> Path:
+    work = tmp_path / name
+    (work / "artifacts").mkdir(parents=True)
+    corpus = tmp_path / "corpus.jsonl"
+    texts = ["李明住在杭州。他养了一只猫。", "王芳是一名医生，她最喜欢的颜色是蓝色。", "Li Ming lives in Hangzhou."] * 40
+    corpus.write_text("".join(json.dumps({"text": f"{i}: {t}"}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)))
+    tokenize_corpus(corpus, tokenizer, TokenizeConfig(val_fraction=0.1), seed=0, out_dir=work / "artifacts/tokens")
+    save_tokenizer(tokenizer, work / "artifacts/tokenizer")
+    (work / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    return work
+
+
+def _run(work: Path, n_procs: int) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if n_procs == 1:
+        cmd = [sys.executable, "-m", "stages.pretrain"]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_procs),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "stages.pretrain"]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_train_what_one_does(tmp_path, tokenizer):
+    single, double = _workdir(tmp_path, tokenizer, "one"), _workdir(tmp_path, tokenizer, "two")
+    _run(single, 1)
+    _run(double, 2)
+    curves = []
+    for work in (single, double):
+        rows = (work / "reports/live/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+        curves.append([float(r.split("\t")[-1]) for r in rows])
+    assert len(curves[0]) == 4
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)
+    one, two = (load_file(str(w / "artifacts/pretrain/model.safetensors")) for w in (single, double))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    summary = json.loads((double / "reports/metrics/pretrain.json").read_text())
+    assert summary["processes"] == 2 and summary["tokens_seen"] == 20 * 2 * 4 * 32  # the global batch
