@@ -2,23 +2,24 @@
 
 It starts from the SFT model with the LoRA identity adapter merged in (artifacts/lora), or from
 the SFT model itself when lora.enabled is false: pretrain → sft → (lora) → dpo, one chain.
+Several processes: `torchrun --nproc_per_node N -m stages.dpo`.
 """
 
 from pathlib import Path
 
 from tinyllm.stage import stage_main, write_json
 from tinyllm.train.checkpoint import is_checkpoint
+from tinyllm.train.distributed import training_run
 from tinyllm.train.dpo import run_dpo
-from tinyllm.train.logging import LiveLogger
 
 
 @stage_main
 def main(params):
-    logger = LiveLogger(Path("reports/live/dpo"))
     init = Path("artifacts/lora") if is_checkpoint(Path("artifacts/lora")) else Path("artifacts/sft")
-    summary = run_dpo(params, init, Path("artifacts/data/dpo.jsonl"), Path("artifacts/dpo"), logger)
-    logger.close()
-    write_json(Path("reports/metrics/dpo.json"), summary)
+    with training_run(Path("reports/live/dpo")) as (dist, logger):
+        summary = run_dpo(params, init, Path("artifacts/data/dpo.jsonl"), Path("artifacts/dpo"), logger, dist)
+        if dist.is_main:
+            write_json(Path("reports/metrics/dpo.json"), summary)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,18 @@ def test_two_processes_train_what_one_does(tmp_path, tokenizer):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
     summary = json.loads((double / "reports/metrics/pretrain.json").read_text())
     assert summary["processes"] == 2 and summary["tokens_seen"] == 20 * 2 * 4 * 32  # the global batch
+
+
+def test_rank_shares_split_the_rows_and_keep_each_dpo_pair_together():
+    from tinyllm.train.distributed import Dist, rank_share
+
+    # a DPO batch of 4 pairs: rows 0-3 chosen, rows 4-7 their rejected; pair i has references (-10i, -10i - 1)
+    batch = {"input_ids": torch.arange(8)[:, None].repeat(1, 3),
+             "ref_logps": torch.tensor([0.0, -10, -20, -30, -1, -11, -21, -31])}
+    shares = [next(rank_share([batch], Dist(rank=r, world_size=2))) for r in (0, 1)]
+    rows = sorted(int(i) for share in shares for i in share["input_ids"][:, 0])
+    assert rows == list(range(8))  # every row once
+    for share in shares:
+        chosen, rejected = share["ref_logps"].chunk(2)
+        assert torch.equal(chosen - rejected, torch.ones(2))  # each chosen row still faces its own rejected row
+    assert next(rank_share([batch], Dist())) is batch  # one process: untouched

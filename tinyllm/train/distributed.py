@@ -10,8 +10,11 @@ here does anything. Rank 0 alone logs and writes; every rank trains on its own s
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -49,3 +52,39 @@ def init_distributed() -> Dist:
 def close_distributed() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def rank_share(batches: Iterable[dict], dist: Dist) -> Iterator[dict]:
+    """This rank's rows (rank, rank + N, ...) of every global batch. Every rank builds the same global
+    batch, which is cheap next to a training step, and keeps its share. For a DPO batch (B chosen
+    rows, then their B rejected rows, B divisible by N) the share keeps each pair's two rows together:
+    the chosen half of the share precedes its rejected half, in the same pair order."""
+    for batch in batches:
+        yield {key: rows[dist.rank::dist.world_size] for key, rows in batch.items()} if dist.enabled else batch
+
+
+def check_divisible(section: str, batch_size: int, dist: Dist) -> None:
+    """The global batch must split evenly over the processes (so N does not change what is trained)."""
+    if batch_size % dist.world_size:
+        from tinyllm.errors import ConfigError
+
+        raise ConfigError(f"{section}.batch_size={batch_size} must be divisible by the {dist.world_size} processes")
+
+
+@contextlib.contextmanager
+def training_run(live_dir: Path):
+    """A training stage's processes and logger: `with training_run(dir) as (dist, logger): ...`.
+
+    Under `torchrun --nproc_per_node N -m stages.<stage>` every process trains its share; rank 0
+    alone gets the dvclive logger (None elsewhere) and should write outputs (`dist.is_main`).
+    """
+    from tinyllm.train.logging import LiveLogger
+
+    dist = init_distributed()
+    logger = LiveLogger(live_dir) if dist.is_main else None
+    try:
+        yield dist, logger
+    finally:
+        if logger is not None:
+            logger.close()
+        close_distributed()

@@ -20,6 +20,7 @@ from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.preference import PreferenceBatches, collate_pairs, encode_pair, truncated_labels, validate_preference
 from tinyllm.errors import DataError, TrainingError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
+from tinyllm.train.distributed import Dist, check_divisible, rank_share
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import DPOLoss, sequence_logprobs
 from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
@@ -43,7 +44,8 @@ def pair_logprobs(model, pairs: list, seq_len: int, pad_id: int, device: torch.d
     return torch.cat(out)
 
 
-def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, logger=None) -> dict:
+def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, logger=None,
+            dist: Dist | None = None) -> dict:
     """Train the checkpoint in `init_dir` on the preference pairs; save to `out_dir`.
 
     Raises:
@@ -52,6 +54,8 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, log
             where it started (the margin never moved off 0: the loss would sit at 0.693).
     """
     cfg = params.dpo
+    dist = dist or Dist()
+    check_divisible("dpo", cfg.batch_size, dist)
     model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     records = list(read_jsonl(pairs_file, validate_preference))
     if len(records) < cfg.batch_size:
@@ -61,7 +65,7 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, log
     if lost:
         log.warning("%d reply tokens fall beyond seq_len=%d and are not trained on", lost, seq_len)
 
-    device = resolve_device(params.runtime)
+    device = resolve_device(params.runtime, dist)
     dtype = resolve_dtype(params.runtime, device)
     start = time.perf_counter()
     ref_logps = pair_logprobs(model.to(device), pairs, seq_len, pad_id, device, dtype)
@@ -70,9 +74,9 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, log
         raise TrainingError(f"{pairs_file}: pair {bad + 1}: the reference model's log-prob is not finite")
     ref_seconds = time.perf_counter() - start
 
-    batches = PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id)
+    batches = rank_share(PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id), dist)
     result = fit(model, DPOLoss(cfg.beta), batches, cfg, params.runtime, logger=logger,
-                 flops_per_token=model.flops_per_token(seq_len))
+                 flops_per_token=model.flops_per_token(seq_len), dist=dist)
     if abs(result.final["train/margin"]) < 1e-6:
         raise TrainingError("DPO did not move the policy off the reference (reward margin 0, loss 0.693): "
                             "raise dpo.lr or dpo.max_steps")
@@ -84,5 +88,6 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, log
         "train_seconds": round(time.perf_counter() - start, 1),
     }
     meta = {"stage": "dpo", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
-    save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=init_dir)
+    if dist.is_main:
+        save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=init_dir)
     return summary

@@ -16,9 +16,8 @@ import torch
 from tinyllm.config import Params, to_dict
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.model.transformer import Transformer
-from tinyllm.errors import ConfigError
 from tinyllm.train.checkpoint import save_checkpoint
-from tinyllm.train.distributed import Dist
+from tinyllm.train.distributed import Dist, check_divisible
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 from tinyllm.train.runtime import device_name, resolve_device
@@ -43,8 +42,7 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
     """
     cfg = params.pretrain
     dist = dist or Dist()
-    if cfg.batch_size % dist.world_size:
-        raise ConfigError(f"pretrain.batch_size={cfg.batch_size} must be divisible by the {dist.world_size} processes")
+    check_divisible("pretrain", cfg.batch_size, dist)
     seq_len = cfg.seq_len or params.model.max_seq_len
     train = TokenStream(token_dir, "train")
     val = TokenStream(token_dir, "val")
