@@ -157,3 +157,25 @@ def test_ddp_step_with_an_expert_that_gets_no_token():
     for rank in (0, 1):
         idle, busy, synced = results[rank]
         assert idle == 0 and busy > 0 and synced
+
+
+@torch.no_grad()
+def _load(model, batch):
+    model.eval()
+    load = model(batch["input_ids"]).expert_load[0]
+    model.train()
+    return load
+
+
+def test_aux_free_bias_balancing_undoes_a_collapsed_router():
+    # DeepSeek-V3: no balance loss; a per-expert bias, nudged each step, decides selection only
+    torch.manual_seed(0)
+    model = Transformer(moe_config(n_routed_experts=8, top_k=2, scoring="sigmoid", bias_update_rate=0.02,
+                                   aux_loss_coef=0.0))
+    model.model.layers[1].mlp.expert_bias[:2] = 1.0  # experts 0 and 1 take every token
+    batch = next(_batches())
+    assert _load(model, batch)[:2].sum() == 1.0
+    cfg = TrainConfig(max_steps=100, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=5, log_interval=50)
+    fit(model, NextTokenLoss(), _batches(), cfg, RuntimeConfig(device="cpu"))
+    load = _load(model, batch)
+    assert load.max() * 8 < 2.0 and (load > 0).all()  # every expert back in use, none above 2× its share
