@@ -1,10 +1,13 @@
-"""Stage lora: peft adapters on the SFT model teaching the identity set → artifacts/lora/ (merged + adapter/)."""
+"""Stage lora: peft adapters on the SFT model teaching the identity set → artifacts/lora/ (merged + adapter/).
+
+Several processes: `torchrun --nproc_per_node N -m stages.lora`.
+"""
 
 import shutil
 from pathlib import Path
 
 from tinyllm.stage import stage_main, write_json
-from tinyllm.train.logging import LiveLogger
+from tinyllm.train.distributed import training_run
 from tinyllm.train.lora import run_lora
 
 OUT = Path("artifacts/lora")
@@ -12,20 +15,21 @@ OUT = Path("artifacts/lora")
 
 @stage_main
 def main(params):
-    logger = LiveLogger(Path("reports/live/lora"))
-    if not params.lora.enabled:  # DVC needs every out to exist; eval and chat skip a folder without weights
-        shutil.rmtree(OUT, ignore_errors=True)
-        OUT.mkdir(parents=True)
-        (OUT / "DISABLED").write_text("lora.enabled is false in params.yaml\n")
-        logger.log(0, {"enabled": 0})
-        logger.close()
-        write_json(Path("reports/metrics/lora.json"), {"enabled": False})
-        return
-    data = Path("artifacts/data")
-    summary = run_lora(params, Path("artifacts/sft"), data / "identity.jsonl",
-                       [data / "sft_single.jsonl", data / "sft_multi.jsonl"], Path("artifacts/tokens"), OUT, logger)
-    logger.close()
-    write_json(Path("reports/metrics/lora.json"), {"enabled": True, **summary})
+    with training_run(Path("reports/live/lora")) as (dist, logger):
+        if not params.lora.enabled:  # DVC needs every out to exist; eval and chat skip a folder without weights
+            if dist.is_main:
+                shutil.rmtree(OUT, ignore_errors=True)
+                OUT.mkdir(parents=True)
+                (OUT / "DISABLED").write_text("lora.enabled is false in params.yaml\n")
+                logger.log(0, {"enabled": 0})
+                write_json(Path("reports/metrics/lora.json"), {"enabled": False})
+            return
+        data = Path("artifacts/data")
+        summary = run_lora(params, Path("artifacts/sft"), data / "identity.jsonl",
+                           [data / "sft_single.jsonl", data / "sft_multi.jsonl"], Path("artifacts/tokens"), OUT,
+                           logger, dist)
+        if dist.is_main:
+            write_json(Path("reports/metrics/lora.json"), {"enabled": True, **summary})
 
 
 if __name__ == "__main__":

@@ -79,3 +79,23 @@ def test_rank_shares_split_the_rows_and_keep_each_dpo_pair_together():
         chosen, rejected = share["ref_logps"].chunk(2)
         assert torch.equal(chosen - rejected, torch.ones(2))  # each chosen row still faces its own rejected row
     assert next(rank_share([batch], Dist())) is batch  # one process: untouched
+
+
+def test_rank_losses_average_to_the_global_token_mean_even_with_an_empty_share():
+    from tinyllm.config import ModelConfig
+    from tinyllm.model.transformer import IGNORE_INDEX, Transformer
+    from tinyllm.train.distributed import Dist, rank_share
+    from tinyllm.train.objectives import NextTokenLoss
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=16,
+                                    vocab_size=50))
+    ids = torch.randint(0, 50, (4, 17))
+    labels = ids[:, 1:].clone()
+    labels[1::2] = IGNORE_INDEX  # rank 1's rows (1 and 3) hold no labelled token
+    labels[0, :10] = IGNORE_INDEX  # and rank 0's rows hold different numbers of them
+    batch = {"input_ids": ids[:, :-1], "labels": labels}
+    whole, _ = NextTokenLoss()(model, batch)
+    shares = [NextTokenLoss()(model, next(rank_share([batch], Dist(rank=r, world_size=2))))[0] for r in (0, 1)]
+    assert all(torch.isfinite(s) for s in shares)
+    torch.testing.assert_close((shares[0] + shares[1]) / 2, whole)  # what DDP's gradient mean sees

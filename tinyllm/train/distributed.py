@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+from tinyllm.model.transformer import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -58,9 +60,20 @@ def rank_share(batches: Iterable[dict], dist: Dist) -> Iterator[dict]:
     """This rank's rows (rank, rank + N, ...) of every global batch. Every rank builds the same global
     batch, which is cheap next to a training step, and keeps its share. For a DPO batch (B chosen
     rows, then their B rejected rows, B divisible by N) the share keeps each pair's two rows together:
-    the chosen half of the share precedes its rejected half, in the same pair order."""
+    the chosen half of the share precedes its rejected half, in the same pair order.
+
+    A next-token batch's share also gets "token_weight" = N / (labelled tokens in the global batch):
+    shares of a chat batch hold different numbers of reply tokens (or none), so each rank sums its
+    token losses and scales by this; DDP's mean over ranks is then the global batch's token mean.
+    """
     for batch in batches:
-        yield {key: rows[dist.rank::dist.world_size] for key, rows in batch.items()} if dist.enabled else batch
+        if not dist.enabled:
+            yield batch
+            continue
+        share = {key: rows[dist.rank::dist.world_size] for key, rows in batch.items()}
+        if "ref_logps" not in batch:
+            share["token_weight"] = torch.tensor(dist.world_size / max(1, int((batch["labels"] != IGNORE_INDEX).sum())))
+        yield share
 
 
 def check_divisible(section: str, batch_size: int, dist: Dist) -> None:

@@ -28,6 +28,7 @@ from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import ConfigError, DataError
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.checkpoint import load_for_finetuning, load_model, save_checkpoint
+from tinyllm.train.distributed import Dist, check_divisible, rank_share
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -67,13 +68,15 @@ def load_with_adapter(base_dir: Path, adapter_dir: Path, device: str | torch.dev
 
 
 def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: list[Path], token_dir: Path,
-             out_dir: Path, logger=None) -> dict:
+             out_dir: Path, logger=None, dist: Dist | None = None) -> dict:
     """Train adapters on the identity chats; save the adapter and the merged model.
 
     A `lora.replay_fraction` share of each batch replays SFT's own mix: the chats in
     `replay_files` and, in the `sft.pretrain_mix` proportion, pretraining text from `token_dir`.
     """
     cfg = params.lora
+    dist = dist or Dist()
+    check_divisible("lora", cfg.batch_size, dist)
     base, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     identity = read_conversations([identity_file])
     if not identity:
@@ -95,8 +98,11 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     model = add_lora(base, cfg, base_dir=init_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()
-    result = fit(model, NextTokenLoss(), mixed_batches(*sources), cfg, params.runtime, logger=logger,
-                 flops_per_token=base.flops_per_token(seq_len))
+    result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
+                 logger=logger,
+                 flops_per_token=base.flops_per_token(seq_len), dist=dist)
+    if not dist.is_main:
+        return result.final
     model.cpu()
     adapter_tmp = out_dir.with_name(out_dir.name + ".adapter.tmp")
     shutil.rmtree(adapter_tmp, ignore_errors=True)

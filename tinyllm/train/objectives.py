@@ -7,6 +7,7 @@ are IGNORE_INDEX outside assistant replies), not here.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tinyllm.model.transformer import IGNORE_INDEX
 
@@ -20,14 +21,21 @@ class NextTokenLoss:
     """
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        out = model(batch["input_ids"], labels=batch["labels"])
+        if "token_weight" in batch:  # one rank's share of a batch (tinyllm.train.distributed.rank_share)
+            out = model(batch["input_ids"])
+            token_losses = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = token_losses * batch["token_weight"] + (0 if out.balance_loss is None else out.balance_loss)
+        else:
+            out = model(batch["input_ids"], labels=batch["labels"])
+            loss = out.loss
         if out.expert_load is None:
-            return out.loss, {}
+            return loss, {}
         extras = {"balance_loss": out.balance_loss.detach()}
         first = getattr(model, "module", model).config.moe.first_dense_layers  # through a DDP wrapper
         for i, layer_load in enumerate(out.expert_load):
             extras.update({f"moe/layer{first + i}/expert{j}": share for j, share in enumerate(layer_load)})
-        return out.loss, extras
+        return loss, extras
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, r
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import DataError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
+from tinyllm.train.distributed import Dist, check_divisible, rank_share
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -26,13 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], token_dir: Path, out_dir: Path,
-            logger=None) -> dict:
+            logger=None, dist: Dist | None = None) -> dict:
     """Fine-tune the checkpoint in `init_dir` on the conversations; save to `out_dir`.
 
     Returns:
         Summary metrics, including how many labelled tokens truncation dropped.
     """
     cfg = params.sft
+    dist = dist or Dist()
+    check_divisible("sft", cfg.batch_size, dist)
     model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     conversations = read_conversations(conversation_files)
     if not conversations:
@@ -46,8 +49,9 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
     if chat.truncated_labels:
         log.warning("%d assistant tokens fall beyond seq_len=%d and are not trained on", chat.truncated_labels, seq_len)
     start = time.perf_counter()
-    result = fit(model, NextTokenLoss(), mixed_batches(*sources), cfg, params.runtime, logger=logger,
-                 flops_per_token=model.flops_per_token(seq_len))
+    result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
+                 logger=logger,
+                 flops_per_token=model.flops_per_token(seq_len), dist=dist)
     summary = {
         **result.final,
         "conversations": len(conversations),
@@ -57,5 +61,6 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
         "train_seconds": round(time.perf_counter() - start, 1),
     }
     meta = {"stage": "sft", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
-    save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=init_dir)
+    if dist.is_main:
+        save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=init_dir)
     return summary
