@@ -22,11 +22,16 @@ from tinyllm.train.loop import evaluate
 from tinyllm.train.objectives import NextTokenLoss
 
 
+def val_windows(token_dir: Path, seq_len: int) -> PackedBatches:
+    """Consecutive one-row windows of the val split (shorter than seq_len when the split is)."""
+    stream = TokenStream(token_dir, "val")
+    return PackedBatches(stream, 1, min(seq_len, len(stream) - 1), seed=0, shuffle=False)
+
+
 def perplexity(model, token_dir: Path, seq_len: int, max_tokens: int, device, dtype) -> dict:
     """Loss and perplexity on the val split, over consecutive windows up to `max_tokens`."""
-    stream = TokenStream(token_dir, "val")
-    seq_len = min(seq_len, len(stream) - 1)
-    batches = PackedBatches(stream, 1, seq_len, seed=0, shuffle=False)
+    batches = val_windows(token_dir, seq_len)
+    seq_len = batches.seq_len
     n_windows = max(1, min(batches.n_windows, max_tokens // seq_len))
     loss = evaluate(model, NextTokenLoss(), batches, device, dtype, max_batches=n_windows)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": n_windows * seq_len}
@@ -36,9 +41,7 @@ def perplexity(model, token_dir: Path, seq_len: int, max_tokens: int, device, dt
 def expert_balance(model, token_dir: Path, seq_len: int, max_windows: int = 16) -> dict:
     """For an MoE model: each expert's share of routing on validation text, and per layer the
     busiest expert's share over the fair share (1.0 is perfectly even; E means one expert takes all)."""
-    stream = TokenStream(token_dir, "val")
-    seq_len = min(seq_len, len(stream) - 1)
-    batches = PackedBatches(stream, 1, seq_len, seed=0, shuffle=False)
+    batches = val_windows(token_dir, seq_len)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
