@@ -2,7 +2,7 @@
 
 It starts from the SFT model with the LoRA identity adapter merged in (artifacts/lora), or from
 the SFT model itself when lora.enabled is false: pretrain → sft → (lora) → dpo, one chain.
-Several processes: `torchrun --nproc_per_node N -m stages.dpo`.
+Several processes: `distributed.nproc` in params (or `torchrun --nproc_per_node N -m stages.dpo`).
 """
 
 from pathlib import Path
@@ -16,9 +16,9 @@ from tinyllm.train.dpo import run_dpo
 @stage_main
 def main(params):
     init = Path("artifacts/lora") if is_checkpoint(Path("artifacts/lora")) else Path("artifacts/sft")
-    with training_run(Path("reports/live/dpo")) as (dist, logger):
-        summary = run_dpo(params, init, Path("artifacts/data/dpo.jsonl"), Path("artifacts/dpo"), logger, dist)
-        if dist.is_main:
+    with training_run("dpo", params) as run:
+        summary = run_dpo(params, init, Path("artifacts/data/dpo.jsonl"), Path("artifacts/dpo"), run)
+        if run.dist.is_main:
             write_json(Path("reports/metrics/dpo.json"), summary)
 
 

@@ -1,6 +1,6 @@
 """Stage lora: peft adapters on the SFT model teaching the identity set → artifacts/lora/ (merged + adapter/).
 
-Several processes: `torchrun --nproc_per_node N -m stages.lora`.
+Several processes: `distributed.nproc` in params (or `torchrun --nproc_per_node N -m stages.lora`).
 """
 
 import shutil
@@ -15,20 +15,20 @@ OUT = Path("artifacts/lora")
 
 @stage_main
 def main(params):
-    with training_run(Path("reports/live/lora")) as (dist, logger):
+    with training_run("lora", params) as run:
         if not params.lora.enabled:  # DVC needs every out to exist; eval and chat skip a folder without weights
-            if dist.is_main:
+            if run.dist.is_main:
                 shutil.rmtree(OUT, ignore_errors=True)
                 OUT.mkdir(parents=True)
                 (OUT / "DISABLED").write_text("lora.enabled is false in params.yaml\n")
-                logger.log(0, {"enabled": 0})
+                run.logger.log(0, {"enabled": 0})
                 write_json(Path("reports/metrics/lora.json"), {"enabled": False})
             return
         data = Path("artifacts/data")
         summary = run_lora(params, Path("artifacts/sft"), data / "identity.jsonl",
                            [data / "sft_single.jsonl", data / "sft_multi.jsonl"], Path("artifacts/tokens"), OUT,
-                           logger, dist)
-        if dist.is_main:
+                           run)
+        if run.dist.is_main:
             write_json(Path("reports/metrics/lora.json"), {"enabled": True, **summary})
 
 

@@ -1,6 +1,6 @@
 """Stage pretrain: train from scratch on the token shards → artifacts/pretrain/ (safetensors).
 
-Several processes: `torchrun --nproc_per_node N -m stages.pretrain`.
+Several processes: `distributed.nproc` in params (or `torchrun --nproc_per_node N -m stages.pretrain`).
 """
 
 from pathlib import Path
@@ -12,10 +12,10 @@ from tinyllm.train.pretrain import run_pretrain
 
 @stage_main
 def main(params):
-    with training_run(Path("reports/live/pretrain")) as (dist, logger):
+    with training_run("pretrain", params) as run:
         summary = run_pretrain(params, Path("artifacts/tokens"), Path("artifacts/tokenizer"),
-                               Path("artifacts/pretrain"), logger, dist)
-        if dist.is_main:
+                               Path("artifacts/pretrain"), run)
+        if run.dist.is_main:
             write_json(Path("reports/metrics/pretrain.json"), summary)
 
 

@@ -1,6 +1,6 @@
 """Stage sft: full fine-tuning of the pretrained model on single- and multi-turn chats → artifacts/sft/.
 
-Several processes: `torchrun --nproc_per_node N -m stages.sft`.
+Several processes: `distributed.nproc` in params (or `torchrun --nproc_per_node N -m stages.sft`).
 """
 
 from pathlib import Path
@@ -13,10 +13,10 @@ from tinyllm.train.sft import run_sft
 @stage_main
 def main(params):
     data = Path("artifacts/data")
-    with training_run(Path("reports/live/sft")) as (dist, logger):
+    with training_run("sft", params) as run:
         summary = run_sft(params, Path("artifacts/pretrain"), [data / "sft_single.jsonl", data / "sft_multi.jsonl"],
-                          Path("artifacts/tokens"), Path("artifacts/sft"), logger, dist)
-        if dist.is_main:
+                          Path("artifacts/tokens"), Path("artifacts/sft"), run)
+        if run.dist.is_main:
             write_json(Path("reports/metrics/sft.json"), summary)
 
 

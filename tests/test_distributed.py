@@ -1,12 +1,17 @@
-"""The pretrain stage under torchrun: 2 CPU processes (gloo) train exactly what 1 process does."""
+"""The pretrain stage on several CPU processes (gloo): DDP and DeepSpeed ZeRO train exactly what 1 process
+does, and a killed run resumes, on any number of processes, to what an uninterrupted run gives."""
 
 import json
 import os
+import re
 import socket
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -35,7 +40,14 @@ def _workdir(tmp_path: Path, tokenizer, name: str) -> Path:
     return work
 
 
-def _run(work: Path, n_procs: int) -> None:
+def _set_params(work: Path, **sections) -> None:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params.update(sections)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _start(work: Path, n_procs: int = 1) -> subprocess.Popen:
+    """The pretrain stage as DVC runs it, or under an explicit torchrun with n_procs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if n_procs == 1:
         cmd = [sys.executable, "-m", "stages.pretrain"]
@@ -45,25 +57,75 @@ def _run(work: Path, n_procs: int) -> None:
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_procs),
                "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "stages.pretrain"]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_two_processes_train_what_one_does(tmp_path, tokenizer):
-    single, double = _workdir(tmp_path, tokenizer, "one"), _workdir(tmp_path, tokenizer, "two")
-    _run(single, 1)
-    _run(double, 2)
-    curves = []
-    for work in (single, double):
-        rows = (work / "reports/live/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
-        curves.append([float(r.split("\t")[-1]) for r in rows])
-    assert len(curves[0]) == 4
-    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)
-    one, two = (load_file(str(w / "artifacts/pretrain/model.safetensors")) for w in (single, double))
+def _run(work: Path, n_procs: int = 1) -> str:
+    proc = _start(work, n_procs)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def _loss_curve(work: Path) -> list[float]:
+    rows = (work / "reports/live/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    return [float(r.split("\t")[-1]) for r in rows]
+
+
+def _weights(work: Path) -> dict:
+    return load_file(str(work / "artifacts/pretrain/model.safetensors"))
+
+
+def _assert_same_run(work: Path, reference: Path, exact: bool = False) -> None:
+    tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(torch.tensor(_loss_curve(work)), torch.tensor(_loss_curve(reference)), **tolerance)
+    one, two = _weights(reference), _weights(work)
+    assert one.keys() == two.keys()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(two[name], one[name], **tolerance)
+
+
+@pytest.mark.parametrize("launch", ["torchrun DDP", "params: deepspeed ZeRO-2"])
+def test_two_processes_train_what_one_does(tmp_path, tokenizer, launch):
+    single, double = _workdir(tmp_path, tokenizer, "one"), _workdir(tmp_path, tokenizer, "two")
+    _run(single)
+    if launch == "torchrun DDP":
+        _run(double, n_procs=2)
+    else:  # the stage relaunches itself under torchrun, as `dvc exp run -S distributed.nproc=2` would
+        _set_params(double, distributed={"nproc": 2, "strategy": "deepspeed", "zero_stage": 2})
+        _run(double)
+    assert len(_loss_curve(single)) == 4
+    _assert_same_run(double, single)
     summary = json.loads((double / "reports/metrics/pretrain.json").read_text())
     assert summary["processes"] == 2 and summary["tokens_seen"] == 20 * 2 * 4 * 32  # the global batch
+
+
+def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, tokenizer):
+    """kill -9, then resume: on 1 process (bit-exact), on 2 (DDP), and on 2 with DeepSpeed ZeRO-3."""
+    long_run = {"pretrain": {**PARAMS["pretrain"], "max_steps": 300, "log_interval": 10, "eval_interval": 100},
+                "checkpoint": {"interval": 20, "keep": 2}}
+    reference, killed = _workdir(tmp_path, tokenizer, "reference"), _workdir(tmp_path, tokenizer, "killed")
+    for work in (reference, killed):
+        _set_params(work, **long_run)
+    _run(reference)
+    assert not (reference / "checkpoints/pretrain").exists()  # a finished stage clears its resume points
+
+    proc = _start(killed)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints/pretrain/step-00000040").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL: no cleanup of any kind
+    proc.wait()
+    assert not (killed / "artifacts/pretrain").exists()
+    for name, distributed in [("one", {}), ("ddp", {"nproc": 2}),
+                              ("zero3", {"nproc": 2, "strategy": "deepspeed", "zero_stage": 3})]:
+        work = tmp_path / f"resumed-{name}"
+        shutil.copytree(killed, work)
+        _set_params(work, distributed=distributed)
+        log = _run(work)
+        assert re.search(r"resuming from checkpoints/pretrain/step-0000\d\d[02468]0 \(step \d+ of 300, written by 1 ", log)
+        _assert_same_run(work, reference, exact=name == "one")
 
 
 def test_rank_shares_split_the_rows_and_keep_each_dpo_pair_together():

@@ -6,7 +6,8 @@ import torch
 from tinyllm.config import RuntimeConfig, TrainConfig
 from tinyllm.errors import NonFiniteLossError
 from tinyllm.model.transformer import Transformer
-from tinyllm.train.loop import build_optimizer, fit, lr_at
+from tinyllm.train.engine import build_optimizer
+from tinyllm.train.loop import fit, lr_at
 from tinyllm.train.objectives import NextTokenLoss
 
 CPU = RuntimeConfig(device="cpu")

@@ -150,6 +150,28 @@ class RuntimeConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class DistributedConfig:
+    nproc: int = 1
+    """Processes per training stage, one per GPU. Above 1 (or with deepspeed) a stage relaunches
+    itself under `torchrun --standalone --nproc_per_node nproc`; a stage already started by
+    torchrun (e.g. multi-node) ignores this."""
+    strategy: str = "ddp"
+    """`ddp` (PyTorch DistributedDataParallel) or `deepspeed` (ZeRO; see zero_stage)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 1, 2 or 3: tinyllm/train/zero/zero<stage>.json."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class CheckpointConfig:
+    interval: int = 200
+    """Optimizer steps between resumable checkpoints in checkpoints/<stage>/ (0: none)."""
+    keep: int = 2
+    """How many of the newest resumable checkpoints are kept."""
+    resume: str = "auto"
+    """`auto`: continue from the newest valid checkpoint of the same run; `never`: start over."""
+
+
+@dataclass(kw_only=True, frozen=True)
 class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps."""
@@ -256,6 +278,8 @@ class Params:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -414,6 +438,20 @@ def _check(p: Params) -> list[str]:
         e.append(f"tokenize.val_fraction={p.tokenize.val_fraction} must be in (0, 1)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", p.runtime.device):
         e.append(f"runtime.device={p.runtime.device!r} must be auto, cpu, cuda or cuda:N")
+    positive("distributed.nproc", p.distributed.nproc)
+    if p.distributed.strategy not in ("ddp", "deepspeed"):
+        e.append(f"distributed.strategy={p.distributed.strategy!r} must be 'ddp' or 'deepspeed'")
+    if p.distributed.zero_stage not in (1, 2, 3):
+        e.append(f"distributed.zero_stage={p.distributed.zero_stage} must be 1, 2 or 3")
+    for section in ("pretrain", "sft", "lora", "dpo"):
+        batch = getattr(p, section).batch_size
+        if batch > 0 and batch % p.distributed.nproc:
+            e.append(f"{section}.batch_size={batch} must be divisible by distributed.nproc={p.distributed.nproc}")
+    if p.checkpoint.interval < 0:
+        e.append(f"checkpoint.interval={p.checkpoint.interval} must be >= 0 (0: no resumable checkpoints)")
+    positive("checkpoint.keep", p.checkpoint.keep)
+    if p.checkpoint.resume not in ("auto", "never"):
+        e.append(f"checkpoint.resume={p.checkpoint.resume!r} must be 'auto' or 'never'")
     if p.runtime.dtype not in ("auto", "float32", "bfloat16"):
         e.append(f"runtime.dtype={p.runtime.dtype!r} must be auto, float32 or bfloat16")
     return e

@@ -1,25 +1,30 @@
-"""Processes and ranks: one process per GPU under torchrun (or one CPU process for tests with gloo).
+"""Processes and ranks: one process per GPU under torchrun (or CPU processes with gloo), and the run
+around `fit` (logger, strategy, resumable checkpoints).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process and nothing
 here does anything. Rank 0 alone logs and writes; every rank trains on its own share of each batch.
 
-    dist = init_distributed(runtime)      # Dist(rank=0, world_size=1, ...) when not under torchrun
-    ...
-    close_distributed()
+    with training_run("pretrain", params) as run:   # relaunches under torchrun if params ask
+        run_pretrain(params, ..., run=run)
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 
+from tinyllm.config import CheckpointConfig, DistributedConfig, Params
 from tinyllm.model.transformer import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,20 +89,58 @@ def check_divisible(section: str, batch_size: int, dist: Dist) -> None:
         raise ConfigError(f"{section}.batch_size={batch_size} must be divisible by the {dist.world_size} processes")
 
 
-@contextlib.contextmanager
-def training_run(live_dir: Path):
-    """A training stage's processes and logger: `with training_run(dir) as (dist, logger): ...`.
+@dataclass
+class TrainingRun:
+    """What `fit` needs from around it. The default is one process, no logging, no resumable
+    checkpoints (tests, benchmarks); `training_run` builds the pipeline's."""
 
-    Under `torchrun --nproc_per_node N -m stages.<stage>` every process trains its share; rank 0
-    alone gets the dvclive logger (None elsewhere) and should write outputs (`dist.is_main`).
+    dist: Dist = field(default_factory=Dist)
+    logger: object = None
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(interval=0))
+    checkpoint_dir: Path | None = None
+    """Where resumable checkpoints go (checkpoints/<stage>); None: none are written or read."""
+
+
+def relaunch_command(distributed: DistributedConfig) -> list[str] | None:
+    """The torchrun command that reruns this stage with `distributed.nproc` processes, or None when
+    this process should train itself (one process and DDP, or already started by a launcher).
+    DeepSpeed always wants a launcher's environment, even for one process."""
+    if "WORLD_SIZE" in os.environ or (distributed.nproc == 1 and distributed.strategy == "ddp"):
+        return None
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    target = ["-m", spec.name] if spec is not None else [main.__file__]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(distributed.nproc), *target]
+
+
+@contextlib.contextmanager
+def training_run(stage: str, params: Params):
+    """A training stage's run: `with training_run("sft", params) as run: ...`.
+
+    When params ask for several processes (or DeepSpeed) and no launcher started this one, the
+    stage replaces itself with `torchrun --standalone --nproc_per_node N -m stages.<stage>`.
+    Rank 0 alone gets the dvclive logger (reports/live/<stage>) and should write outputs
+    (`run.dist.is_main`). Resumable checkpoints go to checkpoints/<stage>/ and are removed when the
+    stage finishes.
     """
+    from tinyllm.train import resume
     from tinyllm.train.logging import LiveLogger
 
+    command = relaunch_command(params.distributed)
+    if command is not None:
+        log.info("relaunching: %s", " ".join(command))
+        sys.stdout.flush()
+        os.execv(command[0], command)
     dist = init_distributed()
-    logger = LiveLogger(live_dir) if dist.is_main else None
+    run = TrainingRun(dist, LiveLogger(Path("reports/live") / stage) if dist.is_main else None, params.distributed,
+                      params.checkpoint, Path("checkpoints") / stage)
     try:
-        yield dist, logger
+        yield run
+        if dist.is_main:
+            resume.clear(run.checkpoint_dir)
     finally:
-        if logger is not None:
-            logger.close()
+        if run.logger is not None:
+            run.logger.close()
         close_distributed()

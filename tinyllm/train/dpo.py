@@ -4,7 +4,7 @@ The reference model is the starting checkpoint, frozen. Its log-probs of every p
 once, before training, and travel in the batches: no second model in memory, no second forward
 pass per step.
 
-    run_dpo(params, Path("artifacts/sft"), Path("artifacts/data/dpo.jsonl"), Path("artifacts/dpo"), logger)
+    run_dpo(params, Path("artifacts/sft"), Path("artifacts/data/dpo.jsonl"), Path("artifacts/dpo"), run)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.preference import PreferenceBatches, collate_pairs, encode_pair, truncated_labels, validate_preference
 from tinyllm.errors import DataError, TrainingError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
-from tinyllm.train.distributed import Dist, check_divisible, rank_share
+from tinyllm.train.distributed import TrainingRun, check_divisible, rank_share
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import DPOLoss, sequence_logprobs
 from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
@@ -44,8 +44,8 @@ def pair_logprobs(model, pairs: list, seq_len: int, pad_id: int, device: torch.d
     return torch.cat(out)
 
 
-def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, logger=None,
-            dist: Dist | None = None) -> dict:
+def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
+            run: TrainingRun | None = None) -> dict:
     """Train the checkpoint in `init_dir` on the preference pairs; save to `out_dir`.
 
     Raises:
@@ -54,7 +54,8 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, log
             where it started (the margin never moved off 0: the loss would sit at 0.693).
     """
     cfg = params.dpo
-    dist = dist or Dist()
+    run = run or TrainingRun()
+    dist = run.dist
     check_divisible("dpo", cfg.batch_size, dist)
     model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     records = list(read_jsonl(pairs_file, validate_preference))
@@ -75,8 +76,8 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path, log
     ref_seconds = time.perf_counter() - start
 
     batches = rank_share(PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id), dist)
-    result = fit(model, DPOLoss(cfg.beta), batches, cfg, params.runtime, logger=logger,
-                 flops_per_token=model.flops_per_token(seq_len), dist=dist)
+    result = fit(model, DPOLoss(cfg.beta), batches, cfg, params.runtime, run=run,
+                 flops_per_token=model.flops_per_token(seq_len), inputs=[pairs_file])
     if abs(result.final["train/margin"]) < 1e-6:
         raise TrainingError("DPO did not move the policy off the reference (reward margin 0, loss 0.693): "
                             "raise dpo.lr or dpo.max_steps")

@@ -28,7 +28,7 @@ from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import ConfigError, DataError
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.checkpoint import load_for_finetuning, load_model, save_checkpoint
-from tinyllm.train.distributed import Dist, check_divisible, rank_share
+from tinyllm.train.distributed import TrainingRun, check_divisible, rank_share
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -68,14 +68,15 @@ def load_with_adapter(base_dir: Path, adapter_dir: Path, device: str | torch.dev
 
 
 def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: list[Path], token_dir: Path,
-             out_dir: Path, logger=None, dist: Dist | None = None) -> dict:
+             out_dir: Path, run: TrainingRun | None = None) -> dict:
     """Train adapters on the identity chats; save the adapter and the merged model.
 
     A `lora.replay_fraction` share of each batch replays SFT's own mix: the chats in
     `replay_files` and, in the `sft.pretrain_mix` proportion, pretraining text from `token_dir`.
     """
     cfg = params.lora
-    dist = dist or Dist()
+    run = run or TrainingRun()
+    dist = run.dist
     check_divisible("lora", cfg.batch_size, dist)
     base, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     identity = read_conversations([identity_file])
@@ -99,8 +100,8 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
-                 logger=logger,
-                 flops_per_token=base.flops_per_token(seq_len), dist=dist)
+                 run=run, flops_per_token=base.flops_per_token(seq_len),
+                 inputs=[identity_file, *replay_files, token_dir / "index.json"])
     if not dist.is_main:
         return result.final
     model.cpu()

@@ -1,7 +1,7 @@
 """The pretrain stage's library entry: packed token batches + next-token loss through `fit`.
 
     run_pretrain(load_params(), Path("artifacts/tokens"), Path("artifacts/tokenizer"),
-                 Path("artifacts/pretrain"), logger)
+                 Path("artifacts/pretrain"), run)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tinyllm.config import Params, to_dict
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.checkpoint import save_checkpoint
-from tinyllm.train.distributed import Dist, check_divisible
+from tinyllm.train.distributed import TrainingRun, check_divisible
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 from tinyllm.train.runtime import device_name, resolve_device
@@ -30,8 +30,8 @@ def build_model(params: Params, vocab_size: int) -> Transformer:
     return Transformer(dataclasses.replace(params.model, vocab_size=vocab_size))
 
 
-def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: Path, logger=None,
-                 dist: Dist | None = None) -> dict:
+def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: Path,
+                 run: TrainingRun | None = None) -> dict:
     """Train from scratch on the token shards; save the final checkpoint to `out_dir` (rank 0).
 
     Under torchrun each of the N processes takes pretrain.batch_size / N rows of every batch, so
@@ -41,7 +41,8 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
         Summary metrics (final losses, tokens seen, parameter counts, throughput).
     """
     cfg = params.pretrain
-    dist = dist or Dist()
+    run = run or TrainingRun()
+    dist = run.dist
     check_divisible("pretrain", cfg.batch_size, dist)
     seq_len = cfg.seq_len or params.model.max_seq_len
     train = TokenStream(token_dir, "train")
@@ -59,7 +60,7 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
              device_name(resolve_device(params.runtime, dist)))
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), batches, cfg, params.runtime, val_batches=val_batches,
-                 logger=logger, flops_per_token=model.flops_per_token(seq_len), dist=dist)
+                 run=run, flops_per_token=model.flops_per_token(seq_len), inputs=[token_dir / "index.json"])
     seconds = time.perf_counter() - start
     tokens = cfg.max_steps * cfg.grad_accum * cfg.batch_size * seq_len
     summary = {

@@ -5,7 +5,7 @@ carries loss. A share of every batch (`sft.pretrain_mix`) is pretraining text, s
 model only read (people never asked about in SFT) are not forgotten.
 
     run_sft(params, Path("artifacts/pretrain"), [Path("artifacts/data/sft_single.jsonl")],
-            Path("artifacts/tokens"), Path("artifacts/sft"), logger)
+            Path("artifacts/tokens"), Path("artifacts/sft"), run)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, r
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import DataError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
-from tinyllm.train.distributed import Dist, check_divisible, rank_share
+from tinyllm.train.distributed import TrainingRun, check_divisible, rank_share
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], token_dir: Path, out_dir: Path,
-            logger=None, dist: Dist | None = None) -> dict:
+            run: TrainingRun | None = None) -> dict:
     """Fine-tune the checkpoint in `init_dir` on the conversations; save to `out_dir`.
 
     Returns:
         Summary metrics, including how many labelled tokens truncation dropped.
     """
     cfg = params.sft
-    dist = dist or Dist()
+    run = run or TrainingRun()
+    dist = run.dist
     check_divisible("sft", cfg.batch_size, dist)
     model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     conversations = read_conversations(conversation_files)
@@ -50,8 +51,8 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
         log.warning("%d assistant tokens fall beyond seq_len=%d and are not trained on", chat.truncated_labels, seq_len)
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
-                 logger=logger,
-                 flops_per_token=model.flops_per_token(seq_len), dist=dist)
+                 run=run, flops_per_token=model.flops_per_token(seq_len),
+                 inputs=[*conversation_files, token_dir / "index.json"])
     summary = {
         **result.final,
         "conversations": len(conversations),

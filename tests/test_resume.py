@@ -1,0 +1,121 @@
+"""Resumable checkpoints inside `fit`: a crashed run continues to exactly where an uninterrupted run
+ends; a damaged newest checkpoint falls back to the one before; a NaN stops the run and keeps the
+last good checkpoint. (Killing real stage processes, and resuming on other process counts or with
+DeepSpeed, is in test_distributed.py.)"""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from tinyllm.config import CheckpointConfig, ModelConfig, RuntimeConfig, TrainConfig
+from tinyllm.errors import NonFiniteLossError
+from tinyllm.model.transformer import Transformer
+from tinyllm.train.distributed import TrainingRun
+from tinyllm.train.loop import fit
+from tinyllm.train.objectives import NextTokenLoss
+
+CFG = TrainConfig(max_steps=24, batch_size=4, lr=3e-3, warmup_steps=3, log_interval=4, eval_interval=100)
+CPU = RuntimeConfig(device="cpu")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=16,
+                                   vocab_size=64, dropout=0.1))  # dropout: the RNG state must resume too
+
+
+def _batches():
+    """A plain generator (no state()): a resume must skip the micro-batches already used."""
+    g = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(0, 64, (4, 17), generator=g)
+        yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+class CrashAt:
+    """The real objective, until call `n`: then the process 'dies'."""
+
+    def __init__(self, n, poison=False):
+        self.n, self.calls, self.poison = n, 0, poison
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        loss, extras = NextTokenLoss()(model, batch)
+        if self.calls >= self.n:
+            if self.poison:
+                return loss * float("nan"), extras
+            raise KeyboardInterrupt("killed")
+        return loss, extras
+
+
+def _run(tmp_path, keep=2):
+    """Checkpoints every 5 steps, written at the next log point (every 4): steps 8, 12, 16, 20."""
+    return TrainingRun(checkpoint=CheckpointConfig(interval=5, keep=keep), checkpoint_dir=tmp_path / "ckpt")
+
+
+def _uninterrupted():
+    model = _model()
+    result = fit(model, NextTokenLoss(), _batches(), CFG, CPU)
+    return model.state_dict(), result
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_crashed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, caplog):
+    reference, ref_result = _uninterrupted()
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), CrashAt(18), _batches(), CFG, CPU, run=_run(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000012", "step-00000016"]  # keep 2
+    model = _model()
+    with caplog.at_level(logging.INFO):
+        result = fit(model, NextTokenLoss(), _batches(), CFG, CPU, run=_run(tmp_path))
+    assert "step-00000016 (step 16 of 24" in caplog.text
+    _assert_same_weights(model.state_dict(), reference)
+    assert [h["train/loss"] for h in result.history] == [h["train/loss"] for h in ref_result.history]
+
+
+def test_a_corrupted_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, caplog):
+    reference, _ = _uninterrupted()
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), CrashAt(18), _batches(), CFG, CPU, run=_run(tmp_path, keep=3))
+    newest = tmp_path / "ckpt/step-00000016/model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a truncated write
+    (tmp_path / "ckpt/step-00000012/optimizer.safetensors").write_bytes(b"garbage")  # and a corrupted one
+    model = _model()
+    with caplog.at_level(logging.INFO):
+        fit(model, NextTokenLoss(), _batches(), CFG, CPU, run=_run(tmp_path))
+    assert "step-00000016: model.safetensors is truncated or corrupted" in caplog.text
+    assert "step-00000012: optimizer.safetensors is truncated or corrupted" in caplog.text
+    assert "step-00000008 (step 8 of 24" in caplog.text  # the last intact one
+    _assert_same_weights(model.state_dict(), reference)
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(seed=1), CrashAt(18), _batches(), CFG, CPU, run=_run(tmp_path))
+    reference, _ = _uninterrupted()
+    model = _model(seed=0)  # other starting weights: a different run
+    with caplog.at_level(logging.WARNING):
+        fit(model, NextTokenLoss(), _batches(), CFG, CPU, run=_run(tmp_path))
+    assert "written by a different run" in caplog.text
+    _assert_same_weights(model.state_dict(), reference)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, caplog):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 13.*step-00000012, is kept"):
+        fit(_model(), CrashAt(13, poison=True), _batches(), CFG, CPU, run=_run(tmp_path))
+    kept = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert kept == ["step-00000008", "step-00000012"]  # nothing written after the NaN
+    state = json.loads((tmp_path / "ckpt/step-00000012/state.json").read_text())
+    assert state["step"] == 12 and all(h["train/loss"] == h["train/loss"] for h in state["history"])  # no NaN
+    model = _model()  # and the run resumes from it
+    with caplog.at_level(logging.INFO):
+        result = fit(model, NextTokenLoss(), _batches(), CFG, CPU, run=_run(tmp_path))
+    assert "step-00000012 (step 12 of 24" in caplog.text
+    assert result.history[-1]["step"] == 24 and all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,149 @@
+"""Resumable checkpoints: everything needed to continue a training run exactly where it stopped.
+
+    checkpoints/<stage>/step-00000400/
+        model.safetensors       full fp32 weights, named as in the stage's final checkpoint
+        optimizer.safetensors   Adam moments per parameter name, and the step count
+        rng.safetensors         each process's torch (and CUDA) random state
+        state.json              step, data position, metrics so far, the run's fingerprint and
+                                the sha256 of each file above; written last
+
+A checkpoint is written into a temporary folder and renamed into place. One whose state.json is
+missing or whose files do not hash to what it records (a crash while copying, a full disk, a
+truncated file) is skipped with a warning and the one before it is used. Only tensors and JSON are
+read back: nothing is unpickled. State is keyed by parameter name, not by process, so a run
+resumes on another number of processes or with another strategy (DDP <-> DeepSpeed ZeRO).
+
+The learning-rate schedule is a function of the step (`loop.lr_at`), so the step is all of its state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+NAME = re.compile(r"step-(\d{8})")
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    step: int
+    state: dict
+    """state.json: step, micro_batches, data (the batches' own position, or None), history, world_size."""
+    weights: dict[str, torch.Tensor]
+    optim: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+
+def run_fingerprint(model: torch.nn.Module, parts: dict, inputs=()) -> str:
+    """What makes two runs the same run: the starting weights, the batch geometry (`parts`) and the
+    content of the input files. Learning rate and step count are not part of
+    it, so a run can be resumed with a lower lr after a divergence or extended to more steps."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for path in inputs:
+        digest.update(_sha256(Path(path)).encode())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_resume_point(directory: Path, step: int, weights: dict, optim: dict, rng: dict, state: dict,
+                      keep: int) -> Path:
+    """Write step-<step>/ atomically, then delete all but the newest `keep` checkpoints."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = step_dir(directory, step)
+    tmp = directory / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, tensors in zip(FILES, (weights, optim, rng)):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+    state = {**state, "step": step, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(_steps(directory), reverse=True)[keep:]:
+        shutil.rmtree(old[1])
+    return final
+
+
+def step_dir(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:08d}"
+
+
+def _steps(directory: Path) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    return [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.fullmatch(p.name))]
+
+
+def load_newest(directory: Path, fingerprint: str) -> ResumePoint | None:
+    """The newest intact checkpoint of this run (same fingerprint), or None to start over."""
+    for step, path in sorted(_steps(directory), reverse=True):
+        problem = _problem(path, fingerprint)
+        if problem:
+            log.warning("%s: %s; trying an older checkpoint", path, problem)
+            continue
+        state = json.loads((path / STATE).read_text())
+        tensors = [load_file(str(path / name)) for name in FILES]
+        return ResumePoint(path, step, state, *tensors)
+    return None
+
+
+def _problem(path: Path, fingerprint: str) -> str | None:
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError):
+        return f"{STATE} is missing or unreadable (the write did not finish)"
+    if state.get("fingerprint") != fingerprint:
+        return "written by a different run (other starting weights, batch geometry or data)"
+    for name in FILES:
+        if not (path / name).exists() or _sha256(path / name) != state["sha256"].get(name):
+            return f"{name} is truncated or corrupted (sha256 differs from {STATE})"
+    return None
+
+
+def clear(directory: Path) -> None:
+    """Remove a finished stage's resumable checkpoints: its output checkpoint now holds the result."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def rng_states(dist) -> dict[str, torch.Tensor]:
+    """Every process's torch random state (and its GPU's), gathered so rank 0 can save them."""
+    mine = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    states = [mine]
+    if dist.enabled:
+        states = [None] * dist.world_size
+        torch.distributed.all_gather_object(states, mine)
+    return {f"{kind}.rank{rank}": t.cpu() for rank, s in enumerate(states) for kind, t in s.items()}
+
+
+def restore_rng(rng: dict[str, torch.Tensor], dist) -> None:
+    """Each process takes back its own state (process r % N when the run had N processes)."""
+    saved = len([k for k in rng if k.startswith("cpu.")])
+    rank = dist.rank % saved
+    torch.set_rng_state(rng[f"cpu.rank{rank}"])
+    if f"cuda.rank{rank}" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"])
