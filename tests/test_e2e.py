@@ -117,6 +117,22 @@ def test_changing_an_eval_param_reruns_only_eval(repo):
 
 
 @pytest.mark.slow
+def test_exp_run_on_two_processes_with_deepspeed(repo):
+    """`dvc exp run -S distributed.nproc=2`: every training stage relaunches itself under torchrun
+    (here with DeepSpeed ZeRO-2) and eval reads the consolidated checkpoints."""
+    out = dvc(repo, "exp", "run", "-S", "distributed.nproc=2", "-S", "distributed.strategy=deepspeed")
+    assert all(f"Running stage '{s}'" in out for s in ("pretrain", "sft", "lora", "dpo", "eval"))
+    assert "torch.distributed.run --standalone --nproc_per_node 2 -m stages.pretrain" in out
+    assert json.loads((repo / "reports/metrics/pretrain.json").read_text())["processes"] == 2
+    for stage in ("pretrain", "sft", "lora", "dpo"):
+        assert math.isfinite(json.loads((repo / f"reports/metrics/{stage}.json").read_text())["train/loss"]), stage
+    assert list(json.loads((repo / "reports/eval/metrics.json").read_text())) == ["pretrain", "sft", "lora", "dpo"]
+    assert not (repo / "checkpoints").exists() or not any((repo / "checkpoints").iterdir())
+    sh(repo, "git", "checkout", "params.yaml", "dvc.lock")  # back to the committed (single-process) run
+    dvc(repo, "checkout")
+
+
+@pytest.mark.slow
 def test_exp_run_with_moe_runs_the_whole_pipeline(repo):
     dvc(repo, "exp", "run", "-S", "model.dim=48", "-S", "model.n_layers=2", "-S", "model.moe.enabled=true",
         "-S", "model.moe.n_routed_experts=4", "-S", "pretrain.max_steps=20")
