@@ -1,10 +1,13 @@
 """Training throughput benchmark: the real loop (`fit`) on random packed tokens, timed.
 
     tinyllm bench train --models 768x8,512x8 --compile off,on --out reports/bench
+    torchrun --nproc_per_node 2 -m tinyllm.cli bench train --models 768x8 --strategy ddp,zero2
 
 Each run does `warmup` steps (compilation, allocator warm-up), then `steps` timed steps, and
 reports useful tokens/s (every token of a packed batch is useful), MFU (on active parameters for
-an MoE), step time and peak GPU memory. The table is printed and written as markdown + JSON. Runs without dvc installed.
+an MoE), step time and peak GPU memory (the largest over the processes). Under torchrun the
+batch size is global (each process takes its share) and tokens/s counts all processes. The table
+is printed and written as markdown + JSON by rank 0. Runs without dvc installed.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from tinyllm.config import ModelConfig, MoEConfig, RuntimeConfig, TrainConfig
+from tinyllm.config import DistributedConfig, ModelConfig, MoEConfig, RuntimeConfig, TrainConfig
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.model.transformer import Transformer
+from tinyllm.train.distributed import Dist, TrainingRun, close_distributed, init_distributed
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 from tinyllm.train.runtime import device_name, resolve_device
@@ -43,7 +47,12 @@ PRESETS = {
                                   expert_hidden_dim=512, first_dense_layers=0)),
     # ... and the dense model with the same active parameters per token.
     "768x8h1536": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1536),
+    # large enough for ZeRO's memory savings to matter (issue "Distributed"): 0.41B and 0.92B parameters
+    "1536x16": dict(dim=1536, n_layers=16, n_heads=12, n_kv_heads=4, hidden_dim=4096),
+    "2048x20": dict(dim=2048, n_layers=20, n_heads=16, n_kv_heads=4, hidden_dim=5632),
 }
+STRATEGIES = {"ddp": DistributedConfig(strategy="ddp"), **{
+    f"zero{stage}": DistributedConfig(strategy="deepspeed", zero_stage=stage) for stage in (1, 2, 3)}}
 
 
 def random_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0):
@@ -55,35 +64,47 @@ def random_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0
 
 
 def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, steps: int, warmup: int,
-                compile: bool, device: str, dtype: str, tokens: Path | None = None) -> dict:
+                compile: bool, device: str, dtype: str, tokens: Path | None = None, strategy: str = "ddp",
+                dist: Dist | None = None) -> dict:
     """One timed training run; returns a table row (and the loss curve, kept out of the table).
 
     tokens: the pipeline's token folder (artifacts/tokens) to train on instead of random tokens;
     the vocabulary then comes from its index.
+    strategy: a key of STRATEGIES (ddp also means a single plain process).
     """
+    dist = dist or Dist()
+    rows_per_rank = batch_size // dist.world_size
     interval = 5
     warmup, steps = -(-warmup // interval) * interval, -(-steps // interval) * interval
     if tokens is not None:
         stream = TokenStream(tokens, "train")
         vocab_size = stream.index["vocab_size"]
-        batches = PackedBatches(stream, batch_size, seq_len, seed=0)
+        batches = PackedBatches(stream, rows_per_rank, seq_len, seed=0, rank=dist.rank, world_size=dist.world_size)
     else:
-        batches = random_batches(vocab_size, batch_size, seq_len)
+        batches = random_batches(vocab_size, rows_per_rank, seq_len, seed=dist.rank)
     model_cfg = ModelConfig(**PRESETS[preset], max_seq_len=seq_len, vocab_size=vocab_size)
     runtime = RuntimeConfig(device=device, dtype=dtype, compile=compile)
     train_cfg = TrainConfig(max_steps=warmup + steps, batch_size=batch_size, warmup_steps=1, lr=3e-4, min_lr=3e-5,
                             log_interval=interval, eval_interval=10**9)
-    dev = resolve_device(runtime)
+    dev = resolve_device(runtime, dist)
     torch.manual_seed(0)
     model = Transformer(model_cfg)
     if dev.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    result = fit(model, NextTokenLoss(), batches, train_cfg, runtime, flops_per_token=model.flops_per_token(seq_len))
+    run = TrainingRun(dist=dist, distributed=STRATEGIES[strategy])
+    result = fit(model, NextTokenLoss(), batches, train_cfg, runtime, run=run,
+                 flops_per_token=model.flops_per_token(seq_len))
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0.0, device=dev)
+    if dist.enabled:
+        torch.distributed.all_reduce(peak, torch.distributed.ReduceOp.MAX)
     timed = [h for h in result.history if h["step"] > warmup]
     tokens_per_sec = sum(h["tokens_per_sec"] for h in timed) / len(timed)
     mfu = sum(h.get("mfu", 0.0) for h in timed) / len(timed)
     return {
         "model": preset,
+        "gpus" if dev.type == "cuda" else "procs": dist.world_size,
+        "strategy": strategy,
         "params_M": round(model.num_params() / 1e6, 1),
         "active_M": round(model.num_params(active=True) / 1e6, 1),
         "seq": seq_len,
@@ -93,7 +114,7 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         "tokens_per_sec": round(tokens_per_sec),
         "mfu": round(mfu, 4) if mfu else None,
         "step_ms": round(1000 * batch_size * seq_len / tokens_per_sec, 1),
-        "peak_mem_GiB": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
+        "peak_mem_GiB": round(peak.item() / 2**30, 2) if dev.type == "cuda" else None,
         "final_loss": round(result.final["train/loss"], 4),
         "loss_curve": [(h["step"], round(h["train/loss"], 4)) for h in result.history],
     }
@@ -116,7 +137,15 @@ def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device
     return table
 
 
-def run(models: list[str], compiles: list[bool], out_dir: Path, **kwargs) -> str:
-    """Benchmark every model × compile setting and write one table."""
-    rows = [bench_train(m, compile=c, **kwargs) for m in models for c in compiles]
-    return write_table(rows, out_dir, "train", resolve_device(RuntimeConfig(device=kwargs["device"])))
+def run(models: list[str], compiles: list[bool], out_dir: Path, strategies: tuple[str, ...] = ("ddp",),
+        name: str = "train", **kwargs) -> str:
+    """Benchmark every model × strategy × compile setting and write one table (rank 0)."""
+    dist = init_distributed()
+    try:
+        rows = [bench_train(m, compile=c, strategy=s, dist=dist, **kwargs)
+                for m in models for s in strategies for c in compiles]
+    finally:
+        close_distributed()
+    if not dist.is_main:
+        return ""
+    return write_table(rows, out_dir, name, resolve_device(RuntimeConfig(device=kwargs["device"]), dist))

@@ -40,12 +40,17 @@ def _checked(convert, ok, rule: str):
     return parse
 
 
-def _models(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",")]
-    unknown = [m for m in names if m not in bench.PRESETS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown model preset(s) {unknown}; known: {', '.join(bench.PRESETS)}")
-    return names
+def _names_from(known: dict, what: str):
+    """An argparse type: a comma list of keys of `known`; an unknown one is an error naming the rest."""
+
+    def parse(text: str) -> list[str]:
+        names = [m.strip() for m in text.split(",")]
+        unknown = [m for m in names if m not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; known: {', '.join(known)}")
+        return names
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench_parser.add_subparsers(dest="what", required=True)
     train = bench_sub.add_parser("train", help="training tokens/s, MFU and memory of model presets",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--models", type=_models, default=["tiny"], help=f"comma list of {', '.join(bench.PRESETS)}")
+    train.add_argument("--models", type=_names_from(bench.PRESETS, "model preset(s)"), default=["tiny"], help=f"comma list of {', '.join(bench.PRESETS)}")
     train.add_argument("--compile", type=_bool_list, default=[False], help="comma list of on/off")
     train.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     train.add_argument("--batch-size", type=int, default=32, help="sequences per step")
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="autocast dtype; auto is bf16 on CUDA")
     train.add_argument("--tokens", type=Path, default=None,
                        help="train on this token folder (e.g. artifacts/tokens) instead of random tokens")
+    train.add_argument("--strategy", type=_names_from(bench.STRATEGIES, "strategy"), default=["ddp"],
+                       help=f"comma list of {', '.join(bench.STRATEGIES)} (several processes: run under torchrun)")
+    train.add_argument("--name", default="train", help="table file name prefix")
     train.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     return parser
 
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench" and args.what == "train":
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
-                        dtype=args.dtype, tokens=args.tokens))
+                        dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -108,6 +109,20 @@ class TorchEngine:
         pass
 
 
+def join_single_process_group(device: torch.device) -> None:
+    """A process group of one, on a free local port, so DeepSpeed runs without torchrun."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; torchrun would have set it
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
 def deepspeed_config(cfg: TrainConfig, dist: Dist, dtype: torch.dtype, zero_stage: int) -> dict:
     """The repo's ZeRO file for this stage, with batch, accumulation, clipping and bf16 from params."""
     config = json.loads((ZERO_CONFIGS / f"zero{zero_stage}.json").read_text())
@@ -134,6 +149,8 @@ class DeepSpeedEngine:
                  zero_stage: int):
         import deepspeed
 
+        if not dist.enabled and not torch.distributed.is_initialized():
+            join_single_process_group(device)  # no launcher (a benchmark, a notebook): DeepSpeed still wants one
         self.model = model.to(device).train()
         fp32_start = persistent_state(model)
         optimizer = build_optimizer(model, cfg, device)
