@@ -55,10 +55,12 @@ class TorchEngine:
 
     def __init__(self, model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, dtype: torch.dtype):
         self.model, self.cfg, self.device, self.dtype = model.to(device).train(), cfg, device, dtype
-        self.ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-            if dist.enabled else None
-        wrapped = self.ddp or model
-        self.step_model = torch.compile(wrapped) if runtime.compile else wrapped
+        compiled = torch.compile(model) if runtime.compile else model
+        # compile first, then DDP (as nanoGPT does): compiling the DDP wrapper splits the graph at every
+        # gradient bucket (DDPOptimizer); measured 1.33x on 2 H200s that way (reports/bench/distributed)
+        self.ddp = DistributedDataParallel(compiled, device_ids=[device] if device.type == "cuda" else None,
+                                           gradient_as_bucket_view=True) if dist.enabled else None
+        self.step_model = self.ddp or compiled
         self.optimizer = build_optimizer(model, cfg, device)
 
     def set_lr(self, lr: float) -> None:

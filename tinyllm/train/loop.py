@@ -201,8 +201,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             if window_extras:
                 values = (torch.stack(list(window_extras.values())) / window_steps).tolist()
                 metrics.update({f"train/{name}": v for name, v in zip(window_extras, values)})
-            if peak and flops_per_token:
-                metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / peak
+            if peak and flops_per_token:  # tokens/s of all processes against all their GPUs' peak
+                metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / (peak * dist.world_size)
             if val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
                 val_loss = evaluate(engine.eval_model, objective, val_batches(), device, dtype, cfg.eval_batches)
                 metrics["val/loss"] = val_loss
