@@ -31,6 +31,27 @@ def test_bench_train_runs_the_real_loop_and_writes_a_table(tmp_path, capsys):
     assert (tmp_path / "train_cpu.md").read_text().startswith("# Training throughput — cpu")
 
 
+def test_bench_train_with_deepspeed_in_one_process_matches_plain(tmp_path, capsys):
+    """No launcher: the DeepSpeed engine makes its own process group of one; same losses as plain."""
+    main(["bench", "train", "--models", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "10",
+          "--warmup", "10", "--vocab-size", "300", "--device", "cpu", "--strategy", "ddp,zero2", "--out", str(tmp_path)])
+    plain, zero2 = json.loads((tmp_path / "train_cpu.json").read_text())["rows"]
+    assert (plain["strategy"], zero2["strategy"]) == ("ddp", "zero2") and plain["procs"] == 1
+    assert abs(plain["final_loss"] - zero2["final_loss"]) < 1e-3
+
+
+def test_bench_infer_times_prefill_and_decode(tmp_path, capsys):
+    main(["bench", "infer", "--models", "tiny", "--batch-sizes", "1,4", "--prompt-len", "16", "--new-tokens", "8",
+          "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "infer_cpu.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 4]
+    for row in rows:
+        assert row["ttft_ms"] > 0 and row["decode_tokens_per_sec_per_seq"] > 0
+        assert row["decode_tokens_per_sec_total"] == pytest.approx(row["batch"] * row["decode_tokens_per_sec_per_seq"],
+                                                                   rel=0.01)
+    assert (tmp_path / "infer_cpu.md").read_text().startswith("# Generation speed — cpu")
+
+
 def _chat_checkpoint(tmp_path, tokenizer):
     import torch
 

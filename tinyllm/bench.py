@@ -25,7 +25,7 @@ from tinyllm.model.transformer import Transformer
 from tinyllm.train.distributed import Dist, TrainingRun, close_distributed, init_distributed
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
-from tinyllm.train.runtime import device_name, resolve_device
+from tinyllm.train.runtime import device_name, resolve_device, resolve_dtype
 
 # Shapes the project compares against (issue "GPU performance"): dim x layers.
 PRESETS = {
@@ -74,7 +74,7 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     """
     dist = dist or Dist()
     rows_per_rank = batch_size // dist.world_size
-    interval = 5
+    interval = 10  # a log point syncs with the GPU; one per 10 steps keeps that stall small
     warmup, steps = -(-warmup // interval) * interval, -(-steps // interval) * interval
     if tokens is not None:
         stream = TokenStream(tokens, "train")
@@ -121,10 +121,63 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     }
 
 
-def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device) -> str:
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_infer(preset: str, *, batch_size: int, prompt_len: int, new_tokens: int, vocab_size: int,
+                device: str, dtype: str, repeats: int = 3) -> dict:
+    """Generation speed of the real engine (`generate_batch`, KV cache, greedy, no stop token):
+    time to first token (prefill + one token) and decode tokens/s, per sequence and for the batch.
+    The fastest of `repeats` runs counts (after one warm-up)."""
+    from tinyllm.infer.generate import generate_batch
+
+    runtime = RuntimeConfig(device=device, dtype=dtype)
+    dev = resolve_device(runtime)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**PRESETS[preset], max_seq_len=prompt_len + new_tokens, vocab_size=vocab_size))
+    model = model.to(dev, dtype=resolve_dtype(runtime, dev)).eval()
+    prompts = torch.randint(0, vocab_size, (batch_size, prompt_len)).tolist()
+
+    def run(n: int):
+        return lambda: generate_batch(model, prompts, max_new_tokens=n)
+
+    run(new_tokens)()  # warm-up: allocator, kernels
+    first = min(_timed(run(1), dev) for _ in range(repeats))
+    whole = min(_timed(run(new_tokens), dev) for _ in range(repeats))
+    decode = max(whole - first, 1e-9) / (new_tokens - 1)  # seconds per decode step
+    return {
+        "model": preset,
+        "params_M": round(model.num_params() / 1e6, 1),
+        "dtype": str(resolve_dtype(runtime, dev)).removeprefix("torch."),
+        "batch": batch_size,
+        "prompt": prompt_len,
+        "new_tokens": new_tokens,
+        "ttft_ms": round(first * 1e3, 2),
+        "decode_ms_per_token": round(decode * 1e3, 3),
+        "decode_tokens_per_sec_per_seq": round(1 / decode),
+        "decode_tokens_per_sec_total": round(batch_size / decode),
+    }
+
+
+def run_infer(models: list[str], batch_sizes: list[int], out_dir: Path, name: str = "infer", **kwargs) -> str:
+    """Benchmark generation for every model × batch size and write one table."""
+    rows = [bench_infer(m, batch_size=b, **kwargs) for m in models for b in batch_sizes]
+    return write_table(rows, out_dir, name, resolve_device(RuntimeConfig(device=kwargs["device"])),
+                       title="Generation speed")
+
+
+def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device,
+                title: str = "Training throughput") -> str:
     """Print-ready markdown table with the machine in the heading; also saved as .md and .json."""
     card = device_name(device)
-    header = (f"# Training throughput — {card}, torch {torch.__version__}, "
+    header = (f"# {title} — {card}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}, {platform.node() or 'host'}\n\n")
     cols = [c for c in rows[0] if c != "loss_curve"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

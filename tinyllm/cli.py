@@ -92,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma list of {', '.join(bench.STRATEGIES)} (several processes: run under torchrun)")
     train.add_argument("--name", default="train", help="table file name prefix")
     train.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
+    infer = bench_sub.add_parser("infer", help="generation speed: time to first token, decode tokens/s",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    infer.add_argument("--models", type=_names_from(bench.PRESETS, "model preset(s)"), default=["tiny"],
+                       help=f"comma list of {', '.join(bench.PRESETS)}")
+    infer.add_argument("--batch-sizes", type=lambda t: [int(b) for b in t.split(",")], default=[1, 8, 32],
+                       help="comma list of prompts generated together")
+    infer.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
+    infer.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    infer.add_argument("--vocab-size", type=int, default=6400, help="embedding rows")
+    infer.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    infer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="weights dtype; auto is bf16 on CUDA")
+    infer.add_argument("--name", default="infer", help="table file name prefix")
+    infer.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     return parser
 
 
@@ -145,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
                         dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name))
+    elif args.command == "bench" and args.what == "infer":
+        print(bench.run_infer(args.models, args.batch_sizes, args.out, name=args.name, prompt_len=args.prompt_len,
+                              new_tokens=args.new_tokens, vocab_size=args.vocab_size, device=args.device,
+                              dtype=args.dtype))
 
 
 if __name__ == "__main__":
