@@ -61,3 +61,27 @@ def test_padding_never_leaks_into_real_rows(tiny_config):
         logits = model(ids, key_valid=valid).logits[0, -len(short):]
         torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
         assert generate_batch(model, [short, long], 6, pad_id=pad)[0] == generate(model, short, 6)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    from tinyllm.infer.generate import next_tokens
+
+    logits = torch.tensor([[2.0, 1.0, -1.0, -1.5]])
+    seen = torch.tensor([[True, False, False, False]])
+    assert int(next_tokens(logits, 0.0, None, None, None)) == 0
+    assert int(next_tokens(logits, 0.0, None, None, None, repetition_penalty=3.0, seen=seen)) == 1  # 2/3 < 1
+    negative = torch.tensor([[-1.0, -1.5]])
+    assert int(next_tokens(negative, 0.0, None, None, None, repetition_penalty=3.0,
+                           seen=torch.tensor([[True, False]]))) == 1  # -1 * 3 = -3 falls below -1.5
+
+
+def test_repetition_penalty_changes_a_repetitive_reply_the_same_way_alone_and_batched(tiny_config):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    prompts = [[5, 9, 2, 7], [1], [3, 3, 8, 1, 6, 2, 9]]
+    plain = [generate(model, p, 20) for p in prompts]
+    penalised = [generate(model, p, 20, repetition_penalty=5.0) for p in prompts]
+    assert penalised != plain
+    repeats = sum(len(r) - len(set(r)) for r in penalised), sum(len(r) - len(set(r)) for r in plain)
+    assert repeats[0] < repeats[1]  # fewer repeated tokens
+    assert generate_batch(model, prompts, 20, repetition_penalty=5.0) == penalised

@@ -1,4 +1,4 @@
-"""Multi-turn chat over any checkpoint: the engine behind `tinyllm chat` (and later the API and web page).
+"""Multi-turn chat over any checkpoint: the engine behind `tinyllm chat` and the web page.
 
     model, tok, name = load_chat_model()                 # the pipeline's newest chat model
     session = ChatSession(model, tok, temperature=0.7, top_p=0.9)
@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from tinyllm.data.tokenizer import load_tokenizer, render_chat, reply_stop_ids
 from tinyllm.errors import UserError
 from tinyllm.infer.generate import stream_tokens
+from tinyllm.infer.text import TextStream
 from tinyllm.train.checkpoint import is_checkpoint, load_model
 
 CHAT_STAGES = ("dpo", "lora", "sft")
@@ -82,11 +83,11 @@ class ChatSession:
 
     def __init__(self, model, tok: Tokenizer, system_prompt: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_p: float | None = 0.9, top_k: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, repetition_penalty: float = 1.0):
         self.model, self.tok = model, tok
         self.system_prompt = system_prompt
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
-        self.seed = seed
+        self.seed, self.repetition_penalty = seed, repetition_penalty
         self.stop_ids = reply_stop_ids(tok)
         self.context_len = model.config.max_seq_len
         self.messages: list[dict] = []
@@ -120,17 +121,15 @@ class ChatSession:
         prompt = self._prompt_ids(text)
         self.turns += 1
         seed = None if self.seed is None else self.seed + self.turns  # repeatable, yet new noise each turn
-        ids: list[int] = []
-        shown = ""
+        stream = TextStream(self.tok)
         try:
             for token in stream_tokens(self.model, prompt, self.max_new_tokens, stop_ids=self.stop_ids,
-                                       temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed):
-                ids.append(token)
-                text_so_far = self.tok.decode(ids)
-                if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    yield text_so_far[len(shown):]
-                    shown = text_so_far
-            if len(reply := self.tok.decode(ids)) > len(shown):
-                yield reply[len(shown):]
+                                       temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed,
+                                       repetition_penalty=self.repetition_penalty):
+                if piece := stream.push(token):
+                    yield piece
+            if piece := stream.finish():
+                yield piece
         finally:
-            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": self.tok.decode(ids)}]
+            reply = self.tok.decode(stream.ids)
+            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

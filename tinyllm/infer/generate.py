@@ -17,8 +17,17 @@ from tinyllm.model.transformer import KVCache, Transformer
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator) -> torch.Tensor:
-    """(B,) token ids from (B, vocab) logits: argmax at temperature 0, else a sample."""
+                generator, repetition_penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) token ids from (B, vocab) logits: argmax at temperature 0, else a sample.
+
+    repetition_penalty > 1 makes every token in `seen` ((B, vocab) bool: already in the prompt or
+    the reply) less likely, CTRL-style: its logit is divided by the penalty if positive, multiplied
+    if negative.
+    """
+    if repetition_penalty != 1.0 and seen is not None:
+        logits = logits.float()
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -46,7 +55,7 @@ def _budget(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
 @torch.no_grad()
 def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None) -> Iterator[int]:
+                  seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[int]:
     """Yield new token ids one by one; stops after a stop id (not yielded) or the length limit.
 
     Args:
@@ -54,6 +63,7 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
         top_k: sample only among the k most likely tokens.
         top_p: sample only among the most likely tokens whose probabilities sum to top_p.
         seed: seeds sampling, so the same call gives the same text.
+        repetition_penalty: > 1 discourages tokens already in the prompt or the reply.
     """
     budget = _budget(model, len(prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
@@ -62,16 +72,26 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
     model.eval()
     cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, next(model.parameters()).dtype)
     inputs = torch.tensor([prompt_ids], device=device)
+    seen = _seen(inputs, model.config.vocab_size) if repetition_penalty != 1.0 else None
     try:
         for _ in range(budget):
             logits = model(inputs, cache=cache).logits[:, -1]
-            token = int(next_tokens(logits, temperature, top_k, top_p, generator))
+            token = int(next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen))
+            if seen is not None:
+                seen[0, token] = True
             if token in stop_ids:
                 return
             yield token
             inputs = torch.tensor([[token]], device=device)
     finally:
         model.train(was_training)
+
+
+def _seen(ids: torch.Tensor, vocab_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, vocab) bool: which tokens each row already holds (only where `valid`, if given)."""
+    counts = torch.zeros(ids.shape[0], vocab_size, device=ids.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype) if valid is None else valid.to(counts.dtype))
+    return counts > 0
 
 
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
@@ -82,7 +102,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, **k
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                    stop_ids: set[int] = frozenset(), pad_id: int = 0, temperature: float = 0.0,
-                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> list[list[int]]:
+                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                   repetition_penalty: float = 1.0) -> list[list[int]]:
     """New tokens for several prompts at once (each list ends before its first stop id).
 
     Every row runs until all rows have stopped or the budget (set by the longest prompt) is spent.
@@ -104,11 +125,14 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     cache = KVCache(model.config, B, width + budget, device, next(model.parameters()).dtype)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    seen = _seen(inputs, model.config.vocab_size, key_valid[:, :width]) if repetition_penalty != 1.0 else None
     out = []
     try:
         for _ in range(budget):
             logits = model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
-            tokens = next_tokens(logits, temperature, top_k, top_p, generator)
+            tokens = next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen)
+            if seen is not None:
+                seen[torch.arange(B, device=device), tokens] = True
             done |= torch.isin(tokens, stop)
             out.append(tokens.masked_fill(done, -1))
             if done.all():
