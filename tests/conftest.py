@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny tokenizer and a tiny model config, built in well under a second."""
 
+from pathlib import Path
+
 import pytest
 
 from tinyllm.config import ModelConfig, TokenizerConfig
@@ -21,3 +23,19 @@ def tokenizer():
 @pytest.fixture
 def tiny_config():
     return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64, vocab_size=97)
+
+
+def make_chat_checkpoint(folder: Path, tokenizer, max_seq_len: int = 64, seed: int = 0) -> Path:
+    """A tiny random model saved as a pipeline checkpoint (weights, config, tokenizer files)."""
+    import torch
+
+    from tinyllm.data.tokenizer import save_tokenizer
+    from tinyllm.model.transformer import Transformer
+    from tinyllm.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    save_tokenizer(tokenizer, folder / "tok")
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=max_seq_len,
+                      vocab_size=tokenizer.get_vocab_size())
+    save_checkpoint(Transformer(cfg), folder / "ckpt", tokenizer_dir=folder / "tok")
+    return folder / "ckpt"

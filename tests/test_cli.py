@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import make_chat_checkpoint
 
 from tinyllm.cli import build_parser, main
 
@@ -52,22 +53,6 @@ def test_bench_infer_times_prefill_and_decode(tmp_path, capsys):
     assert (tmp_path / "infer_cpu.md").read_text().startswith("# Generation speed — cpu")
 
 
-def _chat_checkpoint(tmp_path, tokenizer):
-    import torch
-
-    from tinyllm.config import ModelConfig
-    from tinyllm.data.tokenizer import save_tokenizer
-    from tinyllm.model.transformer import Transformer
-    from tinyllm.train.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    save_tokenizer(tokenizer, tmp_path / "tok")
-    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=64,
-                      vocab_size=tokenizer.get_vocab_size())
-    save_checkpoint(Transformer(cfg), tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
-    return tmp_path / "ckpt"
-
-
 def _chat(args, stdin, cwd):
     import os
     import subprocess
@@ -80,7 +65,7 @@ def _chat(args, stdin, cwd):
 
 
 def test_chat_streams_replies_resets_and_exits(tmp_path, tokenizer):
-    ckpt = _chat_checkpoint(tmp_path, tokenizer)
+    ckpt = make_chat_checkpoint(tmp_path, tokenizer)
     proc = _chat([str(ckpt), "--temperature", "0", "--max-tokens", "5"], "李明住在哪里？\n/reset\n你好\n/exit\n不会读到\n",
                  tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -91,7 +76,7 @@ def test_chat_streams_replies_resets_and_exits(tmp_path, tokenizer):
 def test_chat_without_a_checkpoint_uses_the_newest_stage_or_says_what_to_do(tmp_path, tokenizer):
     proc = _chat([], "", tmp_path)
     assert proc.returncode == 1 and "no chat checkpoint" in proc.stderr and "Traceback" not in proc.stderr
-    ckpt = _chat_checkpoint(tmp_path, tokenizer)
+    ckpt = make_chat_checkpoint(tmp_path, tokenizer)
     (tmp_path / "artifacts").mkdir()
     ckpt.rename(tmp_path / "artifacts/sft")
     proc = _chat([], "/exit\n", tmp_path)

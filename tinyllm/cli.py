@@ -2,6 +2,8 @@
 
     tinyllm chat                                   # the pipeline's newest chat model, in the terminal
     tinyllm chat artifacts/sft --adapter artifacts/lora/adapter --temperature 0
+    tinyllm serve --port 8000                      # OpenAI-compatible API over the newest chat model
+    tinyllm web                                    # Streamlit chat page
     tinyllm bench train --models 768x8 --compile off,on --dtype bfloat16
     python -m tinyllm.cli bench train ...     # same, where the package is not installed
 """
@@ -72,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="most tokens per reply (the context window caps it)")
     chat.add_argument("--seed", type=int, default=None, help="seed sampling for repeatable replies")
     chat.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat/completions, completions, models)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("checkpoints", nargs="*", metavar="[NAME=]CHECKPOINT",
+                       help="checkpoint folders to serve (default: the newest of artifacts/dpo, lora, sft)")
+    serve.add_argument("--adapter", type=Path, help="a peft adapter folder on top (one checkpoint only)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    serve.add_argument("--port", type=int, default=8000, help="port")
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    web = sub.add_parser("web", help="Streamlit chat page over the pipeline's checkpoints",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    web.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where the pipeline's checkpoints are")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind")
+    web.add_argument("--port", type=int, default=8501, help="port")
+    web.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     bench_parser = sub.add_parser("bench", help="throughput benchmarks")
     bench_sub = bench_parser.add_subparsers(dest="what", required=True)
     train = bench_sub.add_parser("train", help="training tokens/s, MFU and memory of model presets",
@@ -147,6 +164,33 @@ def chat_repl(args) -> None:
                   flush=True)
 
 
+def serve(args) -> None:
+    import uvicorn
+
+    from tinyllm.serve.api import create_app
+    from tinyllm.serve.models import load_served_models
+
+    models = load_served_models(args.checkpoints, args.adapter, args.device)
+    for m in models:
+        print(f"serving {m.description} as model {m.name!r} ({m.context}-token context)", flush=True)
+    print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", flush=True)
+    uvicorn.run(create_app(models, args.api_key), host=args.host, port=args.port, log_level="warning")
+
+
+def web_page(args) -> None:
+    """`streamlit run tinyllm/serve/web.py` with our defaults (127.0.0.1, no telemetry)."""
+    import subprocess
+
+    from tinyllm.serve import web
+
+    cmd = [sys.executable, "-m", "streamlit", "run", web.__file__, "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--", "--artifacts", str(args.artifacts), "--device", args.device]
+    print(f"web chat on http://{args.host}:{args.port}", flush=True)
+    sys.exit(subprocess.call(cmd))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -155,6 +199,13 @@ def main(argv: list[str] | None = None) -> None:
             chat_repl(args)
         except (UserError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
+    elif args.command == "serve":
+        try:
+            serve(args)
+        except (UserError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+    elif args.command == "web":
+        web_page(args)
     elif args.command == "bench" and args.what == "train":
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
