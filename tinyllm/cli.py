@@ -180,12 +180,12 @@ def serve(args) -> None:
 
 def web_page(args) -> None:
     """`streamlit run tinyllm/serve/web.py` with our defaults (127.0.0.1, no telemetry)."""
+    import importlib.util
     import subprocess
 
-    from tinyllm.serve import web
-
-    cmd = [sys.executable, "-m", "streamlit", "run", web.__file__, "--server.address", args.host,
-           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+    page = importlib.util.find_spec("tinyllm.serve.web").origin  # not imported: the page runs on import
+    cmd = [sys.executable, "-m", "streamlit", "run", page, "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
            "--", "--artifacts", str(args.artifacts), "--device", args.device]
     print(f"web chat on http://{args.host}:{args.port}", flush=True)
     sys.exit(subprocess.call(cmd))
