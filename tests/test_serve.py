@@ -3,48 +3,23 @@
 
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
-import uvicorn
 from conftest import make_chat_checkpoint
 
 from tinyllm.serve.api import create_app
+from tinyllm.serve.background import BackgroundServer
 from tinyllm.serve.models import load_served_models
 from tinyllm.serve.worker import ServedModel
 
 
-class Server:
-    """uvicorn serving `app` on a free 127.0.0.1 port in a background thread."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
+class Server(BackgroundServer):
     def client(self, api_key="none", **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=60, **kwargs)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,64 @@ def run_infer(models: list[str], batch_sizes: list[int], out_dir: Path, name: st
                        title="Generation speed")
 
 
+def bench_serve(checkpoints: list[str], *, clients: int, requests: int, max_tokens: int, device: str) -> dict:
+    """`clients` concurrent streaming clients (the official openai client), each sending `requests`
+    chat requests to a real server on 127.0.0.1: time to first token and whole-request latency
+    percentiles, and completion tokens/s over the run."""
+    import concurrent.futures
+
+    import openai
+
+    from tinyllm.serve.api import create_app
+    from tinyllm.serve.background import BackgroundServer
+    from tinyllm.serve.models import load_served_models
+
+    models = load_served_models(checkpoints, device=device)
+    questions = ["李明住在哪里？", "你是谁？", "王芳是做什么工作的？", "3加5等于几？", "Where does Li Ming live?"]
+
+    def client_run(index: int) -> list[tuple[float, float, int]]:
+        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
+        out = []
+        for r in range(requests):
+            start, first = time.perf_counter(), None
+            chunks = client.chat.completions.create(
+                model=models[0].name, messages=[{"role": "user", "content": questions[(index + r) % len(questions)]}],
+                temperature=0.7, seed=index * 1000 + r, max_tokens=max_tokens, stream=True,
+                stream_options={"include_usage": True})
+            tokens = 0
+            for chunk in chunks:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter()
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            end = time.perf_counter()
+            out.append(((first or end) - start, end - start, tokens))
+        return out
+
+    with BackgroundServer(create_app(models)) as server:
+        client_run(0)  # warm-up
+        wall = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            results = [r for rs in pool.map(client_run, range(clients)) for r in rs]
+        wall = time.perf_counter() - wall
+
+    def pct(values, q):
+        ordered = sorted(values)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 1)
+
+    ttft, total = [r[0] for r in results], [r[1] for r in results]
+    return {"model": models[0].description, "clients": clients, "requests": len(results), "max_tokens": max_tokens,
+            "ttft_p50_ms": pct(ttft, 0.5), "ttft_p90_ms": pct(ttft, 0.9), "ttft_p99_ms": pct(ttft, 0.99),
+            "latency_p50_ms": pct(total, 0.5), "latency_p90_ms": pct(total, 0.9), "latency_p99_ms": pct(total, 0.99),
+            "completion_tokens_per_sec": round(sum(r[2] for r in results) / wall, 1)}
+
+
+def run_serve(checkpoints: list[str], out_dir: Path, **kwargs) -> str:
+    row = bench_serve(checkpoints, **kwargs)
+    return write_table([row], out_dir, "serve", resolve_device(RuntimeConfig(device=kwargs["device"])),
+                       title="API latency")
+
+
 def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device,
                 title: str = "Training throughput") -> str:
     """Print-ready markdown table with the machine in the heading; also saved as .md and .json."""

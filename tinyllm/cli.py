@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                        help="weights dtype; auto is bf16 on CUDA")
     infer.add_argument("--name", default="infer", help="table file name prefix")
+    serve_bench = bench_sub.add_parser("serve", help="API latency under concurrent streaming clients",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve_bench.add_argument("checkpoints", nargs="*", metavar="[NAME=]CHECKPOINT",
+                             help="what to serve (default: the pipeline's newest chat model)")
+    serve_bench.add_argument("--clients", type=int, default=20, help="concurrent streaming clients")
+    serve_bench.add_argument("--requests", type=int, default=5, help="requests per client")
+    serve_bench.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    serve_bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    serve_bench.add_argument("--out", type=Path, default=Path("reports/serving"), help="folder for the table")
     infer.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     return parser
 
@@ -210,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
                         dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name))
+    elif args.command == "bench" and args.what == "serve":
+        print(bench.run_serve(args.checkpoints, args.out, clients=args.clients, requests=args.requests,
+                              max_tokens=args.max_tokens, device=args.device))
     elif args.command == "bench" and args.what == "infer":
         print(bench.run_infer(args.models, args.batch_sizes, args.out, name=args.name, prompt_len=args.prompt_len,
                               new_tokens=args.new_tokens, vocab_size=args.vocab_size, device=args.device,
