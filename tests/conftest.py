@@ -25,8 +25,9 @@ def tiny_config():
     return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64, vocab_size=97)
 
 
-def make_chat_checkpoint(folder: Path, tokenizer, max_seq_len: int = 64, seed: int = 0) -> Path:
-    """A tiny random model saved as a pipeline checkpoint (weights, config, tokenizer files)."""
+def make_chat_checkpoint(folder: Path, tokenizer, max_seq_len: int = 64, seed: int = 0, moe=None) -> Path:
+    """A tiny random model (an MoE with `moe`, a MoEConfig) saved as a pipeline checkpoint (weights,
+    config, tokenizer files)."""
     import torch
 
     from tinyllm.data.tokenizer import save_tokenizer
@@ -35,7 +36,7 @@ def make_chat_checkpoint(folder: Path, tokenizer, max_seq_len: int = 64, seed: i
 
     torch.manual_seed(seed)
     save_tokenizer(tokenizer, folder / "tok")
-    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=max_seq_len,
-                      vocab_size=tokenizer.get_vocab_size())
+    cfg = ModelConfig(dim=32, n_layers=1 if moe is None else 3, n_heads=2, n_kv_heads=1, hidden_dim=64,
+                      max_seq_len=max_seq_len, vocab_size=tokenizer.get_vocab_size(), **({"moe": moe} if moe else {}))
     save_checkpoint(Transformer(cfg), folder / "ckpt", tokenizer_dir=folder / "tok")
     return folder / "ckpt"

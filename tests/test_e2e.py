@@ -73,7 +73,8 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
                  "artifacts/sft/model.safetensors", "reports/live/sft/plots/metrics/train/loss.tsv",
                  "artifacts/lora/model.safetensors", "artifacts/lora/adapter/adapter_config.json",
                  "artifacts/lora/adapter/adapter_model.safetensors", "artifacts/dpo/model.safetensors",
-                 "reports/eval/report.md", "reports/eval/loss.png"):
+                 "reports/eval/report.md", "reports/eval/loss.png", "artifacts/hf/config.json",
+                 "artifacts/hf/model.safetensors", "artifacts/hf/generation_config.json"):
         assert (repo / path).is_file(), path
     for name in ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin"):
         assert (repo / f"reports/live/dpo/plots/metrics/train/{name}.tsv").is_file(), name
@@ -88,6 +89,8 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
             assert 0 <= stage[key] <= 1, key
     assert metrics["pretrain"]["facts_detail"]["n_prompts"] == 12
     assert "| QA, held-out people |" in (repo / "reports/eval/report.md").read_text()
+    card = (repo / "artifacts/hf/README.md").read_text()
+    assert "## Evaluation" in card and "| qa_heldout |" in card  # the exported model's card carries its metrics
     tokens = json.loads((repo / "reports/metrics/tokens.json").read_text())
     assert tokens["train"]["n_tokens"] > tokens["val"]["n_tokens"] > 0
     loss_rows = (repo / "reports/live/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()

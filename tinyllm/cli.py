@@ -4,6 +4,7 @@
     tinyllm chat artifacts/sft --adapter artifacts/lora/adapter --temperature 0
     tinyllm serve --port 8000                      # OpenAI-compatible API over the newest chat model
     tinyllm web                                    # Streamlit chat page
+    tinyllm export artifacts/dpo hf/tinyllm         # a transformers LlamaForCausalLM folder; `import` reverses it
     tinyllm bench train --models 768x8 --compile off,on --dtype bfloat16
     python -m tinyllm.cli bench train ...     # same, where the package is not installed
 """
@@ -89,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default="127.0.0.1", help="address to bind")
     web.add_argument("--port", type=int, default=8501, help="port")
     web.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    export = sub.add_parser("export", help="a checkpoint as a Hugging Face transformers folder (LlamaForCausalLM)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("checkpoint", type=Path, help="checkpoint folder, e.g. artifacts/dpo")
+    export.add_argument("out", type=Path, help="folder to write")
+    export.add_argument("--adapter", type=Path, help="also export this peft adapter (to OUT/adapter)")
+    export.add_argument("--metrics", type=Path, default=Path("reports/eval/metrics.json"),
+                        help="eval metrics for the model card (the checkpoint's stage is looked up)")
+    importer = sub.add_parser("import", help="a transformers Llama folder back into a native checkpoint")
+    importer.add_argument("hf_dir", type=Path, help="exported (or compatible Llama) folder")
+    importer.add_argument("out", type=Path, help="checkpoint folder to write")
     bench_parser = sub.add_parser("bench", help="throughput benchmarks")
     bench_sub = bench_parser.add_subparsers(dest="what", required=True)
     train = bench_sub.add_parser("train", help="training tokens/s, MFU and memory of model presets",
@@ -200,6 +211,20 @@ def web_page(args) -> None:
     sys.exit(subprocess.call(cmd))
 
 
+def convert(args) -> str:
+    import json
+
+    from tinyllm.export import export_hf, import_hf
+    from tinyllm.train.checkpoint import read_config
+
+    if args.command == "import":
+        return f"imported {args.hf_dir} as {import_hf(args.hf_dir, args.out)}"
+    stage = read_config(args.checkpoint).get("stage") if (args.checkpoint / "config.json").exists() else None
+    metrics = json.loads(args.metrics.read_text()).get(stage) if args.metrics.exists() else None
+    out = export_hf(args.checkpoint, args.out, adapter=args.adapter, metrics=metrics)
+    return f"exported {args.checkpoint} to {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -215,6 +240,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {err}")
     elif args.command == "web":
         web_page(args)
+    elif args.command in ("export", "import"):
+        try:
+            print(convert(args))
+        except (UserError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
     elif args.command == "bench" and args.what == "train":
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
