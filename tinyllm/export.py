@@ -150,8 +150,7 @@ def export_hf(ckpt_dir: Path, out_dir: Path, adapter: Path | None = None, metric
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     hf.save_pretrained(tmp)
-    GenerationConfig(bos_token_id=bos, eos_token_id=[im_end, bos], pad_token_id=pad, do_sample=False,
-                     max_length=cfg.max_seq_len).save_pretrained(tmp)
+    GenerationConfig(bos_token_id=bos, eos_token_id=[im_end, bos], pad_token_id=pad, do_sample=False).save_pretrained(tmp)
     for name in TOKENIZER_FILES:
         if (ckpt_dir / name).exists():
             shutil.copy2(ckpt_dir / name, tmp / name)
