@@ -32,11 +32,6 @@ def checkpoint(request, tmp_path, tokenizer):
     return make_chat_checkpoint(tmp_path / "src", tokenizer, max_seq_len=64, moe=MOE[request.param])
 
 
-@pytest.fixture
-def dense_checkpoint(tmp_path, tokenizer):
-    return make_chat_checkpoint(tmp_path / "src", tokenizer, max_seq_len=64)
-
-
 def _hf(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -78,23 +73,23 @@ def test_generate_with_the_chat_template_matches_our_engine_and_stops_at_im_end(
 
 
 @torch.no_grad()
-def test_the_exported_peft_adapter_on_the_hf_model_equals_our_merged_model(dense_checkpoint, tmp_path):
+def test_the_exported_peft_adapter_on_the_hf_model_equals_our_merged_model(checkpoint, tmp_path):
     from peft import PeftModel
 
     from tinyllm.train.lora import add_lora
 
-    peft_model = add_lora(load_model(dense_checkpoint), LoRAConfig(rank=4, alpha=8.0), base_dir=dense_checkpoint)
+    peft_model = add_lora(load_model(checkpoint), LoRAConfig(rank=4, alpha=8.0), base_dir=checkpoint)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     peft_model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
     merged = peft_model.merge_and_unload().eval()
 
-    out = export_hf(dense_checkpoint, tmp_path / "hf", adapter=tmp_path / "adapter")
+    out = export_hf(checkpoint, tmp_path / "hf", adapter=tmp_path / "adapter")
     hf = PeftModel.from_pretrained(_hf(out), str(out / "adapter")).eval()
     ids = torch.randint(0, merged.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     assert (hf(ids).logits - merged(ids).logits).abs().max() <= 1e-4
-    assert (hf(ids).logits - load_model(dense_checkpoint)(ids).logits).abs().max() > 1e-3  # the adapter does something
+    assert (hf(ids).logits - load_model(checkpoint)(ids).logits).abs().max() > 1e-3  # the adapter does something
 
 
 def test_export_then_import_reproduces_the_weights_exactly(checkpoint, tmp_path):

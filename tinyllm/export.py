@@ -155,16 +155,22 @@ def export_hf(ckpt_dir: Path, out_dir: Path, adapter: Path | None = None, metric
         if (ckpt_dir / name).exists():
             shutil.copy2(ckpt_dir / name, tmp / name)
     if adapter is not None:
-        export_adapter(Path(adapter), tmp, out_dir)
+        export_adapter(Path(adapter), tmp, out_dir, moe=cfg.moe.enabled)
     (tmp / "README.md").write_text(model_card(ckpt_dir, cfg, metrics), encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
 
 
-def export_adapter(adapter: Path, out_dir: Path, base_dir: Path) -> None:
-    """Copy a peft adapter into `out_dir/adapter`, pointing at `base_dir`. Our module names are
-    Llama's, so its weights apply as they are."""
+def export_adapter(adapter: Path, out_dir: Path, base_dir: Path, moe: bool = False) -> None:
+    """Write a peft adapter to `out_dir/adapter`, pointing at `base_dir`.
+
+    Our module names are Llama's, so a dense model's adapter applies as it is. For an MoE exported
+    as Qwen2-MoE, adapters on the shared experts follow their new name (`shared_expert`), and the
+    down projection's B is doubled like its weight (see the module docstring).
+    """
+    from safetensors.torch import load_file, save_file
+
     config_file = adapter / "adapter_config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{adapter}: not a peft adapter folder (expected adapter_config.json)")
@@ -174,6 +180,13 @@ def export_adapter(adapter: Path, out_dir: Path, base_dir: Path) -> None:
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = str(base_dir)
     (target / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    weights_file = target / "adapter_model.safetensors"
+    if moe and weights_file.exists():
+        weights = {}
+        for name, tensor in load_file(str(weights_file)).items():
+            name = name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+            weights[name] = tensor * 2 if ".mlp.shared_expert.down_proj.lora_B" in name else tensor
+        save_file(weights, str(weights_file), metadata={"format": "pt"})
 
 
 def model_card(ckpt_dir: Path, cfg: ModelConfig, metrics: dict | None) -> str:
