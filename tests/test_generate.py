@@ -85,3 +85,17 @@ def test_repetition_penalty_changes_a_repetitive_reply_the_same_way_alone_and_ba
     repeats = sum(len(r) - len(set(r)) for r in penalised), sum(len(r) - len(set(r)) for r in plain)
     assert repeats[0] < repeats[1]  # fewer repeated tokens
     assert generate_batch(model, prompts, 20, repetition_penalty=5.0) == penalised
+
+
+def test_static_shape_decoding_gives_the_same_tokens_alone_and_batched(tiny_config):
+    """The GPU path (StaticKVCache: whole-buffer attention under a position mask), run eagerly here."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    prompts = [[5, 9, 2, 7], [1], [3, 3, 8, 1, 6, 2, 9]]
+    for prompt in prompts:
+        assert generate(model, prompt, 12, static=True) == generate(model, prompt, 12, static=False)
+    sampled = [generate(model, p, 12, temperature=1.0, top_p=0.9, seed=3, static=True) for p in prompts]
+    assert sampled == [generate(model, p, 12, temperature=1.0, top_p=0.9, seed=3, static=False) for p in prompts]
+    assert generate_batch(model, prompts, 12, static=True) == generate_batch(model, prompts, 12, static=False)
+    # the cache is kept per batch size and reused: a second request starts clean
+    assert generate_batch(model, prompts, 12, static=True) == generate_batch(model, prompts, 12, static=False)

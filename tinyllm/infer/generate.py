@@ -5,15 +5,55 @@
 
 Prompts generated together are left-padded to one length; padding is masked out of attention, so
 each row gets the tokens it would get alone (up to float rounding in the last bits).
+
+On a GPU, a dense model decodes with static shapes (`StaticKVCache`) and the decode step compiled
+with CUDA graphs (`torch.compile(mode="reduce-overhead")`): one graph launch per token instead of a
+hundred kernel launches. The cache and the compiled step are kept per model and batch size, so
+only the first request of a shape pays for compilation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 
-from tinyllm.model.transformer import KVCache, Transformer
+from tinyllm.model.transformer import KVCache, StaticKVCache, Transformer
+
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {batch size: (cache, step)}
+
+
+def decoder(model: Transformer, batch_size: int, max_len: int, static: bool | None = None
+            ) -> tuple[KVCache, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]]:
+    """(cache, step): `step(inputs, key_valid)` runs the model on new tokens through the cache and
+    returns the last position's logits (B, vocab).
+
+    static: use a StaticKVCache (compiled with CUDA graphs on a GPU); None picks it for a dense
+    model on a GPU. An MoE routes with data-dependent shapes and always decodes dynamically.
+    """
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    if static is None:
+        static = device.type == "cuda" and not model.config.moe.enabled
+    if not static:
+        cache = KVCache(model.config, batch_size, max_len, device, dtype)
+        return cache, lambda inputs, key_valid: model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
+    per_model = _STATIC.setdefault(model, {})
+    if batch_size not in per_model:
+        cache = StaticKVCache(model.config, batch_size, model.config.max_seq_len, device, dtype)
+
+        def step(inputs, key_valid):
+            return model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
+
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True) if device.type == "cuda" else step
+        per_model[batch_size] = (cache, step, compiled)
+    cache, step, compiled = per_model[batch_size]
+    cache.reset()
+
+    def run(inputs, key_valid):  # the prompt (any length) eagerly; each single new token as one graph
+        return (compiled if inputs.shape[1] == 1 else step)(inputs, key_valid).clone()
+
+    return cache, run
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -55,7 +95,8 @@ def _budget(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
 @torch.no_grad()
 def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[int]:
+                  seed: int | None = None, repetition_penalty: float = 1.0, static: bool | None = None
+                  ) -> Iterator[int]:
     """Yield new token ids one by one; stops after a stop id (not yielded) or the length limit.
 
     Args:
@@ -64,18 +105,19 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
         top_p: sample only among the most likely tokens whose probabilities sum to top_p.
         seed: seeds sampling, so the same call gives the same text.
         repetition_penalty: > 1 discourages tokens already in the prompt or the reply.
+        static: decode with static shapes (see `decoder`); None decides by device and model.
     """
     budget = _budget(model, len(prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
-    cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, next(model.parameters()).dtype)
+    _, step = decoder(model, 1, len(prompt_ids) + budget, static)
     inputs = torch.tensor([prompt_ids], device=device)
     seen = _seen(inputs, model.config.vocab_size) if repetition_penalty != 1.0 else None
     try:
         for _ in range(budget):
-            logits = model(inputs, cache=cache).logits[:, -1]
+            logits = step(inputs, None)
             token = int(next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen))
             if seen is not None:
                 seen[0, token] = True
@@ -103,7 +145,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, **k
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                    stop_ids: set[int] = frozenset(), pad_id: int = 0, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                   repetition_penalty: float = 1.0) -> list[list[int]]:
+                   repetition_penalty: float = 1.0, static: bool | None = None) -> list[list[int]]:
     """New tokens for several prompts at once (each list ends before its first stop id).
 
     Every row runs until all rows have stopped or the budget (set by the longest prompt) is spent.
@@ -118,18 +160,18 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     model.eval()
     B = len(prompts)
     inputs = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-    key_valid = torch.ones(B, width + budget, dtype=torch.bool, device=device)
+    cache, step = decoder(model, B, width + budget, static)
+    key_valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
     for row, ids in enumerate(prompts):
         inputs[row, width - len(ids):] = torch.tensor(ids, device=device)
         key_valid[row, :width - len(ids)] = False
-    cache = KVCache(model.config, B, width + budget, device, next(model.parameters()).dtype)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     seen = _seen(inputs, model.config.vocab_size, key_valid[:, :width]) if repetition_penalty != 1.0 else None
     out = []
     try:
         for _ in range(budget):
-            logits = model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
+            logits = step(inputs, key_valid)
             tokens = next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen)
             if seen is not None:
                 seen[torch.arange(B, device=device), tokens] = True

@@ -70,6 +70,60 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def rope(self, table: torch.Tensor, T: int) -> torch.Tensor:
+        """The RoPE table rows of the next T positions."""
+        if self.length + T > table.shape[0]:
+            raise ValueError(f"sequence of {self.length + T} tokens exceeds model.max_seq_len={table.shape[0]}")
+        return table[self.length:self.length + T]
+
+    def mask(self, T: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
+        return attention_mask(self.length, T, key_valid, device)
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose every step has the same shapes, so a decode step can be one CUDA graph.
+
+    Attention always spans the whole buffer (positions beyond the current one are masked out),
+    the position is a device tensor updated in place, and the buffers have fixed addresses
+    (`mark_static_address`). Reusable: `reset()` starts a new sequence without clearing memory.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        super().__init__(cfg, batch_size, max_len, device, dtype)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_pos = torch.arange(max_len, device=device)
+        for buffer in (*self.keys, *self.values, self.position):
+            torch._dynamo.mark_static_address(buffer)
+
+    def reset(self) -> None:
+        self.position.zero_()
+
+    def _positions(self, T: int) -> torch.Tensor:
+        return self.position + self.key_pos[:T]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        where = self._positions(k.shape[2])
+        self.keys[layer].index_copy_(2, where, k)
+        self.values[layer].index_copy_(2, where, v)
+        return self.keys[layer], self.values[layer]
+
+    def rope(self, table: torch.Tensor, T: int) -> torch.Tensor:
+        return table[self._positions(T)]
+
+    def mask(self, T: int, key_valid: torch.Tensor | None, device) -> torch.Tensor:
+        """(B or 1, 1, T, max_len): causal over the whole buffer, padding out (see attention_mask)."""
+        query_pos = self._positions(T)[:, None]
+        causal = self.key_pos[None, :] <= query_pos
+        if key_valid is None:
+            return causal[None, None]
+        return (causal & key_valid[:, None, None, :]) | (self.key_pos[None, :] == query_pos)[None, None]
+
+    def advance(self, T: int) -> None:
+        self.position += T
+
 
 def attention_mask(start: int, T: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
     """Boolean (B or 1, 1, T, start + T) mask for queries at positions start..start+T-1, or None
@@ -186,17 +240,21 @@ class Transformer(nn.Module):
         Args:
             input_ids: (B, T) token ids.
             labels: (B, T) target ids, IGNORE_INDEX where no loss is wanted.
-            cache: a KVCache for incremental decoding; positions continue from `cache.length`.
+            cache: a KVCache (or StaticKVCache) for incremental decoding; positions continue where
+                the cache stands.
             key_valid: (B, ≥ start + T) bool, False at padding positions no query may attend to
                 (left-padded prompts generated together). RoPE scores depend only on the distance
                 between positions, so a row shifted right by its padding computes what it would alone.
         """
         T = input_ids.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        mask = attention_mask(start, T, key_valid, input_ids.device)
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            mask = attention_mask(0, T, key_valid, input_ids.device)
+        else:
+            cos, sin = cache.rope(self.rope_cos, T), cache.rope(self.rope_sin, T)
+            mask = cache.mask(T, key_valid, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         moe_stats = []
         for i, layer in enumerate(self.model.layers):
@@ -204,7 +262,7 @@ class Transformer(nn.Module):
             if stats is not None:
                 moe_stats.append(stats)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         logits = self.lm_head(self.model.norm(x))
         balance_loss = sum(b for b, _ in moe_stats) if moe_stats else None
         load = torch.stack([l for _, l in moe_stats]) if moe_stats else None
