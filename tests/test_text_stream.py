@@ -36,3 +36,13 @@ def test_a_possible_stop_string_is_held_back_until_it_is_not_one(tokenizer):
         assert "\n\n" not in shown or "b" in shown  # the blank line waits until "b" rules the stop out
     shown += stream.finish()
     assert shown == "a\n\nb" and not stream.stopped
+
+
+def test_a_stop_string_is_caught_at_the_end_and_before_a_half_character(tokenizer):
+    ids = tokenizer.encode("答案是杭州", add_special_tokens=False).ids
+    stream = TextStream(tokenizer, stop=["杭州"])
+    shown = "".join(stream.push(t) for t in ids) + stream.finish()
+    assert shown == "答案是" and stream.stopped
+    stream = TextStream(tokenizer, stop=["是"])  # generation ends right after the stop string
+    shown = "".join(stream.push(t) for t in tokenizer.encode("答案是", add_special_tokens=False).ids)
+    assert shown + stream.finish() == "答案" and stream.stopped

@@ -29,19 +29,25 @@ class TextStream:
         """Add one token; return the text that is now safe to show (maybe "")."""
         self.ids.append(token)
         decoded = self.tok.decode(self.ids)
+        if self._cut_at_stop(decoded.rstrip("\ufffd")):
+            return self._advance(self.text)
         if decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             return ""
-        cut = min((i for i in (decoded.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped, self.text = True, decoded[:cut]
-            return self._advance(self.text)
         return self._advance(decoded[:len(decoded) - self._pending_stop_prefix(decoded)])
 
     def finish(self) -> str:
         """The text not yet shown, once generation has ended."""
         if not self.stopped:
-            self.text = self.tok.decode(self.ids)
+            decoded = self.tok.decode(self.ids)
+            if not self._cut_at_stop(decoded):
+                self.text = decoded
         return self._advance(self.text)
+
+    def _cut_at_stop(self, decoded: str) -> bool:
+        cut = min((i for i in (decoded.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.text = True, decoded[:cut]
+        return cut >= 0
 
     def _pending_stop_prefix(self, text: str) -> int:
         """Length of the longest end of `text` that begins some stop string."""

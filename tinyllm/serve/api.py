@@ -21,9 +21,9 @@ import json
 import logging
 import secrets
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,15 +64,15 @@ class SamplingFields(BaseModel):
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI clients may send null: the default
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=4)  # OpenAI: up to 4
+    stream: bool | None = None
     stream_options: dict | None = None
-    n: int = 1
+    n: int | None = None
 
 
 class ChatRequest(SamplingFields):
@@ -83,8 +83,9 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str]
 
 
-def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI:
-    """The API over already loaded models (the first is the default)."""
+def create_app(models: list[ServedModel], api_key: str | None = None, max_queue: int = 64) -> FastAPI:
+    """The API over already loaded models (the first is the default). More than `max_queue` waiting
+    requests get 503 rather than an ever longer wait."""
     worker = GenerationWorker()
 
     @contextlib.asynccontextmanager
@@ -92,7 +93,16 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
         yield
         worker.close()
 
-    app = FastAPI(title="TinyLLM", docs_url=None, redoc_url=None, lifespan=lifespan)
+    async def check_key(request: Request):
+        """Every route needs `Authorization: Bearer <key>` when a key is set. (A dependency, not an
+        HTTP middleware: Starlette's middleware hides client disconnects from the handlers.)"""
+        given = request.headers.get("authorization", "")
+        if api_key and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`)",
+                           code="invalid_api_key")
+
+    app = FastAPI(title="TinyLLM", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  dependencies=[Depends(check_key)])
     app.state.worker, app.state.models = worker, models
     created = int(time.time())
 
@@ -111,15 +121,6 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, err: StarletteHTTPException):
         return error_response(err.status_code, str(err.detail), code=None)
-
-    @app.middleware("http")
-    async def _check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`)",
-                                      code="invalid_api_key")
-        return await call_next(request)
 
     def pick(name: str | None) -> ServedModel:
         if len(models) == 1:
@@ -143,7 +144,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         served = pick(body.model)
-        prompt_ids, dropped = chat_prompt(served, body)
+        prompt_ids, dropped = await asyncio.to_thread(chat_prompt, served, body)  # tokenizing is CPU work
         return await respond(request, served, body, prompt_ids, chat=True, dropped=dropped)
 
     @app.post("/v1/completions")
@@ -160,8 +161,13 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
 
     async def respond(request: Request, served: ServedModel, body: SamplingFields, prompt_ids: list[int], chat: bool,
                       dropped: int):
-        if body.n != 1:
+        if body.n not in (None, 1):
             raise APIError(400, "n: only n=1 is supported", param="n")
+        if worker.jobs.qsize() >= max_queue:
+            raise APIError(503, f"the server is busy ({max_queue} requests waiting); try again shortly",
+                           kind="server_error", code="server_busy")
+        if isinstance(body.stop, str) and len(body.stop) > 64:
+            raise APIError(400, "stop: at most 64 characters", param="stop")
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if limit is not None and limit != -1 and limit < 1:
             raise APIError(400, "max_tokens: must be positive, or -1 for up to the context limit", param="max_tokens")
@@ -170,8 +176,8 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
         loop = asyncio.get_running_loop()
         job = Job(served, prompt_ids, max_tokens=room if limit in (None, -1) else min(limit, room),
                   emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
-                  temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                  repetition_penalty=body.repetition_penalty,
+                  temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p,
+                  top_k=body.top_k, seed=body.seed, repetition_penalty=body.repetition_penalty or 1.0,
                   stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))
         worker.submit(job)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
@@ -181,10 +187,9 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
             return StreamingResponse(stream_events(job, events, ident, served.name, chat, include_usage),
                                      media_type="text/event-stream", headers=headers)
         try:
-            text, finish = await collect(events)
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
+            text, finish = await collect_unless_gone(events, request)
+        finally:
+            job.cancel()  # no-op once finished; frees the worker if the client went away
         usage = usage_of(finish)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -198,6 +203,16 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
         return JSONResponse(payload, headers=headers)
 
     return app
+
+
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def without_markers(text: str) -> str:
+    """Message text with the chat format's special tokens removed, so no message can forge a turn."""
+    for marker in CHAT_MARKERS:
+        text = text.replace(marker, "")
+    return text
 
 
 def check_fits(served: ServedModel, prompt_tokens: int) -> None:
@@ -214,7 +229,8 @@ def chat_prompt(served: ServedModel, body: ChatRequest) -> tuple[list[int], int]
     reply (a quarter of the context, or max_tokens if smaller). The newest message always stays:
     if it alone is too long the request fails with context_length_exceeded.
     """
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": without_markers(m.text())}
+                for m in body.messages]
     system = [m for m in messages if m["role"] == "system"]
     rest = [m for m in messages if m["role"] != "system"]
     if not rest:
@@ -225,14 +241,32 @@ def chat_prompt(served: ServedModel, body: ChatRequest) -> tuple[list[int], int]
 
     wanted = body.max_completion_tokens or body.max_tokens
     reserve = min(served.context // 4, wanted if wanted and wanted > 0 else served.context)
-    dropped = 0
-    while len(ids := encode(rest)) > served.context - reserve and len(rest) > 1:
-        rest = rest[1:]
-        dropped += 1
+    room = served.context - reserve
+    low, high = 0, len(rest) - 1  # the fewest oldest messages to drop: a binary search, not one by one
+    if len(encode(rest)) <= room:
+        high = 0
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(encode(rest[middle:])) <= room else (middle + 1, high)
+    dropped = high
+    ids = encode(rest[dropped:])
     check_fits(served, len(ids))
     if dropped:
         log.info("dropped the %d oldest message(s) to fit %s's %d-token context", dropped, served.name, served.context)
     return ids, dropped
+
+
+async def collect_unless_gone(events: asyncio.Queue, request: Request) -> tuple[str, Finish]:
+    """`collect`, abandoned (CancelledError) if the client disconnects while waiting."""
+    task = asyncio.ensure_future(collect(events))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected")
+        return task.result()
+    finally:
+        task.cancel()
 
 
 async def collect(events: asyncio.Queue) -> tuple[str, Finish]:

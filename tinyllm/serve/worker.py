@@ -86,7 +86,10 @@ class GenerationWorker:
                 job.emit("end", self._generate(job))
             except Exception as err:  # a bug must not kill the worker: the client gets a 500
                 log.exception("generation failed")
-                job.emit("error", f"{type(err).__name__}: {err}")
+                try:
+                    job.emit("error", f"{type(err).__name__}: {err}")
+                except Exception:  # e.g. the event loop is closing: nobody is listening any more
+                    log.warning("could not report the failure to the client")
             finally:
                 self.active = None
 
