@@ -99,3 +99,13 @@ def test_static_shape_decoding_gives_the_same_tokens_alone_and_batched(tiny_conf
     assert generate_batch(model, prompts, 12, static=True) == generate_batch(model, prompts, 12, static=False)
     # the cache is kept per batch size and reused: a second request starts clean
     assert generate_batch(model, prompts, 12, static=True) == generate_batch(model, prompts, 12, static=False)
+
+
+def test_two_static_generations_at_once_use_their_own_caches(tiny_config):
+    """Two interleaved streams (two web tabs on a GPU) must not share a static cache."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    a, b = stream_tokens(model, [5, 9, 2, 7], 12, static=True), stream_tokens(model, [1, 2], 12, static=True)
+    together = [(next(a), next(b)) for _ in range(12)]
+    assert [x for x, _ in together] == generate(model, [5, 9, 2, 7], 12, static=False)
+    assert [y for _, y in together] == generate(model, [1, 2], 12, static=False)

@@ -14,6 +14,7 @@ only the first request of a shape pays for compilation.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -21,34 +22,43 @@ import torch
 
 from tinyllm.model.transformer import KVCache, StaticKVCache, Transformer
 
-_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {batch size: (cache, step)}
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {batch size: [free decoders]}
 
 
-def decoder(model: Transformer, batch_size: int, max_len: int, static: bool | None = None
-            ) -> tuple[KVCache, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]]:
-    """(cache, step): `step(inputs, key_valid)` runs the model on new tokens through the cache and
-    returns the last position's logits (B, vocab).
+@contextlib.contextmanager
+def decoding(model: Transformer, batch_size: int, max_len: int, static: bool | None = None
+             ) -> Iterator[tuple[KVCache, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]]]:
+    """`with decoding(...) as (cache, step)`: `step(inputs, key_valid)` runs the model on new tokens
+    through the cache and returns the last position's logits (B, vocab).
 
     static: use a StaticKVCache (compiled with CUDA graphs on a GPU); None picks it for a dense
     model on a GPU. An MoE routes with data-dependent shapes and always decodes dynamically.
+    Static caches and their compiled steps are pooled per model and batch size: a generation
+    checks one out and gives it back, so two at once (two web tabs) never share buffers.
     """
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     if static is None:
         static = device.type == "cuda" and not model.config.moe.enabled
     if not static:
         cache = KVCache(model.config, batch_size, max_len, device, dtype)
-        return cache, lambda inputs, key_valid: model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
-    per_model = _STATIC.setdefault(model, {})
-    if batch_size not in per_model:
-        cache = StaticKVCache(model.config, batch_size, model.config.max_seq_len, device, dtype)
-
-        def step(inputs, key_valid):
-            return model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
-
-        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True) if device.type == "cuda" else step
-        per_model[batch_size] = (cache, step, compiled)
-    cache, step, compiled = per_model[batch_size]
+        yield cache, lambda inputs, key_valid: model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
+        return
+    pool = _STATIC.setdefault(model, {}).setdefault(batch_size, [])
+    cache, run = pool.pop() if pool else _static_decoder(model, batch_size, device, dtype)
     cache.reset()
+    try:
+        yield cache, run
+    finally:
+        pool.append((cache, run))
+
+
+def _static_decoder(model: Transformer, batch_size: int, device, dtype):
+    cache = StaticKVCache(model.config, batch_size, model.config.max_seq_len, device, dtype)
+
+    def step(inputs, key_valid):
+        return model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True) if device.type == "cuda" else step
 
     def run(inputs, key_valid):  # the prompt (any length) eagerly; each single new token as one graph
         return (compiled if inputs.shape[1] == 1 else step)(inputs, key_valid).clone()
@@ -112,19 +122,19 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
-    _, step = decoder(model, 1, len(prompt_ids) + budget, static)
     inputs = torch.tensor([prompt_ids], device=device)
     seen = _seen(inputs, model.config.vocab_size) if repetition_penalty != 1.0 else None
     try:
-        for _ in range(budget):
-            logits = step(inputs, None)
-            token = int(next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen))
-            if seen is not None:
-                seen[0, token] = True
-            if token in stop_ids:
-                return
-            yield token
-            inputs = torch.tensor([[token]], device=device)
+        with decoding(model, 1, len(prompt_ids) + budget, static) as (_, step):
+            for _ in range(budget):
+                logits = step(inputs, None)
+                token = int(next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen))
+                if seen is not None:
+                    seen[0, token] = True
+                if token in stop_ids:
+                    return
+                yield token
+                inputs = torch.tensor([[token]], device=device)
     finally:
         model.train(was_training)
 
@@ -160,26 +170,26 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     model.eval()
     B = len(prompts)
     inputs = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-    cache, step = decoder(model, B, width + budget, static)
-    key_valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
-    for row, ids in enumerate(prompts):
-        inputs[row, width - len(ids):] = torch.tensor(ids, device=device)
-        key_valid[row, :width - len(ids)] = False
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    seen = _seen(inputs, model.config.vocab_size, key_valid[:, :width]) if repetition_penalty != 1.0 else None
     out = []
     try:
-        for _ in range(budget):
-            logits = step(inputs, key_valid)
-            tokens = next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen)
-            if seen is not None:
-                seen[torch.arange(B, device=device), tokens] = True
-            done |= torch.isin(tokens, stop)
-            out.append(tokens.masked_fill(done, -1))
-            if done.all():
-                break
-            inputs = tokens[:, None]
+        with decoding(model, B, width + budget, static) as (cache, step):
+            key_valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
+            for row, ids in enumerate(prompts):
+                inputs[row, width - len(ids):] = torch.tensor(ids, device=device)
+                key_valid[row, :width - len(ids)] = False
+            seen = _seen(inputs, model.config.vocab_size, key_valid[:, :width]) if repetition_penalty != 1.0 else None
+            for _ in range(budget):
+                logits = step(inputs, key_valid)
+                tokens = next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen)
+                if seen is not None:
+                    seen[torch.arange(B, device=device), tokens] = True
+                done |= torch.isin(tokens, stop)
+                out.append(tokens.masked_fill(done, -1))
+                if done.all():
+                    break
+                inputs = tokens[:, None]
     finally:
         model.train(was_training)
     table = torch.stack(out, 1).tolist()
