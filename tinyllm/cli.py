@@ -56,6 +56,15 @@ def _names_from(known: dict, what: str):
     return parse
 
 
+def _model_args(parser: argparse.ArgumentParser, dtype_help: str) -> None:
+    """The model-preset flags `bench train` and `bench infer` share."""
+    parser.add_argument("--models", type=_names_from(bench.PRESETS, "model preset(s)"), default=["tiny"],
+                        help=f"comma list of {', '.join(bench.PRESETS)}")
+    parser.add_argument("--vocab-size", type=int, default=6400, help="embedding rows")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help=dtype_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,16 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench_parser.add_subparsers(dest="what", required=True)
     train = bench_sub.add_parser("train", help="training tokens/s, MFU and memory of model presets",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--models", type=_names_from(bench.PRESETS, "model preset(s)"), default=["tiny"], help=f"comma list of {', '.join(bench.PRESETS)}")
+    _model_args(train, dtype_help="autocast dtype; auto is bf16 on CUDA")
     train.add_argument("--compile", type=_bool_list, default=[False], help="comma list of on/off")
     train.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     train.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    train.add_argument("--vocab-size", type=int, default=6400, help="embedding rows")
     train.add_argument("--steps", type=int, default=30, help="timed steps")
     train.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                       help="autocast dtype; auto is bf16 on CUDA")
     train.add_argument("--tokens", type=Path, default=None,
                        help="train on this token folder (e.g. artifacts/tokens) instead of random tokens")
     train.add_argument("--strategy", type=_names_from(bench.STRATEGIES, "strategy"), default=["ddp"],
@@ -122,16 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     infer = bench_sub.add_parser("infer", help="generation speed: time to first token, decode tokens/s",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    infer.add_argument("--models", type=_names_from(bench.PRESETS, "model preset(s)"), default=["tiny"],
-                       help=f"comma list of {', '.join(bench.PRESETS)}")
+    _model_args(infer, dtype_help="weights dtype; auto is bf16 on CUDA")
     infer.add_argument("--batch-sizes", type=lambda t: [int(b) for b in t.split(",")], default=[1, 8, 32],
                        help="comma list of prompts generated together")
     infer.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     infer.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
-    infer.add_argument("--vocab-size", type=int, default=6400, help="embedding rows")
-    infer.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    infer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                       help="weights dtype; auto is bf16 on CUDA")
     infer.add_argument("--name", default="infer", help="table file name prefix")
     serve_bench = bench_sub.add_parser("serve", help="API latency under concurrent streaming clients",
                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
