@@ -46,22 +46,26 @@ def _set_params(work: Path, **sections) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def _start(work: Path, n_procs: int = 1) -> subprocess.Popen:
-    """The pretrain stage as DVC runs it, or under an explicit torchrun with n_procs."""
+def _start(work: Path, n_procs: int = 1, launcher: str = "torchrun") -> subprocess.Popen:
+    """The pretrain stage as DVC runs it, or with n_procs under torchrun (as a module) or DeepSpeed's
+    launcher (the script by path)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     if n_procs == 1:
         cmd = [sys.executable, "-m", "stages.pretrain"]
+    elif launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(port), "--num_gpus", str(n_procs),
+               str(ROOT / "stages/pretrain.py")]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_procs),
                "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "stages.pretrain"]
     return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _run(work: Path, n_procs: int = 1) -> str:
-    proc = _start(work, n_procs)
+def _run(work: Path, n_procs: int = 1, launcher: str = "torchrun") -> str:
+    proc = _start(work, n_procs, launcher)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     return stderr
@@ -85,15 +89,18 @@ def _assert_same_run(work: Path, reference: Path, exact: bool = False) -> None:
         torch.testing.assert_close(two[name], one[name], **tolerance)
 
 
-@pytest.mark.parametrize("launch", ["torchrun DDP", "params: deepspeed ZeRO-2"])
+@pytest.mark.parametrize("launch", ["torchrun DDP", "params: deepspeed ZeRO-2", "deepspeed launcher: ZeRO-1"])
 def test_two_processes_train_what_one_does(tmp_path, tokenizer, launch):
     single, double = _workdir(tmp_path, tokenizer, "one"), _workdir(tmp_path, tokenizer, "two")
     _run(single)
     if launch == "torchrun DDP":
         _run(double, n_procs=2)
-    else:  # the stage relaunches itself under torchrun, as `dvc exp run -S distributed.nproc=2` would
+    elif launch == "params: deepspeed ZeRO-2":  # the stage relaunches itself, as `dvc exp run -S distributed.nproc=2` would
         _set_params(double, distributed={"nproc": 2, "strategy": "deepspeed", "zero_stage": 2})
         _run(double)
+    else:  # `deepspeed --num_gpus 2 stages/pretrain.py`: DeepSpeed's own launcher, the script by path
+        _set_params(double, distributed={"strategy": "deepspeed", "zero_stage": 1})
+        _run(double, n_procs=2, launcher="deepspeed")
     assert len(_loss_curve(single)) == 4
     _assert_same_run(double, single)
     summary = json.loads((double / "reports/metrics/pretrain.json").read_text())
