@@ -52,6 +52,6 @@ def test_skip_mode_counts_bad_lines(tmp_path):
 
 def test_missing_input_says_which_stage_to_run(tmp_path):
     write_params(tmp_path)
-    proc = run_stage(tmp_path, "tokenize")
+    proc = run_stage(tmp_path, "tokenize_corpus")
     assert proc.returncode == 2
     assert "dvc repro train_tokenizer" in proc.stderr and "Traceback" not in proc.stderr
