@@ -14,8 +14,10 @@ SwiGLU experts, dense first layers (`mlp_only_layers`), GQA attention without bi
 (`qkv_bias: false`), rotate-half RoPE. Its shared expert sits behind a sigmoid gate; with that
 gate's weights at 0 the gate is exactly 0.5, so the shared expert's down projection is exported
 doubled (exact in fp32). DeepSeek-V2/V3 use MLA attention, GLM-4-MoE a partial rotary; they are
-not ours. Sigmoid scoring (DeepSeek-V3 style) has no exact stock match and is refused. `generation_config.json` names `<|im_end|>` and
-`<|endoftext|>` as end tokens, so `generate()` stops where our engine stops.
+not ours. Sigmoid scoring (DeepSeek-V3 style) has no exact stock match and is refused.
+
+`generation_config.json` names `<|im_end|>` and `<|endoftext|>` as end tokens, so `generate()` stops
+where our engine stops.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def llama_config(cfg: ModelConfig, bos_id: int, eos_ids: list[int], pad_id: int)
     )
 
 
-def qwen2_moe_config(cfg: ModelConfig, bos_id: int, eos_ids: list[int], pad_id: int):
+def qwen2_moe_config(cfg: ModelConfig, width: int, bos_id: int, eos_ids: list[int], pad_id: int):
+    """Qwen2-MoE's config for our MoE whose experts are `width` wide."""
     from transformers import Qwen2MoeConfig
 
     m = cfg.moe
@@ -58,15 +61,11 @@ def qwen2_moe_config(cfg: ModelConfig, bos_id: int, eos_ids: list[int], pad_id: 
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", qkv_bias=False, use_sliding_window=False,
         num_experts=m.n_routed_experts, num_experts_per_tok=m.top_k, norm_topk_prob=m.norm_topk_prob,
-        moe_intermediate_size=expert_width(cfg), shared_expert_intermediate_size=max(1, m.n_shared_experts) * expert_width(cfg),
+        moe_intermediate_size=width, shared_expert_intermediate_size=max(1, m.n_shared_experts) * width,
         decoder_sparse_step=1, mlp_only_layers=list(range(m.first_dense_layers)),
         router_aux_loss_coef=m.aux_loss_coef, bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=pad_id,
         architectures=["Qwen2MoeForCausalLM"], dtype="float32",
     )
-
-
-def expert_width(cfg: ModelConfig) -> int:
-    return cfg.moe.expert_hidden_dim or cfg.ffn_dim // 4
 
 
 def check_moe_exportable(model, ckpt_dir: Path) -> None:
@@ -79,7 +78,7 @@ def check_moe_exportable(model, ckpt_dir: Path) -> None:
         raise UserError(f"{ckpt_dir}: expert selection biases are set ({biased[0]}, ...); Qwen2-MoE has none")
 
 
-def moe_to_qwen2(state: dict, cfg: ModelConfig) -> dict:
+def moe_to_qwen2(state: dict, cfg: ModelConfig, width: int) -> dict:
     """Our MoE weights under Qwen2-MoE's names and layout (see the module docstring)."""
     out = {}
     for name, tensor in state.items():
@@ -97,7 +96,6 @@ def moe_to_qwen2(state: dict, cfg: ModelConfig) -> dict:
         prefix = f"model.layers.{i}.mlp."
         out[prefix + "shared_expert_gate.weight"] = torch.zeros(1, cfg.dim)
         if not cfg.moe.n_shared_experts:  # no shared expert: one of all zeros, which adds exactly 0
-            width = expert_width(cfg)
             for proj, shape in (("gate_proj", (width, cfg.dim)), ("up_proj", (width, cfg.dim)),
                                 ("down_proj", (cfg.dim, width))):
                 out[f"{prefix}shared_expert.{proj}.weight"] = torch.zeros(shape)
@@ -139,8 +137,9 @@ def export_hf(ckpt_dir: Path, out_dir: Path, adapter: Path | None = None, metric
         from transformers import Qwen2MoeForCausalLM
 
         check_moe_exportable(model, ckpt_dir)
-        hf = Qwen2MoeForCausalLM(qwen2_moe_config(cfg, bos, [im_end, bos], pad))
-        state = moe_to_qwen2(state, cfg)
+        width = next(t.shape[1] for n, t in state.items() if n.endswith("mlp.experts.gate_proj"))  # (E, width, dim)
+        hf = Qwen2MoeForCausalLM(qwen2_moe_config(cfg, width, bos, [im_end, bos], pad))
+        state = moe_to_qwen2(state, cfg, width)
     else:
         hf = LlamaForCausalLM(llama_config(cfg, bos, [im_end, bos], pad))
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -150,7 +149,8 @@ def export_hf(ckpt_dir: Path, out_dir: Path, adapter: Path | None = None, metric
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     hf.save_pretrained(tmp)
-    GenerationConfig(bos_token_id=bos, eos_token_id=[im_end, bos], pad_token_id=pad, do_sample=False).save_pretrained(tmp)
+    generation = GenerationConfig(bos_token_id=bos, eos_token_id=[im_end, bos], pad_token_id=pad, do_sample=False)
+    generation.save_pretrained(tmp)
     for name in TOKENIZER_FILES:
         if (ckpt_dir / name).exists():
             shutil.copy2(ckpt_dir / name, tmp / name)

@@ -194,7 +194,6 @@ class DeepSpeedEngine:
                 with deepspeed.zero.GatheredParameters([param]):
                     weights[name] = param.detach().float().cpu().clone()
         buffers = {k: v for k, v in persistent_state(self.model).items() if k not in weights}
-        buffers.pop("lm_head.weight", None)  # tied: the embedding
         return {**weights, **buffers}
 
     def full_optimizer_state(self) -> dict[str, torch.Tensor]:

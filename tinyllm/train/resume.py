@@ -100,27 +100,27 @@ def _steps(directory: Path) -> list[tuple[int, Path]]:
 def load_newest(directory: Path, fingerprint: str) -> ResumePoint | None:
     """The newest intact checkpoint of this run (same fingerprint), or None to start over."""
     for step, path in sorted(_steps(directory), reverse=True):
-        problem = _problem(path, fingerprint)
+        state, problem = _read_state(path, fingerprint)
         if problem:
             log.warning("%s: %s; trying an older checkpoint", path, problem)
             continue
-        state = json.loads((path / STATE).read_text())
         tensors = [load_file(str(path / name)) for name in FILES]
         return ResumePoint(path, step, state, *tensors)
     return None
 
 
-def _problem(path: Path, fingerprint: str) -> str | None:
+def _read_state(path: Path, fingerprint: str) -> tuple[dict, str | None]:
+    """(state.json, None) for an intact checkpoint of this run, else ({}, what is wrong)."""
     try:
         state = json.loads((path / STATE).read_text())
     except (OSError, ValueError):
-        return f"{STATE} is missing or unreadable (the write did not finish)"
+        return {}, f"{STATE} is missing or unreadable (the write did not finish)"
     if state.get("fingerprint") != fingerprint:
-        return "written by a different run (other starting weights, batch geometry or data)"
+        return {}, "written by a different run (other starting weights, batch geometry or data)"
     for name in FILES:
         if not (path / name).exists() or _sha256(path / name) != state["sha256"].get(name):
-            return f"{name} is truncated or corrupted (sha256 differs from {STATE})"
-    return None
+            return {}, f"{name} is truncated or corrupted (sha256 differs from {STATE})"
+    return state, None
 
 
 def clear(directory: Path) -> None:
