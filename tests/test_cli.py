@@ -1,8 +1,10 @@
+import gzip
 import json
 
 import pytest
 from conftest import make_chat_checkpoint
 
+from tinyllm.bench import trace_summary
 from tinyllm.cli import build_parser, main
 
 
@@ -30,6 +32,30 @@ def test_bench_train_runs_the_real_loop_and_writes_a_table(tmp_path, capsys):
     row = data["rows"][0]
     assert row["tokens_per_sec"] > 0 and row["mfu"] is None and row["seq"] == 32
     assert (tmp_path / "train_cpu.md").read_text().startswith("# Training throughput — cpu")
+
+
+def test_bench_train_profile_writes_a_trace_and_operator_tables(tmp_path, capsys):
+    main(["bench", "train", "--models", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "10",
+          "--warmup", "10", "--vocab-size", "300", "--device", "cpu", "--out", str(tmp_path),
+          "--profile", str(tmp_path / "prof")])
+    report = (tmp_path / "prof" / "tiny_ddp_1x_b2_rank0.txt").read_text()
+    summary = json.loads(report.splitlines()[0])
+    assert summary["steps"] == 5 and summary["wall_ms"] > 0 and summary["gpu_ops"] == 0  # CPU: no GPU kernels
+    assert "aten::mm" in report or "aten::addmm" in report  # the operator table covers the model's matmuls
+    with gzip.open(tmp_path / "prof" / "tiny_ddp_1x_b2_rank0.trace.json.gz", "rt") as f:
+        assert json.load(f)["traceEvents"]
+
+
+def test_trace_summary_counts_nccl_time_not_hidden_by_compute():
+    """One step: compute kernels 0-10 and 12-20 µs, NCCL 8-14 (a gap at 10-12 leaves 2 µs exposed)."""
+    kernel = lambda name, ts, dur: {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "ph": "X"}  # noqa: E731
+    step = {"name": "ProfilerStep#3", "ph": "X", "ts": 0, "dur": 25_000}
+    trace = {"traceEvents": [{**step, "cat": "user_annotation"}, {**step, "cat": "gpu_user_annotation"},
+                             kernel("ampere_gemm", 0, 10_000), kernel("triton_red", 12_000, 8_000),
+                             kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 8_000, 6_000)]}
+    summary = trace_summary(trace)
+    assert summary == {"steps": 1, "wall_ms": 25.0, "gpu_span_ms": 20.0, "gpu_busy_ms": 20.0, "compute_ms": 18.0,
+                       "nccl_ms": 6.0, "nccl_exposed_ms": 2.0, "gpu_ops": 3}
 
 
 def test_bench_train_with_deepspeed_in_one_process_matches_plain(tmp_path, capsys):

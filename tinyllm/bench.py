@@ -5,16 +5,20 @@
 
 Each run does `warmup` steps (compilation, allocator warm-up), then `steps` timed steps, and
 reports useful tokens/s (every token of a packed batch is useful), MFU (on active parameters for
-an MoE), step time and peak GPU memory (the largest over the processes). Under torchrun the
+an MoE), step time and peak GPU memory, the largest over the processes: of the timed steps alone
+(steps_mem_GiB) and of the whole run, engine set-up and teardown included (peak_mem_GiB). Under torchrun the
 batch size is global (each process takes its share) and tokens/s counts all processes. The table
 is printed and written as markdown + JSON by rank 0. Runs without dvc installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,14 +67,95 @@ def random_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0
         yield {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
 
+def profiled(batches, prof) -> Iterator[dict]:
+    """The same batches, marking a profiler step before each one (one batch is one optimizer step
+    in the benchmark), so the profiler's schedule follows the real loop without hooks in it."""
+    for batch in batches:
+        prof.step()
+        yield batch
+
+
+def watch_memory(batches, device: torch.device, skip: int, peaks: dict) -> Iterator[dict]:
+    """The same batches; from batch `skip` on, tracks the GPU allocator's peak of the training steps
+    alone (peaks["steps"]), apart from the engine's build-up and teardown (peaks["run"] covers all)."""
+    for index, batch in enumerate(batches):
+        if index == skip:
+            peaks["run"] = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        elif index > skip:
+            peaks["steps"] = torch.cuda.max_memory_allocated(device)  # the steps so far (a host-side counter)
+        yield batch
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in _merged(intervals))
+
+
+def trace_summary(trace: dict) -> dict:
+    """Per step, from a chrome trace of the profiled steps: wall time (the CPU's step markers), time
+    the GPU was busy, compute and NCCL kernel time, how much of NCCL's time no compute kernel hid,
+    and GPU operations (kernels, memsets, copies) per step."""
+    events = trace["traceEvents"]
+    steps = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+    nccl = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e["name"].lower()]
+    compute = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower()]
+    n = max(1, len(steps))
+    merged_compute = _merged(compute)
+    hidden = sum(max(0.0, min(b, d) - max(a, c)) for a, b in _merged(nccl) for c, d in merged_compute)
+    span = (max(b for _, b in compute + nccl) - min(a for a, _ in compute + nccl)) if kernels else 0.0
+    return {"steps": len(steps), "wall_ms": round(sum(e["dur"] for e in steps) / n / 1e3, 2),
+            "gpu_span_ms": round(span / n / 1e3, 2), "gpu_busy_ms": round(_covered(compute + nccl) / n / 1e3, 2),
+            "compute_ms": round(_covered(compute) / n / 1e3, 2), "nccl_ms": round(_covered(nccl) / n / 1e3, 2),
+            "nccl_exposed_ms": round((_covered(nccl) - hidden) / n / 1e3, 2), "gpu_ops": len(kernels) // n}
+
+
+def start_profiler(out_dir: Path, name: str, rank: int, skip: int, active: int = 5):
+    """A torch.profiler over `active` steps after `skip` steps (compilation and warm-up); on exit it
+    writes, per process, the gzipped chrome trace (open in https://ui.perfetto.dev), the top
+    operators by GPU and by CPU time, and the `trace_summary` line."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    def write(prof) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        raw = out_dir / f"{name}_rank{rank}.trace.json"
+        prof.export_chrome_trace(str(raw))
+        trace = json.loads(raw.read_text())
+        with gzip.open(f"{raw}.gz", "wt") as f:
+            json.dump(trace, f)
+        raw.unlink()
+        summary = trace_summary(trace)
+        averages = prof.key_averages()
+        (out_dir / f"{name}_rank{rank}.txt").write_text(
+            json.dumps(summary) + "\n\n"
+            + averages.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70) + "\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+        print(f"profile {name} rank {rank}: {json.dumps(summary)}", flush=True)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=active),
+                   on_trace_ready=write)
+
+
 def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, steps: int, warmup: int,
                 compile: bool, device: str, dtype: str, tokens: Path | None = None, strategy: str = "ddp",
-                dist: Dist | None = None) -> dict:
+                dist: Dist | None = None, profile_dir: Path | None = None) -> dict:
     """One timed training run; returns a table row (and the loss curve, kept out of the table).
 
     tokens: the pipeline's token folder (artifacts/tokens) to train on instead of random tokens;
     the vocabulary then comes from its index.
     strategy: a key of STRATEGIES (ddp also means a single plain process).
+    profile_dir: also profile 5 steps after the warm-up (`start_profiler`) and write the results here.
     """
     dist = dist or Dist()
     rows_per_rank = batch_size // dist.world_size
@@ -94,11 +179,22 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     run = TrainingRun(dist=dist, distributed=STRATEGIES[strategy])
-    result = fit(model, NextTokenLoss(), batches, train_cfg, runtime, run=run,
-                 flops_per_token=model.flops_per_token(seq_len))
-    peak = torch.tensor(float(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0.0, device=dev)
+    peaks = {"run": 0, "steps": 0}
+    if dev.type == "cuda":
+        batches = watch_memory(batches, dev, warmup, peaks)
+    with contextlib.ExitStack() as stack:
+        if profile_dir is not None:
+            name = f"{preset}_{strategy}_{dist.world_size}x_b{batch_size}{'_compiled' if compile else ''}"
+            prof = stack.enter_context(start_profiler(profile_dir, name, dist.rank, skip=warmup))
+            batches = profiled(batches, prof)
+        result = fit(model, NextTokenLoss(), batches, train_cfg, runtime, run=run,
+                     flops_per_token=model.flops_per_token(seq_len))
+    if dev.type == "cuda":
+        peaks["run"] = max(peaks["run"], torch.cuda.max_memory_allocated(dev))
+    peak = torch.tensor([float(peaks["run"]), float(peaks["steps"])], device=dev)
     if dist.enabled:
         torch.distributed.all_reduce(peak, torch.distributed.ReduceOp.MAX)
+    peak_run, peak_steps = (round(v / 2**30, 2) if dev.type == "cuda" else None for v in peak.tolist())
     timed = [h for h in result.history if h["step"] > warmup]
     tokens_per_sec = sum(h["tokens_per_sec"] for h in timed) / len(timed)
     mfu = sum(h.get("mfu", 0.0) for h in timed) / len(timed)
@@ -115,7 +211,8 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         "tokens_per_sec": round(tokens_per_sec),
         "mfu": round(mfu, 4) if mfu else None,
         "step_ms": round(1000 * batch_size * seq_len / tokens_per_sec, 1),
-        "peak_mem_GiB": round(peak.item() / 2**30, 2) if dev.type == "cuda" else None,
+        "steps_mem_GiB": peak_steps,
+        "peak_mem_GiB": peak_run,
         "final_loss": round(result.final["train/loss"], 4),
         "loss_curve": [(h["step"], round(h["train/loss"], 4)) for h in result.history],
     }

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on this token folder (e.g. artifacts/tokens) instead of random tokens")
     train.add_argument("--strategy", type=_names_from(bench.STRATEGIES, "strategy"), default=["ddp"],
                        help=f"comma list of {', '.join(bench.STRATEGIES)} (several processes: run under torchrun)")
+    train.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                       help="also profile 5 steps after the warm-up; traces and top operators go to DIR")
     train.add_argument("--name", default="train", help="table file name prefix")
     train.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     infer = bench_sub.add_parser("infer", help="generation speed: time to first token, decode tokens/s",
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench" and args.what == "train":
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
-                        dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name))
+                        dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name,
+                        profile_dir=args.profile))
     elif args.command == "bench" and args.what == "serve":
         print(bench.run_serve(args.checkpoints, args.out, clients=args.clients, requests=args.requests,
                               max_tokens=args.max_tokens, device=args.device))
