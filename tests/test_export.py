@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from tinyllm.cli import main  # noqa: E402
 from tinyllm.config import LoRAConfig, MoEConfig  # noqa: E402
 from tinyllm.data.tokenizer import IM_END, load_tokenizer, render_chat, special_id  # noqa: E402
-from tinyllm.export import export_hf, import_hf  # noqa: E402
+from tinyllm.export import export_hf  # noqa: E402
 from tinyllm.infer.generate import generate  # noqa: E402
 from tinyllm.train.checkpoint import load_model, save_checkpoint  # noqa: E402
 

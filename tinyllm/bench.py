@@ -149,17 +149,19 @@ def start_profiler(out_dir: Path, name: str, rank: int, skip: int, active: int =
 
 def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, steps: int, warmup: int,
                 compile: bool, device: str, dtype: str, tokens: Path | None = None, strategy: str = "ddp",
-                dist: Dist | None = None, profile_dir: Path | None = None) -> dict:
+                dist: Dist | None = None, profile_dir: Path | None = None, log_interval: int = 10) -> dict:
     """One timed training run; returns a table row (and the loss curve, kept out of the table).
 
     tokens: the pipeline's token folder (artifacts/tokens) to train on instead of random tokens;
     the vocabulary then comes from its index.
     strategy: a key of STRATEGIES (ddp also means a single plain process).
     profile_dir: also profile 5 steps after the warm-up (`start_profiler`) and write the results here.
+    log_interval: steps per log point; each one reads the loss, a host sync (warmup and steps are
+    rounded up to a multiple of it).
     """
     dist = dist or Dist()
     rows_per_rank = batch_size // dist.world_size
-    interval = 10  # a log point syncs with the GPU; one per 10 steps keeps that stall small
+    interval = log_interval
     warmup, steps = -(-warmup // interval) * interval, -(-steps // interval) * interval
     if tokens is not None:
         stream = TokenStream(tokens, "train")

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on this token folder (e.g. artifacts/tokens) instead of random tokens")
     train.add_argument("--strategy", type=_names_from(bench.STRATEGIES, "strategy"), default=["ddp"],
                        help=f"comma list of {', '.join(bench.STRATEGIES)} (several processes: run under torchrun)")
+    train.add_argument("--log-interval", type=_checked(int, lambda v: v > 0, "> 0"), default=10,
+                       help="steps per log point (each reads the loss: one host sync)")
     train.add_argument("--profile", type=Path, default=None, metavar="DIR",
                        help="also profile 5 steps after the warm-up; traces and top operators go to DIR")
     train.add_argument("--name", default="train", help="table file name prefix")
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
                         dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name,
-                        profile_dir=args.profile))
+                        profile_dir=args.profile, log_interval=args.log_interval))
     elif args.command == "bench" and args.what == "serve":
         print(bench.run_serve(args.checkpoints, args.out, clients=args.clients, requests=args.requests,
                               max_tokens=args.max_tokens, device=args.device))

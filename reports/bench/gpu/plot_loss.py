@@ -1,0 +1,24 @@
+"""Plot the loss curves of `tinyllm bench train` tables against each other (the curves are in the JSON).
+
+    python reports/bench/gpu/plot_loss.py OUT.png TABLE.json LABEL [TABLE.json LABEL ...]
+"""
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+out, pairs = sys.argv[1], list(zip(sys.argv[2::2], sys.argv[3::2]))
+fig, ax = plt.subplots(figsize=(7, 4))
+for table, label in pairs:
+    data = json.load(open(table))
+    row = data["rows"][0]
+    steps, losses = zip(*row["loss_curve"])
+    ax.plot(steps, losses, label=f"{label} ({row['tokens_per_sec'] / 1e3:.0f}k tokens/s)")
+ax.set(xlabel="step", ylabel="train loss", yscale="log", title=f"{row['model']}, seq {row['seq']}, batch {row['batch']}, "
+       f"same batches — {data['card']}")
+ax.legend()
+fig.tight_layout()
+fig.savefig(out, dpi=120)
