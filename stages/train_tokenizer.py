@@ -1,9 +1,14 @@
 """Stage train_tokenizer: byte-level BPE on the corpus and the chat data → artifacts/tokenizer/.
 
 Chat conversations are rendered with the ChatML template before training, so role headers
-("assistant") and question words become tokens of their own instead of byte fragments.
+("assistant") and question words become tokens of their own instead of byte fragments. With
+`tokenizer.max_corpus_bytes`, every k-th document is used, so a big corpus is sampled evenly
+(MiniMind trains its tokenizer on a slice of its data for the same reason).
 """
 
+import itertools
+import logging
+import math
 from pathlib import Path
 
 from tinyllm.data.chat import validate_conversation
@@ -13,17 +18,26 @@ from tinyllm.stage import stage_main
 
 DATA = Path("artifacts/data")
 CHAT_FILES = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl")
+log = logging.getLogger(__name__)
 
 
-def texts():
-    yield from (rec["text"] for rec in read_jsonl(DATA / "pretrain.jsonl", validate_pretrain))
-    for name in CHAT_FILES:
-        yield from (render_chat(rec["conversations"]) for rec in read_jsonl(DATA / name, validate_conversation))
+def texts(max_bytes: int):
+    total = sum((DATA / name).stat().st_size for name in ("pretrain.jsonl", *CHAT_FILES))
+    stride = math.ceil(total / max_bytes) if max_bytes else 1
+    if stride > 1:
+        log.info("training the tokenizer on every %d. document (~%.0f of %.0f MB)", stride, total / stride / 1e6,
+                 total / 1e6)
+    docs = itertools.chain(
+        (rec["text"] for rec in read_jsonl(DATA / "pretrain.jsonl", validate_pretrain)),
+        *((render_chat(rec["conversations"]) for rec in read_jsonl(DATA / name, validate_conversation))
+          for name in CHAT_FILES))
+    return itertools.islice(docs, 0, None, stride)
 
 
 @stage_main
 def main(params):
-    save_tokenizer(train_tokenizer(texts(), params.tokenizer), Path("artifacts/tokenizer"))
+    save_tokenizer(train_tokenizer(texts(params.tokenizer.max_corpus_bytes), params.tokenizer),
+                   Path("artifacts/tokenizer"))
 
 
 if __name__ == "__main__":

@@ -190,10 +190,10 @@ def test_prepare_writes_every_chat_file_in_world_mode(tmp_path):
         assert records and stats[name.removesuffix(".jsonl")] == len(records), name
 
 
-def test_prepare_writes_empty_chat_files_in_jsonl_mode(tmp_path):
+def test_prepare_writes_empty_chat_files_for_a_text_only_corpus(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"text": "hello"}\n', encoding="utf-8")
     out = tmp_path / "out"
-    stats = prepare(parse_params({"data": {"source": "jsonl", "pretrain_path": str(corpus)}}), out, LEXICON)
+    stats = prepare(parse_params({"data": {"source": "files", "pretrain": [str(corpus)]}}), out, LEXICON)
     for name in CHAT_OUTPUTS:
         assert (out / name).read_text() == "" and stats[name.removesuffix(".jsonl")] == 0

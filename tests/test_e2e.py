@@ -193,3 +193,23 @@ def test_turning_lora_off_runs_dpo_from_sft(repo):
     assert "Running stage 'sft'" not in out
     assert (repo / "artifacts/lora/DISABLED").is_file() and not (repo / "artifacts/lora/model.safetensors").exists()
     assert list(json.loads((repo / "reports/eval/metrics.json").read_text())) == ["pretrain", "sft", "dpo"]
+
+
+@pytest.mark.slow
+def test_exp_run_on_the_example_corpora_through_params_alone(repo):
+    """Every format of data/corpus/examples (broken lines included) through the whole pipeline,
+    chosen with -S alone: MiniMind and Seq-Monkey text, MiniMind SFT, ShareGPT, Alpaca, deepctrl, MiniMind DPO."""
+    ex = "data/corpus/examples"
+    out = dvc(repo, "exp", "run", "-S", "data.source=files",
+              "-S", f"data.pretrain=[{ex}/minimind_pretrain.jsonl,{ex}/seq_monkey.jsonl]",
+              "-S", f"data.sft=[{ex}/minimind_sft.jsonl,{ex}/sharegpt.jsonl,{ex}/alpaca.jsonl,{ex}/deepctrl_*.jsonl]",
+              "-S", f"data.identity=[{ex}/minimind_lora_identity.jsonl]", "-S", f"data.dpo=[{ex}/minimind_dpo.jsonl]",
+              "-S", "tokenizer.max_corpus_bytes=20000", "-S", "model.max_seq_len=128")
+    assert "Running stage 'dpo'" in out and "Running stage 'eval'" in out
+    prepared = json.loads((repo / "reports/metrics/prepare.json").read_text())
+    assert prepared["bad_lines_skipped"] == 16 and prepared["duplicates_removed"] > 0
+    assert prepared["sft_single"] > 0 and prepared["sft_multi"] > 0 and prepared["dpo"] == 20
+    assert "every 2. document" in out or "every 3. document" in out or "every 4. document" in out
+    dpo = json.loads((repo / "reports/metrics/dpo.json").read_text())
+    assert math.isfinite(dpo["train/loss"])
+

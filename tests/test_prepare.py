@@ -16,8 +16,8 @@ LEXICON = Path(__file__).resolve().parents[1] / "data" / "world" / "lexicon.json
 SMALL_WORLD = {"n_people": 30, "bios_per_person": 4, "n_arithmetic": 100}
 
 
-def _jsonl_params(path, on_bad_line="error"):
-    return parse_params({"data": {"source": "jsonl", "pretrain_path": str(path), "on_bad_line": on_bad_line}})
+def _jsonl_params(path, strict=True):
+    return parse_params({"data": {"source": "files", "pretrain": [str(path)], "strict": strict}})
 
 
 def _corpus(tmp_path, *lines):
@@ -38,7 +38,7 @@ def test_world_mode_writes_corpus_eval_facts_and_world(tmp_path):
     assert stats["bad_lines_skipped"] == 0
 
 
-def test_jsonl_mode_bad_line_errors_and_leaves_existing_outputs_untouched(tmp_path):
+def test_files_mode_bad_line_errors_and_leaves_existing_outputs_untouched(tmp_path):
     out = tmp_path / "out"
     prepare(parse_params({"data": {"world": SMALL_WORLD}}), out, LEXICON)
     before = {name: (out / name).read_bytes() for name in OUTPUTS}
@@ -48,24 +48,25 @@ def test_jsonl_mode_bad_line_errors_and_leaves_existing_outputs_untouched(tmp_pa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_jsonl_mode_skip_keeps_good_texts_and_counts_bad_lines(tmp_path):
+def test_files_mode_skip_keeps_good_texts_and_counts_bad_lines(tmp_path):
     path = _corpus(tmp_path, '{"text": "第一篇", "source": "web"}', "oops", '{"text": ""}', '{"text": "second"}')
     out = tmp_path / "out"
-    stats = prepare(_jsonl_params(path, "skip"), out, LEXICON)
+    stats = prepare(_jsonl_params(path, strict=False), out, LEXICON)
     assert list(read_jsonl(out / "pretrain.jsonl", lambda r: None)) == [{"text": "第一篇"}, {"text": "second"}]
-    assert stats == {"documents": 2, "characters": 9, "bad_lines_skipped": 2, "people": 0, "eval_facts": 0,
+    assert stats == {"documents": 2, "characters": 9, "bad_lines_skipped": 2, "duplicates_removed": 0,
+                     "filtered_by_length": 0, "people": 0, "eval_facts": 0,
                      **{name.removesuffix(".jsonl"): 0 for name in CHAT_OUTPUTS}}
     assert (out / "eval_facts.jsonl").read_text() == ""
     assert load_world(out / "world.json") is None
 
 
-def test_jsonl_mode_with_no_usable_line_is_an_error(tmp_path):
+def test_files_mode_with_no_usable_line_is_an_error(tmp_path):
     path = _corpus(tmp_path, "oops", '{"text": 1}')
-    with pytest.raises(DataError, match="no usable documents"):
-        prepare(_jsonl_params(path, "skip"), tmp_path / "out", LEXICON)
+    with pytest.raises(DataError, match="no usable pretrain records"):
+        prepare(_jsonl_params(path, strict=False), tmp_path / "out", LEXICON)
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_jsonl_mode_missing_file_names_it(tmp_path):
+def test_files_mode_missing_file_names_it(tmp_path):
     with pytest.raises(DataError, match="absent.jsonl"):
         prepare(_jsonl_params(tmp_path / "absent.jsonl"), tmp_path / "out", LEXICON)

@@ -31,7 +31,7 @@ def test_impossible_params_fail_with_the_param_named(tmp_path):
 def test_malformed_user_corpus_names_file_and_line_and_writes_nothing(tmp_path):
     corpus = tmp_path / "mine.jsonl"
     corpus.write_text('{"text": "第一行"}\n{"text": "第二行"\n{"text": "第三行"}\n', encoding="utf-8")
-    write_params(tmp_path, data={"source": "jsonl", "pretrain_path": str(corpus)})
+    write_params(tmp_path, data={"source": "files", "pretrain": [str(corpus)], "strict": True})
     proc = run_stage(tmp_path, "prepare")
     assert proc.returncode == 2
     assert f"{corpus}:2: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
@@ -39,10 +39,10 @@ def test_malformed_user_corpus_names_file_and_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "reports/metrics/prepare.json").exists()
 
 
-def test_skip_mode_counts_bad_lines(tmp_path):
+def test_bad_lines_are_counted_and_logged_by_default(tmp_path):
     corpus = tmp_path / "mine.jsonl"
     corpus.write_text('{"text": "第一行"}\nnot json\n{"txt": 1}\n{"text": "第四行"}\n', encoding="utf-8")
-    write_params(tmp_path, data={"source": "jsonl", "pretrain_path": str(corpus), "on_bad_line": "skip"})
+    write_params(tmp_path, data={"source": "files", "pretrain": [str(corpus)]})
     proc = run_stage(tmp_path, "prepare")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((tmp_path / "reports/metrics/prepare.json").read_text())

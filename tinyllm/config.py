@@ -39,11 +39,26 @@ class WorldConfig:
 @dataclass(kw_only=True, frozen=True)
 class DataConfig:
     source: str = "world"
-    """`world` generates the embedded fictional world; `jsonl` reads `pretrain_path`."""
-    pretrain_path: str | None = None
-    """A user's pretraining JSON Lines file (`{"text": ...}` per line) when source is jsonl."""
-    on_bad_line: str = "error"
-    """`error` stops at the first malformed line (naming file:line); `skip` counts and skips."""
+    """`world` generates the embedded fictional world; `files` reads the corpora below."""
+    pretrain: list = field(default_factory=list)
+    """Paths or globs of pretraining text, `{"text": ...}` per line (MiniMind pretrain, Seq-Monkey)."""
+    sft: list = field(default_factory=list)
+    """Paths or globs of chat data: MiniMind SFT, ShareGPT, Alpaca or deepctrl (tinyllm/data/formats.py)."""
+    identity: list = field(default_factory=list)
+    """Paths or globs of the conversations the lora stage teaches (MiniMind's lora_identity.jsonl;
+    any chat format); empty: the lora stage has nothing to teach, so set lora.enabled to false."""
+    dpo: list = field(default_factory=list)
+    """Paths or globs of preference pairs, `{"chosen": [msgs], "rejected": [msgs]}` (MiniMind DPO)."""
+    format: str = "auto"
+    """`auto` tells each file's format from its first good line's keys; or one format for every file."""
+    strict: bool = False
+    """False: a malformed line is counted, logged as file:line and skipped; True: it stops the run."""
+    min_chars: int = 1
+    """Documents and conversations with fewer characters are dropped."""
+    max_chars: int = 0
+    """... and with more (0: no limit)."""
+    dedup: bool = True
+    """Drop exact duplicates (after conversion), by a 64-bit hash of the content."""
     world: WorldConfig = field(default_factory=WorldConfig)
 
 
@@ -56,6 +71,9 @@ class TokenizerConfig:
     split_han: bool = True
     """Pre-split every Han character so BPE cannot fuse name+template+value into one token
     (small templated Chinese corpora otherwise learn facts as opaque tokens; FACTS.md)."""
+    max_corpus_bytes: int = 0
+    """Train on an even sample of about this many bytes of the corpus (every k-th document);
+    0: all of it. BPE training holds its word counts in memory, so a multi-GB corpus needs a cap."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -415,12 +433,23 @@ def _check(p: Params) -> list[str]:
     if isinstance(targets, str) and targets != "all-linear" or isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
         e.append(f"lora.target_modules={targets!r} must be 'all-linear' or a non-empty list of module names")
     positive("dpo.beta", p.dpo.beta)
-    if p.data.source not in ("world", "jsonl"):
-        e.append(f"data.source={p.data.source!r} must be 'world' or 'jsonl'")
-    if p.data.source == "jsonl" and not p.data.pretrain_path:
-        e.append("data.pretrain_path must name a JSON Lines file when data.source is 'jsonl'")
-    if p.data.on_bad_line not in ("error", "skip"):
-        e.append(f"data.on_bad_line={p.data.on_bad_line!r} must be 'error' or 'skip'")
+    from tinyllm.data.formats import FORMATS  # here, not at the top: the data modules import this one
+
+    d = p.data
+    if d.source not in ("world", "files"):
+        e.append(f"data.source={d.source!r} must be 'world' or 'files'")
+    if d.source == "files" and not d.pretrain:
+        e.append("data.pretrain must list at least one file or glob when data.source is 'files'")
+    for kind in ("pretrain", "sft", "identity", "dpo"):
+        if not all(isinstance(x, str) and x for x in getattr(d, kind)):
+            e.append(f"data.{kind}={getattr(d, kind)!r} must be a list of paths or globs")
+    if d.format != "auto" and d.format not in FORMATS:
+        e.append(f"data.format={d.format!r} must be auto or one of {', '.join(FORMATS)}")
+    if d.min_chars < 0 or d.max_chars < 0 or 0 < d.max_chars < d.min_chars:
+        e.append(f"data.min_chars={d.min_chars}, data.max_chars={d.max_chars}: need 0 <= min_chars <= max_chars "
+                 "(max_chars 0: no limit)")
+    if p.tokenizer.max_corpus_bytes < 0:
+        e.append(f"tokenizer.max_corpus_bytes={p.tokenizer.max_corpus_bytes} must be >= 0 (0: the whole corpus)")
     w = p.data.world
     if w.n_people < 2:
         e.append(f"data.world.n_people={w.n_people} must be >= 2")

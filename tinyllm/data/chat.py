@@ -10,6 +10,7 @@ stop), and nothing else: not the system prompt, not the user turns, not the role
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from tokenizers import Tokenizer
 
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import IM_END, IM_START
+from tinyllm.errors import DataError
 from tinyllm.model.transformer import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 
@@ -83,7 +87,15 @@ class ChatBatches:
             raise ValueError("no conversations to train on")
         row = seq_len + 1
         self.truncated_labels = int(sum(m[row:].sum() for _, m in examples))
-        self.examples = [(ids[:row], m[:row]) for ids, m in examples]
+        # a conversation whose replies all start past the row teaches nothing; a batch of only
+        # such rows would have no labelled token at all (a NaN mean loss)
+        self.examples = [(ids[:row], m[:row]) for ids, m in examples if m[:row].any()]
+        if not self.examples:
+            raise DataError(f"no conversation has an assistant reply within seq_len={seq_len} tokens; "
+                            "raise model.max_seq_len (or the stage's seq_len)")
+        if len(self.examples) < len(examples):
+            log.warning("%d of %d conversations have no reply within seq_len=%d and are left out",
+                        len(examples) - len(self.examples), len(examples), seq_len)
         self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
         self.epoch = 0
 

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DataError", "JsonlReader", "read_jsonl", "validate_pretrain", "write_jsonl"]
 
+LOGGED_BAD_LINES = 20
+"""Bad lines logged per file (a broken multi-GB dump would otherwise flood the log); all are counted."""
+
 Validator = Callable[[object], "str | None"]
 """Returns why a decoded line is unusable, or None when it is fine."""
 
@@ -46,27 +49,33 @@ class JsonlReader:
         self.validate = validate
         self.on_bad_line = on_bad_line
         self.n_bad = 0
+        self.lineno = 0
+        """The line of the record last yielded (for `bad_line` on a problem found later)."""
 
     def __iter__(self) -> Iterator[dict]:
         self.n_bad = 0
         # Binary mode: one undecodable line is then one bad line, not a crash of the whole read.
         with self.path.open("rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            for self.lineno, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
-                obj, reason = _decode(raw, first_line=lineno == 1)
+                obj, reason = _decode(raw, first_line=self.lineno == 1)
                 if reason is None:
                     reason = self.validate(obj)
                 if reason is None:
                     yield obj
                 else:
-                    self._bad_line(lineno, reason)
+                    self.bad_line(reason)
 
-    def _bad_line(self, lineno: int, reason: str) -> None:
+    def bad_line(self, reason: str) -> None:
+        """Report the current line as unusable: raise (on_bad_line "error") or count, log and go on."""
         if self.on_bad_line == "error":
-            raise DataError(f"{self.path}:{lineno}: {reason}")
+            raise DataError(f"{self.path}:{self.lineno}: {reason}")
         self.n_bad += 1
-        log.warning("%s:%d: %s (skipped)", self.path, lineno, reason)
+        if self.n_bad <= LOGGED_BAD_LINES:
+            log.warning("%s:%d: %s (skipped)%s", self.path, self.lineno, reason,
+                        "; further bad lines of this file are counted, not logged"
+                        if self.n_bad == LOGGED_BAD_LINES else "")
 
 
 def read_jsonl(path: str | Path, validate: Validator, on_bad_line: str = "error") -> JsonlReader:

@@ -3,25 +3,34 @@
     dvc repro prepare     # stages/prepare.py → prepare(params, Path("artifacts/data"), lexicon)
 
 `data.source: world` generates the embedded fictional world (tinyllm/data/world.py);
-`data.source: jsonl` checks a user's `{"text": ...}` file line by line and copies its texts.
+`data.source: files` streams the corpora named in `data.pretrain`, `data.sft` and `data.dpo`
+(MiniMind, Seq-Monkey, ShareGPT, Alpaca, deepctrl: tinyllm/data/formats.py) one line at a time
+through conversion, length filters and exact-duplicate removal, so memory does not grow with the
+file size (only the duplicate hashes do: 8 bytes of digest per kept record, ~60 in a Python set).
 Either way out_dir gets pretrain.jsonl, eval_facts.jsonl, world.json (`null` for a user's corpus)
-and the chat files of tinyllm/data/chat_data.py (CHAT_OUTPUTS: SFT, identity, preference and
-eval sets; empty for a user's corpus), so the stage's outputs are always the same files.
+and the chat files of tinyllm/data/chat_data.py (CHAT_OUTPUTS: SFT single- and multi-turn,
+identity, preference and eval sets; a user's corpus fills the SFT and preference files, the
+world's identity and eval sets stay empty), so the stage's outputs are always the same files.
 Everything is first written to a staging folder inside out_dir and moved into place only when
 all of it succeeded: a bad input line leaves the previous outputs exactly as they were.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from tinyllm.config import DataConfig, Params
 from tinyllm.data.chat_data import CHAT_OUTPUTS, chat_files
-from tinyllm.data.jsonl import read_jsonl, validate_pretrain, write_jsonl
+from tinyllm.data.formats import KIND_FORMATS, convert, detect, record_text
+from tinyllm.data.jsonl import read_jsonl, write_jsonl
 from tinyllm.data.world import build_world, fact_prompts, pretrain_documents
 from tinyllm.errors import DataError
 
@@ -52,7 +61,7 @@ def prepare(params: Params, out_dir: Path, lexicon_path: Path) -> dict:
         if params.data.source == "world":
             stats = _prepare_world(params, staging, lexicon_path)
         else:
-            stats = _prepare_jsonl(params.data, staging)
+            stats = _prepare_files(params.data, staging)
         for name in OUTPUTS:
             os.replace(staging / name, out_dir / name)
     log.info("prepared %s: %s", out_dir, ", ".join(f"{k} {v}" for k, v in stats.items()))
@@ -70,29 +79,96 @@ def _prepare_world(params: Params, staging: Path, lexicon_path: Path) -> dict:
                                         encoding="utf-8")
     chat = {name: write_jsonl(staging / name, records) for name, records in chat_files(world, params.seed).items()}
     return {"documents": len(docs), "characters": sum(map(len, docs)), "bad_lines_skipped": 0,
-            "people": len(world.people), "eval_facts": len(facts), **_chat_stats(chat)}
+            "duplicates_removed": 0, "filtered_by_length": 0, "people": len(world.people), "eval_facts": len(facts), **_chat_stats(chat)}
 
 
-def _prepare_jsonl(data: DataConfig, staging: Path) -> dict:
-    """Stream the user's file through validation into pretrain.jsonl, keeping only "text"."""
-    reader = read_jsonl(data.pretrain_path, validate_pretrain, data.on_bad_line)
-    characters = 0
-
-    def texts():
-        nonlocal characters
-        for record in reader:
-            characters += len(record["text"])
-            yield {"text": record["text"]}
-
-    documents = write_jsonl(staging / "pretrain.jsonl", texts())
+def _prepare_files(data: DataConfig, staging: Path) -> dict:
+    """Stream the corpora named in params through conversion, filters and duplicate removal."""
+    counts = Counter()
+    documents = write_jsonl(staging / "pretrain.jsonl", _records(data, "pretrain", counts))
+    characters = counts.pop("characters", 0)
     if documents == 0:
-        raise DataError(f"{data.pretrain_path}: no usable documents ({reader.n_bad} bad lines skipped); "
-                        'each line must look like {"text": "..."}')
+        raise DataError(f"data.pretrain {data.pretrain}: no documents left after the length filters "
+                        f"(data.min_chars={data.min_chars}, data.max_chars={data.max_chars})")
+    chat = {name: 0 for name in CHAT_OUTPUTS}
+    with (staging / "sft_single.jsonl").open("w", encoding="utf-8") as single, \
+            (staging / "sft_multi.jsonl").open("w", encoding="utf-8") as multi:
+        for record in _records(data, "sft", counts):
+            turns = sum(m["role"] == "user" for m in record["conversations"])
+            out, name = (single, "sft_single.jsonl") if turns == 1 else (multi, "sft_multi.jsonl")
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            chat[name] += 1
+    chat["identity.jsonl"] = write_jsonl(staging / "identity.jsonl", _records(data, "identity", counts))
+    chat["dpo.jsonl"] = write_jsonl(staging / "dpo.jsonl", _records(data, "dpo", counts))
+    counts.pop("characters", None)
+    for name in CHAT_OUTPUTS:
+        if not (staging / name).exists():  # the world's identity and eval sets: none for a user's corpus
+            write_jsonl(staging / name, [])
     write_jsonl(staging / "eval_facts.jsonl", [])
     (staging / "world.json").write_text("null\n", encoding="utf-8")
-    chat = {name: write_jsonl(staging / name, []) for name in CHAT_OUTPUTS}
-    return {"documents": documents, "characters": characters, "bad_lines_skipped": reader.n_bad,
+    return {"documents": documents, "characters": characters, "bad_lines_skipped": counts["bad_lines_skipped"],
+            "duplicates_removed": counts["duplicates_removed"], "filtered_by_length": counts["filtered_by_length"],
             "people": 0, "eval_facts": 0, **_chat_stats(chat)}
+
+
+def corpus_files(patterns: list[str], kind: str) -> list[Path]:
+    """The files `data.<kind>` names, globs expanded (sorted), each once; a pattern matching
+    nothing is an error that names it."""
+    files: list[Path] = []
+    for pattern in patterns:
+        is_glob = any(c in pattern for c in "*?[")
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if is_glob else [Path(pattern)]
+        matches = [m for m in matches if m.is_file()]
+        if not matches:
+            raise DataError(f"data.{kind}: {pattern!r} matches no file")
+        files += [m for m in matches if m not in files]
+    return files
+
+
+def _records(data: DataConfig, kind: str, counts: Counter) -> Iterator[dict]:
+    """Every usable record of the `kind` corpora in the pipeline's layout, one line at a time.
+
+    Bad lines go through the reader (file:line; they stop the run when data.strict). Records
+    outside the length limits, and exact repeats of an earlier record, are dropped and counted.
+    """
+    seen: set[int] = set()
+    for path in corpus_files(getattr(data, kind), kind):
+        reader = read_jsonl(path, lambda obj: None, "error" if data.strict else "skip")
+        fmt = data.format if data.format in KIND_FORMATS[kind] else None
+        good = 0
+        for obj in reader:
+            if fmt is None:
+                fmt = detect(obj)
+                if fmt not in KIND_FORMATS[kind]:
+                    seen_as = f"looks like {fmt}" if fmt else \
+                        f"keys {sorted(obj) if isinstance(obj, dict) else type(obj).__name__} match no known format"
+                    reader.bad_line(f"{seen_as}, but data.{kind} takes {' or '.join(KIND_FORMATS[kind])} "
+                                    "(tinyllm/data/formats.py)")
+                    fmt = None
+                    continue
+                log.info("%s: %s format", path, fmt)
+            record, problem = convert(fmt, obj)
+            if problem:
+                reader.bad_line(problem)
+                continue
+            good += 1
+            text = record_text(record)
+            if len(text) < data.min_chars or 0 < data.max_chars < len(text):
+                counts["filtered_by_length"] += 1
+                continue
+            if data.dedup:
+                digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8,
+                                                        person=kind.encode()).digest(), "big")
+                if digest in seen:
+                    counts["duplicates_removed"] += 1
+                    continue
+                seen.add(digest)
+            counts["characters"] += len(text)
+            yield record
+        counts["bad_lines_skipped"] += reader.n_bad
+        if good == 0:
+            raise DataError(f"{path}: no usable {kind} records ({reader.n_bad} bad lines, see the log above); "
+                            f"data.{kind} takes {' or '.join(KIND_FORMATS[kind])}")
 
 
 def _chat_stats(counts: dict[str, int]) -> dict[str, int]:

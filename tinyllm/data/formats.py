@@ -1,0 +1,146 @@
+"""Public corpus formats, turned into the pipeline's own records.
+
+The seed's data sets come in a handful of JSON Lines layouts. `prepare` reads them all and writes
+one layout per kind, so nothing downstream knows where the data came from:
+
+| kind     | format         | a line looks like                                            | used by           |
+|----------|----------------|--------------------------------------------------------------|-------------------|
+| pretrain | `text`         | `{"text": "..."}`                                            | MiniMind pretrain, Seq-Monkey |
+| sft      | `minimind_sft` | `{"conversations": [{"role": "user", "content": "..."}, ...]}` | MiniMind SFT    |
+| sft      | `sharegpt`     | `{"conversations": [{"from": "human", "value": "..."}, ...]}`  | ShareGPT        |
+| sft      | `alpaca`       | `{"instruction": "...", "input": "...", "output": "..."}`     | Alpaca          |
+| sft      | `deepctrl`     | alpaca's keys + `"history": [["q", "a"], ...]`               | deepctrl `sft_data_zh.jsonl` |
+| identity | any sft format | (the conversations the lora stage teaches)                   | MiniMind `lora_identity.jsonl` |
+| dpo      | `minimind_dpo` | `{"chosen": [msgs], "rejected": [msgs]}`                     | MiniMind DPO      |
+
+Out: pretrain `{"text"}`, sft `{"conversations": [{"role", "content"}]}` (MiniMind's layout),
+dpo `{"chosen", "rejected"}`.
+
+    fmt = detect(first_record)                   # "sharegpt"
+    record, problem = convert(fmt, obj)          # ({"conversations": [...]}, None) or (None, "why")
+"""
+
+from __future__ import annotations
+
+from tinyllm.data.chat import validate_conversation
+from tinyllm.data.jsonl import validate_pretrain
+from tinyllm.data.preference import validate_preference
+
+KIND_FORMATS = {
+    "pretrain": ("text",),
+    "sft": ("minimind_sft", "sharegpt", "alpaca", "deepctrl"),
+    "identity": ("minimind_sft", "sharegpt", "alpaca", "deepctrl"),
+    "dpo": ("minimind_dpo",),
+}
+"""The formats each kind of corpus (data.pretrain, data.sft, data.identity, data.dpo) may be in."""
+FORMATS = tuple(f for formats in KIND_FORMATS.values() for f in formats)
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+"""ShareGPT speaker names (the dumps use several for the model) → ChatML roles."""
+
+
+def detect(obj) -> str | None:
+    """The format a record's keys say it is in, or None when they match none."""
+    if not isinstance(obj, dict):
+        return None
+    if "text" in obj:
+        return "text"
+    if "chosen" in obj and "rejected" in obj:
+        return "minimind_dpo"
+    if "conversations" in obj:
+        messages = obj["conversations"]
+        first = messages[0] if isinstance(messages, list) and messages else None
+        return "sharegpt" if isinstance(first, dict) and "from" in first else "minimind_sft"
+    if "instruction" in obj and "output" in obj:
+        return "deepctrl" if "history" in obj else "alpaca"
+    return None
+
+
+def convert(fmt: str, obj) -> tuple[dict | None, str | None]:
+    """(the record in the pipeline's layout, None), or (None, why the line is unusable)."""
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object ({fmt}), got a JSON {type(obj).__name__}"
+    record, problem = _CONVERTERS[fmt](obj)
+    if problem is None:
+        problem = _CHECKS[fmt](record)
+    if problem is None and not _encodable(record_text(record)):
+        problem = "holds a lone surrogate escape (like \\ud800), which is not text"
+    return (None, problem) if problem else (record, None)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def record_text(record: dict) -> str:
+    """Every character a converted record holds (for the length filters and duplicate hashing)."""
+    if "text" in record:
+        return record["text"]
+    messages = record.get("conversations") or record["chosen"] + record["rejected"][-1:]
+    return "\n".join(m["content"] for m in messages)
+
+
+def _keep(*keys: str):
+    """A converter for a layout that is already ours: keep its keys, drop any others."""
+    def converter(obj):
+        missing = [k for k in keys if k not in obj]
+        if missing:
+            return None, f'missing "{missing[0]}" (a line must have {", ".join(repr(k) for k in keys)})'
+        return {k: obj[k] for k in keys}, None
+    return converter
+
+
+def _sharegpt(obj):
+    messages = obj.get("conversations")
+    if not isinstance(messages, list):
+        return None, 'expected a "conversations" list'
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("value"), str):
+            return None, f'message {i}: expected {{"from": ..., "value": string}}'
+        role = SHAREGPT_ROLES.get(str(m.get("from")).lower())
+        if role is None:
+            return None, f'message {i}: unknown speaker "from": {m.get("from")!r} (known: {", ".join(SHAREGPT_ROLES)})'
+        out.append({"role": role, "content": m["value"]})
+    return {"conversations": out}, None
+
+
+def _instruction(obj, history_key: str | None):
+    """Alpaca and deepctrl: earlier turns (deepctrl's history), then instruction + input → output."""
+    for key in ("instruction", "output"):
+        if key not in obj:
+            return None, f'missing "{key}"'
+        if not isinstance(obj[key], str):
+            return None, f'"{key}" must be a string'
+    extra = obj.get("input") or ""
+    if not isinstance(extra, str):
+        return None, '"input" must be a string'
+    history = (obj.get(history_key) or []) if history_key else []
+    if not isinstance(history, list) or not all(
+            isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history):
+        return None, f'"{history_key}" must be a list of [question, answer] string pairs'
+    messages = [{"role": role, "content": text} for q, a in history for role, text in (("user", q), ("assistant", a))]
+    prompt = obj["instruction"] + ("\n" + extra if extra.strip() else "")
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
+    return {"conversations": messages}, None
+
+
+def _no_empty_message(record: dict) -> str | None:
+    problem = validate_conversation(record)
+    if problem is None and not any(m["content"].strip() for m in record["conversations"] if m["role"] == "user"):
+        return "no user message has any text"
+    if problem is None and not record["conversations"][-1]["content"].strip():
+        return "the last assistant reply is empty"
+    return problem
+
+
+_CONVERTERS = {"text": _keep("text"), "minimind_sft": _keep("conversations"), "sharegpt": _sharegpt,
+               "alpaca": lambda obj: _instruction(obj, None), "deepctrl": lambda obj: _instruction(obj, "history"),
+               "minimind_dpo": _keep("chosen", "rejected")}
+_CHECKS = {"text": validate_pretrain, "minimind_sft": _no_empty_message, "sharegpt": _no_empty_message,
+           "alpaca": _no_empty_message, "deepctrl": _no_empty_message, "minimind_dpo": validate_preference}
