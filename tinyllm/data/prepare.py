@@ -6,7 +6,8 @@
 `data.source: files` streams the corpora named in `data.pretrain`, `data.sft` and `data.dpo`
 (MiniMind, Seq-Monkey, ShareGPT, Alpaca, deepctrl: tinyllm/data/formats.py) one line at a time
 through conversion, length filters and exact-duplicate removal, so memory does not grow with the
-file size (only the duplicate hashes do: 8 bytes of digest per kept record, ~60 in a Python set).
+file size (only the duplicate hashes do: ~115 bytes of RSS per kept record, measured in
+reports/data.md; `data.dedup: false` turns that off).
 Either way out_dir gets pretrain.jsonl, eval_facts.jsonl, world.json (`null` for a user's corpus)
 and the chat files of tinyllm/data/chat_data.py (CHAT_OUTPUTS: SFT single- and multi-turn,
 identity, preference and eval sets; a user's corpus fills the SFT and preference files, the
