@@ -25,8 +25,8 @@ def texts(max_bytes: int):
     total = sum((DATA / name).stat().st_size for name in ("pretrain.jsonl", *CHAT_FILES))
     stride = math.ceil(total / max_bytes) if max_bytes else 1
     if stride > 1:
-        log.info("training the tokenizer on every %d. document (~%.0f of %.0f MB)", stride, total / stride / 1e6,
-                 total / 1e6)
+        log.info("training the tokenizer on one document in every %d (~%.1f of %.1f MB)", stride,
+                 total / stride / 1e6, total / 1e6)
     docs = itertools.chain(
         (rec["text"] for rec in read_jsonl(DATA / "pretrain.jsonl", validate_pretrain)),
         *((render_chat(rec["conversations"]) for rec in read_jsonl(DATA / name, validate_conversation))

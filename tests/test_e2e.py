@@ -6,6 +6,7 @@ The repo is committed before DVC runs: dvclive fails in a git repo with no commi
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,7 +210,7 @@ def test_exp_run_on_the_example_corpora_through_params_alone(repo):
     prepared = json.loads((repo / "reports/metrics/prepare.json").read_text())
     assert prepared["bad_lines_skipped"] == 16 and prepared["duplicates_removed"] > 0
     assert prepared["sft_single"] > 0 and prepared["sft_multi"] > 0 and prepared["dpo"] == 20
-    assert "every 2. document" in out or "every 3. document" in out or "every 4. document" in out
+    assert re.search(r"training the tokenizer on one document in every [2-9] ", out)  # max_corpus_bytes sampled
     dpo = json.loads((repo / "reports/metrics/dpo.json").read_text())
     assert math.isfinite(dpo["train/loss"])
 

@@ -38,8 +38,8 @@ def test_detect_tells_the_format_from_the_keys(record, fmt):
 
 
 def test_conversions_to_the_pipeline_layout_are_pinned():
-    sharegpt = {"id": "x", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
-                                             {"from": "gpt", "value": "Hello."}]}
+    sharegpt = {"id": "x", "conversations": [{"from": "system", "value": "Be brief."},
+                                             {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
     assert convert("sharegpt", sharegpt) == ({"conversations": [
         msg("system", "Be brief."), msg(USER, "Hi?"), msg(BOT, "Hello.")]}, None)
     alpaca = {"instruction": "翻译成英文", "input": "你好", "output": "Hello"}
@@ -72,7 +72,8 @@ def test_unusable_records_say_why(fmt, record, problem):
 
 def _example_params(**data):
     return parse_params({"data": {"source": "files",
-                                  "pretrain": [str(EXAMPLES / "minimind_pretrain.jsonl"), str(EXAMPLES / "seq_*.jsonl")],
+                                  "pretrain": [str(EXAMPLES / "minimind_pretrain.jsonl"),
+                                               str(EXAMPLES / "seq_*.jsonl")],
                                   "sft": [str(EXAMPLES / n) for n in ("minimind_sft.jsonl", "sharegpt.jsonl",
                                                                       "alpaca.jsonl", "deepctrl_sft_data_zh.jsonl")],
                                   "identity": [str(EXAMPLES / "minimind_lora_identity.jsonl")],
@@ -133,3 +134,16 @@ def test_format_param_overrides_detection(tmp_path):
     out = tmp_path / "out"
     prepare(_example_params(sft=[str(data)], identity=[], format="alpaca"), out, LEXICON)
     assert _lines(out / "sft_single.jsonl") == [{"conversations": [msg(USER, "q"), msg(BOT, "a")]}]
+
+
+def test_a_huge_single_line_record_streams_through(tmp_path):
+    """A 20 MB document on one line (MiniMind issue #604-style dumps): read, kept whole, counted."""
+    big = "长文本" * 3_500_000 + "end"
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": big}, ensure_ascii=False) + "\n",
+                      encoding="utf-8")
+    out = tmp_path / "out"
+    stats = prepare(parse_params({"data": {"source": "files", "pretrain": [str(corpus)]}}), out, LEXICON)
+    assert stats["documents"] == 2 and stats["characters"] == len("short") + len(big)
+    assert _lines(out / "pretrain.jsonl")[1]["text"] == big
+

@@ -3,15 +3,13 @@
 The seed's data sets come in a handful of JSON Lines layouts. `prepare` reads them all and writes
 one layout per kind, so nothing downstream knows where the data came from:
 
-| kind     | format         | a line looks like                                            | used by           |
-|----------|----------------|--------------------------------------------------------------|-------------------|
-| pretrain | `text`         | `{"text": "..."}`                                            | MiniMind pretrain, Seq-Monkey |
-| sft      | `minimind_sft` | `{"conversations": [{"role": "user", "content": "..."}, ...]}` | MiniMind SFT    |
-| sft      | `sharegpt`     | `{"conversations": [{"from": "human", "value": "..."}, ...]}`  | ShareGPT        |
-| sft      | `alpaca`       | `{"instruction": "...", "input": "...", "output": "..."}`     | Alpaca          |
-| sft      | `deepctrl`     | alpaca's keys + `"history": [["q", "a"], ...]`               | deepctrl `sft_data_zh.jsonl` |
-| identity | any sft format | (the conversations the lora stage teaches)                   | MiniMind `lora_identity.jsonl` |
-| dpo      | `minimind_dpo` | `{"chosen": [msgs], "rejected": [msgs]}`                     | MiniMind DPO      |
+- pretrain, `text`: `{"text": "..."}` (MiniMind pretrain, Seq-Monkey);
+- sft, `minimind_sft`: `{"conversations": [{"role": "user", "content": "..."}, ...]}` (MiniMind SFT);
+- sft, `sharegpt`: `{"conversations": [{"from": "human", "value": "..."}, ...]}` (ShareGPT);
+- sft, `alpaca`: `{"instruction": "...", "input": "...", "output": "..."}` (Alpaca);
+- sft, `deepctrl`: alpaca's keys + `"history": [["q", "a"], ...]` (deepctrl `sft_data_zh.jsonl`);
+- identity, any sft format: the conversations the lora stage teaches (MiniMind `lora_identity.jsonl`);
+- dpo, `minimind_dpo`: `{"chosen": [msgs], "rejected": [msgs]}` (MiniMind DPO).
 
 Out: pretrain `{"text"}`, sft `{"conversations": [{"role", "content"}]}` (MiniMind's layout),
 dpo `{"chosen", "rejected"}`.

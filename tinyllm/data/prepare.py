@@ -49,8 +49,9 @@ def prepare(params: Params, out_dir: Path, lexicon_path: Path) -> dict:
         lexicon_path: The world's word lists (used when data.source is "world").
 
     Returns:
-        Stats: documents, characters, bad_lines_skipped, people, eval_facts, and one record count
-        per chat file keyed by its name without ".jsonl" (sft_single, ..., eval_dpo).
+        Stats: documents, characters, bad_lines_skipped, duplicates_removed, filtered_by_length,
+        people, eval_facts, and one record count per chat file keyed by its name without ".jsonl"
+        (sft_single, ..., eval_dpo).
 
     Raises:
         DataError: The user's corpus (or the lexicon) is wrong; out_dir is left unchanged.
@@ -80,14 +81,14 @@ def _prepare_world(params: Params, staging: Path, lexicon_path: Path) -> dict:
                                         encoding="utf-8")
     chat = {name: write_jsonl(staging / name, records) for name, records in chat_files(world, params.seed).items()}
     return {"documents": len(docs), "characters": sum(map(len, docs)), "bad_lines_skipped": 0,
-            "duplicates_removed": 0, "filtered_by_length": 0, "people": len(world.people), "eval_facts": len(facts), **_chat_stats(chat)}
+            "duplicates_removed": 0, "filtered_by_length": 0, "people": len(world.people), "eval_facts": len(facts),
+            **_chat_stats(chat)}
 
 
 def _prepare_files(data: DataConfig, staging: Path) -> dict:
     """Stream the corpora named in params through conversion, filters and duplicate removal."""
     counts = Counter()
     documents = write_jsonl(staging / "pretrain.jsonl", _records(data, "pretrain", counts))
-    characters = counts.pop("characters", 0)
     if documents == 0:
         raise DataError(f"data.pretrain {data.pretrain}: no documents left after the length filters "
                         f"(data.min_chars={data.min_chars}, data.max_chars={data.max_chars})")
@@ -101,14 +102,13 @@ def _prepare_files(data: DataConfig, staging: Path) -> dict:
             chat[name] += 1
     chat["identity.jsonl"] = write_jsonl(staging / "identity.jsonl", _records(data, "identity", counts))
     chat["dpo.jsonl"] = write_jsonl(staging / "dpo.jsonl", _records(data, "dpo", counts))
-    counts.pop("characters", None)
     for name in CHAT_OUTPUTS:
-        if not (staging / name).exists():  # the world's identity and eval sets: none for a user's corpus
+        if not (staging / name).exists():  # the world's eval sets: none for a user's corpus
             write_jsonl(staging / name, [])
     write_jsonl(staging / "eval_facts.jsonl", [])
     (staging / "world.json").write_text("null\n", encoding="utf-8")
-    return {"documents": documents, "characters": characters, "bad_lines_skipped": counts["bad_lines_skipped"],
-            "duplicates_removed": counts["duplicates_removed"], "filtered_by_length": counts["filtered_by_length"],
+    return {"documents": documents, "characters": counts["characters_pretrain"],
+            **{key: counts[key] for key in ("bad_lines_skipped", "duplicates_removed", "filtered_by_length")},
             "people": 0, "eval_facts": 0, **_chat_stats(chat)}
 
 
@@ -164,7 +164,7 @@ def _records(data: DataConfig, kind: str, counts: Counter) -> Iterator[dict]:
                     counts["duplicates_removed"] += 1
                     continue
                 seen.add(digest)
-            counts["characters"] += len(text)
+            counts[f"characters_{kind}"] += len(text)
             yield record
         counts["bad_lines_skipped"] += reader.n_bad
         if good == 0:
