@@ -23,6 +23,7 @@ from tinyllm.data.tokenizer import load_tokenizer, render_chat, reply_stop_ids
 from tinyllm.errors import UserError
 from tinyllm.infer.generate import stream_tokens
 from tinyllm.infer.text import TextStream
+from tinyllm.infer.utf8 import Utf8Guard
 from tinyllm.train.checkpoint import is_checkpoint, load_model
 
 CHAT_STAGES = ("dpo", "lora", "sft")
@@ -89,6 +90,7 @@ class ChatSession:
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.seed, self.repetition_penalty = seed, repetition_penalty
         self.stop_ids = reply_stop_ids(tok)
+        self.utf8 = Utf8Guard.from_tokenizer(tok, next(model.parameters()).device, model.config.vocab_size)
         self.context_len = model.config.max_seq_len
         self.messages: list[dict] = []
         self.dropped_turns = 0
@@ -125,7 +127,7 @@ class ChatSession:
         try:
             for token in stream_tokens(self.model, prompt, self.max_new_tokens, stop_ids=self.stop_ids,
                                        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed,
-                                       repetition_penalty=self.repetition_penalty):
+                                       repetition_penalty=self.repetition_penalty, utf8=self.utf8):
                 if piece := stream.push(token):
                     yield piece
             if piece := stream.finish():

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from tinyllm.infer.utf8 import Utf8Guard
 from tinyllm.model.transformer import KVCache, StaticKVCache, Transformer
 
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {batch size: [free decoders]}
@@ -67,13 +68,16 @@ def _static_decoder(model: Transformer, batch_size: int, device, dtype):
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator, repetition_penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
+                generator, repetition_penalty: float = 1.0, seen: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) token ids from (B, vocab) logits: argmax at temperature 0, else a sample.
 
     repetition_penalty > 1 makes every token in `seen` ((B, vocab) bool: already in the prompt or
     the reply) less likely, CTRL-style: its logit is divided by the penalty if positive, multiplied
-    if negative.
+    if negative. `allowed` ((B, vocab) bool) rules the other tokens out before top-k and top-p.
     """
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if repetition_penalty != 1.0 and seen is not None:
         logits = logits.float()
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
@@ -105,8 +109,8 @@ def _budget(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
 @torch.no_grad()
 def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None, repetition_penalty: float = 1.0, static: bool | None = None
-                  ) -> Iterator[int]:
+                  seed: int | None = None, repetition_penalty: float = 1.0, static: bool | None = None,
+                  utf8: Utf8Guard | None = None) -> Iterator[int]:
     """Yield new token ids one by one; stops after a stop id (not yielded) or the length limit.
 
     Args:
@@ -116,6 +120,7 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
         seed: seeds sampling, so the same call gives the same text.
         repetition_penalty: > 1 discourages tokens already in the prompt or the reply.
         static: decode with static shapes (see `decoder`); None decides by device and model.
+        utf8: keep the reply valid UTF-8 (`Utf8Guard`: no token that breaks a character).
     """
     budget = _budget(model, len(prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
@@ -124,13 +129,18 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
     model.eval()
     inputs = torch.tensor([prompt_ids], device=device)
     seen = _seen(inputs, model.config.vocab_size) if repetition_penalty != 1.0 else None
+    state = utf8.start(1) if utf8 else None
     try:
         with decoding(model, 1, len(prompt_ids) + budget, static) as (_, step):
             for _ in range(budget):
                 logits = step(inputs, None)
-                token = int(next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen))
+                tokens = next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen,
+                                     utf8.allowed(state) if utf8 else None)
+                token = int(tokens)
                 if seen is not None:
                     seen[0, token] = True
+                if utf8:
+                    state = utf8.advance(state, tokens)
                 if token in stop_ids:
                     return
                 yield token
@@ -155,7 +165,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, **k
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                    stop_ids: set[int] = frozenset(), pad_id: int = 0, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                   repetition_penalty: float = 1.0, static: bool | None = None) -> list[list[int]]:
+                   repetition_penalty: float = 1.0, static: bool | None = None,
+                   utf8: Utf8Guard | None = None) -> list[list[int]]:
     """New tokens for several prompts at once (each list ends before its first stop id).
 
     Every row runs until all rows have stopped or the budget (set by the longest prompt) is spent.
@@ -180,11 +191,15 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                 inputs[row, width - len(ids):] = torch.tensor(ids, device=device)
                 key_valid[row, :width - len(ids)] = False
             seen = _seen(inputs, model.config.vocab_size, key_valid[:, :width]) if repetition_penalty != 1.0 else None
+            state = utf8.start(B) if utf8 else None
             for _ in range(budget):
                 logits = step(inputs, key_valid)
-                tokens = next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen)
+                tokens = next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen,
+                                     utf8.allowed(state) if utf8 else None)
                 if seen is not None:
                     seen[torch.arange(B, device=device), tokens] = True
+                if utf8:
+                    state = utf8.advance(state, tokens)
                 done |= torch.isin(tokens, stop)
                 out.append(tokens.masked_fill(done, -1))
                 if done.all():

@@ -11,6 +11,7 @@ from pathlib import Path
 from tinyllm.data.tokenizer import reply_stop_ids
 from tinyllm.errors import UserError
 from tinyllm.infer.chat import load_chat_model
+from tinyllm.infer.utf8 import Utf8Guard
 from tinyllm.serve.worker import ServedModel
 
 
@@ -24,7 +25,8 @@ def load_served_models(specs: list[str], adapter: Path | None = None, device: st
         name, _, path = spec.rpartition("=")
         model, tok, description = load_chat_model(Path(path) if path else None, adapter, device)
         checkpoint = Path(description.split(" + ")[0])  # what load_chat_model chose: "path[ + adapter ...]"
-        served.append(ServedModel(name or checkpoint.name, model, tok, reply_stop_ids(tok), description))
+        utf8 = Utf8Guard.from_tokenizer(tok, next(model.parameters()).device, model.config.vocab_size)
+        served.append(ServedModel(name or checkpoint.name, model, tok, reply_stop_ids(tok), description, utf8))
     names = [m.name for m in served]
     if len(set(names)) != len(names):
         raise UserError(f"two served models share a name ({', '.join(names)}); name them: NAME=PATH")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from tinyllm.infer.generate import stream_tokens
 from tinyllm.infer.text import TextStream
+from tinyllm.infer.utf8 import Utf8Guard
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class ServedModel:
     tok: object
     stop_ids: set[int]
     description: str
+    utf8: Utf8Guard | None = None
+    """Keeps sampled replies valid UTF-8 (`load_served_models` builds it from the tokenizer)."""
 
     @property
     def context(self) -> int:
@@ -103,7 +106,7 @@ class GenerationWorker:
             return Finish("cancelled", len(job.prompt_ids), 0)
         tokens = stream_tokens(served.model, job.prompt_ids, budget, stop_ids=served.stop_ids,
                                temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed,
-                               repetition_penalty=job.repetition_penalty)
+                               repetition_penalty=job.repetition_penalty, utf8=served.utf8)
         for token in tokens:
             if job.cancelled.is_set():
                 self.cancelled_jobs += 1
