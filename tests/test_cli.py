@@ -35,9 +35,10 @@ def test_bench_train_runs_the_real_loop_and_writes_a_table(tmp_path, capsys):
 
 
 def test_bench_train_profile_writes_a_trace_and_operator_tables(tmp_path, capsys):
-    main(["bench", "train", "--models", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "10",
+    main(["bench", "train", "--models", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "40",
           "--warmup", "10", "--vocab-size", "300", "--device", "cpu", "--out", str(tmp_path),
           "--profile", str(tmp_path / "prof")])
+    assert capsys.readouterr().out.count("profile tiny_ddp_1x_b2 rank 0") == 1  # one window, not one per 7 steps
     report = (tmp_path / "prof" / "tiny_ddp_1x_b2_rank0.txt").read_text()
     summary = json.loads(report.splitlines()[0])
     assert summary["steps"] == 5 and summary["wall_ms"] > 0 and summary["gpu_ops"] == 0  # CPU: no GPU kernels

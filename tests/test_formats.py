@@ -107,9 +107,33 @@ def test_prepare_reads_every_example_format_and_counts_what_it_drops(tmp_path, c
 
 
 def test_length_filters_and_dedup_switch(tmp_path):
-    kept = prepare(_example_params(min_chars=50, max_chars=2000, dedup=False), tmp_path, LEXICON)
+    kept = prepare(_example_params(min_chars=50, max_chars=2000, dedup=False), tmp_path / "all", LEXICON)
     assert kept["filtered_by_length"] > 0 and kept["duplicates_removed"] == 0
-    assert all(50 <= len(r["text"]) <= 2000 for r in _lines(tmp_path / "pretrain.jsonl"))
+    assert all(50 <= len(r["text"]) <= 2000 for r in _lines(tmp_path / "all" / "pretrain.jsonl"))
+    deduped = prepare(_example_params(min_chars=50, max_chars=2000), tmp_path / "dedup", LEXICON)
+    assert deduped["duplicates_removed"] > 0
+    assert deduped["documents"] + deduped["sft_single"] + deduped["sft_multi"] + deduped["identity"] \
+        + deduped["duplicates_removed"] == kept["documents"] + kept["sft_single"] + kept["sft_multi"] + kept["identity"]
+
+
+def test_a_bad_first_line_does_not_decide_a_files_format(tmp_path):
+    turn = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    chats = tmp_path / "sharegpt.jsonl"
+    chats.write_text("\n".join(json.dumps(r) for r in [{"conversations": []}, {"conversations": turn},
+                                                        {"conversations": turn[::-1] + turn}]) + "\n")
+    stats = prepare(_example_params(sft=[str(chats)]), tmp_path / "out", LEXICON)
+    assert (stats["sft_single"], stats["sft_multi"]) == (1, 1)
+    assert stats["bad_lines_skipped"] == 16 - 9 + 1  # the examples' minus their 9 sft ones, plus the empty one here
+
+
+def test_a_file_named_twice_is_read_once_and_extra_message_keys_are_dropped(tmp_path):
+    chats = tmp_path / "sft.jsonl"
+    chats.write_text(json.dumps({"conversations": [{"role": "user", "content": "q", "name": "\ud800"},
+                                                   {"role": "assistant", "content": "a", "loss": True}]}) + "\n")
+    spelled_twice = [str(chats), str(tmp_path / ".." / tmp_path.name / "sft.jsonl")]
+    stats = prepare(_example_params(sft=spelled_twice, dedup=False), tmp_path / "out", LEXICON)
+    assert stats["sft_single"] == 1
+    assert _lines(tmp_path / "out" / "sft_single.jsonl") == [{"conversations": [msg(USER, "q"), msg(BOT, "a")]}]
 
 
 def test_strict_stops_at_the_first_bad_line_and_keeps_the_old_outputs(tmp_path):
@@ -128,11 +152,11 @@ def test_a_file_of_the_wrong_kind_or_a_glob_matching_nothing_is_named(tmp_path):
 
 
 def test_format_param_overrides_detection(tmp_path):
-    """format: alpaca reads deepctrl lines as alpaca (history ignored); detection would keep it."""
+    """format: alpaca reads deepctrl lines as alpaca (history ignored); identity files still detect."""
     data = tmp_path / "dc.jsonl"
     data.write_text(json.dumps({"instruction": "q", "input": "", "output": "a", "history": [["h", "i"]]}) + "\n")
     out = tmp_path / "out"
-    prepare(_example_params(sft=[str(data)], identity=[], format="alpaca"), out, LEXICON)
+    prepare(_example_params(sft=[str(data)], format="alpaca"), out, LEXICON)
     assert _lines(out / "sft_single.jsonl") == [{"conversations": [msg(USER, "q"), msg(BOT, "a")]}]
 
 

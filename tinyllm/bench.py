@@ -77,7 +77,8 @@ def profiled(batches, prof) -> Iterator[dict]:
 
 def watch_memory(batches, device: torch.device, skip: int, peaks: dict) -> Iterator[dict]:
     """The same batches; from batch `skip` on, tracks the GPU allocator's peak of the training steps
-    alone (peaks["steps"]), apart from the engine's build-up and teardown (peaks["run"] covers all)."""
+    alone (peaks["steps"]), apart from the engine's build-up and teardown (peaks["run"] covers all).
+    The peak is read as each batch is fetched, so the last step is not in it (steps are alike)."""
     for index, batch in enumerate(batches):
         if index == skip:
             peaks["run"] = torch.cuda.max_memory_allocated(device)
@@ -143,7 +144,9 @@ def start_profiler(out_dir: Path, name: str, rank: int, skip: int, active: int =
         print(f"profile {name} rank {rank}: {json.dumps(summary)}", flush=True)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    return profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=active),
+    # the profiler's step n is training step n-1 (`profiled` marks a step as each batch is fetched),
+    # so wait=skip-1 makes the active steps the first `active` ones after `skip`; repeat=1: once only
+    return profile(activities=activities, schedule=schedule(wait=skip - 1, warmup=2, active=active, repeat=1),
                    on_trace_ready=write)
 
 
@@ -155,7 +158,8 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     tokens: the pipeline's token folder (artifacts/tokens) to train on instead of random tokens;
     the vocabulary then comes from its index.
     strategy: a key of STRATEGIES (ddp also means a single plain process).
-    profile_dir: also profile 5 steps after the warm-up (`start_profiler`) and write the results here.
+    profile_dir: also profile the first 5 timed steps (`start_profiler`) and write the results here.
+        Writing the trace happens inside a timed window, so a profiled run's tokens/s is not comparable.
     log_interval: steps per log point; each one reads the loss, a host sync (warmup and steps are
     rounded up to a multiple of it).
     """
@@ -163,6 +167,9 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     rows_per_rank = batch_size // dist.world_size
     interval = log_interval
     warmup, steps = -(-warmup // interval) * interval, -(-steps // interval) * interval
+    if profile_dir is not None and (log_interval < 6 or steps < 6):
+        raise ValueError("--profile needs --log-interval >= 6 and --steps >= 6, so that the 5 profiled steps "
+                         "hold no log point (its host sync) and end before the run")
     if tokens is not None:
         stream = TokenStream(tokens, "train")
         vocab_size = stream.index["vocab_size"]

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--log-interval", type=_checked(int, lambda v: v > 0, "> 0"), default=10,
                        help="steps per log point (each reads the loss: one host sync)")
     train.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                       help="also profile 5 steps after the warm-up; traces and top operators go to DIR")
+                       help="also profile the first 5 timed steps; traces and top operators go to DIR "
+                       "(the run's tokens/s then includes writing them)")
     train.add_argument("--name", default="train", help="table file name prefix")
     train.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     infer = bench_sub.add_parser("infer", help="generation speed: time to first token, decode tokens/s",

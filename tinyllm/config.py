@@ -50,7 +50,8 @@ class DataConfig:
     dpo: list = field(default_factory=list)
     """Paths or globs of preference pairs, `{"chosen": [msgs], "rejected": [msgs]}` (MiniMind DPO)."""
     format: str = "auto"
-    """`auto` tells each file's format from its first good line's keys; or one format for every file."""
+    """`auto` tells each file's format from its first good line's keys; or one format for every
+    data.sft file (the other kinds are always told apart by their keys)."""
     strict: bool = False
     """False: a malformed line is counted, logged as file:line and skipped; True: it stops the run."""
     min_chars: int = 1
@@ -433,7 +434,7 @@ def _check(p: Params) -> list[str]:
     if isinstance(targets, str) and targets != "all-linear" or isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
         e.append(f"lora.target_modules={targets!r} must be 'all-linear' or a non-empty list of module names")
     positive("dpo.beta", p.dpo.beta)
-    from tinyllm.data.formats import FORMATS  # here, not at the top: the data modules import this one
+    from tinyllm.data.formats import KIND_FORMATS  # here, not at the top: the data modules import this one
 
     d = p.data
     if d.source not in ("world", "files"):
@@ -443,8 +444,10 @@ def _check(p: Params) -> list[str]:
     for kind in ("pretrain", "sft", "identity", "dpo"):
         if not all(isinstance(x, str) and x for x in getattr(d, kind)):
             e.append(f"data.{kind}={getattr(d, kind)!r} must be a list of paths or globs")
-    if d.format != "auto" and d.format not in FORMATS:
-        e.append(f"data.format={d.format!r} must be auto or one of {', '.join(FORMATS)}")
+        elif d.source == "world" and getattr(d, kind):
+            e.append(f"data.{kind} is read only when data.source is 'files' (it is 'world')")
+    if d.format != "auto" and d.format not in KIND_FORMATS["sft"]:
+        e.append(f"data.format={d.format!r} must be auto or one of {', '.join(KIND_FORMATS['sft'])}")
     if d.min_chars < 0 or d.max_chars < 0 or 0 < d.max_chars < d.min_chars:
         e.append(f"data.min_chars={d.min_chars}, data.max_chars={d.max_chars}: need 0 <= min_chars <= max_chars "
                  "(max_chars 0: no limit)")

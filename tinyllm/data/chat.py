@@ -91,8 +91,8 @@ class ChatBatches:
         # such rows would have no labelled token at all (a NaN mean loss)
         self.examples = [(ids[:row], m[:row]) for ids, m in examples if m[:row].any()]
         if not self.examples:
-            raise DataError(f"no conversation has an assistant reply within seq_len={seq_len} tokens; "
-                            "raise model.max_seq_len (or the stage's seq_len)")
+            raise DataError(f"no conversation has an assistant reply within seq_len={seq_len} tokens; raise the "
+                            "stage's seq_len (sft.seq_len, lora.seq_len) up to model.max_seq_len, or that too")
         if len(self.examples) < len(examples):
             log.warning("%d of %d conversations have no reply within seq_len=%d and are left out",
                         len(examples) - len(self.examples), len(examples), seq_len)

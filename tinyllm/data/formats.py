@@ -31,28 +31,30 @@ KIND_FORMATS = {
     "dpo": ("minimind_dpo",),
 }
 """The formats each kind of corpus (data.pretrain, data.sft, data.identity, data.dpo) may be in."""
-FORMATS = tuple(f for formats in KIND_FORMATS.values() for f in formats)
+FORMATS = tuple(dict.fromkeys(f for formats in KIND_FORMATS.values() for f in formats))
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 """ShareGPT speaker names (the dumps use several for the model) → ChatML roles."""
 
 
-def detect(obj) -> str | None:
-    """The format a record's keys say it is in, or None when they match none."""
+def detect(obj, formats: tuple[str, ...] = FORMATS) -> str | None:
+    """The first of `formats` whose keys the record has, or None. Structured layouts are tried
+    before `text`, so a chat record that also carries a "text" field is read as chat."""
     if not isinstance(obj, dict):
         return None
-    if "text" in obj:
-        return "text"
-    if "chosen" in obj and "rejected" in obj:
-        return "minimind_dpo"
-    if "conversations" in obj:
-        messages = obj["conversations"]
-        first = messages[0] if isinstance(messages, list) and messages else None
-        return "sharegpt" if isinstance(first, dict) and "from" in first else "minimind_sft"
-    if "instruction" in obj and "output" in obj:
-        return "deepctrl" if "history" in obj else "alpaca"
-    return None
+    messages = obj.get("conversations")
+    first = messages[0] if isinstance(messages, list) and messages else None
+    sharegpt = isinstance(first, dict) and "from" in first
+    signs = {
+        "minimind_dpo": "chosen" in obj and "rejected" in obj,
+        "sharegpt": "conversations" in obj and sharegpt,
+        "minimind_sft": "conversations" in obj and not sharegpt,
+        "deepctrl": "instruction" in obj and "output" in obj and "history" in obj,
+        "alpaca": "instruction" in obj and "output" in obj,
+        "text": "text" in obj,
+    }
+    return next((fmt for fmt in signs if fmt in formats and signs[fmt]), None)
 
 
 def convert(fmt: str, obj) -> tuple[dict | None, str | None]:
@@ -76,7 +78,7 @@ def _encodable(text: str) -> bool:
 
 
 def record_text(record: dict) -> str:
-    """Every character a converted record holds (for the length filters and duplicate hashing)."""
+    """Every character a converted record holds (for the length filters)."""
     if "text" in record:
         return record["text"]
     messages = record.get("conversations") or record["chosen"] + record["rejected"][-1:]
@@ -84,13 +86,20 @@ def record_text(record: dict) -> str:
 
 
 def _keep(*keys: str):
-    """A converter for a layout that is already ours: keep its keys, drop any others."""
+    """A converter for a layout that is already ours: keep its keys, drop any others (and, in
+    message lists, every message key but "role" and "content")."""
     def converter(obj):
         missing = [k for k in keys if k not in obj]
         if missing:
             return None, f'missing "{missing[0]}" (a line must have {", ".join(repr(k) for k in keys)})'
-        return {k: obj[k] for k in keys}, None
+        return {k: _messages(obj[k]) for k in keys}, None
     return converter
+
+
+def _messages(value):
+    if not isinstance(value, list):
+        return value
+    return [{k: m[k] for k in ("role", "content") if k in m} if isinstance(m, dict) else m for m in value]
 
 
 def _sharegpt(obj):

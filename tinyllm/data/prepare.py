@@ -3,15 +3,15 @@
     dvc repro prepare     # stages/prepare.py → prepare(params, Path("artifacts/data"), lexicon)
 
 `data.source: world` generates the embedded fictional world (tinyllm/data/world.py);
-`data.source: files` streams the corpora named in `data.pretrain`, `data.sft` and `data.dpo`
+`data.source: files` streams the corpora named in `data.pretrain`, `data.sft`, `data.identity` and `data.dpo`
 (MiniMind, Seq-Monkey, ShareGPT, Alpaca, deepctrl: tinyllm/data/formats.py) one line at a time
 through conversion, length filters and exact-duplicate removal, so memory does not grow with the
 file size (only the duplicate hashes do: ~115 bytes of RSS per kept record, measured in
 reports/data.md; `data.dedup: false` turns that off).
 Either way out_dir gets pretrain.jsonl, eval_facts.jsonl, world.json (`null` for a user's corpus)
 and the chat files of tinyllm/data/chat_data.py (CHAT_OUTPUTS: SFT single- and multi-turn,
-identity, preference and eval sets; a user's corpus fills the SFT and preference files, the
-world's identity and eval sets stay empty), so the stage's outputs are always the same files.
+identity, preference and eval sets; a user's corpus fills the SFT, identity and preference
+files, and the world's eval sets stay empty), so the stage's outputs are always the same files.
 Everything is first written to a staging folder inside out_dir and moved into place only when
 all of it succeeded: a bad input line leaves the previous outputs exactly as they were.
 """
@@ -107,14 +107,17 @@ def _prepare_files(data: DataConfig, staging: Path) -> dict:
             write_jsonl(staging / name, [])
     write_jsonl(staging / "eval_facts.jsonl", [])
     (staging / "world.json").write_text("null\n", encoding="utf-8")
+    for kind, stage in (("sft", "sft"), ("identity", "lora (unless lora.enabled is false)"), ("dpo", "dpo")):
+        if not getattr(data, kind):
+            log.warning("data.%s names no file: the %s stage will stop for want of data", kind, stage)
     return {"documents": documents, "characters": counts["characters_pretrain"],
             **{key: counts[key] for key in ("bad_lines_skipped", "duplicates_removed", "filtered_by_length")},
             "people": 0, "eval_facts": 0, **_chat_stats(chat)}
 
 
 def corpus_files(patterns: list[str], kind: str) -> list[Path]:
-    """The files `data.<kind>` names, globs expanded (sorted), each once; a pattern matching
-    nothing is an error that names it."""
+    """The files `data.<kind>` names, globs expanded (sorted), each once (however it is spelled);
+    a pattern matching nothing is an error that names it."""
     files: list[Path] = []
     for pattern in patterns:
         is_glob = any(c in pattern for c in "*?[")
@@ -122,44 +125,46 @@ def corpus_files(patterns: list[str], kind: str) -> list[Path]:
         matches = [m for m in matches if m.is_file()]
         if not matches:
             raise DataError(f"data.{kind}: {pattern!r} matches no file")
-        files += [m for m in matches if m not in files]
+        seen = {f.resolve() for f in files}
+        files += [m for m in matches if m.resolve() not in seen]
     return files
 
 
 def _records(data: DataConfig, kind: str, counts: Counter) -> Iterator[dict]:
     """Every usable record of the `kind` corpora in the pipeline's layout, one line at a time.
 
-    Bad lines go through the reader (file:line; they stop the run when data.strict). Records
-    outside the length limits, and exact repeats of an earlier record, are dropped and counted.
+    A file's format is `data.format` for sft files when set, else the first format whose keys a
+    line has and which converts. Bad lines go through the reader (file:line; they stop the run
+    when data.strict). Records outside the length limits, and exact repeats of an earlier record
+    of the same kind, are dropped and counted.
     """
     seen: set[int] = set()
     for path in corpus_files(getattr(data, kind), kind):
         reader = read_jsonl(path, lambda obj: None, "error" if data.strict else "skip")
-        fmt = data.format if data.format in KIND_FORMATS[kind] else None
+        fixed = data.format if kind == "sft" and data.format != "auto" else None
         good = 0
         for obj in reader:
+            fmt = fixed or detect(obj, KIND_FORMATS[kind])
             if fmt is None:
-                fmt = detect(obj)
-                if fmt not in KIND_FORMATS[kind]:
-                    seen_as = f"looks like {fmt}" if fmt else \
-                        f"keys {sorted(obj) if isinstance(obj, dict) else type(obj).__name__} match no known format"
-                    reader.bad_line(f"{seen_as}, but data.{kind} takes {' or '.join(KIND_FORMATS[kind])} "
-                                    "(tinyllm/data/formats.py)")
-                    fmt = None
-                    continue
-                log.info("%s: %s format", path, fmt)
+                seen_as = detect(obj)
+                reader.bad_line((f"looks like {seen_as}" if seen_as else "its keys match no known format")
+                                + f", but data.{kind} takes {' or '.join(KIND_FORMATS[kind])} (tinyllm/data/formats.py)")
+                continue
             record, problem = convert(fmt, obj)
             if problem:
                 reader.bad_line(problem)
                 continue
+            if fixed is None:
+                fixed = fmt  # one format per file, decided by its first good line
+                log.info("%s: %s format", path, fmt)
             good += 1
             text = record_text(record)
             if len(text) < data.min_chars or 0 < data.max_chars < len(text):
                 counts["filtered_by_length"] += 1
                 continue
             if data.dedup:
-                digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8,
-                                                        person=kind.encode()).digest(), "big")
+                content = json.dumps(record, ensure_ascii=False, sort_keys=True).encode()
+                digest = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "big")
                 if digest in seen:
                     counts["duplicates_removed"] += 1
                     continue
@@ -167,7 +172,9 @@ def _records(data: DataConfig, kind: str, counts: Counter) -> Iterator[dict]:
             counts[f"characters_{kind}"] += len(text)
             yield record
         counts["bad_lines_skipped"] += reader.n_bad
-        if good == 0:
+        if good == 0 and reader.n_bad == 0:
+            log.warning("%s: empty file (data.%s), nothing read", path, kind)
+        elif good == 0:
             raise DataError(f"{path}: no usable {kind} records ({reader.n_bad} bad lines, see the log above); "
                             f"data.{kind} takes {' or '.join(KIND_FORMATS[kind])}")
 

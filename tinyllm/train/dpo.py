@@ -60,7 +60,8 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     records = list(read_jsonl(pairs_file, validate_preference))
     if len(records) < cfg.batch_size:
-        raise DataError(f"{pairs_file}: {len(records)} preference pairs, fewer than dpo.batch_size={cfg.batch_size}")
+        raise DataError(f"{pairs_file}: {len(records)} preference pairs, fewer than dpo.batch_size={cfg.batch_size}"
+                        + (" (with data.source: files, list preference files in data.dpo)" if not records else ""))
     pairs = [encode_pair(tok, r, params.sft.system_prompt) for r in records]
     lost = truncated_labels(pairs, seq_len)
     if lost:

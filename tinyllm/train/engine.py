@@ -159,6 +159,7 @@ class DeepSpeedEngine:
         if not dist.enabled and not torch.distributed.is_initialized():
             join_single_process_group(device)  # no launcher (a benchmark, a notebook): DeepSpeed still wants one
         self.model = model.to(device).train()
+        self._own_param_attrs = {id(p): set(vars(p)) for p in model.parameters()}  # DeepSpeed adds its own
         fp32_start = persistent_state(model)
         optimizer = build_optimizer(model, cfg, device)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -255,10 +256,20 @@ class DeepSpeedEngine:
 
     def finish(self) -> None:
         """Put the full fp32 weights back into the plain module (ZeRO-3 left it empty), so the stage
-        saves an ordinary checkpoint. They are gathered to the CPU and the engine is freed first, so
-        the GPU never holds the partitioned state and the full weights at once."""
+        saves an ordinary checkpoint. They are gathered to the CPU and the engine is freed first
+        (DeepSpeed's `destroy` leaves hooks and per-parameter attributes that keep it alive; they go
+        too), so the GPU never holds the partitioned state and the full weights at once."""
         weights = self.full_weights()
         self.engine.destroy()
+        for hook in ("module_forward_pre_hook", "module_forward_post_hook"):  # destroy() leaves them on the model
+            handle = getattr(self.engine, hook, None)
+            if handle is not None:
+                handle.remove()
+        if hasattr(self.engine.optimizer, "unregister_grad_acc_post_hooks"):  # ZeRO-3's hook holds the engine
+            self.engine.optimizer.unregister_grad_acc_post_hooks()
+        for param in self.model.parameters():  # ZeRO-3's per-parameter state (its shard, its gather methods)
+            for attr in set(vars(param)) - self._own_param_attrs.get(id(param), set()):
+                delattr(param, attr)
         self.engine = None
         gc.collect()  # the engine's reference cycles hold the bf16 copies, fp32 masters and Adam moments
         for name, param in self.model.named_parameters():  # a tied lm_head is the embedding's Parameter

@@ -81,7 +81,8 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     base, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     identity = read_conversations([identity_file])
     if not identity:
-        raise DataError(f"{identity_file}: no conversations to teach")
+        raise DataError(f"{identity_file}: no conversations to teach (with data.source: files, list them in "
+                        "data.identity, or set lora.enabled: false)")
     replay_rows = round(cfg.batch_size * cfg.replay_fraction)
     text_rows = round(replay_rows * params.sft.pretrain_mix)
     chat_rows = replay_rows - text_rows

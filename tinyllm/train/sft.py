@@ -40,7 +40,8 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
     model, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
     conversations = read_conversations(conversation_files)
     if not conversations:
-        raise DataError(f"{', '.join(map(str, conversation_files))}: no conversations to fine-tune on")
+        raise DataError(f"{', '.join(map(str, conversation_files))}: no conversations to fine-tune on "
+                        "(with data.source: files, list chat files in data.sft)")
     examples = [encode_conversation(tok, c, cfg.system_prompt) for c in conversations]
     text_rows = round(cfg.batch_size * cfg.pretrain_mix)
     chat = ChatBatches(examples, cfg.batch_size - text_rows, seq_len, params.seed, pad_id=pad_id)
