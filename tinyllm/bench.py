@@ -88,18 +88,13 @@ def watch_memory(batches, device: torch.device, skip: int, peaks: dict) -> Itera
         yield batch
 
 
-def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], end)
-        else:
-            out.append([start, end])
-    return [(a, b) for a, b in out]
-
-
 def _covered(intervals: list[tuple[float, float]]) -> float:
-    return sum(b - a for a, b in _merged(intervals))
+    """Total length of the union of (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def trace_summary(trace: dict) -> dict:
@@ -112,13 +107,16 @@ def trace_summary(trace: dict) -> dict:
     nccl = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e["name"].lower()]
     compute = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower()]
     n = max(1, len(steps))
-    merged_compute = _merged(compute)
-    hidden = sum(max(0.0, min(b, d) - max(a, c)) for a, b in _merged(nccl) for c, d in merged_compute)
     span = (max(b for _, b in compute + nccl) - min(a for a, _ in compute + nccl)) if kernels else 0.0
-    return {"steps": len(steps), "wall_ms": round(sum(e["dur"] for e in steps) / n / 1e3, 2),
-            "gpu_span_ms": round(span / n / 1e3, 2), "gpu_busy_ms": round(_covered(compute + nccl) / n / 1e3, 2),
-            "compute_ms": round(_covered(compute) / n / 1e3, 2), "nccl_ms": round(_covered(nccl) / n / 1e3, 2),
-            "nccl_exposed_ms": round((_covered(nccl) - hidden) / n / 1e3, 2), "gpu_ops": len(kernels) // n}
+    busy, compute_ms = _covered(compute + nccl), _covered(compute)
+
+    def ms(us: float) -> float:
+        return round(us / n / 1e3, 2)
+
+    # NCCL time no compute kernel hid = the time the GPU was busy with NCCL alone
+    return {"steps": len(steps), "wall_ms": ms(sum(e["dur"] for e in steps)), "gpu_span_ms": ms(span),
+            "gpu_busy_ms": ms(busy), "compute_ms": ms(compute_ms), "nccl_ms": ms(_covered(nccl)),
+            "nccl_exposed_ms": ms(busy - compute_ms), "gpu_ops": len(kernels) // n}
 
 
 def start_profiler(out_dir: Path, name: str, rank: int, skip: int, active: int = 5):
@@ -165,8 +163,7 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     """
     dist = dist or Dist()
     rows_per_rank = batch_size // dist.world_size
-    interval = log_interval
-    warmup, steps = -(-warmup // interval) * interval, -(-steps // interval) * interval
+    warmup, steps = -(-warmup // log_interval) * log_interval, -(-steps // log_interval) * log_interval
     if profile_dir is not None and (log_interval < 6 or steps < 6):
         raise ValueError("--profile needs --log-interval >= 6 and --steps >= 6, so that the 5 profiled steps "
                          "hold no log point (its host sync) and end before the run")
@@ -179,7 +176,7 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     model_cfg = ModelConfig(**PRESETS[preset], max_seq_len=seq_len, vocab_size=vocab_size)
     runtime = RuntimeConfig(device=device, dtype=dtype, compile=compile)
     train_cfg = TrainConfig(max_steps=warmup + steps, batch_size=batch_size, warmup_steps=1, lr=3e-4, min_lr=3e-5,
-                            log_interval=interval, eval_interval=10**9)
+                            log_interval=log_interval, eval_interval=10**9)
     dev = resolve_device(runtime, dist)
     torch.manual_seed(0)
     model = Transformer(model_cfg)

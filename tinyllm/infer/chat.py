@@ -90,7 +90,7 @@ class ChatSession:
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.seed, self.repetition_penalty = seed, repetition_penalty
         self.stop_ids = reply_stop_ids(tok)
-        self.utf8 = Utf8Guard.from_tokenizer(tok, next(model.parameters()).device, model.config.vocab_size)
+        self.utf8 = Utf8Guard.for_model(tok, model)
         self.context_len = model.config.max_seq_len
         self.messages: list[dict] = []
         self.dropped_turns = 0

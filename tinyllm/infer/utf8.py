@@ -11,7 +11,7 @@ allowed range) and each token, the state after the token, or -1 if the token wou
 text. Generation keeps one state per row on the device, masks the logits with `allowed(state)`
 and advances with `advance(state, tokens)`: two gathers per step, no host sync.
 
-    guard = Utf8Guard.from_tokenizer(tok, device)
+    guard = Utf8Guard.for_model(tok, model)
     state = guard.start(batch_size)
     logits = logits.masked_fill(~guard.allowed(state), float("-inf"))
     state = guard.advance(state, tokens)
@@ -98,6 +98,11 @@ class Utf8Guard:
                 if after is not None:
                     table[state, token] = after
         return cls(table.to(device))
+
+    @classmethod
+    def for_model(cls, tok: Tokenizer, model) -> Utf8Guard:
+        """The table on the model's device, over the model's vocabulary."""
+        return cls.from_tokenizer(tok, next(model.parameters()).device, model.config.vocab_size)
 
     def start(self, batch_size: int) -> torch.Tensor:
         return torch.zeros(batch_size, dtype=torch.long, device=self.table.device)

@@ -25,8 +25,8 @@ def load_served_models(specs: list[str], adapter: Path | None = None, device: st
         name, _, path = spec.rpartition("=")
         model, tok, description = load_chat_model(Path(path) if path else None, adapter, device)
         checkpoint = Path(description.split(" + ")[0])  # what load_chat_model chose: "path[ + adapter ...]"
-        utf8 = Utf8Guard.from_tokenizer(tok, next(model.parameters()).device, model.config.vocab_size)
-        served.append(ServedModel(name or checkpoint.name, model, tok, reply_stop_ids(tok), description, utf8))
+        served.append(ServedModel(name or checkpoint.name, model, tok, reply_stop_ids(tok), description,
+                                  Utf8Guard.for_model(tok, model)))
     names = [m.name for m in served]
     if len(set(names)) != len(names):
         raise UserError(f"two served models share a name ({', '.join(names)}); name them: NAME=PATH")
