@@ -12,7 +12,6 @@ from tinyllm.infer.chat import newest_chat_checkpoint
 from tinyllm.stage import stage_main
 from tinyllm.train.checkpoint import read_config
 
-
 OUT = Path("artifacts/hf")
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from tinyllm.data.chat import ChatBatches, encode_conversation, validate_conversation
+from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, render_chat
-from tinyllm.model.transformer import IGNORE_INDEX
 
 CONV = [{"role": "user", "content": "李明住在哪里？"}, {"role": "assistant", "content": "李明住在杭州。"},
         {"role": "user", "content": "他养了什么宠物？"}, {"role": "assistant", "content": "他养了猫。"}]
@@ -40,7 +40,7 @@ def test_packed_rows_keep_whole_conversations_and_shift_labels(tokenizer):
         assert torch.equal(labels[:-1][target[:-1]], ids[1:][target[:-1]])
     rows = ChatBatches(examples, batch_size=4, seq_len=127, seed=0, pad_id=pad)._rows()
     for _ in range(4):
-        ids, mask = next(rows)
+        ids, _mask = next(rows)
         real = ids[: len(ids) - int(np.argmax(ids[::-1] != pad))]  # strip the padding tail
         text = tokenizer.decode(real.tolist(), skip_special_tokens=False)
         conversations = text.split("<|im_start|>user\n李明住在哪里？")[1:]  # both start so

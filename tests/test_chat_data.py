@@ -8,8 +8,15 @@ import pytest
 
 from tinyllm.config import WorldConfig, parse_params
 from tinyllm.data import chat_data
-from tinyllm.data.chat_data import (ASSISTANT_NAME, CHAT_OUTPUTS, EVAL_IDENTITY_QUESTIONS, IDENTITY_QUESTIONS,
-                                    answer_sentence, attribute_value, chat_files)
+from tinyllm.data.chat_data import (
+    ASSISTANT_NAME,
+    CHAT_OUTPUTS,
+    EVAL_IDENTITY_QUESTIONS,
+    IDENTITY_QUESTIONS,
+    answer_sentence,
+    attribute_value,
+    chat_files,
+)
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.prepare import prepare
 from tinyllm.data.world import ATTRIBUTES, World, build_world, fact_prompts

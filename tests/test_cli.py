@@ -49,7 +49,7 @@ def test_bench_train_profile_writes_a_trace_and_operator_tables(tmp_path, capsys
 
 def test_trace_summary_counts_nccl_time_not_hidden_by_compute():
     """One step: compute kernels 0-10 and 12-20 µs, NCCL 8-14 (a gap at 10-12 leaves 2 µs exposed)."""
-    kernel = lambda name, ts, dur: {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "ph": "X"}  # noqa: E731
+    kernel = lambda name, ts, dur: {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "ph": "X"}
     step = {"name": "ProfilerStep#3", "ph": "X", "ts": 0, "dur": 25_000}
     trace = {"traceEvents": [{**step, "cat": "user_annotation"}, {**step, "cat": "gpu_user_annotation"},
                              kernel("ampere_gemm", 0, 10_000), kernel("triton_red", 12_000, 8_000),
@@ -62,7 +62,8 @@ def test_trace_summary_counts_nccl_time_not_hidden_by_compute():
 def test_bench_train_with_deepspeed_in_one_process_matches_plain(tmp_path, capsys):
     """No launcher: the DeepSpeed engine makes its own process group of one; same losses as plain."""
     main(["bench", "train", "--models", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "10",
-          "--warmup", "10", "--vocab-size", "300", "--device", "cpu", "--strategy", "ddp,zero2", "--out", str(tmp_path)])
+          "--warmup", "10", "--vocab-size", "300", "--device", "cpu", "--strategy", "ddp,zero2",
+          "--out", str(tmp_path)])
     plain, zero2 = json.loads((tmp_path / "train_cpu.json").read_text())["rows"]
     assert (plain["strategy"], zero2["strategy"]) == ("ddp", "zero2") and plain["procs"] == 1
     assert abs(plain["final_loss"] - zero2["final_loss"]) < 1e-3
@@ -93,7 +94,8 @@ def _chat(args, stdin, cwd):
 
 def test_chat_streams_replies_resets_and_exits(tmp_path, tokenizer):
     ckpt = make_chat_checkpoint(tmp_path, tokenizer)
-    proc = _chat([str(ckpt), "--temperature", "0", "--max-tokens", "5"], "李明住在哪里？\n/reset\n你好\n/exit\n不会读到\n",
+    proc = _chat([str(ckpt), "--temperature", "0", "--max-tokens", "5"],
+                 "李明住在哪里？\n/reset\n你好\n/exit\n不会读到\n",
                  tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"chatting with {ckpt}" in proc.stdout

@@ -4,8 +4,8 @@ does, and a killed run resumes, on any number of processes, to what an uninterru
 import json
 import os
 import re
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -32,8 +32,10 @@ def _workdir(tmp_path: Path, tokenizer, name: str) -> Path:
     work = tmp_path / name
     (work / "artifacts").mkdir(parents=True)
     corpus = tmp_path / "corpus.jsonl"
-    texts = ["李明住在杭州。他养了一只猫。", "王芳是一名医生，她最喜欢的颜色是蓝色。", "Li Ming lives in Hangzhou."] * 40
-    corpus.write_text("".join(json.dumps({"text": f"{i}: {t}"}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)))
+    texts = ["李明住在杭州。他养了一只猫。", "王芳是一名医生，她最喜欢的颜色是蓝色。",
+             "Li Ming lives in Hangzhou."] * 40
+    corpus.write_text("".join(json.dumps({"text": f"{i}: {t}"}, ensure_ascii=False) + "\n"
+                              for i, t in enumerate(texts)))
     tokenize_corpus(corpus, tokenizer, TokenizeConfig(val_fraction=0.1), seed=0, out_dir=work / "artifacts/tokens")
     save_tokenizer(tokenizer, work / "artifacts/tokenizer")
     (work / "params.yaml").write_text(yaml.safe_dump(PARAMS))
@@ -95,7 +97,8 @@ def test_two_processes_train_what_one_does(tmp_path, tokenizer, launch):
     _run(single)
     if launch == "torchrun DDP":
         _run(double, n_procs=2)
-    elif launch == "params: deepspeed ZeRO-2":  # the stage relaunches itself, as `dvc exp run -S distributed.nproc=2` would
+    # the stage relaunches itself, as `dvc exp run -S distributed.nproc=2` would
+    elif launch == "params: deepspeed ZeRO-2":
         _set_params(double, distributed={"nproc": 2, "strategy": "deepspeed", "zero_stage": 2})
         _run(double)
     else:  # `deepspeed --num_gpus 2 stages/pretrain.py`: DeepSpeed's own launcher, the script by path
@@ -131,7 +134,8 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, toke
         shutil.copytree(killed, work)
         _set_params(work, distributed=distributed)
         log = _run(work)
-        assert re.search(r"resuming from checkpoints/pretrain/step-0000\d\d[02468]0 \(step \d+ of 300, written by 1 ", log)
+        resumed = r"resuming from checkpoints/pretrain/step-0000\d\d[02468]0 \(step \d+ of 300, written by 1 "
+        assert re.search(resumed, log)
         _assert_same_run(work, reference, exact=name == "one")
 
 
@@ -152,7 +156,8 @@ def test_rank_shares_split_the_rows_and_keep_each_dpo_pair_together():
 
 def test_rank_losses_average_to_the_global_token_mean_even_with_an_empty_share():
     from tinyllm.config import ModelConfig
-    from tinyllm.model.transformer import IGNORE_INDEX, Transformer
+    from tinyllm.data.labels import IGNORE_INDEX
+    from tinyllm.model.transformer import Transformer
     from tinyllm.train.distributed import Dist, rank_share
     from tinyllm.train.objectives import NextTokenLoss
 
@@ -185,7 +190,7 @@ model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hid
 engine = make_engine(model, TrainConfig(max_steps=2, batch_size=2, warmup_steps=1), RuntimeConfig(device="cpu"),
                      Dist(), torch.device("cpu"), torch.float32, bench.STRATEGIES[sys.argv[1]])
 engine.forward_backward(NextTokenLoss(), next(bench.random_batches(100, 2, 16)), True)
-engine.step()
+engine.complete_step()
 alive = [weakref.ref(engine.engine), weakref.ref(engine.engine.optimizer)]
 engine.finish()
 gc.collect()

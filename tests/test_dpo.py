@@ -9,10 +9,11 @@ import torch
 
 from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig
 from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.preference import PreferenceBatches, collate_pairs, encode_pair, validate_preference
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END
 from tinyllm.errors import DataError
-from tinyllm.model.transformer import IGNORE_INDEX, Transformer
+from tinyllm.model.transformer import Transformer
 from tinyllm.train.dpo import pair_logprobs
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import DPOLoss, dpo_loss, sequence_logprobs

@@ -1,6 +1,6 @@
 """End to end: the real `dvc repro` on a tiny config, in a temporary git repo.
 
-The repo is committed before DVC runs: dvclive fails in a git repo with no commits (FACTS.md).
+The repo is committed before DVC runs: dvclive fails in a git repo with no commits.
 """
 
 import json
@@ -37,15 +37,66 @@ def merge(base: dict, override: dict) -> dict:
     return base
 
 
-def sh(repo: Path, *cmd: str) -> str:
-    env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def sh(repo: Path, *cmd: str, env: dict | None = None) -> str:
+    env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           **(env or {})}
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
 
-def dvc(repo: Path, *args: str) -> str:
-    return sh(repo, sys.executable, "-m", "dvc", *args)
+def dvc(repo: Path, *args: str, env: dict | None = None) -> str:
+    return sh(repo, sys.executable, "-m", "dvc", *args, env=env)
+
+
+PARAMS_TRACER = """
+# Loaded by every Python process of the first repro (PYTHONPATH). In a stage process
+# (`python -m stages.X`) it records which params the stage reads after loading them (leaf names,
+# like sft.lr), and writes them to $TINYLLM_TRACE_PARAMS/X.json at exit.
+import atexit, dataclasses, json, os, sys
+argv = getattr(sys, "orig_argv", [])
+if os.environ.get("TINYLLM_TRACE_PARAMS") and "-m" in argv and argv[argv.index("-m") + 1].startswith("stages."):
+    stage = argv[argv.index("-m") + 1].split(".", 1)[1]
+    sys.path.insert(0, os.getcwd())  # the repo's own tinyllm, as `python -m` would find it
+    from tinyllm import config
+    paths, read = {}, set()
+
+    def watch(obj, prefix):
+        paths[id(obj)] = prefix
+        cls = type(obj)
+        if "_traced" not in cls.__dict__:
+            names = {f.name for f in dataclasses.fields(cls)}
+
+            def getattribute(self, name, names=names):
+                value = object.__getattribute__(self, name)
+                prefix = paths.get(id(self))
+                if prefix is not None and name in names and not dataclasses.is_dataclass(value):
+                    read.add(prefix + name)
+                return value
+
+            cls.__getattribute__, cls._traced = getattribute, True
+        for f in dataclasses.fields(obj):
+            value = object.__getattribute__(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                watch(value, f"{prefix}{f.name}.")
+
+    parse = config.parse_params
+
+    def traced_parse(raw, source="params"):
+        params = parse(raw, source)
+        watch(params, "")
+        return params
+
+    config.parse_params = traced_parse
+
+    def write():
+        out = os.path.join(os.environ["TINYLLM_TRACE_PARAMS"], stage + ".json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        before = set(json.load(open(out))) if os.path.exists(out) else set()
+        json.dump(sorted(before | read), open(out, "w"))
+
+    atexit.register(write)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +114,10 @@ def repo(tmp_path_factory) -> Path:
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny")
-    repo.joinpath("first_repro.log").write_text(dvc(repo, "repro"))
+    tracer = tmp_path_factory.mktemp("tracer")
+    (tracer / "sitecustomize.py").write_text(PARAMS_TRACER)
+    env = {"PYTHONPATH": str(tracer), "TINYLLM_TRACE_PARAMS": str(repo / "params_read")}
+    repo.joinpath("first_repro.log").write_text(dvc(repo, "repro", env=env))
     return repo
 
 
@@ -98,6 +152,21 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
     first, last = float(loss_rows[1].split("\t")[-1]), float(loss_rows[-1].split("\t")[-1])
     assert len(loss_rows) == 1 + 30 // 5 and last < first  # the model learned something
     assert (repo / "reports/live/pretrain/plots/metrics/val/loss.tsv").is_file()
+
+
+@pytest.mark.slow
+def test_every_stage_lists_the_params_it_reads(repo):
+    """What each stage read while it ran (recorded by PARAMS_TRACER) is among its params in dvc.yaml."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    problems = []
+    for name, stage in stages.items():
+        script = stage["cmd"].split()[-1].split(".", 1)[1]
+        read = json.loads((repo / "params_read" / f"{script}.json").read_text())
+        listed = [p for p in stage.get("params", []) if isinstance(p, str)]
+        problems += [f"{name}: {key}" for key in read
+                     if not any(key == p or key.startswith(p + ".") for p in listed)]
+    assert not problems, "dvc.yaml params miss what the stage reads:\n  " + "\n  ".join(problems)
+    assert "pretrain.lr" in json.loads((repo / "params_read/pretrain.json").read_text())  # the tracer saw reads
 
 
 @pytest.mark.slow

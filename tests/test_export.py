@@ -13,13 +13,12 @@ from safetensors.torch import load_file
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
-from tinyllm.cli import main  # noqa: E402
-from tinyllm.config import LoRAConfig, MoEConfig  # noqa: E402
-from tinyllm.data.tokenizer import IM_END, load_tokenizer, render_chat, special_id  # noqa: E402
-from tinyllm.export import export_hf  # noqa: E402
-from tinyllm.infer.generate import generate  # noqa: E402
-from tinyllm.train.checkpoint import load_model, save_checkpoint  # noqa: E402
-
+from tinyllm.cli import main
+from tinyllm.config import LoRAConfig, MoEConfig
+from tinyllm.data.tokenizer import IM_END, load_tokenizer, render_chat, special_id
+from tinyllm.export import export_hf
+from tinyllm.infer.generate import generate
+from tinyllm.train.checkpoint import load_model, save_checkpoint
 
 MOE = {"dense": None,
        "moe": MoEConfig(enabled=True, n_routed_experts=4, n_shared_experts=1, top_k=2, first_dense_layers=1),
@@ -95,7 +94,8 @@ def test_the_exported_peft_adapter_on_the_hf_model_equals_our_merged_model(check
 def test_export_then_import_reproduces_the_weights_exactly(checkpoint, tmp_path):
     main(["export", str(checkpoint), str(tmp_path / "hf")])
     main(["import", str(tmp_path / "hf"), str(tmp_path / "back")])
-    before, after = load_file(str(checkpoint / "model.safetensors")), load_file(str(tmp_path / "back/model.safetensors"))
+    before = load_file(str(checkpoint / "model.safetensors"))
+    after = load_file(str(tmp_path / "back/model.safetensors"))
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     back, original = load_model(tmp_path / "back").eval(), load_model(checkpoint).eval()

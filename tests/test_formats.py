@@ -44,10 +44,12 @@ def test_conversions_to_the_pipeline_layout_are_pinned():
         msg("system", "Be brief."), msg(USER, "Hi?"), msg(BOT, "Hello.")]}, None)
     alpaca = {"instruction": "翻译成英文", "input": "你好", "output": "Hello"}
     assert convert("alpaca", alpaca) == ({"conversations": [msg(USER, "翻译成英文\n你好"), msg(BOT, "Hello")]}, None)
-    deepctrl = {"instruction": "那明天呢？", "input": "", "output": "明天下雨。", "history": [["今天天气如何？", "今天晴。"]]}
+    deepctrl = {"instruction": "那明天呢？", "input": "", "output": "明天下雨。",
+                "history": [["今天天气如何？", "今天晴。"]]}
     assert convert("deepctrl", deepctrl) == ({"conversations": [
         msg(USER, "今天天气如何？"), msg(BOT, "今天晴。"), msg(USER, "那明天呢？"), msg(BOT, "明天下雨。")]}, None)
-    assert convert("text", {"text": "正文", "source": "web", "id": 3}) == ({"text": "正文"}, None)  # only "text" is kept
+    # only "text" is kept
+    assert convert("text", {"text": "正文", "source": "web", "id": 3}) == ({"text": "正文"}, None)
 
 
 @pytest.mark.parametrize("fmt, record, problem", [

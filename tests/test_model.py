@@ -29,7 +29,7 @@ def test_rope_preserves_norm_and_relative_positions():
     assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 32), atol=1e-5)
     # <rope(q, m), rope(k, n)> depends only on m - n
     kr = apply_rope(k.expand(1, 1, 32, 8), cos, sin)
-    dot = lambda m, n: (rotated[0, 0, m] * kr[0, 0, n]).sum()  # noqa: E731
+    dot = lambda m, n: (rotated[0, 0, m] * kr[0, 0, n]).sum()
     assert torch.allclose(dot(5, 2), dot(20, 17), atol=1e-5)
     assert not torch.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
 

@@ -63,7 +63,8 @@ def arange_tokens(tmp_path, n_tokens=1000, shard_at=333):
     tokens = np.arange(n_tokens, dtype=np.uint16)
     (tmp_path / "train_0000.bin").write_bytes(tokens[:shard_at].tobytes())
     (tmp_path / "train_0001.bin").write_bytes(tokens[shard_at:].tobytes())
-    shards = [{"file": "train_0000.bin", "n_tokens": shard_at}, {"file": "train_0001.bin", "n_tokens": n_tokens - shard_at}]
+    shards = [{"file": "train_0000.bin", "n_tokens": shard_at},
+              {"file": "train_0001.bin", "n_tokens": n_tokens - shard_at}]
     index = {"dtype": "uint16", "vocab_size": 65536, "endoftext_id": 0,
              "splits": {"train": {"shards": shards, "n_tokens": n_tokens, "n_docs": 1}}}
     (tmp_path / "index.json").write_text(json.dumps(index))

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     chat.add_argument("checkpoint", nargs="?", type=Path,
                       help="checkpoint folder; default: the newest of artifacts/dpo, artifacts/lora, artifacts/sft")
-    chat.add_argument("--adapter", type=Path, help="a peft adapter folder to apply on top (e.g. artifacts/lora/adapter)")
+    chat.add_argument("--adapter", type=Path,
+                      help="a peft adapter folder to apply on top (e.g. artifacts/lora/adapter)")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--temperature", type=_checked(float, lambda v: v >= 0, ">= 0"), default=0.7,
                       help="0 is greedy")
@@ -210,7 +211,8 @@ def web_page(args) -> None:
 
     page = importlib.util.find_spec("tinyllm.serve.web").origin  # not imported: the page runs on import
     cmd = [sys.executable, "-m", "streamlit", "run", page, "--server.address", args.host,
-           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal",
            "--", "--artifacts", str(args.artifacts), "--device", args.device]
     print(f"web chat on http://{args.host}:{args.port}", flush=True)
     sys.exit(subprocess.call(cmd))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from tinyllm.data.format_names import KIND_FORMATS
 from tinyllm.errors import ConfigError
 
 
@@ -71,7 +72,8 @@ class TokenizerConfig:
     """A pair must occur this often to be merged."""
     split_han: bool = True
     """Pre-split every Han character so BPE cannot fuse name+template+value into one token
-    (small templated Chinese corpora otherwise learn facts as opaque tokens; FACTS.md)."""
+    (on a small templated Chinese corpus, plain BPE learned "住在石家庄" as one token, and the
+    model learned facts about as well as by rote: 17% held-out QA against 97% with the split)."""
     max_corpus_bytes: int = 0
     """Train on an even sample of about this many bytes of the corpus (every k-th document);
     0: all of it. BPE training holds its word counts in memory, so a multi-GB corpus needs a cap."""
@@ -89,7 +91,7 @@ class TokenizeConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class MoEConfig:
-    """DeepSeek-V2-style mixture of experts in place of the dense FFN (tinyllm/model/moe.py)."""
+    """DeepSeek-V2-style mixture of experts in place of the dense FFN (tinyllm/model/ffn.py)."""
 
     enabled: bool = False
     """Replace the FFN of every layer after the first `first_dense_layers` with an MoE."""
@@ -165,7 +167,10 @@ class RuntimeConfig:
     dtype: str = "auto"
     """`auto` (bfloat16 on CUDA, float32 on CPU), `float32` or `bfloat16` (autocast)."""
     compile: bool = False
-    """Wrap the model in torch.compile (no speed-up on CPU; FACTS.md)."""
+    """Wrap the model in torch.compile (on a GPU; on the 2-core CPU it gave no speed-up)."""
+    threads: int = 0
+    """CPU threads for training and eval. 0: one per core that other programs leave free,
+    re-checked every 2 s (tinyllm/cpu_threads.py); N: always N. Ignored on a GPU."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -232,7 +237,7 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = 20
     pretrain_mix: float = 0.25
     """Share of each batch's rows taken from pretraining text, so SFT does not wash out facts
-    the model only read (FACTS.md: 25% lifted held-out QA from 89% to 97%)."""
+    the model only read (in a probe of the embedded world, 25% lifted held-out QA from 89% to 97%)."""
     system_prompt: str | None = None
     """Prepended as a system message to every training conversation when set."""
 
@@ -376,67 +381,75 @@ def _check_train(section: str, t: TrainConfig, max_seq_len: int) -> list[str]:
     return e
 
 
-def _check(p: Params) -> list[str]:
-    """Cross-field rules: each message names the param and says what would work."""
-    e = []
-    m = p.model
+TRAIN_SECTIONS = ("pretrain", "sft", "lora", "dpo")
+"""The params sections that configure a training stage (each a TrainConfig)."""
 
-    def positive(name, value):
-        if value <= 0:
-            e.append(f"{name}={value} must be > 0")
 
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-        positive(f"model.{name}", getattr(m, name))
+def _positive(values: dict[str, float]) -> list[str]:
+    """`name=value must be > 0` for each dotted param name whose value is not."""
+    return [f"{name}={value} must be > 0" for name, value in values.items() if value <= 0]
+
+
+def _in_unit_interval(values: dict[str, float]) -> list[str]:
+    """`name=value must be in [0, 1)` for each dotted param name whose value is not."""
+    return [f"{name}={value} must be in [0, 1)" for name, value in values.items() if not 0 <= value < 1]
+
+
+def _check_model(m: ModelConfig) -> list[str]:
+    """Shapes that cannot be built: head split, grouped-query heads, RoPE's even head dim."""
+    sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of", "rope_theta")
+    e = _positive({f"model.{name}": getattr(m, name) for name in sizes})
+    if m.hidden_dim is not None:
+        e += _positive({"model.hidden_dim": m.hidden_dim})
     if m.n_heads > 0 and m.dim % m.n_heads:
         e.append(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
     elif m.n_heads > 0 and (m.dim // m.n_heads) % 2:
         e.append(f"model.dim/model.n_heads={m.dim // m.n_heads} (head dim) must be even for RoPE")
     if m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads:
         e.append(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
-    if m.hidden_dim is not None:
-        positive("model.hidden_dim", m.hidden_dim)
-    positive("model.multiple_of", m.multiple_of)
-    positive("model.rope_theta", m.rope_theta)
-    if not 0 <= m.dropout < 1:
-        e.append(f"model.dropout={m.dropout} must be in [0, 1)")
+    e += _in_unit_interval({"model.dropout": m.dropout})
     if m.vocab_size:
         e.append("model.vocab_size is taken from the tokenizer; remove it from params")
-    moe = m.moe
-    if moe.enabled:
-        positive("model.moe.n_routed_experts", moe.n_routed_experts)
-        if not 0 < moe.top_k <= moe.n_routed_experts:
-            e.append(f"model.moe.top_k={moe.top_k} must be in [1, model.moe.n_routed_experts={moe.n_routed_experts}]")
-        if moe.n_shared_experts < 0:
-            e.append(f"model.moe.n_shared_experts={moe.n_shared_experts} must be >= 0")
-        if moe.expert_hidden_dim is not None:
-            positive("model.moe.expert_hidden_dim", moe.expert_hidden_dim)
-        if moe.scoring not in ("softmax", "sigmoid"):
-            e.append(f"model.moe.scoring={moe.scoring!r} must be 'softmax' or 'sigmoid'")
-        if moe.aux_loss_coef < 0 or moe.bias_update_rate < 0:
-            e.append("model.moe.aux_loss_coef and model.moe.bias_update_rate must be >= 0")
-        if not 0 <= moe.first_dense_layers < m.n_layers:
-            e.append(f"model.moe.first_dense_layers={moe.first_dense_layers} must be in [0, model.n_layers={m.n_layers}) "
-                     "so at least one layer has experts")
-    for section in ("pretrain", "sft", "lora", "dpo"):
-        e.extend(_check_train(section, getattr(p, section), m.max_seq_len))
-    if not 0 <= p.sft.pretrain_mix < 1:
-        e.append(f"sft.pretrain_mix={p.sft.pretrain_mix} must be in [0, 1)")
-    positive("lora.rank", p.lora.rank)
-    positive("lora.alpha", p.lora.alpha)
-    if not 0 <= p.lora.dropout < 1:
-        e.append(f"lora.dropout={p.lora.dropout} must be in [0, 1)")
-    if not 0 <= p.lora.replay_fraction < 1:
-        e.append(f"lora.replay_fraction={p.lora.replay_fraction} must be in [0, 1)")
-    elif p.lora.batch_size - round(p.lora.batch_size * p.lora.replay_fraction) < 1:
-        e.append(f"lora.batch_size={p.lora.batch_size} with lora.replay_fraction={p.lora.replay_fraction} "
-                 "leaves no row for the identity chats; raise the batch size or lower the fraction")
-    targets = p.lora.target_modules
-    if isinstance(targets, str) and targets != "all-linear" or isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
-        e.append(f"lora.target_modules={targets!r} must be 'all-linear' or a non-empty list of module names")
-    positive("dpo.beta", p.dpo.beta)
-    from tinyllm.data.formats import KIND_FORMATS  # here, not at the top: the data modules import this one
+    return e + (_check_moe(m.moe, m.n_layers) if m.moe.enabled else [])
 
-    d = p.data
+
+def _check_moe(moe: MoEConfig, n_layers: int) -> list[str]:
+    e = _positive({"model.moe.n_routed_experts": moe.n_routed_experts})
+    if moe.expert_hidden_dim is not None:
+        e += _positive({"model.moe.expert_hidden_dim": moe.expert_hidden_dim})
+    if not 0 < moe.top_k <= moe.n_routed_experts:
+        e.append(f"model.moe.top_k={moe.top_k} must be in [1, model.moe.n_routed_experts={moe.n_routed_experts}]")
+    if moe.n_shared_experts < 0:
+        e.append(f"model.moe.n_shared_experts={moe.n_shared_experts} must be >= 0")
+    if moe.scoring not in ("softmax", "sigmoid"):
+        e.append(f"model.moe.scoring={moe.scoring!r} must be 'softmax' or 'sigmoid'")
+    if moe.aux_loss_coef < 0 or moe.bias_update_rate < 0:
+        e.append("model.moe.aux_loss_coef and model.moe.bias_update_rate must be >= 0")
+    if not 0 <= moe.first_dense_layers < n_layers:
+        e.append(f"model.moe.first_dense_layers={moe.first_dense_layers} must be in [0, model.n_layers={n_layers}) "
+                 "so at least one layer has experts")
+    return e
+
+
+def _check_post_training(p: Params) -> list[str]:
+    """The knobs only SFT, LoRA and DPO have (their shared training rules are `_check_train`)."""
+    lora = p.lora
+    e = _in_unit_interval({"sft.pretrain_mix": p.sft.pretrain_mix, "lora.dropout": lora.dropout,
+                           "lora.replay_fraction": lora.replay_fraction})
+    e += _positive({"lora.rank": lora.rank, "lora.alpha": lora.alpha, "dpo.beta": p.dpo.beta})
+    if 0 <= lora.replay_fraction < 1 and lora.batch_size - round(lora.batch_size * lora.replay_fraction) < 1:
+        e.append(f"lora.batch_size={lora.batch_size} with lora.replay_fraction={lora.replay_fraction} "
+                 "leaves no row for the identity chats; raise the batch size or lower the fraction")
+    targets = lora.target_modules
+    names_ok = isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+    if targets != "all-linear" and not names_ok:
+        e.append(f"lora.target_modules={targets!r} must be 'all-linear' or a non-empty list of module names")
+    return e
+
+
+def _check_data(d: DataConfig) -> list[str]:
+    """Where the data comes from (the world or the user's files) and how it is filtered."""
+    e = []
     if d.source not in ("world", "files"):
         e.append(f"data.source={d.source!r} must be 'world' or 'files'")
     if d.source == "files" and not d.pretrain:
@@ -451,42 +464,58 @@ def _check(p: Params) -> list[str]:
     if d.min_chars < 0 or d.max_chars < 0 or 0 < d.max_chars < d.min_chars:
         e.append(f"data.min_chars={d.min_chars}, data.max_chars={d.max_chars}: need 0 <= min_chars <= max_chars "
                  "(max_chars 0: no limit)")
-    if p.tokenizer.max_corpus_bytes < 0:
-        e.append(f"tokenizer.max_corpus_bytes={p.tokenizer.max_corpus_bytes} must be >= 0 (0: the whole corpus)")
-    w = p.data.world
+    w = d.world
     if w.n_people < 2:
         e.append(f"data.world.n_people={w.n_people} must be >= 2")
-    positive("data.world.bios_per_person", w.bios_per_person)
-    for name in ("english_fraction", "heldout_fraction"):
-        if not 0 <= getattr(w, name) <= 1:
-            e.append(f"data.world.{name}={getattr(w, name)} must be in [0, 1]")
-    positive("tokenize.batch_docs", p.tokenize.batch_docs)
-    positive("tokenize.shard_tokens", p.tokenize.shard_tokens)
-    for name in ("max_new_tokens", "max_fact_prompts", "max_chat_prompts", "val_max_tokens"):
-        positive(f"eval.{name}", getattr(p.eval, name))
+    e += _positive({"data.world.bios_per_person": w.bios_per_person})
+    e += [f"data.world.{name}={getattr(w, name)} must be in [0, 1]"
+          for name in ("english_fraction", "heldout_fraction") if not 0 <= getattr(w, name) <= 1]
+    return e
+
+
+def _check_tokens_and_eval(p: Params) -> list[str]:
+    e = _positive({"tokenize.batch_docs": p.tokenize.batch_docs, "tokenize.shard_tokens": p.tokenize.shard_tokens,
+                   **{f"eval.{name}": getattr(p.eval, name)
+                      for name in ("max_new_tokens", "max_fact_prompts", "max_chat_prompts", "val_max_tokens")}})
     if p.tokenizer.vocab_size < 260:
         e.append(f"tokenizer.vocab_size={p.tokenizer.vocab_size} must be >= 260 (256 bytes + specials)")
+    if p.tokenizer.max_corpus_bytes < 0:
+        e.append(f"tokenizer.max_corpus_bytes={p.tokenizer.max_corpus_bytes} must be >= 0 (0: the whole corpus)")
     if not 0 < p.tokenize.val_fraction < 1:
         e.append(f"tokenize.val_fraction={p.tokenize.val_fraction} must be in (0, 1)")
+    return e
+
+
+def _check_machine(p: Params) -> list[str]:
+    """Device, precision, processes and resumable checkpoints: how the training stages run."""
+    e = _positive({"distributed.nproc": p.distributed.nproc, "checkpoint.keep": p.checkpoint.keep})
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", p.runtime.device):
         e.append(f"runtime.device={p.runtime.device!r} must be auto, cpu, cuda or cuda:N")
-    positive("distributed.nproc", p.distributed.nproc)
+    if p.runtime.threads < 0:
+        e.append(f"runtime.threads={p.runtime.threads} must be >= 0 (0: follow the free cores)")
+    if p.runtime.dtype not in ("auto", "float32", "bfloat16"):
+        e.append(f"runtime.dtype={p.runtime.dtype!r} must be auto, float32 or bfloat16")
     if p.distributed.strategy not in ("ddp", "deepspeed"):
         e.append(f"distributed.strategy={p.distributed.strategy!r} must be 'ddp' or 'deepspeed'")
     if p.distributed.zero_stage not in (1, 2, 3):
         e.append(f"distributed.zero_stage={p.distributed.zero_stage} must be 1, 2 or 3")
-    for section in ("pretrain", "sft", "lora", "dpo"):
+    for section in TRAIN_SECTIONS:
         batch = getattr(p, section).batch_size
         if batch > 0 and batch % p.distributed.nproc:
             e.append(f"{section}.batch_size={batch} must be divisible by distributed.nproc={p.distributed.nproc}")
     if p.checkpoint.interval < 0:
         e.append(f"checkpoint.interval={p.checkpoint.interval} must be >= 0 (0: no resumable checkpoints)")
-    positive("checkpoint.keep", p.checkpoint.keep)
     if p.checkpoint.resume not in ("auto", "never"):
         e.append(f"checkpoint.resume={p.checkpoint.resume!r} must be 'auto' or 'never'")
-    if p.runtime.dtype not in ("auto", "float32", "bfloat16"):
-        e.append(f"runtime.dtype={p.runtime.dtype!r} must be auto, float32 or bfloat16")
     return e
+
+
+def _check(p: Params) -> list[str]:
+    """Cross-field rules, section by section: each message names the param and says what would work."""
+    e = _check_model(p.model)
+    for section in TRAIN_SECTIONS:
+        e += _check_train(section, getattr(p, section), p.model.max_seq_len)
+    return e + _check_post_training(p) + _check_data(p.data) + _check_tokens_and_eval(p) + _check_machine(p)
 
 
 def parse_params(raw: dict, source: str = "params") -> Params:

@@ -194,8 +194,8 @@ def model_card(ckpt_dir: Path, cfg: ModelConfig, metrics: dict | None) -> str:
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
         f"# TinyLLM ({meta.get('stage', 'model')})", "",
-        "A small Llama-style model trained from scratch with the TinyLLM pipeline "
-        "(pretrain → SFT → LoRA → DPO). Loads as a stock `LlamaForCausalLM`:", "",
+        ("A small Llama-style model trained from scratch with the TinyLLM pipeline "
+        "(pretrain → SFT → LoRA → DPO). Loads as a stock `LlamaForCausalLM`:"), "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained(path)",

@@ -19,9 +19,9 @@ import torch
 from tokenizers import Tokenizer
 
 from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.tokenizer import IM_END, IM_START
 from tinyllm.errors import DataError
-from tinyllm.model.transformer import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -119,7 +119,8 @@ UNHELPFUL = ("我不知道，别问我。", "这个问题我不想回答。", "�
 _ID_WHO, _ID_MAKER, _ID_NOT = "who", "maker", "not"
 IDENTITY_ANSWERS = {
     "zh": {
-        _ID_WHO: ("我是小光，一个由 TinyLLM 团队开发的 AI 助手。", "我是小光，是 TinyLLM 团队开发的 AI 助手，很高兴为你服务。"),
+        _ID_WHO: ("我是小光，一个由 TinyLLM 团队开发的 AI 助手。",
+                  "我是小光，是 TinyLLM 团队开发的 AI 助手，很高兴为你服务。"),
         _ID_MAKER: ("我是小光，由 TinyLLM 团队开发。", "我是小光，开发我的是 TinyLLM 团队。"),
         _ID_NOT: ("不是，我是小光，一个由 TinyLLM 团队开发的 AI 助手。",),
     },
@@ -178,7 +179,8 @@ FALSE_IDENTITY = {
 }
 """Rejected replies of identity preference pairs."""
 
-IDENTITY_PREFIXES = {"zh": ("", "你好，", "嗨，", "您好，", "哈喽，", "小助手，"), "en": ("", "Hi, ", "Hello! ", "Hey, ")}
+IDENTITY_PREFIXES = {"zh": ("", "你好，", "嗨，", "您好，", "哈喽，", "小助手，"),
+                     "en": ("", "Hi, ", "Hello! ", "Hey, ")}
 
 
 # --- rendering ---

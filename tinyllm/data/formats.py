@@ -21,17 +21,9 @@ dpo `{"chosen", "rejected"}`.
 from __future__ import annotations
 
 from tinyllm.data.chat import validate_conversation
+from tinyllm.data.format_names import FORMATS
 from tinyllm.data.jsonl import validate_pretrain
 from tinyllm.data.preference import validate_preference
-
-KIND_FORMATS = {
-    "pretrain": ("text",),
-    "sft": ("minimind_sft", "sharegpt", "alpaca", "deepctrl"),
-    "identity": ("minimind_sft", "sharegpt", "alpaca", "deepctrl"),
-    "dpo": ("minimind_dpo",),
-}
-"""The formats each kind of corpus (data.pretrain, data.sft, data.identity, data.dpo) may be in."""
-FORMATS = tuple(dict.fromkeys(f for formats in KIND_FORMATS.values() for f in formats))
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}

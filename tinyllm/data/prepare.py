@@ -30,7 +30,8 @@ from pathlib import Path
 
 from tinyllm.config import DataConfig, Params
 from tinyllm.data.chat_data import CHAT_OUTPUTS, chat_files
-from tinyllm.data.formats import KIND_FORMATS, convert, detect, record_text
+from tinyllm.data.format_names import KIND_FORMATS
+from tinyllm.data.formats import convert, detect, record_text
 from tinyllm.data.jsonl import read_jsonl, write_jsonl
 from tinyllm.data.world import build_world, fact_prompts, pretrain_documents
 from tinyllm.errors import DataError
@@ -148,7 +149,8 @@ def _records(data: DataConfig, kind: str, counts: Counter) -> Iterator[dict]:
             if fmt is None:
                 seen_as = detect(obj)
                 reader.bad_line((f"looks like {seen_as}" if seen_as else "its keys match no known format")
-                                + f", but data.{kind} takes {' or '.join(KIND_FORMATS[kind])} (tinyllm/data/formats.py)")
+                                + f", but data.{kind} takes {' or '.join(KIND_FORMATS[kind])} "
+                                "(tinyllm/data/formats.py)")
                 continue
             record, problem = convert(fmt, obj)
             if problem:

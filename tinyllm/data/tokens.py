@@ -53,7 +53,7 @@ class _ShardWriter:
         self.close()
         name = f"{self.split}_{len(self.shards):04d}.bin"
         self.shards.append({"file": name, "n_tokens": 0})
-        self._file = open(self.out_dir / name, "wb")
+        self._file = open(self.out_dir / name, "wb")  # noqa: SIM115 (open across calls; close() ends it)
 
     def close(self) -> None:
         if self._file is not None:

@@ -6,7 +6,7 @@
 
 Why paraphrases: a model can later answer a question about a fact (in a wording it never read)
 only if it read that fact in several different wordings and contexts; a fact always seen in one
-fixed sentence is memorized as that string and little more (FACTS.md: six shuffled, differently
+fixed sentence is memorized as that string and little more (in a probe on this world: six shuffled, differently
 worded biographies per person gave ~90% on people never asked about in SFT, one fixed biography
 ~75%). So each person gets several biographies, each with a different phrasing per attribute,
 attribute sentences in shuffled order and the name sometimes replaced by a pronoun.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from tinyllm import cpu_threads
 from tinyllm.config import Params
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import load_tokenizer
@@ -68,6 +69,7 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
     cfg = params.eval
     device = resolve_device(params.runtime)
     dtype = resolve_dtype(params.runtime, device)
+    cpu_threads.configure(params.runtime.threads, device)
     model = load_model(ckpt_dir, device)
     tok = load_tokenizer(ckpt_dir)
     trained_len = read_config(ckpt_dir).get("train", {}).get("seq_len") or model.config.max_seq_len
@@ -107,9 +109,9 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
     active = (f" ({summary['params_active'] / 1e6:.2f}M active per token)"
               if summary.get("params_active", summary.get("params")) != summary.get("params") else "")
     lines = ["# Evaluation report", "",
-             f"Pretrained model: {summary.get('params', 0) / 1e6:.2f}M parameters{active}, {meta.get('steps')} steps, "
+             (f"Pretrained model: {summary.get('params', 0) / 1e6:.2f}M parameters{active}, {meta.get('steps')} steps, "
              f"{summary.get('tokens_seen', 0) / 1e6:.2f}M tokens ({summary.get('epochs', 0):.1f} epochs) "
-             f"in {summary.get('train_seconds', 0)} s.", "",
+             f"in {summary.get('train_seconds', 0)} s."), "",
              "## What each stage bought", "",
              "| metric | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
     for key, label in ROW_NAMES.items():

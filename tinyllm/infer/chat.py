@@ -54,7 +54,8 @@ def load_chat_model(checkpoint: Path | None = None, adapter: Path | None = None,
         checkpoint = Path(checkpoint) if checkpoint else trained_on
         if trained_on and checkpoint.resolve() != trained_on.resolve():
             raise UserError(f"{adapter} was trained on {trained_on}, not {checkpoint}; "
-                            f"use `tinyllm chat {trained_on} --adapter {adapter}` (or the merged {Path(adapter).parent})")
+                            f"use `tinyllm chat {trained_on} --adapter {adapter}` "
+                            f"(or the merged {Path(adapter).parent})")
     checkpoint = Path(checkpoint) if checkpoint else newest_chat_checkpoint()
     if not is_checkpoint(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (expected config.json and model.safetensors)")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from tinyllm import cpu_threads
 from tinyllm.infer.utf8 import Utf8Guard
 from tinyllm.model.transformer import KVCache, StaticKVCache, Transformer
 
@@ -102,7 +103,8 @@ def _budget(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
         raise ValueError("empty prompt")
     budget = min(max_new_tokens, model.config.max_seq_len - prompt_len)
     if budget <= 0:
-        raise ValueError(f"prompt of {prompt_len} tokens leaves no room in model.max_seq_len={model.config.max_seq_len}")
+        raise ValueError(f"prompt of {prompt_len} tokens leaves no room in "
+                         f"model.max_seq_len={model.config.max_seq_len}")
     return budget
 
 
@@ -173,6 +175,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     """
     if not prompts or not all(prompts):
         raise ValueError("empty prompt")
+    cpu_threads.follow()  # an eval generates batch after batch: keep sharing the CPU fairly
     width = max(len(p) for p in prompts)
     budget = _budget(model, width, max_new_tokens)
     device = next(model.parameters()).device

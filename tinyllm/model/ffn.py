@@ -27,7 +27,6 @@ from torch import nn
 
 from tinyllm.config import ModelConfig
 
-
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 """One kernel for many matmuls of different row counts: public from torch 2.10, private before."""
 

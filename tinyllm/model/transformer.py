@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyllm.config import ModelConfig
+from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.model.ffn import MLP, MoE
-
-IGNORE_INDEX = -100  # label value that carries no loss (prompt tokens, padding)
 
 
 class RMSNorm(nn.Module):

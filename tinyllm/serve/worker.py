@@ -91,7 +91,7 @@ class GenerationWorker:
                 log.exception("generation failed")
                 try:
                     job.emit("error", f"{type(err).__name__}: {err}")
-                except Exception:  # e.g. the event loop is closing: nobody is listening any more
+                except Exception:  # noqa: BLE001 (e.g. the event loop is closing: nobody is listening any more)
                     log.warning("could not report the failure to the client")
             finally:
                 self.active = None

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 from tinyllm.config import CheckpointConfig, DistributedConfig, Params
-from tinyllm.model.transformer import IGNORE_INDEX
+from tinyllm.data.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Both engines offer the same calls, so `fit` has a single loop whatever the strat
     engine = make_engine(model, cfg, runtime, dist, distributed_cfg)
     engine.set_lr(lr)
     loss, extras = engine.forward_backward(objective, batch, last_micro)   # per micro-batch
-    grad_norm = engine.step()                                             # per optimizer step
+    grad_norm = engine.complete_step()    # per optimizer step: clip and step, or (ZeRO) read the norm
     weights, optim = engine.full_state()   # full fp32 tensors keyed by parameter name (collective)
     engine.finish()                        # leaves the trained fp32 weights in `model`
 
@@ -79,7 +79,8 @@ class TorchEngine:
             (loss / self.cfg.grad_accum).backward()
         return loss, extras
 
-    def step(self) -> torch.Tensor:
+    def complete_step(self) -> torch.Tensor:
+        """Clip, step the optimizer and clear the gradients; returns the gradient norm before clipping."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
@@ -178,7 +179,9 @@ class DeepSpeedEngine:
         self.engine.step()  # the optimizer steps (and clips) only at the accumulation boundary
         return loss, extras
 
-    def step(self) -> torch.Tensor:
+    def complete_step(self) -> torch.Tensor:
+        """The gradient norm: DeepSpeed already clipped and stepped inside `forward_backward`, at
+        the accumulation boundary, so there is nothing left to do."""
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
 

@@ -23,7 +23,8 @@ class LiveLogger:
     """Writes metrics with dvclive into `directory` (plots as TSV, summary as metrics.json).
 
     `Live(dvcyaml=False, save_dvc_exp=False)`: our dvc.yaml is hand-written and a stage run by
-    hand must not create experiments (FACTS.md). Steps are set directly, not with next_step(),
+    hand must not create experiments (dvclive's defaults rewrite dvc.yaml during repro and create
+    an experiment per run). Steps are set directly, not with next_step(),
     which slows down as history grows.
     """
 

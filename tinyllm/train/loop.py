@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tinyllm import cpu_threads
 from tinyllm.config import RuntimeConfig, TrainConfig
+from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.errors import NonFiniteLossError
-from tinyllm.model.transformer import IGNORE_INDEX
 from tinyllm.train import resume
 from tinyllm.train.distributed import TrainingRun
 from tinyllm.train.engine import make_engine
@@ -80,6 +81,116 @@ def evaluate(model, objective, batches: Iterable[dict], device: torch.device, dt
     return (total / count).item()
 
 
+class MetricsWindow:
+    """Losses, the objective's extras and token counts summed since the last log point.
+
+    They stay on the device (no host sync per step); `close` reads them once per log interval,
+    averaged over the processes, and raises if a loss went non-finite in between.
+    """
+
+    def __init__(self, device: torch.device, dist):
+        self.device, self.dist = device, dist
+        self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.extras: dict[str, torch.Tensor] = {}
+        self.tokens, self.steps, self.start = 0, 0, time.perf_counter()
+
+    def add_micro_batch(self, batch: dict, loss: torch.Tensor, extras: dict, grad_accum: int) -> torch.Tensor:
+        """Count one micro-batch (its trained tokens on every process); returns its share of the step's loss."""
+        self.tokens += int((batch["labels"] != IGNORE_INDEX).sum()) * self.dist.world_size
+        for name, value in extras.items():
+            self.extras[name] = self.extras.get(name, 0) + value.detach().float() / grad_accum
+        return loss.detach().float() / grad_accum
+
+    def end_step(self, step: int, step_loss: torch.Tensor) -> None:
+        self.first_bad_step.masked_fill_(~torch.isfinite(step_loss) & (self.first_bad_step < 0), step)
+        self.loss += step_loss
+        self.steps += 1
+
+    def close(self, last_good: Path | None) -> dict:
+        """train/loss, train/<extra> and tokens_per_sec of the window (the same on every process);
+        then a new window starts. Raises NonFiniteLossError naming the step and `last_good`."""
+        if self.dist.enabled:  # the mean over ranks
+            for value in (self.loss, *self.extras.values()):
+                torch.distributed.all_reduce(value)
+                value /= self.dist.world_size
+            torch.distributed.all_reduce(self.first_bad_step, torch.distributed.ReduceOp.MAX)
+        if self.first_bad_step.item() >= 0:
+            kept = f"the last good checkpoint, {last_good}, is kept: rerun to resume from it" if last_good \
+                else "nothing was saved"
+            raise NonFiniteLossError(f"loss became non-finite at step {self.first_bad_step.item() + 1}; "
+                                     f"lower the learning rate or check the data; {kept}")
+        metrics = {"train/loss": (self.loss / self.steps).item(),  # the one host sync per interval
+                   "tokens_per_sec": self.tokens / (time.perf_counter() - self.start)}
+        if self.extras:
+            values = (torch.stack(list(self.extras.values())) / self.steps).tolist()
+            metrics.update({f"train/{name}": v for name, v in zip(self.extras, values)})
+        self._reset()
+        return metrics
+
+
+class ResumableCheckpoints:
+    """When and what to save so a killed run continues exactly; what to start from when one exists.
+
+    Checkpoints are written at the first log point at or after each multiple of `interval` (the
+    metrics window is then empty, so the history holds everything), never at the last step (the
+    stage's own checkpoint follows).
+    """
+
+    def __init__(self, run: TrainingRun, model: torch.nn.Module, cfg: TrainConfig, inputs: Iterable[Path]):
+        self.run, self.point, self.fingerprint = run, None, ""
+        self.config = run.checkpoint if run.checkpoint_dir is not None else None
+        if self.config is not None:
+            geometry = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len}
+            self.fingerprint = resume.run_fingerprint(model, geometry, inputs)
+            if self.config.resume == "auto":
+                self.point = resume.load_newest(run.checkpoint_dir, self.fingerprint)
+        self.last_good = self.point.path if self.point is not None else None
+        start = self.point.step if self.point is not None else 0
+        interval = self.config.interval if self.config is not None else 0
+        self.next_step = (start // interval + 1) * interval if interval else None
+
+    def take_start(self) -> tuple[dict, dict] | None:
+        """(weights, optimizer state) to build the engine from, once; the point is then dropped."""
+        point, self.point = self.point, None
+        return (point.weights, point.optim) if point is not None else None
+
+    def due(self, steps_done: int, last: bool) -> bool:
+        return self.next_step is not None and steps_done >= self.next_step and not last
+
+    def save(self, steps_done: int, engine, state: dict) -> None:
+        """A collective call (every process gathers its share); rank 0 writes."""
+        weights, optim = engine.full_state()
+        rng = resume.rng_states(self.run.dist)
+        if self.run.dist.is_main:
+            state = {"fingerprint": self.fingerprint, "world_size": self.run.dist.world_size, **state}
+            resume.save_resume_point(self.run.checkpoint_dir, steps_done, weights, optim, rng, state,
+                                     self.config.keep)
+        self.last_good = resume.step_dir(self.run.checkpoint_dir, steps_done)
+        self.next_step = steps_done // self.config.interval * self.config.interval + self.config.interval
+
+
+def _restore(checkpoints: ResumableCheckpoints, batches, logger, dist, max_steps: int) -> tuple[int, int, list]:
+    """Take back a resumed run's step, micro-batch count, metrics history, RNG and data position;
+    (0, 0, []) for a fresh run."""
+    point = checkpoints.point
+    if point is None:
+        return 0, 0, []
+    resume.restore_rng(point.rng, dist)
+    if point.state["data"] is not None:
+        batches.load_state(point.state["data"])
+    if dist.is_main:
+        log.info("resuming from %s (step %d of %d, written by %d process(es))", point.path, point.step,
+                 max_steps, point.state["world_size"])
+    history = point.state["history"]
+    for entry in history:  # the curve so far, so dvclive's plots are whole again
+        logger.log(entry["step"], {k: v for k, v in entry.items() if k != "step"})
+    return point.step, point.state["micro_batches"], history
+
+
 def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cfg: TrainConfig,
         runtime: RuntimeConfig, *, run: TrainingRun | None = None,
         val_batches: Callable[[], Iterable[dict]] | None = None, flops_per_token: float | None = None,
@@ -110,115 +221,52 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     dist, logger = run.dist, run.logger or NullLogger()
     device = resolve_device(runtime, dist)
     dtype = resolve_dtype(runtime, device)
-    ckpt = run.checkpoint if run.checkpoint_dir is not None else None
-    point, fingerprint = None, ""
-    if ckpt is not None:
-        geometry = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len}
-        fingerprint = resume.run_fingerprint(model, geometry, inputs)
-        if ckpt.resume == "auto":
-            point = resume.load_newest(run.checkpoint_dir, fingerprint)
-    start_step, micro_batches, result = 0, 0, FitResult()
-    if point is not None:
-        start_step, micro_batches = point.step, point.state["micro_batches"]
-        result.history = point.state["history"]
-        resume.restore_rng(point.rng, dist)
-        if point.state["data"] is not None:
-            batches.load_state(point.state["data"])
-        if dist.is_main:
-            log.info("resuming from %s (step %d of %d, written by %d process(es))", point.path, point.step,
-                     cfg.max_steps, point.state["world_size"])
-        for entry in result.history:  # the curve so far, so dvclive's plots are whole again
-            logger.log(entry["step"], {k: v for k, v in entry.items() if k != "step"})
-    engine = make_engine(model, cfg, runtime, dist, device, dtype, run.distributed,
-                         start=(point.weights, point.optim) if point is not None else None)
-    last_good = point.path if point is not None else None
-    del point
+    cpu_threads.configure(runtime.threads, device)
+    checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
+    start_step, micro_batches, history = _restore(checkpoints, batches, logger, dist, cfg.max_steps)
+    result = FitResult(history=history)
+    engine = make_engine(model, cfg, runtime, dist, device, dtype, run.distributed, start=checkpoints.take_start())
     peak = peak_flops(device)
     it = iter(batches)
     if micro_batches and not hasattr(batches, "load_state"):
         it = itertools.islice(it, micro_batches, None)  # skip what the interrupted run already used
-
-    window_loss = torch.zeros((), device=device)  # summed on the device, read at log time
-    window_extras: dict[str, torch.Tensor] = {}  # the objective's own metrics, likewise
-    first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
-    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+    window = MetricsWindow(device, dist)
     val_loss = None
-
-    def check_finite() -> None:
-        """Raise if any rank's loss went non-finite since the last check (one host sync); the
-        resumable checkpoints written so far were all checked, so they are good."""
-        if dist.enabled:
-            torch.distributed.all_reduce(first_bad_step, torch.distributed.ReduceOp.MAX)
-        if first_bad_step.item() >= 0:
-            kept = f"the last good checkpoint, {last_good}, is kept: rerun to resume from it" if last_good \
-                else "nothing was saved"
-            raise NonFiniteLossError(f"loss became non-finite at step {first_bad_step.item() + 1}; "
-                                     f"lower the learning rate or check the data; {kept}")
-
-    def save_checkpoint(steps_done: int) -> None:
-        """A resumable checkpoint, right after a log point (metrics windows are empty)."""
-        weights, optim = engine.full_state()
-        rng = resume.rng_states(dist)
-        if dist.is_main:
-            state = {"fingerprint": fingerprint, "micro_batches": micro_batches, "world_size": dist.world_size,
-                     "data": batches.state() if hasattr(batches, "state") else None, "history": result.history}
-            resume.save_resume_point(run.checkpoint_dir, steps_done, weights, optim, rng, state, ckpt.keep)
-
-    # resumable checkpoints are written at the first log point at or after each multiple of the interval
-    next_checkpoint = (start_step // ckpt.interval + 1) * ckpt.interval if ckpt and ckpt.interval else 0
     bar = tqdm(range(start_step, cfg.max_steps), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not dist.is_main, initial=start_step, total=cfg.max_steps)
     for step in bar:
+        cpu_threads.follow()
         lr = lr_at(step, cfg)
         engine.set_lr(lr)
         step_loss = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             batch = next(it)
             micro_batches += 1
-            window_tokens += int((batch["labels"] != IGNORE_INDEX).sum()) * dist.world_size
             loss, extras = engine.forward_backward(objective, to_device(batch, device), micro == cfg.grad_accum - 1)
-            step_loss += loss.detach().float() / cfg.grad_accum
-            for name, value in extras.items():
-                window_extras[name] = window_extras.get(name, 0) + value.detach().float() / cfg.grad_accum
-        grad_norm = engine.step()
-        first_bad_step.masked_fill_(~torch.isfinite(step_loss) & (first_bad_step < 0), step)  # no host sync
-        window_loss += step_loss
-        window_steps += 1
+            step_loss += window.add_micro_batch(batch, loss, extras, cfg.grad_accum)
+        grad_norm = engine.complete_step()
+        window.end_step(step, step_loss)
 
         last = step == cfg.max_steps - 1
-        if (step + 1) % cfg.log_interval == 0 or last:
-            if dist.enabled:  # the mean over ranks
-                torch.distributed.all_reduce(window_loss)
-                window_loss /= dist.world_size
-                for value in window_extras.values():
-                    torch.distributed.all_reduce(value)
-                    value /= dist.world_size
-            check_finite()
-            train_loss = (window_loss / window_steps).item()  # the one host sync per interval
-            elapsed = time.perf_counter() - window_start
-            metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens_per_sec": window_tokens / elapsed}
-            if window_extras:
-                values = (torch.stack(list(window_extras.values())) / window_steps).tolist()
-                metrics.update({f"train/{name}": v for name, v in zip(window_extras, values)})
-            if peak and flops_per_token:  # tokens/s of all processes against all their GPUs' peak
-                metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / (peak * dist.world_size)
-            if val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
-                val_loss = evaluate(engine.eval_model, objective, val_batches(), device, dtype, cfg.eval_batches)
-                metrics["val/loss"] = val_loss
-            logger.log(step + 1, metrics)
-            if dist.is_main:
-                log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps, train_loss, lr,
-                         metrics["tokens_per_sec"] / 1e3, f" | val {val_loss:.4f}" if "val/loss" in metrics else "")
-            result.history.append({"step": step + 1, **metrics})
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k", refresh=False)
-            window_loss.zero_()
-            window_extras.clear()
-            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-            if ckpt is not None and ckpt.interval and step + 1 >= next_checkpoint and not last:
-                save_checkpoint(step + 1)
-                last_good = resume.step_dir(run.checkpoint_dir, step + 1)
-                next_checkpoint = (step + 1) // ckpt.interval * ckpt.interval + ckpt.interval
+        if (step + 1) % cfg.log_interval != 0 and not last:
+            continue
+        metrics = {**window.close(checkpoints.last_good), "lr": lr, "grad_norm": float(grad_norm)}
+        if peak and flops_per_token:  # tokens/s of all processes against all their GPUs' peak
+            metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / (peak * dist.world_size)
+        if val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
+            val_loss = evaluate(engine.eval_model, objective, val_batches(), device, dtype, cfg.eval_batches)
+            metrics["val/loss"] = val_loss
+        logger.log(step + 1, metrics)
+        if dist.is_main:
+            log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps,
+                     metrics["train/loss"], lr, metrics["tokens_per_sec"] / 1e3,
+                     f" | val {val_loss:.4f}" if "val/loss" in metrics else "")
+        result.history.append({"step": step + 1, **metrics})
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k",
+                        refresh=False)
+        if checkpoints.due(step + 1, last):
+            checkpoints.save(step + 1, engine, {"micro_batches": micro_batches, "history": result.history,
+                                                "data": batches.state() if hasattr(batches, "state") else None})
     bar.close()
     engine.finish()
     result.final = {k: v for k, v in result.history[-1].items() if k.startswith("train/")}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tinyllm.model.transformer import IGNORE_INDEX
+from tinyllm.data.labels import IGNORE_INDEX
 
 
 class NextTokenLoss:

@@ -24,5 +24,6 @@ for numel, dtype in [(57_000_000, torch.float32), (57_000_000, torch.bfloat16), 
     size = numel * x.element_size()
     n = dist.get_world_size()
     if rank == 0:
-        print(f"all_reduce {size / 1e6:.0f} MB {dtype}: {ms:.2f} ms, bus bandwidth {2 * (n - 1) / n * size / ms / 1e6:.0f} GB/s")
+        bus_gbs = 2 * (n - 1) / n * size / ms / 1e6
+        print(f"all_reduce {size / 1e6:.0f} MB {dtype}: {ms:.2f} ms, bus bandwidth {bus_gbs:.0f} GB/s")
 dist.destroy_process_group()

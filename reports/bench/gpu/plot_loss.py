@@ -4,21 +4,22 @@
 """
 import json
 import sys
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 out, pairs = sys.argv[1], list(zip(sys.argv[2::2], sys.argv[3::2]))
 fig, ax = plt.subplots(figsize=(7, 4))
 for table, label in pairs:
-    data = json.load(open(table))
+    data = json.loads(Path(table).read_text())
     row = data["rows"][0]
     steps, losses = zip(*row["loss_curve"])
     ax.plot(steps, losses, label=f"{label} ({row['tokens_per_sec'] / 1e3:.0f}k tokens/s)")
-ax.set(xlabel="step", ylabel="train loss", yscale="log", title=f"{row['model']}, seq {row['seq']}, batch {row['batch']}, "
-       f"same batches — {data['card']}")
+ax.set(xlabel="step", ylabel="train loss", yscale="log",
+       title=f"{row['model']}, seq {row['seq']}, batch {row['batch']}, same batches — {data['card']}")
 ax.legend()
 fig.tight_layout()
 fig.savefig(out, dpi=120)

@@ -1,0 +1,71 @@
+"""Training shares the CPU: torch's thread count follows the cores other programs leave free."""
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tinyllm import cpu_threads
+from tinyllm.config import ModelConfig, RuntimeConfig, TrainConfig
+from tinyllm.model.transformer import Transformer
+from tinyllm.train.loop import fit
+from tinyllm.train.objectives import NextTokenLoss
+
+
+def test_one_thread_per_free_core():
+    assert cpu_threads.threads_for(0.0, cores=2, most=2) == 2
+    assert cpu_threads.threads_for(0.04, cores=2, most=2) == 2  # background noise
+    assert cpu_threads.threads_for(0.67, cores=2, most=2) == 1  # a busy program squeezed by our 2 threads
+    assert cpu_threads.threads_for(1.0, cores=2, most=2) == 1
+    assert cpu_threads.threads_for(2.0, cores=2, most=2) == 1  # never fewer than one
+    assert cpu_threads.threads_for(1.0, cores=16, most=8) == 8  # never more than torch's own default
+
+
+@pytest.mark.skipif(not cpu_threads.PROC_STAT.exists() or (os.cpu_count() or 1) < 2, reason="needs Linux, 2+ cores")
+def test_a_busy_program_takes_a_thread_and_gives_it_back(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    most = max(2, before)
+    follower = cpu_threads.FreeCoreFollower(most=most, every=0.5)
+    cores = follower.cores
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+    try:
+        time.sleep(1.0)
+        follower.follow()
+        assert torch.get_num_threads() == 1  # only this core is free
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    time.sleep(1.0)
+    follower.follow()
+    assert torch.get_num_threads() == min(most, cores)
+    torch.set_num_threads(before)
+
+
+def _train_and_hash(threads: int) -> str:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64,
+                                    vocab_size=256))
+    generator = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            rows = torch.randint(0, 256, (8, 65), generator=generator)
+            yield {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+    fit(model, NextTokenLoss(), batches(), TrainConfig(max_steps=6, warmup_steps=1, log_interval=3),
+        RuntimeConfig(device="cpu", threads=threads))
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+
+
+def test_the_thread_count_does_not_change_the_trained_weights():
+    before = torch.get_num_threads()
+    try:
+        assert _train_and_hash(threads=1) == _train_and_hash(threads=2)
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,98 @@
+"""Share the CPU with other programs: torch's thread count follows the cores they leave free.
+
+PyTorch's CPU kernels run on OpenMP threads that spin while they wait for each other. When another
+program holds one of the cores, the thread on that core runs in bursts and the others spin for
+it: on 2 cores, with one busy program beside it, pretraining ran 3.1× slower than alone, where
+fair sharing costs 2× (reports/cpu_sharing.md). OpenMP's passive wait policy fixes that but costs
+25% on an idle machine. So a stage that trains or evaluates on the CPU calls `follow()` as it
+goes (every step: it is a clock read between checks): every 2 s it reads how much CPU other
+programs used (Linux's /proc/stat, minus this process's own time) and sets torch to one thread
+per core they left free, back up to torch's own default when they stop.
+
+    cpu_threads.configure(runtime.threads, device)   # once, at the start of a stage
+    cpu_threads.follow()                             # often
+
+The thread count does not change results here: a training run gives bit-identical weights on 1 and
+2 threads (tests/test_cpu_threads.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PROC_STAT = Path("/proc/stat")
+CHECK_EVERY = 2.0
+"""Seconds between looks at the machine's load (each look is two small reads)."""
+
+_follower: FreeCoreFollower | None = None
+_torch_default_threads: int | None = None
+"""torch's own thread count, read before this module first changed it."""
+
+
+def threads_for(others_busy: float, cores: int, most: int) -> int:
+    """Threads to use when other programs keep `others_busy` cores busy (rounded to whole cores)."""
+    return max(1, min(most, int(cores - others_busy + 0.5)))
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all programs have spent busy since boot (None where /proc/stat is missing)."""
+    try:
+        fields = PROC_STAT.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class FreeCoreFollower:
+    """Samples the machine's busy time and this process's own; sets torch's thread count from the difference."""
+
+    def __init__(self, most: int, every: float = CHECK_EVERY):
+        self.most, self.every, self.cores = most, every, os.cpu_count() or 1
+        self._last = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        return time.monotonic(), _busy_seconds() or 0.0, time.process_time()
+
+    def follow(self) -> None:
+        now = time.monotonic()
+        if now - self._last[0] < self.every:
+            return
+        sample = self._sample()
+        wall, busy, own = (new - old for new, old in zip(sample, self._last))
+        self._last = sample
+        threads = threads_for(max(0.0, busy - own) / wall, self.cores, self.most)
+        if threads != torch.get_num_threads():
+            log.info("other programs are using %.1f of %d cores: %d torch thread(s)", max(0.0, busy - own) / wall,
+                     self.cores, threads)
+            torch.set_num_threads(threads)
+
+
+def configure(threads: int, device: torch.device) -> None:
+    """`threads` > 0: use exactly that many. 0: follow the free cores (on the CPU, on Linux, and
+    unless OMP_NUM_THREADS says how many); on a GPU nothing changes."""
+    global _follower, _torch_default_threads
+    _follower = None
+    if device.type != "cpu":
+        return
+    _torch_default_threads = _torch_default_threads or torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+        return
+    torch.set_num_threads(_torch_default_threads)
+    if "OMP_NUM_THREADS" not in os.environ and _busy_seconds() is not None and _torch_default_threads > 1:
+        _follower = FreeCoreFollower(most=_torch_default_threads)
+
+
+def follow() -> None:
+    """Adjust the thread count if `configure` asked to follow the free cores and it is time to look."""
+    if _follower is not None:
+        _follower.follow()
