@@ -24,9 +24,9 @@ def main(params):
                 run.logger.log(0, {"enabled": 0})
                 write_json(Path("reports/metrics/lora.json"), {"enabled": False})
             return
-        data = Path("artifacts/data")
-        summary = run_lora(params, Path("artifacts/sft"), data / "identity.jsonl",
-                           [data / "sft_single.jsonl", data / "sft_multi.jsonl"], Path("artifacts/tokens"), OUT,
+        chat = Path("artifacts/data/chat")
+        summary = run_lora(params, Path("artifacts/sft"), chat / "identity.jsonl",
+                           [chat / "sft_single.jsonl", chat / "sft_multi.jsonl"], Path("artifacts/tokens"), OUT,
                            run)
         if run.dist.is_main:
             write_json(Path("reports/metrics/lora.json"), {"enabled": True, **summary})

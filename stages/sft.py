@@ -12,10 +12,11 @@ from tinyllm.train.sft import run_sft
 
 @stage_main
 def main(params):
-    data = Path("artifacts/data")
+    chat = Path("artifacts/data/chat")
     with training_run("sft", params) as run:
-        summary = run_sft(params, Path("artifacts/pretrain"), [data / "sft_single.jsonl", data / "sft_multi.jsonl"],
-                          Path("artifacts/tokens"), Path("artifacts/sft"), run)
+        summary = run_sft(params, Path("artifacts/pretrain"), [chat / "sft_single.jsonl", chat / "sft_multi.jsonl"],
+                          Path("artifacts/tokens"), Path("artifacts/sft"), run,
+                          val_files=[chat / "heldout_single.jsonl", chat / "heldout_multi.jsonl"])
         if run.dist.is_main:
             write_json(Path("reports/metrics/sft.json"), summary)
 

@@ -17,7 +17,7 @@ from tinyllm.data.tokenizer import render_chat, save_tokenizer, train_tokenizer
 from tinyllm.stage import stage_main
 
 DATA = Path("artifacts/data")
-CHAT_FILES = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl")
+CHAT_FILES = ("chat/sft_single.jsonl", "chat/sft_multi.jsonl", "chat/identity.jsonl")
 log = logging.getLogger(__name__)
 
 

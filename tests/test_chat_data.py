@@ -18,7 +18,7 @@ from tinyllm.data.chat_data import (
     chat_files,
 )
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.prepare import prepare
+from tinyllm.data.prepare import data_path, prepare
 from tinyllm.data.world import ATTRIBUTES, World, build_world, fact_prompts
 
 LEXICON = Path(__file__).resolve().parents[1] / "data" / "world" / "lexicon.json"
@@ -193,7 +193,7 @@ def test_prepare_writes_every_chat_file_in_world_mode(tmp_path):
     stats = prepare(parse_params({"data": {"world": {"n_people": 30, "bios_per_person": 4, "n_arithmetic": 100}}}),
                     out, LEXICON)
     for name in CHAT_OUTPUTS:
-        records = list(read_jsonl(out / name, lambda r: None))
+        records = list(read_jsonl(out / data_path(name), lambda r: None))
         assert records and stats[name.removesuffix(".jsonl")] == len(records), name
 
 
@@ -203,4 +203,4 @@ def test_prepare_writes_empty_chat_files_for_a_text_only_corpus(tmp_path):
     out = tmp_path / "out"
     stats = prepare(parse_params({"data": {"source": "files", "pretrain": [str(corpus)]}}), out, LEXICON)
     for name in CHAT_OUTPUTS:
-        assert (out / name).read_text() == "" and stats[name.removesuffix(".jsonl")] == 0
+        assert (out / data_path(name)).read_text() == "" and stats[name.removesuffix(".jsonl")] == 0

@@ -28,6 +28,8 @@ TINY = {
     "dpo": {"max_steps": 10, "batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "log_interval": 5},
     "eval": {"max_fact_prompts": 12, "max_chat_prompts": 40, "max_new_tokens": 6},
 }
+EMPTY_WARNING = re.compile(r"WARNING: '[^']*' is empty")
+"""What DVC prints for an empty dep or out."""
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
@@ -140,10 +142,19 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
     assert math.isfinite(metrics["pretrain"]["val_ppl"]) and 1 < metrics["pretrain"]["val_ppl"] < 320
     assert list(metrics) == ["pretrain", "sft", "lora", "dpo"]
     for stage in metrics.values():
-        for key in ("facts", "qa_seen", "qa_heldout", "multi_turn", "identity", "preference", "chosen_style"):
+        for key in ("facts", "qa_seen", "qa_heldout", "multi_turn", "identity", "preference", "chosen_style",
+                    "bench_example", "bench_world"):
             assert 0 <= stage[key] <= 1, key
+        assert stage["heldout_loss"] > 0 and math.isfinite(stage["pref_margin"])
+    assert metrics["sft"]["pref_margin"] == 0  # the reference itself
+    assert set(metrics["sft"]["bench_detail"]["world"]["subjects"]) == {"seen", "heldout"}
     assert metrics["pretrain"]["facts_detail"]["n_prompts"] == 12
-    assert "| QA, held-out people |" in (repo / "reports/eval/report.md").read_text()
+    report = (repo / "reports/eval/report.md").read_text()
+    assert "| QA, held-out people |" in report and "| benchmark world (" in report
+    assert "## Replies to eval.prompts (greedy)" in report and "| 你是谁？ |" in report
+    pretrain = json.loads((repo / "reports/metrics/pretrain.json").read_text())
+    assert pretrain["val/loss"] == pretrain["val/best_loss"] <= pretrain["val/last_loss"] and pretrain["kept_step"] > 0
+    assert not EMPTY_WARNING.search((repo / "first_repro.log").read_text())
     card = (repo / "artifacts/hf/README.md").read_text()
     assert "## Evaluation" in card and "| qa_heldout |" in card  # the exported model's card carries its metrics
     tokens = json.loads((repo / "reports/metrics/tokens.json").read_text())
@@ -276,9 +287,19 @@ def test_exp_run_on_the_example_corpora_through_params_alone(repo):
               "-S", f"data.identity=[{ex}/minimind_lora_identity.jsonl]", "-S", f"data.dpo=[{ex}/minimind_dpo.jsonl]",
               "-S", "tokenizer.max_corpus_bytes=20000", "-S", "model.max_seq_len=128")
     assert "Running stage 'dpo'" in out and "Running stage 'eval'" in out
+    assert not EMPTY_WARNING.search(out)  # nothing declared to DVC is empty by design
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
+    assert {"pretrain", "sft", "dpo"} <= set(metrics)  # (lora too, unless an earlier test turned it off)
+    for name, stage in metrics.items():  # the scoreboard on the user's own data, in every stage
+        assert math.isfinite(stage["val_loss"]) and 0 <= stage["bench_example"] <= 1, name
+        if name != "pretrain":
+            assert math.isfinite(stage["heldout_loss"]) and 0 <= stage["preference"] <= 1, name
+    assert "heldout_loss" in json.dumps(shown) and "bench_example" in json.dumps(shown)
     prepared = json.loads((repo / "reports/metrics/prepare.json").read_text())
     assert prepared["bad_lines_skipped"] == 16 and prepared["duplicates_removed"] > 0
-    assert prepared["sft_single"] > 0 and prepared["sft_multi"] > 0 and prepared["dpo"] == 20
+    assert prepared["sft_single"] > 0 and prepared["sft_multi"] > 0 and prepared["dpo"] + prepared["eval_dpo"] == 20
+    assert prepared["heldout_single"] > 0 and prepared["heldout_multi"] > 0
     assert re.search(r"training the tokenizer on one document in every [2-9] ", out)  # max_corpus_bytes sampled
     dpo = json.loads((repo / "reports/metrics/dpo.json").read_text())
     assert math.isfinite(dpo["train/loss"])

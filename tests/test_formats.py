@@ -98,13 +98,14 @@ def test_prepare_reads_every_example_format_and_counts_what_it_drops(tmp_path, c
     assert stats["documents"] == len(pretrain) and all(set(r) == {"text"} for r in pretrain)
     assert len({r["text"] for r in pretrain}) == len(pretrain)  # exact duplicates removed
     assert max(len(r["text"]) for r in pretrain) > 5000  # the huge record survives
-    single, multi = _lines(tmp_path / "sft_single.jsonl"), _lines(tmp_path / "sft_multi.jsonl")
+    single, multi = _lines(tmp_path / "chat/sft_single.jsonl"), _lines(tmp_path / "chat/sft_multi.jsonl")
     assert all(sum(m["role"] == USER for m in r["conversations"]) == 1 for r in single)
     assert all(sum(m["role"] == USER for m in r["conversations"]) > 1 for r in multi)
     assert {"minimind_sft", "sharegpt", "alpaca", "deepctrl"} <= {
         fmt for fmt in re.findall(r": (\w+) format", caplog.text)}
     assert (stats["sft_single"], stats["sft_multi"]) == (len(single), len(multi))
-    assert stats["dpo"] == 20 and stats["identity"] == len(_lines(tmp_path / "identity.jsonl")) > 0
+    assert stats["dpo"] + stats["eval_dpo"] == 20 and stats["eval_dpo"] == 10  # half held out: fewer than 2 × 20
+    assert stats["identity"] == len(_lines(tmp_path / "chat/identity.jsonl")) > 0
     assert stats["eval_qa"] == 0 and (tmp_path / "world.json").read_text() == "null\n"
 
 
@@ -114,8 +115,8 @@ def test_length_filters_and_dedup_switch(tmp_path):
     assert all(50 <= len(r["text"]) <= 2000 for r in _lines(tmp_path / "all" / "pretrain.jsonl"))
     deduped = prepare(_example_params(min_chars=50, max_chars=2000), tmp_path / "dedup", LEXICON)
     assert deduped["duplicates_removed"] > 0
-    assert deduped["documents"] + deduped["sft_single"] + deduped["sft_multi"] + deduped["identity"] \
-        + deduped["duplicates_removed"] == kept["documents"] + kept["sft_single"] + kept["sft_multi"] + kept["identity"]
+    counted = ("documents", "sft_single", "sft_multi", "heldout_single", "heldout_multi", "identity")
+    assert sum(deduped[k] for k in counted) + deduped["duplicates_removed"] == sum(kept[k] for k in counted)
 
 
 def test_a_bad_first_line_does_not_decide_a_files_format(tmp_path):
@@ -135,15 +136,15 @@ def test_a_file_named_twice_is_read_once_and_extra_message_keys_are_dropped(tmp_
     spelled_twice = [str(chats), str(tmp_path / ".." / tmp_path.name / "sft.jsonl")]
     stats = prepare(_example_params(sft=spelled_twice, dedup=False), tmp_path / "out", LEXICON)
     assert stats["sft_single"] == 1
-    assert _lines(tmp_path / "out" / "sft_single.jsonl") == [{"conversations": [msg(USER, "q"), msg(BOT, "a")]}]
+    assert _lines(tmp_path / "out/chat/sft_single.jsonl") == [{"conversations": [msg(USER, "q"), msg(BOT, "a")]}]
 
 
 def test_strict_stops_at_the_first_bad_line_and_keeps_the_old_outputs(tmp_path):
     prepare(_example_params(), tmp_path, LEXICON)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(DataError, match=r"minimind_pretrain.jsonl:11: not valid UTF-8"):
         prepare(_example_params(strict=True), tmp_path, LEXICON)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_a_file_of_the_wrong_kind_or_a_glob_matching_nothing_is_named(tmp_path):
@@ -159,7 +160,7 @@ def test_format_param_overrides_detection(tmp_path):
     data.write_text(json.dumps({"instruction": "q", "input": "", "output": "a", "history": [["h", "i"]]}) + "\n")
     out = tmp_path / "out"
     prepare(_example_params(sft=[str(data)], format="alpaca"), out, LEXICON)
-    assert _lines(out / "sft_single.jsonl") == [{"conversations": [msg(USER, "q"), msg(BOT, "a")]}]
+    assert _lines(out / "chat/sft_single.jsonl") == [{"conversations": [msg(USER, "q"), msg(BOT, "a")]}]
 
 
 def test_a_huge_single_line_record_streams_through(tmp_path):

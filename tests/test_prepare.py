@@ -29,9 +29,9 @@ def _corpus(tmp_path, *lines):
 def test_world_mode_writes_corpus_eval_facts_and_world(tmp_path):
     out = tmp_path / "out"
     stats = prepare(parse_params({"data": {"world": SMALL_WORLD}}), out, LEXICON)
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(OUTPUTS)
     texts = [r["text"] for r in read_jsonl(out / "pretrain.jsonl", lambda r: None)]
-    facts = list(read_jsonl(out / "eval_facts.jsonl", lambda r: None))
+    facts = list(read_jsonl(out / "eval/eval_facts.jsonl", lambda r: None))
     assert stats["documents"] == len(texts) and stats["characters"] == sum(map(len, texts))
     assert stats["eval_facts"] == len(facts) and {"prompt", "answer", "attribute", "split"} <= facts[0].keys()
     assert stats["people"] == len(load_world(out / "world.json").people) == 30
@@ -45,7 +45,7 @@ def test_files_mode_bad_line_errors_and_leaves_existing_outputs_untouched(tmp_pa
     path = _corpus(tmp_path, '{"text": "good"}', '{"text": ', '{"text": "also good"}')
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: not valid JSON"):
         prepare(_jsonl_params(path), out, LEXICON)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_files_mode_skip_keeps_good_texts_and_counts_bad_lines(tmp_path):
@@ -55,8 +55,9 @@ def test_files_mode_skip_keeps_good_texts_and_counts_bad_lines(tmp_path):
     assert list(read_jsonl(out / "pretrain.jsonl", lambda r: None)) == [{"text": "第一篇"}, {"text": "second"}]
     assert stats == {"documents": 2, "characters": 9, "bad_lines_skipped": 2, "duplicates_removed": 0,
                      "filtered_by_length": 0, "people": 0, "eval_facts": 0,
-                     **{name.removesuffix(".jsonl"): 0 for name in CHAT_OUTPUTS}}
-    assert (out / "eval_facts.jsonl").read_text() == ""
+                     **{name.removesuffix(".jsonl"): 0 for name in CHAT_OUTPUTS}, "heldout_single": 0,
+                     "heldout_multi": 0}
+    assert (out / "eval/eval_facts.jsonl").read_text() == ""
     assert load_world(out / "world.json") is None
 
 
@@ -64,9 +65,24 @@ def test_files_mode_with_no_usable_line_is_an_error(tmp_path):
     path = _corpus(tmp_path, "oops", '{"text": 1}')
     with pytest.raises(DataError, match="no usable pretrain records"):
         prepare(_jsonl_params(path, strict=False), tmp_path / "out", LEXICON)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
 
 
 def test_files_mode_missing_file_names_it(tmp_path):
     with pytest.raises(DataError, match="absent.jsonl"):
         prepare(_jsonl_params(tmp_path / "absent.jsonl"), tmp_path / "out", LEXICON)
+
+
+def test_a_seeded_share_of_the_sft_conversations_is_held_out(tmp_path):
+    params = parse_params({"data": {"world": SMALL_WORLD, "heldout_share": 0.1, "heldout_min": 5}})
+    stats = prepare(params, tmp_path / "a", LEXICON)
+    again = prepare(params, tmp_path / "b", LEXICON)
+    for kind in ("single", "multi"):
+        train = (tmp_path / f"a/chat/sft_{kind}.jsonl").read_text(encoding="utf-8").splitlines()
+        held = (tmp_path / f"a/chat/heldout_{kind}.jsonl").read_text(encoding="utf-8").splitlines()
+        total = len(train) + len(held)
+        assert (stats[f"sft_{kind}"], stats[f"heldout_{kind}"]) == (len(train), len(held))
+        assert len(held) == min(max(5, round(0.1 * total)), total // 2) > 0
+        assert set(train).isdisjoint(held)
+        assert held == (tmp_path / f"b/chat/heldout_{kind}.jsonl").read_text(encoding="utf-8").splitlines()
+    assert again == stats

@@ -61,6 +61,11 @@ class DataConfig:
     """... and with more (0: no limit)."""
     dedup: bool = True
     """Drop exact duplicates (after conversion), by a 64-bit hash of the content."""
+    heldout_share: float = 0.05
+    """Share of the SFT conversations (single- and multi-turn apart), and of a user's preference
+    pairs, held out of training: eval scores every stage on them, and SFT keeps its best weights by them."""
+    heldout_min: int = 20
+    """... but at least this many of each (never more than half)."""
     world: WorldConfig = field(default_factory=WorldConfig)
 
 
@@ -225,6 +230,9 @@ class TrainConfig:
     """Validation micro-batches per measurement."""
     log_interval: int = 20
     """Steps between log lines and dvclive points."""
+    keep: str = "best"
+    """Which weights the stage saves when it has validation data: `best` (the lowest validation
+    loss seen at an eval point) or `last`. Without validation data: the last."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -291,6 +299,16 @@ class EvalConfig:
     """Cap on questions scored per chat eval set (a seeded sample when there are more)."""
     val_max_tokens: int = 200_000
     """Cap on validation tokens used for perplexity."""
+    prompts: str = "data/eval/prompts.jsonl"
+    """A JSON Lines file of prompts ({"prompt": ...} or {"messages": [...]}); the report shows every
+    chat stage's greedy reply to each, side by side. Empty string: none."""
+    benchmarks: list = field(default_factory=lambda: ["data/benchmarks/example"])
+    """Multiple-choice benchmarks: files or folders in C-Eval/CMMLU's CSV layout or JSON Lines
+    (tinyllm/eval/benchmark.py). The world's own benchmark is added when data.source is world."""
+    shots: int = 0
+    """Few-shot examples before each benchmark question, from the subject's dev file when it has one."""
+    max_bench_items: int = 300
+    """Cap on questions scored per benchmark subject (a seeded sample when there are more)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -378,6 +396,11 @@ def _check_train(section: str, t: TrainConfig, max_seq_len: int) -> list[str]:
           for name in ("beta1", "beta2") if not 0 <= getattr(t, name) < 1]
     if not 0 <= t.min_lr <= t.lr:
         e.append(f"{section}.min_lr={t.min_lr} must be in [0, {section}.lr={t.lr}]")
+    if t.log_interval > 0 and t.eval_interval % t.log_interval:
+        e.append(f"{section}.eval_interval={t.eval_interval} must be a multiple of {section}.log_interval="
+                 f"{t.log_interval} (validation runs at log points)")
+    if t.keep not in ("best", "last"):
+        e.append(f"{section}.keep={t.keep!r} must be 'best' or 'last'")
     return e
 
 
@@ -464,6 +487,8 @@ def _check_data(d: DataConfig) -> list[str]:
     if d.min_chars < 0 or d.max_chars < 0 or 0 < d.max_chars < d.min_chars:
         e.append(f"data.min_chars={d.min_chars}, data.max_chars={d.max_chars}: need 0 <= min_chars <= max_chars "
                  "(max_chars 0: no limit)")
+    if not 0 <= d.heldout_share < 1 or d.heldout_min < 0:
+        e.append(f"data.heldout_share={d.heldout_share} must be in [0, 1) and data.heldout_min={d.heldout_min} >= 0")
     w = d.world
     if w.n_people < 2:
         e.append(f"data.world.n_people={w.n_people} must be >= 2")
@@ -475,8 +500,12 @@ def _check_data(d: DataConfig) -> list[str]:
 
 def _check_tokens_and_eval(p: Params) -> list[str]:
     e = _positive({"tokenize.batch_docs": p.tokenize.batch_docs, "tokenize.shard_tokens": p.tokenize.shard_tokens,
-                   **{f"eval.{name}": getattr(p.eval, name)
-                      for name in ("max_new_tokens", "max_fact_prompts", "max_chat_prompts", "val_max_tokens")}})
+                   **{f"eval.{name}": getattr(p.eval, name) for name in
+                      ("max_new_tokens", "max_fact_prompts", "max_chat_prompts", "val_max_tokens", "max_bench_items")}})
+    if p.eval.shots < 0:
+        e.append(f"eval.shots={p.eval.shots} must be >= 0")
+    if not all(isinstance(x, str) and x for x in p.eval.benchmarks):
+        e.append(f"eval.benchmarks={p.eval.benchmarks!r} must be a list of paths")
     if p.tokenizer.vocab_size < 260:
         e.append(f"tokenizer.vocab_size={p.tokenizer.vocab_size} must be >= 260 (256 bytes + specials)")
     if p.tokenizer.max_corpus_bytes < 0:

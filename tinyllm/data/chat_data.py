@@ -1,7 +1,7 @@
 """Chat, identity and preference data about the fictional world, and the held-out sets that grade them.
 
     files = chat_files(world, seed)        # {"sft_single.jsonl": [records], ...}, CHAT_OUTPUTS order
-    prepare writes each list next to pretrain.jsonl (tinyllm/data/prepare.py)
+    prepare writes each list under artifacts/data/ (chat/, eval/ or beside pretrain.jsonl: prepare.data_path)
 
 Everything is computed from the `World` alone (so it can be rebuilt from world.json) and is the
 same for the same world and seed. Each file draws from its own `random.Random(f"{seed}/{file}")`,
@@ -37,7 +37,7 @@ import random
 from tinyllm.data.world import ATTRIBUTES, LANGUAGES, City, Person, World, fact_fields, render_template, subject_fields
 
 CHAT_OUTPUTS = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl", "dpo.jsonl",
-                "eval_qa.jsonl", "eval_multi.jsonl", "eval_identity.jsonl", "eval_dpo.jsonl")
+                "eval_qa.jsonl", "eval_multi.jsonl", "eval_identity.jsonl", "eval_dpo.jsonl", "bench_world.jsonl")
 """Files prepare writes (empty ones when the corpus is a user's, not the world)."""
 
 ASSISTANT_NAME = {"zh": "小光", "en": "Xiaoguang"}
@@ -81,6 +81,8 @@ EVAL_MULTI_ITEMS = 200
 """eval_multi dialogues (about held-out people)."""
 EVAL_DPO_ITEMS = 200
 """eval_dpo pairs (about held-out people)."""
+BENCH_ITEMS = {"seen": 150, "heldout": 150}
+"""Four-option questions per split in the world's multiple-choice benchmark."""
 
 # --- phrasings ---
 
@@ -425,9 +427,28 @@ def eval_dpo(world: World, rng: random.Random) -> list[dict]:
     return [{**x, "split": "heldout"} for x in pairs]
 
 
+def bench_world(world: World, rng: random.Random) -> list[dict]:
+    """A multiple-choice benchmark (tinyllm/eval/benchmark.py's JSONL layout) about the world's people:
+    the question names a person and an attribute; the four choices are the canonical answer sentence
+    with the true value and with three other values of the world; subject = "seen" or "heldout"."""
+    pools = _value_pools(world)
+    items = []
+    for split, n in BENCH_ITEMS.items():
+        people = _people(world, split if split == "heldout" else "sft")
+        pairs = [(p, a) for p in people for a in ATTRIBUTES if len(pools[a]) >= 4]
+        for p, a in rng.sample(pairs, min(n, len(pairs))):
+            wrong = rng.sample([v for v in pools[a] if v != getattr(p, a)], 3)
+            choices = [answer_sentence(p, a)] + [answer_sentence(p, a, value=v) for v in wrong]
+            rng.shuffle(choices)
+            items.append({"question": _question(p, a, "zh", rng), "choices": choices,
+                          "answer": choices.index(answer_sentence(p, a)), "subject": split})
+    return items
+
+
 BUILDERS = {"sft_single.jsonl": sft_single, "sft_multi.jsonl": sft_multi, "identity.jsonl": identity,
             "dpo.jsonl": dpo, "eval_qa.jsonl": eval_qa, "eval_multi.jsonl": eval_multi,
-            "eval_identity.jsonl": eval_identity, "eval_dpo.jsonl": eval_dpo}
+            "eval_identity.jsonl": eval_identity, "eval_dpo.jsonl": eval_dpo,
+            "bench_world.jsonl": bench_world}
 
 
 def chat_files(world: World, seed: int) -> dict[str, list[dict]]:

@@ -8,10 +8,20 @@
 through conversion, length filters and exact-duplicate removal, so memory does not grow with the
 file size (only the duplicate hashes do: ~115 bytes of RSS per kept record, measured in
 reports/data.md; `data.dedup: false` turns that off).
-Either way out_dir gets pretrain.jsonl, eval_facts.jsonl, world.json (`null` for a user's corpus)
-and the chat files of tinyllm/data/chat_data.py (CHAT_OUTPUTS: SFT single- and multi-turn,
-identity, preference and eval sets; a user's corpus fills the SFT, identity and preference
-files, and the world's eval sets stay empty), so the stage's outputs are always the same files.
+Either way out_dir gets the same files (OUTPUTS), in three places:
+
+    pretrain.jsonl  world.json (`null` for a user's corpus)  dpo.jsonl
+    chat/   sft_single, sft_multi, identity: what SFT, LoRA and the tokenizer train on;
+            heldout_single, heldout_multi: SFT conversations held out for eval (both sources)
+    eval/   the world's eval sets (eval_facts, eval_qa, eval_multi, eval_identity, bench_world),
+            empty for a user's corpus, and eval_dpo: held-out preference pairs (the world's,
+            or a held-out share of the user's)
+
+Stages depend on the chat/ and eval/ folders rather than on their files, because DVC warns about
+every empty file declared on its own, and some are empty by design (a user's corpus has no world
+eval sets, and often no identity set). `data.heldout_share` of the SFT conversations (single- and
+multi-turn apart) and of a user's preference pairs, at least `data.heldout_min` of each when
+there are twice that many, is a seeded sample held out from training.
 Everything is first written to a staging folder inside out_dir and moved into place only when
 all of it succeeded: a bad input line leaves the previous outputs exactly as they were.
 """
@@ -23,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -38,7 +49,18 @@ from tinyllm.errors import DataError
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("pretrain.jsonl", "eval_facts.jsonl", "world.json", *CHAT_OUTPUTS)
+CHAT_FOLDER = ("sft_single.jsonl", "sft_multi.jsonl", "heldout_single.jsonl", "heldout_multi.jsonl", "identity.jsonl")
+
+
+def data_path(name: str) -> str:
+    """Where file `name` lives under artifacts/data/ ("chat/sft_single.jsonl", "eval/eval_qa.jsonl")."""
+    if name in CHAT_FOLDER:
+        return f"chat/{name}"
+    return f"eval/{name}" if name.startswith(("eval_", "bench_")) else name
+
+
+OUTPUTS = tuple(data_path(name) for name in ("pretrain.jsonl", "world.json", "eval_facts.jsonl", *CHAT_OUTPUTS,
+                                               "heldout_single.jsonl", "heldout_multi.jsonl"))
 
 
 def prepare(params: Params, out_dir: Path, lexicon_path: Path) -> dict:
@@ -64,8 +86,13 @@ def prepare(params: Params, out_dir: Path, lexicon_path: Path) -> dict:
         if params.data.source == "world":
             stats = _prepare_world(params, staging, lexicon_path)
         else:
-            stats = _prepare_files(params.data, staging)
+            stats = _prepare_files(params.data, staging, params.seed)
+        for kind in ("single", "multi"):
+            stats[f"sft_{kind}"], stats[f"heldout_{kind}"] = hold_out(
+                staging / f"chat/sft_{kind}.jsonl", staging / f"chat/heldout_{kind}.jsonl", params.data,
+                f"{params.seed}/heldout_{kind}")
         for name in OUTPUTS:
+            (out_dir / name).parent.mkdir(exist_ok=True)
             os.replace(staging / name, out_dir / name)
     log.info("prepared %s: %s", out_dir, ", ".join(f"{k} {v}" for k, v in stats.items()))
     return stats
@@ -77,16 +104,17 @@ def _prepare_world(params: Params, staging: Path, lexicon_path: Path) -> dict:
     docs = pretrain_documents(world, cfg, params.seed)
     facts = fact_prompts(world)
     write_jsonl(staging / "pretrain.jsonl", ({"text": d} for d in docs))
-    write_jsonl(staging / "eval_facts.jsonl", facts)
+    write_jsonl(staging / data_path("eval_facts.jsonl"), facts)
     (staging / "world.json").write_text(json.dumps(world.to_json(), ensure_ascii=False, indent=1) + "\n",
                                         encoding="utf-8")
-    chat = {name: write_jsonl(staging / name, records) for name, records in chat_files(world, params.seed).items()}
+    chat = {name: write_jsonl(staging / data_path(name), records)
+            for name, records in chat_files(world, params.seed).items()}
     return {"documents": len(docs), "characters": sum(map(len, docs)), "bad_lines_skipped": 0,
             "duplicates_removed": 0, "filtered_by_length": 0, "people": len(world.people), "eval_facts": len(facts),
             **_chat_stats(chat)}
 
 
-def _prepare_files(data: DataConfig, staging: Path) -> dict:
+def _prepare_files(data: DataConfig, staging: Path, seed: int) -> dict:
     """Stream the corpora named in params through conversion, filters and duplicate removal."""
     counts = Counter()
     documents = write_jsonl(staging / "pretrain.jsonl", _records(data, "pretrain", counts))
@@ -94,19 +122,21 @@ def _prepare_files(data: DataConfig, staging: Path) -> dict:
         raise DataError(f"data.pretrain {data.pretrain}: no documents left after the length filters "
                         f"(data.min_chars={data.min_chars}, data.max_chars={data.max_chars})")
     chat = {name: 0 for name in CHAT_OUTPUTS}
-    with (staging / "sft_single.jsonl").open("w", encoding="utf-8") as single, \
-            (staging / "sft_multi.jsonl").open("w", encoding="utf-8") as multi:
+    (staging / "chat").mkdir()
+    with (staging / "chat/sft_single.jsonl").open("w", encoding="utf-8") as single, \
+            (staging / "chat/sft_multi.jsonl").open("w", encoding="utf-8") as multi:
         for record in _records(data, "sft", counts):
             turns = sum(m["role"] == "user" for m in record["conversations"])
             out, name = (single, "sft_single.jsonl") if turns == 1 else (multi, "sft_multi.jsonl")
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             chat[name] += 1
-    chat["identity.jsonl"] = write_jsonl(staging / "identity.jsonl", _records(data, "identity", counts))
-    chat["dpo.jsonl"] = write_jsonl(staging / "dpo.jsonl", _records(data, "dpo", counts))
-    for name in CHAT_OUTPUTS:
-        if not (staging / name).exists():  # the world's eval sets: none for a user's corpus
-            write_jsonl(staging / name, [])
-    write_jsonl(staging / "eval_facts.jsonl", [])
+    chat["identity.jsonl"] = write_jsonl(staging / "chat/identity.jsonl", _records(data, "identity", counts))
+    write_jsonl(staging / "dpo.jsonl", _records(data, "dpo", counts))
+    chat["dpo.jsonl"], chat["eval_dpo.jsonl"] = hold_out(staging / "dpo.jsonl", staging / "eval/eval_dpo.jsonl", data,
+                                                         f"{seed}/heldout_dpo")
+    for name in ("eval_facts.jsonl", *CHAT_OUTPUTS):
+        if not (staging / data_path(name)).exists():  # the world's eval sets: none for a user's corpus
+            write_jsonl(staging / data_path(name), [])
     (staging / "world.json").write_text("null\n", encoding="utf-8")
     for kind, stage in (("sft", "sft"), ("identity", "lora (unless lora.enabled is false)"), ("dpo", "dpo")):
         if not getattr(data, kind):
@@ -114,6 +144,27 @@ def _prepare_files(data: DataConfig, staging: Path) -> dict:
     return {"documents": documents, "characters": counts["characters_pretrain"],
             **{key: counts[key] for key in ("bad_lines_skipped", "duplicates_removed", "filtered_by_length")},
             "people": 0, "eval_facts": 0, **_chat_stats(chat)}
+
+
+def hold_out(source: Path, heldout: Path, data: DataConfig, seed: str) -> tuple[int, int]:
+    """Move a seeded sample of `source`'s lines to `heldout`: data.heldout_share of them, at least
+    data.heldout_min, at most half. Streams both files (big SFT sets stay out of memory).
+
+    Returns:
+        (lines kept in source, lines held out).
+    """
+    with source.open(encoding="utf-8") as f:
+        n = sum(1 for _ in f)
+    k = min(max(data.heldout_min, round(data.heldout_share * n)), n // 2)
+    chosen = set(random.Random(seed).sample(range(n), k))
+    heldout.parent.mkdir(parents=True, exist_ok=True)
+    rest = source.with_name(source.name + ".rest")
+    with source.open(encoding="utf-8") as src, rest.open("w", encoding="utf-8") as kept, \
+            heldout.open("w", encoding="utf-8") as held:
+        for i, line in enumerate(src):
+            (held if i in chosen else kept).write(line)
+    os.replace(rest, source)
+    return n - k, k
 
 
 def corpus_files(patterns: list[str], kind: str) -> list[Path]:

@@ -14,10 +14,13 @@ from collections import defaultdict
 import torch
 from tokenizers import Tokenizer
 
+from tinyllm.data.chat import collate, encode_conversation
+from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.preference import encode_pair
 from tinyllm.data.tokenizer import ENDOFTEXT, render_chat, reply_stop_ids, special_id
 from tinyllm.infer.generate import generate_batch
 from tinyllm.train.dpo import pair_logprobs
+from tinyllm.train.objectives import sequence_logprobs
 
 
 def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int,
@@ -51,9 +54,10 @@ def answer_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: in
     return {key: sum(v) / len(v) for key, v in sorted(hits.items())}, rows
 
 
-def preference_accuracy(model, tok: Tokenizer, pairs: list[dict]) -> dict:
+def preference_accuracy(model, tok: Tokenizer, pairs: list[dict]) -> tuple[dict, torch.Tensor]:
     """Share of pairs whose chosen final reply the model scores above the rejected one, overall
-    and per kind ("wrong_fact", "unhelpful"); scored exactly as DPO trains (final reply, fp32)."""
+    and per kind ("wrong_fact", "unhelpful"); scored exactly as DPO trains (final reply, fp32).
+    Also the (len(pairs), 2) summed log-probs, for reward margins against a reference model."""
     device = next(model.parameters()).device
     encoded = [encode_pair(tok, p) for p in pairs]
     logps = pair_logprobs(model, encoded, model.config.max_seq_len, special_id(tok, ENDOFTEXT), device, torch.float32)
@@ -62,7 +66,32 @@ def preference_accuracy(model, tok: Tokenizer, pairs: list[dict]) -> dict:
     for pair, win in zip(pairs, wins):
         by_kind["overall"].append(win)
         by_kind[pair.get("kind", "-")].append(win)
-    return {key: sum(v) / len(v) for key, v in sorted(by_kind.items())}
+    return {key: sum(v) / len(v) for key, v in sorted(by_kind.items())}, logps
+
+
+def reward_margin(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> float:
+    """DPO's implicit reward margin, mean over pairs: β·[(log π − log π_ref)(chosen) − (…)(rejected)]."""
+    rewards = beta * (logps - ref_logps)
+    return float((rewards[:, 0] - rewards[:, 1]).mean())
+
+
+@torch.no_grad()
+def reply_loss(model, tok: Tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> tuple[float, int]:
+    """(mean loss per assistant token, number of those tokens) over whole conversations: every
+    assistant turn is scored. Unlike SFT's packing, a conversation longer than the model keeps its
+    newest tokens (the last replies), and no system prompt is added."""
+    device = next(model.parameters()).device
+    keep = model.config.max_seq_len + 1
+    rows = [(ids[-keep:], mask[-keep:]) for ids, mask in (encode_conversation(tok, c) for c in conversations)]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start:start + batch_size], special_id(tok, ENDOFTEXT))
+        total -= float(sequence_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device)).sum())
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1), count
 
 
 def chosen_style_rate(model, tok: Tokenizer, pairs: list[dict], max_new_tokens: int, max_items: int,

@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from tinyllm import cpu_threads
 from tinyllm.config import Params
+from tinyllm.data.chat import ROLES
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import load_tokenizer
-from tinyllm.eval.chat_eval import answer_accuracy, chosen_style_rate, preference_accuracy
+from tinyllm.errors import ConfigError
+from tinyllm.eval.benchmark import run_benchmark
+from tinyllm.eval.chat_eval import (
+    answer_accuracy,
+    chat_replies,
+    chosen_style_rate,
+    preference_accuracy,
+    reply_loss,
+    reward_margin,
+)
 from tinyllm.eval.metrics import expert_balance, fact_accuracy, perplexity
 from tinyllm.train.checkpoint import is_checkpoint, load_model, read_config
 from tinyllm.train.runtime import resolve_device, resolve_dtype
@@ -50,18 +61,52 @@ def plot_curves(live_dir: Path, out_file: Path) -> None:
 
 
 CHAT_SETS = {"qa": "eval_qa.jsonl", "multi_turn": "eval_multi.jsonl", "identity": "eval_identity.jsonl"}
-ROW_NAMES = {"val_ppl": "val perplexity (pretraining text)",
+ROW_NAMES = {"val_loss": "val loss (pretraining text)", "val_ppl": "val perplexity (pretraining text)",
+             "heldout_loss": "reply loss, held-out conversations", "heldout_loss_single": "… single-turn",
+             "heldout_loss_multi": "… multi-turn", "heldout_ppl": "reply perplexity, held-out conversations",
              "moe_max_load": "busiest expert's load ÷ fair share (MoE; 1 is even)", "facts": "fact cloze accuracy",
              "qa_seen": "QA, people seen in SFT", "qa_heldout": "QA, held-out people",
              "qa_heldout_zh": "… asked in Chinese", "qa_heldout_en": "… asked in English",
              "multi_turn": "multi-turn follow-ups, held-out people", "identity": "identity answer rate",
              "preference": "preference accuracy, held-out pairs",
+             "pref_margin": "reward margin vs the SFT model (β·nats), held-out pairs",
              "preference_wrong_fact": "… rejected = a wrong fact", "preference_unhelpful": "… rejected = unhelpful",
              "chosen_style": "free replies = the chosen reply", "rejected_style": "free replies = the rejected reply"}
 
 
 def _read_items(path: Path) -> list[dict]:
     return list(read_jsonl(path, lambda obj: None)) if path.exists() else []
+
+
+def benchmark_paths(params: Params, data_dir: Path) -> dict[str, Path]:
+    """eval.benchmarks by name (file or folder stem), plus the world's own when prepare wrote one."""
+    paths = {Path(p).stem: Path(p) for p in params.eval.benchmarks}
+    if len(paths) < len(params.eval.benchmarks) or "world" in paths:
+        raise ConfigError(f"eval.benchmarks={params.eval.benchmarks}: each needs a name (file or folder stem) of "
+                          "its own, and not 'world' (the embedded world's benchmark)")
+    world = data_dir / "eval" / "bench_world.jsonl"
+    if world.exists() and world.stat().st_size:
+        paths["world"] = world
+    return paths
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """eval.prompts as conversations that end with a user turn."""
+    if not path:
+        return []
+    def problem(obj: dict) -> str | None:
+        if isinstance(obj.get("prompt"), str) and obj["prompt"]:
+            return None
+        messages = obj.get("messages")
+        well_formed = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages)
+        if well_formed and messages[-1]["role"] == "user":
+            return None
+        return 'needs a "prompt" string, or "messages" (role/content) that end with a user turn'
+
+    items = read_jsonl(Path(path), problem)
+    return [item["messages"] if "messages" in item else [{"role": "user", "content": item["prompt"]}]
+            for item in items]
 
 
 def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_dir: Path) -> tuple[dict, dict]:
@@ -72,35 +117,97 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
     cpu_threads.configure(params.runtime.threads, device)
     model = load_model(ckpt_dir, device)
     tok = load_tokenizer(ckpt_dir)
-    trained_len = read_config(ckpt_dir).get("train", {}).get("seq_len") or model.config.max_seq_len
+    config = read_config(ckpt_dir)
+    chat = config["stage"] != "pretrain"
+    trained_len = config.get("train", {}).get("seq_len") or model.config.max_seq_len
     val = perplexity(model, token_dir, trained_len, cfg.val_max_tokens, device, dtype)
     metrics, rows = {"val_loss": val["loss"], "val_ppl": val["ppl"]}, {}
+    losses = {kind: reply_loss(model, tok, [r["conversations"] for r in
+                                            _read_items(data_dir / "chat" / f"heldout_{kind}.jsonl")])
+              for kind in ("single", "multi")}
+    tokens = sum(n for _, n in losses.values())
+    if tokens:
+        metrics["heldout_loss"] = sum(loss * n for loss, n in losses.values()) / tokens
+        metrics["heldout_ppl"] = math.exp(metrics["heldout_loss"])
+        metrics.update({f"heldout_loss_{kind}": loss for kind, (loss, n) in losses.items() if n})
     if model.config.moe.enabled:
         balance = expert_balance(model, token_dir, trained_len)
         metrics["moe_max_load"] = max(balance["max_over_mean"].values())
         metrics["moe_balance"] = balance
-    facts = _read_items(data_dir / "eval_facts.jsonl")
+    facts = _read_items(data_dir / "eval" / "eval_facts.jsonl")
     if facts:
         detail, rows["facts"] = fact_accuracy(model, tok, facts, cfg.max_new_tokens, cfg.max_fact_prompts, params.seed)
         metrics["facts"] = detail["overall"]
         metrics["facts_detail"] = detail
     for name, file in CHAT_SETS.items():
-        items = _read_items(data_dir / file)
+        items = _read_items(data_dir / "eval" / file)
         if items:
             acc, rows[name] = answer_accuracy(model, tok, items, cfg.max_new_tokens, cfg.max_chat_prompts, params.seed)
             if name == "qa":
                 metrics.update({f"qa_{key.replace('/', '_')}": v for key, v in acc.items() if key != "overall"})
             else:
                 metrics[name] = acc["overall"]
-    pairs = _read_items(data_dir / "eval_dpo.jsonl")
+    pairs = _read_items(data_dir / "eval" / "eval_dpo.jsonl")
     if pairs:
-        pref = preference_accuracy(model, tok, pairs)
+        pref, rows["pair_logps"] = preference_accuracy(model, tok, pairs)
         metrics["preference"] = pref["overall"]
         metrics.update({f"preference_{kind}": v for kind, v in pref.items() if kind != "overall"})
         style, rows["style"] = chosen_style_rate(model, tok, pairs, cfg.max_new_tokens, cfg.max_chat_prompts,
                                                  params.seed)
         metrics.update({"chosen_style": style["chosen"], "rejected_style": style["rejected"]})
+    for name, path in benchmark_paths(params, data_dir).items():
+        result = run_benchmark(model, tok, path, chat, cfg.shots, cfg.max_bench_items, params.seed)
+        metrics[f"bench_{name}"] = result["accuracy"]
+        metrics.setdefault("bench_detail", {})[name] = result
+    prompts = read_prompts(cfg.prompts)
+    if chat and prompts:
+        rows["prompts"] = chat_replies(model, tok, prompts, cfg.max_new_tokens)
+        rows["prompt_messages"] = prompts
     return metrics, rows
+
+
+PLAIN_NUMBERS = ("val_loss", "val_ppl", "moe_max_load", "heldout_loss", "heldout_loss_single", "heldout_loss_multi",
+                 "heldout_ppl", "pref_margin")
+"""Metrics shown as numbers; the rest are shares, shown as percentages."""
+
+
+def _benchmark_rows(results: dict[str, dict], stages: list[str]) -> list[str]:
+    """One row per benchmark (with its chance level) and one per subject when it has several."""
+    lines = []
+    names = dict.fromkeys(n for s in stages for n in results[s].get("bench_detail", {}))
+    for name in names:
+        detail = [results[s].get("bench_detail", {}).get(name) for s in stages]
+        first = next(d for d in detail if d)
+        lines.append(f"| benchmark {name} ({first['questions']} questions, chance {first['chance']:.1%}) | "
+                     + " | ".join("–" if d is None else f"{d['accuracy']:.1%}" for d in detail) + " |")
+        if len(first["subjects"]) > 1:
+            for subject in first["subjects"]:
+                lines.append(f"| … {subject} | " + " | ".join(
+                    "–" if d is None else f"{d['subjects'][subject]:.1%}" for d in detail) + " |")
+    return lines
+
+
+def _prompt_table(rows: dict[str, dict], stages: list[str]) -> list[str]:
+    """Every chat stage's greedy reply to each eval.prompts prompt, side by side."""
+    chat_stages = [s for s in stages if "prompts" in rows[s]]
+    if not chat_stages:
+        return []
+    prompts = rows[chat_stages[0]]["prompt_messages"]
+    lines = ["## Replies to eval.prompts (greedy)", "", "| prompt | " + " | ".join(chat_stages) + " |",
+             "|---|" + "---|" * len(chat_stages)]
+    for i, messages in enumerate(prompts):
+        cells = [rows[s]["prompts"][i].strip().replace("|", "\\|").replace("\n", " ") or "∅" for s in chat_stages]
+        prompt = messages[-1]["content"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _kept_note(summary: dict) -> str:
+    """Which weights a training stage kept, when validation chose them."""
+    if "kept_step" not in summary:
+        return ""
+    return (f" Kept the weights of step {summary['kept_step']} (val loss {summary['val/loss']:.4f}; "
+            f"the last step's {summary['val/last_loss']:.4f}).")
 
 
 def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> str:
@@ -111,15 +218,17 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
     lines = ["# Evaluation report", "",
              (f"Pretrained model: {summary.get('params', 0) / 1e6:.2f}M parameters{active}, {meta.get('steps')} steps, "
              f"{summary.get('tokens_seen', 0) / 1e6:.2f}M tokens ({summary.get('epochs', 0):.1f} epochs) "
-             f"in {summary.get('train_seconds', 0)} s."), "",
+             f"in {summary.get('train_seconds', 0)} s.{_kept_note(summary)}"), "",
              "## What each stage bought", "",
              "| metric | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
     for key, label in ROW_NAMES.items():
         values = [results[s].get(key) for s in stages]
         if any(v is not None for v in values):
-            fmt = "{:.3f}" if key in ("val_ppl", "moe_max_load") else "{:.1%}"
+            fmt = "{:.1%}" if key not in PLAIN_NUMBERS else "{:.3f}"
             lines.append(f"| {label} | " + " | ".join("–" if v is None else fmt.format(v) for v in values) + " |")
+    lines += _benchmark_rows(results, stages)
     lines += ["", "![pretraining loss curves](loss.png)", ""]
+    lines += _prompt_table(rows, stages)
     fact_rows = rows.get(stages[0], {}).get("facts", [])
     if fact_rows:
         lines += [f"## Fact completion after {stages[0]} (greedy)", "", "| prompt | answer | model | ok |",
@@ -152,6 +261,10 @@ def run_eval(params: Params, checkpoints: dict[str, Path], token_dir: Path, data
     results, rows = {}, {}
     for stage, ckpt_dir in checkpoints.items():
         results[stage], rows[stage] = evaluate_checkpoint(params, ckpt_dir, token_dir, data_dir)
+    reference = rows.get("sft", {}).get("pair_logps")
+    for stage, metrics in results.items():  # DPO's implicit reward of each stage, the SFT model as reference
+        if reference is not None and "pair_logps" in rows[stage]:
+            metrics["pref_margin"] = reward_margin(rows[stage]["pair_logps"], reference, params.dpo.beta)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(live_dir, out_dir / "loss.png")
     meta = read_config(next(iter(checkpoints.values())))

@@ -92,6 +92,9 @@ class TorchEngine:
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        return persistent_state(self.model)
+
     def full_state(self) -> tuple[dict, dict]:
         optim: dict[str, torch.Tensor] = {}
         state = self.optimizer.state_dict()["state"]
@@ -100,7 +103,7 @@ class TorchEngine:
                 optim[f"{key}.{name}"] = state[index][key].detach().cpu()
             if index in state:
                 optim["step"] = torch.tensor(float(state[index]["step"]))
-        return persistent_state(self.model), optim
+        return self.full_weights(), optim
 
     def load_optimizer_state(self, optim: dict) -> None:
         if "step" not in optim:

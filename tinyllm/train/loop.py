@@ -63,8 +63,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate(model, objective, batches: Iterable[dict], device: torch.device, dtype: torch.dtype,
-             max_batches: int | None = None) -> float:
-    """Mean objective loss over up to `max_batches` batches, in eval mode."""
+             max_batches: int | None = None, dist=None) -> float:
+    """Mean objective loss over up to `max_batches` batches, in eval mode (and over the processes
+    under torchrun, so every rank sees the same number)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
@@ -78,7 +79,11 @@ def evaluate(model, objective, batches: Iterable[dict], device: torch.device, dt
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluation got no batches")
-    return (total / count).item()
+    mean = total / count
+    if dist is not None and dist.enabled:
+        torch.distributed.all_reduce(mean)
+        mean /= dist.world_size
+    return mean.item()
 
 
 class MetricsWindow:
@@ -96,7 +101,12 @@ class MetricsWindow:
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.extras: dict[str, torch.Tensor] = {}
-        self.tokens, self.steps, self.start = 0, 0, time.perf_counter()
+        self.tokens, self.steps = 0, 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Tokens/s counts from here (after a log point's validation and logging, not during them)."""
+        self.start = time.perf_counter()
 
     def add_micro_batch(self, batch: dict, loss: torch.Tensor, extras: dict, grad_accum: int) -> torch.Tensor:
         """Count one micro-batch (its trained tokens on every process); returns its share of the step's loss."""
@@ -132,6 +142,34 @@ class MetricsWindow:
         return metrics
 
 
+class BestWeights:
+    """The weights of the lowest validation loss so far, on the CPU (cfg.keep == "best").
+
+    Offered at every eval point; kept in resumable checkpoints, so a resumed run still ends on
+    the best weights of the whole run.
+    """
+
+    def __init__(self, keep: str, saved: dict | None = None, weights: dict | None = None):
+        self.enabled = keep == "best"
+        saved = saved if self.enabled else None  # a run resumed with keep: last forgets them
+        self.step, self.loss = (saved["step"], saved["loss"]) if saved else (None, math.inf)
+        self.weights = (weights or None) if saved else None
+
+    def offer(self, step: int, loss: float, engine) -> None:
+        if self.enabled and loss < self.loss:  # the same on every rank: the loss is their mean
+            # a copy: on the CPU the engine's tensors are the live parameters
+            self.step, self.loss = step, loss
+            self.weights = {k: v.clone() for k, v in engine.full_weights().items()}
+
+    def state(self) -> dict | None:
+        return {"step": self.step, "loss": self.loss} if self.step is not None else None
+
+    def restore_into(self, model: torch.nn.Module) -> None:
+        missing, unexpected = model.load_state_dict(self.weights, strict=False)
+        if set(missing) - {"lm_head.weight"} or unexpected:  # a tied lm_head is not saved apart
+            raise ValueError(f"best weights do not match the model (missing {missing}, unexpected {unexpected})")
+
+
 class ResumableCheckpoints:
     """When and what to save so a killed run continues exactly; what to start from when one exists.
 
@@ -161,34 +199,37 @@ class ResumableCheckpoints:
     def due(self, steps_done: int, last: bool) -> bool:
         return self.next_step is not None and steps_done >= self.next_step and not last
 
-    def save(self, steps_done: int, engine, state: dict) -> None:
+    def save(self, steps_done: int, engine, state: dict, best: BestWeights) -> None:
         """A collective call (every process gathers its share); rank 0 writes."""
         weights, optim = engine.full_state()
         rng = resume.rng_states(self.run.dist)
         if self.run.dist.is_main:
-            state = {"fingerprint": self.fingerprint, "world_size": self.run.dist.world_size, **state}
+            state = {"fingerprint": self.fingerprint, "world_size": self.run.dist.world_size, "best": best.state(),
+                     **state}
             resume.save_resume_point(self.run.checkpoint_dir, steps_done, weights, optim, rng, state,
-                                     self.config.keep)
+                                     self.config.keep, best.weights or {})
         self.last_good = resume.step_dir(self.run.checkpoint_dir, steps_done)
         self.next_step = steps_done // self.config.interval * self.config.interval + self.config.interval
 
 
-def _restore(checkpoints: ResumableCheckpoints, batches, logger, dist, max_steps: int) -> tuple[int, int, list]:
-    """Take back a resumed run's step, micro-batch count, metrics history, RNG and data position;
-    (0, 0, []) for a fresh run."""
+def _restore(checkpoints: ResumableCheckpoints, batches, logger, dist, cfg: TrainConfig
+             ) -> tuple[int, int, list, BestWeights]:
+    """Take back a resumed run's step, micro-batch count, metrics history, best weights, RNG and
+    data position; (0, 0, [], no best weights) for a fresh run."""
     point = checkpoints.point
     if point is None:
-        return 0, 0, []
+        return 0, 0, [], BestWeights(cfg.keep)
     resume.restore_rng(point.rng, dist)
     if point.state["data"] is not None:
         batches.load_state(point.state["data"])
     if dist.is_main:
         log.info("resuming from %s (step %d of %d, written by %d process(es))", point.path, point.step,
-                 max_steps, point.state["world_size"])
+                 cfg.max_steps, point.state["world_size"])
     history = point.state["history"]
     for entry in history:  # the curve so far, so dvclive's plots are whole again
         logger.log(entry["step"], {k: v for k, v in entry.items() if k != "step"})
-    return point.step, point.state["micro_batches"], history
+    best = BestWeights(cfg.keep, point.state.get("best"), point.best)
+    return point.step, point.state["micro_batches"], history, best
 
 
 def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cfg: TrainConfig,
@@ -223,7 +264,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     dtype = resolve_dtype(runtime, device)
     cpu_threads.configure(runtime.threads, device)
     checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
-    start_step, micro_batches, history = _restore(checkpoints, batches, logger, dist, cfg.max_steps)
+    start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
     result = FitResult(history=history)
     engine = make_engine(model, cfg, runtime, dist, device, dtype, run.distributed, start=checkpoints.take_start())
     peak = peak_flops(device)
@@ -254,8 +295,9 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         if peak and flops_per_token:  # tokens/s of all processes against all their GPUs' peak
             metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / (peak * dist.world_size)
         if val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
-            val_loss = evaluate(engine.eval_model, objective, val_batches(), device, dtype, cfg.eval_batches)
+            val_loss = evaluate(engine.eval_model, objective, val_batches(), device, dtype, cfg.eval_batches, dist)
             metrics["val/loss"] = val_loss
+            best.offer(step + 1, val_loss, engine)
         logger.log(step + 1, metrics)
         if dist.is_main:
             log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps,
@@ -264,12 +306,26 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         result.history.append({"step": step + 1, **metrics})
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k",
                         refresh=False)
+        window.restart_clock()
         if checkpoints.due(step + 1, last):
             checkpoints.save(step + 1, engine, {"micro_batches": micro_batches, "history": result.history,
-                                                "data": batches.state() if hasattr(batches, "state") else None})
+                                                "data": batches.state() if hasattr(batches, "state") else None}, best)
     bar.close()
     engine.finish()
     result.final = {k: v for k, v in result.history[-1].items() if k.startswith("train/")}
     if val_loss is not None:
-        result.final["val/loss"] = val_loss
+        lowest = min(h["val/loss"] for h in result.history if "val/loss" in h)
+        result.final.update(_kept(model, best, val_loss, cfg.max_steps, dist), **{"val/best_loss": lowest})
     return result
+
+
+def _kept(model: torch.nn.Module, best: BestWeights, last_loss: float, last_step: int, dist) -> dict:
+    """Put the best weights back when they are not the last ones; say which were kept."""
+    kept_step, kept_loss = last_step, last_loss
+    if best.weights is not None and best.loss < last_loss:
+        best.restore_into(model)
+        kept_step, kept_loss = best.step, best.loss
+        if dist.is_main:
+            log.info("keeping the weights of step %d (val loss %.4f); the last step's val loss was %.4f",
+                     best.step, best.loss, last_loss)
+    return {"val/loss": kept_loss, "val/last_loss": last_loss, "kept_step": kept_step}

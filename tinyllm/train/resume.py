@@ -4,6 +4,7 @@
         model.safetensors       full fp32 weights, named as in the stage's final checkpoint
         optimizer.safetensors   Adam moments per parameter name, and the step count
         rng.safetensors         each process's torch (and CUDA) random state
+        best.safetensors        the weights of the lowest validation loss so far (only when there are some)
         state.json              step, data position, metrics so far, the run's fingerprint and
                                 the sha256 of each file above; written last
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+BEST = "best.safetensors"
 NAME = re.compile(r"step-(\d{8})")
 
 
@@ -45,6 +47,7 @@ class ResumePoint:
     weights: dict[str, torch.Tensor]
     optim: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor]
 
 
 def run_fingerprint(model: torch.nn.Module, parts: dict, inputs=()) -> str:
@@ -69,16 +72,17 @@ def _sha256(path: Path) -> str:
 
 
 def save_resume_point(directory: Path, step: int, weights: dict, optim: dict, rng: dict, state: dict,
-                      keep: int) -> Path:
+                      keep: int, best: dict | None = None) -> Path:
     """Write step-<step>/ atomically, then delete all but the newest `keep` checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     final = step_dir(directory, step)
     tmp = directory / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, tensors in zip(FILES, (weights, optim, rng)):
+    files = dict(zip(FILES, (weights, optim, rng)), **({BEST: best} if best else {}))
+    for name, tensors in files.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
-    state = {**state, "step": step, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+    state = {**state, "step": step, "sha256": {name: _sha256(tmp / name) for name in files}}
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -105,7 +109,8 @@ def load_newest(directory: Path, fingerprint: str) -> ResumePoint | None:
             log.warning("%s: %s; trying an older checkpoint", path, problem)
             continue
         tensors = [load_file(str(path / name)) for name in FILES]
-        return ResumePoint(path, step, state, *tensors)
+        best = load_file(str(path / BEST)) if BEST in state["sha256"] else {}
+        return ResumePoint(path, step, state, *tensors, best)
     return None
 
 
@@ -117,7 +122,7 @@ def _read_state(path: Path, fingerprint: str) -> tuple[dict, str | None]:
         return {}, f"{STATE} is missing or unreadable (the write did not finish)"
     if state.get("fingerprint") != fingerprint:
         return {}, "written by a different run (other starting weights, batch geometry or data)"
-    for name in FILES:
+    for name in sorted({*FILES, *state["sha256"]}):  # the best weights, when the state lists them
         if not (path / name).exists() or _sha256(path / name) != state["sha256"].get(name):
             return {}, f"{name} is truncated or corrupted (sha256 differs from {STATE})"
     return state, None

@@ -4,8 +4,12 @@ Single- and multi-turn conversations train together in one stage; every assistan
 carries loss. A share of every batch (`sft.pretrain_mix`) is pretraining text, so facts the
 model only read (people never asked about in SFT) are not forgotten.
 
-    run_sft(params, Path("artifacts/pretrain"), [Path("artifacts/data/sft_single.jsonl")],
-            Path("artifacts/tokens"), Path("artifacts/sft"), run)
+    run_sft(params, Path("artifacts/pretrain"), [Path("artifacts/data/chat/sft_single.jsonl")],
+            Path("artifacts/tokens"), Path("artifacts/sft"), run,
+            val_files=[Path("artifacts/data/chat/heldout_single.jsonl")])
+
+With held-out conversations (`val_files`), their reply loss is the validation loss: it is logged
+at every sft.eval_interval, and with sft.keep: best the stage saves the weights where it was lowest.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], token_dir: Path, out_dir: Path,
-            run: TrainingRun | None = None) -> dict:
+            run: TrainingRun | None = None, val_files: list[Path] = ()) -> dict:
     """Fine-tune the checkpoint in `init_dir` on the conversations; save to `out_dir`.
 
     Returns:
@@ -50,10 +54,18 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
         sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 1))
     if chat.truncated_labels:
         log.warning("%d assistant tokens fall beyond seq_len=%d and are not trained on", chat.truncated_labels, seq_len)
+    held_out = [encode_conversation(tok, c, cfg.system_prompt) for c in read_conversations(list(val_files))]
+
+    def val_batches():  # the same batches at every eval point
+        return ChatBatches(held_out, cfg.batch_size, seq_len, params.seed, pad_id=pad_id)
+
+    if held_out:
+        val_batches()  # a held-out set with no reply that fits seq_len fails here, not at the first eval point
+
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
-                 run=run, flops_per_token=model.flops_per_token(seq_len),
-                 inputs=[*conversation_files, token_dir / "index.json"])
+                 run=run, flops_per_token=model.flops_per_token(seq_len), val_batches=val_batches if held_out else None,
+                 inputs=[*conversation_files, *val_files, token_dir / "index.json"])
     summary = {
         **result.final,
         "conversations": len(conversations),

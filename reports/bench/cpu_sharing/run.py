@@ -100,6 +100,11 @@ def repro_table() -> list[str]:
     return lines
 
 
+def _commit() -> str:
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return git.stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-repro", action="store_true", help="only the thread policies")
@@ -108,7 +113,8 @@ def main() -> None:
         policies = policies_table(Path(tmp))
     lines = ["# CPU sharing: training beside another busy program", "",
              (f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-             f"{time.strftime('%Y-%m-%d')}. Command: `python reports/bench/cpu_sharing/run.py`. The busy "
+             f"{time.strftime('%Y-%m-%d')}, commit {_commit()}. "
+             "Command: `python reports/bench/cpu_sharing/run.py`. The busy "
              "program is `python -c \"while True: pass\"` (one core's worth of work)."), "",
              "## Thread policies on the default pretraining shape", "",
              "192×4 model, seq 128, batch 16, fp32, `tinyllm bench train` (10 warm-up + 40 timed steps).", "",

@@ -1,0 +1,83 @@
+"""Training stages with validation data keep the weights of the lowest validation loss."""
+
+import torch
+
+from tinyllm.config import CheckpointConfig, ModelConfig, RuntimeConfig, TrainConfig
+from tinyllm.model.transformer import Transformer
+from tinyllm.train.distributed import TrainingRun
+from tinyllm.train.loop import evaluate, fit
+from tinyllm.train.objectives import NextTokenLoss
+
+CPU = RuntimeConfig(device="cpu", threads=1)
+VOCAB = 64
+
+
+def _rows(seed: int, n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, 4, 33), generator=g)
+    return [{"input_ids": r[:, :-1], "labels": r[:, 1:]} for r in ids]
+
+
+TRAIN, VAL = _rows(0, 2), _rows(1, 4)  # two batches to memorise, four unseen ones: it overfits
+
+
+def _endless(batches):
+    while True:
+        yield from batches
+
+
+def _train(keep: str, run: TrainingRun | None = None, objective=None, max_steps: int = 120):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=32,
+                                    vocab_size=VOCAB))
+    cfg = TrainConfig(max_steps=max_steps, batch_size=4, lr=3e-3, min_lr=3e-3, warmup_steps=1, log_interval=5,
+                      eval_interval=5, eval_batches=4, weight_decay=0.0, keep=keep)
+    result = fit(model, objective or NextTokenLoss(), _endless(TRAIN), cfg, CPU, run=run,
+                 val_batches=lambda: iter(VAL))
+    return model, result
+
+
+def _val_loss(model) -> float:
+    return evaluate(model, NextTokenLoss(), iter(VAL), torch.device("cpu"), torch.float32)
+
+
+def test_the_kept_weights_are_those_of_the_lowest_validation_loss():
+    model, result = _train("best")
+    curve = [h["val/loss"] for h in result.history]
+    assert curve[-1] > min(curve) * 1.05  # the run did overfit
+    assert _val_loss(model) <= min(curve) * 1.02
+    assert result.final["kept_step"] == result.history[curve.index(min(curve))]["step"] < 120
+    assert result.final["val/loss"] == result.final["val/best_loss"] == min(curve)
+    assert result.final["val/last_loss"] == curve[-1]
+
+
+def test_keep_last_keeps_the_last_weights():
+    model, result = _train("last")
+    assert result.final["kept_step"] == 120
+    assert _val_loss(model) == result.history[-1]["val/loss"] == result.final["val/loss"]
+
+
+class CrashAt:
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls >= self.n:
+            raise KeyboardInterrupt("killed")
+        return NextTokenLoss()(model, batch)
+
+
+def test_a_resumed_run_still_ends_on_the_best_weights_of_the_whole_run(tmp_path):
+    """The best step comes before the crash; the resumed run must not forget it."""
+    whole, expected = _train("best")
+    run = TrainingRun(checkpoint=CheckpointConfig(interval=20, keep=1), checkpoint_dir=tmp_path / "ckpt")
+    try:  # train calls the objective once per step and once per validation batch
+        _train("best", run, CrashAt(130))
+    except KeyboardInterrupt:
+        pass
+    saved = sorted((tmp_path / "ckpt").glob("step-*"))
+    assert saved and int(saved[-1].name[5:]) > expected.final["kept_step"]  # it resumes past the best step
+    resumed, result = _train("best", run)
+    assert result.final["kept_step"] == expected.final["kept_step"]
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), resumed.parameters()))
