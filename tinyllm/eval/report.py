@@ -69,8 +69,8 @@ ROW_NAMES = {"val_loss": "val loss (pretraining text)", "val_ppl": "val perplexi
              "qa_heldout_zh": "… asked in Chinese", "qa_heldout_en": "… asked in English",
              "multi_turn": "multi-turn follow-ups, held-out people", "identity": "identity answer rate",
              "preference": "preference accuracy, held-out pairs",
-             "pref_margin": "reward margin vs the SFT model (β·nats), held-out pairs",
              "preference_wrong_fact": "… rejected = a wrong fact", "preference_unhelpful": "… rejected = unhelpful",
+             "pref_margin": "reward margin vs the SFT model (β·nats), held-out pairs",
              "chosen_style": "free replies = the chosen reply", "rejected_style": "free replies = the rejected reply"}
 
 
