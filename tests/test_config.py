@@ -64,3 +64,13 @@ def test_post_training_sections_are_checked():
     assert "leaves no row for the identity chats" in text and "lora.rank=0 must be > 0" in text
     assert "lora.target_modules='attn'" in text and "dpo.beta=0.0 must be > 0" in text
     assert parse_params({"lora": {"target_modules": ["q_proj", "v_proj"]}}).lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_validating_params_imports_neither_torch_nor_the_model():
+    """config.py sits below the data and model layers: no import cycle, and checking params is light."""
+    import subprocess
+    import sys
+
+    code = "import sys, tinyllm.config; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('tinyllm.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['tinyllm.config', 'tinyllm.data', 'tinyllm.data.format_names', 'tinyllm.errors']"
