@@ -71,6 +71,7 @@ def test_validating_params_imports_neither_torch_nor_the_model():
     import subprocess
     import sys
 
-    code = "import sys, tinyllm.config; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('tinyllm.')))"
+    code = ("import sys, tinyllm.config; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('tinyllm.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['tinyllm.config', 'tinyllm.data', 'tinyllm.data.format_names', 'tinyllm.errors']"
