@@ -182,7 +182,8 @@ def test_sizes_follow_the_module_constants(world, files):
     per_person = len(chat_data.ATTRIBUTES) + chat_data.SFT_EXTRA_QUESTIONS
     assert people_questions == per_person * n_sft + chat_data.SFT_ENGLISH_QUESTIONS * n_english
     assert len(files["sft_multi.jsonl"]) == chat_data.MULTI_PER_PERSON * n_sft
-    assert len(files["dpo.jsonl"]) == chat_data.DPO_PER_PERSON * n_sft + chat_data.DPO_IDENTITY_PAIRS
+    assert len(files["dpo.jsonl"]) == chat_data.DPO_PER_PERSON * n_sft + chat_data.DPO_IDENTITY_PAIRS \
+        + chat_data.UNKNOWN_DPO_PEOPLE * chat_data.UNKNOWN_QUESTIONS
     assert len(files["identity.jsonl"]) == chat_data.IDENTITY_ITEMS
     assert len(files["eval_multi.jsonl"]) == chat_data.EVAL_MULTI_ITEMS
     assert len(files["eval_dpo.jsonl"]) == chat_data.EVAL_DPO_ITEMS

@@ -120,3 +120,20 @@ def test_training_starts_at_log2_and_prefers_the_chosen_replies(tokenizer):
     assert result.final["train/reward_accuracy"] == 1.0 and result.final["train/margin"] > 0
     after = pair_logprobs(model, pairs, 63, pad, torch.device("cpu"), torch.float32)
     assert ((after[:, 0] - ref[:, 0]) > (after[:, 1] - ref[:, 1])).all()
+
+
+def test_the_nll_term_adds_the_chosen_replies_mean_token_nll(tokenizer):
+    """RPO: loss = DPO loss + nll_coef · (−Σ log p(chosen tokens) / number of chosen tokens)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=32,
+                                    vocab_size=tokenizer.get_vocab_size()))
+    ids = torch.randint(0, tokenizer.get_vocab_size(), (4, 9))
+    labels = ids[:, 1:].clone()
+    labels[:, :3] = IGNORE_INDEX
+    labels[0, 3] = IGNORE_INDEX  # the chosen rows (0, 1) hold 4 + 5 labelled tokens
+    batch = {"input_ids": ids[:, :-1], "labels": labels, "ref_logps": torch.zeros(4)}
+    plain, _ = DPOLoss(0.1)(model, batch)
+    with_nll, extras = DPOLoss(0.1, nll_coef=0.5)(model, batch)
+    chosen = sequence_logprobs(model, batch["input_ids"], labels)[:2]
+    assert extras["chosen_nll"].item() == pytest.approx(-chosen.sum().item() / 9)
+    assert with_nll.item() == pytest.approx(plain.item() + 0.5 * extras["chosen_nll"].item())

@@ -287,6 +287,9 @@ class DPOConfig(TrainConfig):
     weight_decay: float = 0.0
     beta: float = 0.1
     """Strength of the pull towards the reference: loss = -log σ(β·(Δchosen - Δrejected))."""
+    nll_coef: float = 0.0
+    """Weight of the chosen replies' negative log-likelihood per token, added to the loss (RPO):
+    it makes the chosen reply the one the model gives, not only likelier than the rejected one."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -460,6 +463,8 @@ def _check_post_training(p: Params) -> list[str]:
     e = _in_unit_interval({"sft.pretrain_mix": p.sft.pretrain_mix, "lora.dropout": lora.dropout,
                            "lora.replay_fraction": lora.replay_fraction})
     e += _positive({"lora.rank": lora.rank, "lora.alpha": lora.alpha, "dpo.beta": p.dpo.beta})
+    if p.dpo.nll_coef < 0:
+        e.append(f"dpo.nll_coef={p.dpo.nll_coef} must be >= 0 (0: plain DPO)")
     if 0 <= lora.replay_fraction < 1 and lora.batch_size - round(lora.batch_size * lora.replay_fraction) < 1:
         e.append(f"lora.batch_size={lora.batch_size} with lora.replay_fraction={lora.replay_fraction} "
                  "leaves no row for the identity chats; raise the batch size or lower the fraction")

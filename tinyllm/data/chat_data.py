@@ -36,8 +36,8 @@ import random
 
 from tinyllm.data.world import ATTRIBUTES, LANGUAGES, City, Person, World, fact_fields, render_template, subject_fields
 
-CHAT_OUTPUTS = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl", "dpo.jsonl",
-                "eval_qa.jsonl", "eval_multi.jsonl", "eval_identity.jsonl", "eval_dpo.jsonl", "bench_world.jsonl")
+CHAT_OUTPUTS = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl", "dpo.jsonl", "eval_qa.jsonl",
+                "eval_multi.jsonl", "eval_identity.jsonl", "eval_dpo.jsonl", "eval_unknown.jsonl", "bench_world.jsonl")
 """Files prepare writes (empty ones when the corpus is a user's, not the world)."""
 
 ASSISTANT_NAME = {"zh": "小光", "en": "Xiaoguang"}
@@ -81,10 +81,24 @@ EVAL_MULTI_ITEMS = 200
 """eval_multi dialogues (about held-out people)."""
 EVAL_DPO_ITEMS = 200
 """eval_dpo pairs (about held-out people)."""
+UNKNOWN_DPO_PEOPLE = 150
+"""Unknown people (World.unknown) with DPO pairs; the rest are asked about in eval_unknown."""
+UNKNOWN_QUESTIONS = 2
+"""Questions per unknown person, in DPO pairs and in eval_unknown."""
+UNKNOWN_ENGLISH_FRACTION = 0.2
+"""Share of those questions asked in English."""
 BENCH_ITEMS = {"seen": 150, "heldout": 150}
 """Four-option questions per split in the world's multiple-choice benchmark."""
 
 # --- phrasings ---
+
+ABSTAIN = {"zh": ("我不认识{name}。", "我不认识{name}这个人。", "{name}是谁？我不认识这个人。"),
+           "en": ("I do not know {name}.", "I do not know who {name} is.")}
+"""Replies to a question about someone who is not in the world (chosen in DPO; never in SFT data,
+so that saying it is what DPO teaches). Made of words the corpus has (认识, 这个人, know, who):
+phrasings with characters the tokenizer never saw ("没有听说过", "抱歉", "资料") are byte
+fragments the model never trained on, which a few hundred DPO steps could not teach. None uses
+the rude "不知道" of UNHELPFUL, which DPO rejects."""
 
 QUESTIONS = {
     "zh": {
@@ -358,11 +372,31 @@ def _identity_pairs(rng: random.Random) -> list[dict]:
     return pairs
 
 
+def _unknown_questions(people: list[Person], rng: random.Random) -> list[tuple[Person, str, str, list[dict]]]:
+    """(person, attribute, lang, [user question]) UNKNOWN_QUESTIONS times per person."""
+    out = []
+    for p in people:
+        for a in rng.sample(ATTRIBUTES, UNKNOWN_QUESTIONS):
+            lang = "en" if rng.random() < UNKNOWN_ENGLISH_FRACTION else "zh"
+            out.append((p, a, lang, [_msg("user", _question(p, a, lang, rng))]))
+    return out
+
+
+def _unknown_pairs(world: World, rng: random.Random) -> list[dict]:
+    """Questions about people not in the world: chosen = saying so; rejected = a confident invented
+    fact, in the very form the SFT model answers every question about a person."""
+    return [{"chosen": q + [_msg("assistant", rng.choice(ABSTAIN[lang]).format(name=getattr(p.name, lang)))],
+             "rejected": q + [_msg("assistant", answer_sentence(p, a, lang))]}
+            for p, a, lang, q in _unknown_questions(list(world.unknown[:UNKNOWN_DPO_PEOPLE]), rng)]
+
+
 def dpo(world: World, rng: random.Random) -> list[dict]:
-    """Preference pairs about sft people (DPO_PER_PERSON each on average), plus identity pairs."""
+    """Preference pairs about sft people (DPO_PER_PERSON each on average), identity pairs, and
+    abstention pairs about people who are not in the world."""
     people = _people(world, "sft")
     pairs = _preference_pairs(people, DPO_PER_PERSON * len(people), world, rng) if people else []
     pairs = [{"chosen": x["chosen"], "rejected": x["rejected"]} for x in pairs] + _identity_pairs(rng)
+    pairs += _unknown_pairs(world, rng)
     rng.shuffle(pairs)
     return pairs
 
@@ -427,6 +461,12 @@ def eval_dpo(world: World, rng: random.Random) -> list[dict]:
     return [{**x, "split": "heldout"} for x in pairs]
 
 
+def eval_unknown(world: World, rng: random.Random) -> list[dict]:
+    """Questions about unknown people DPO never saw; the right reply abstains (answer: "")."""
+    return [_eval_item(q, "", "unknown", a, lang)
+            for p, a, lang, q in _unknown_questions(list(world.unknown[UNKNOWN_DPO_PEOPLE:]), rng)]
+
+
 def bench_world(world: World, rng: random.Random) -> list[dict]:
     """A multiple-choice benchmark (tinyllm/eval/benchmark.py's JSONL layout) about the world's people:
     the question names a person and an attribute; the four choices are the canonical answer sentence
@@ -447,7 +487,7 @@ def bench_world(world: World, rng: random.Random) -> list[dict]:
 
 BUILDERS = {"sft_single.jsonl": sft_single, "sft_multi.jsonl": sft_multi, "identity.jsonl": identity,
             "dpo.jsonl": dpo, "eval_qa.jsonl": eval_qa, "eval_multi.jsonl": eval_multi,
-            "eval_identity.jsonl": eval_identity, "eval_dpo.jsonl": eval_dpo,
+            "eval_identity.jsonl": eval_identity, "eval_dpo.jsonl": eval_dpo, "eval_unknown.jsonl": eval_unknown,
             "bench_world.jsonl": bench_world}
 
 

@@ -36,6 +36,8 @@ ARITHMETIC_HELDOUT_FRACTION = 0.1
 """Share of the arithmetic problems never written into the corpus (they test generalization)."""
 ARITHMETIC_PER_DOC = 5
 """Sentences per arithmetic document."""
+UNKNOWN_PEOPLE = 200
+"""Names drawn for people who are not in the world (World.unknown)."""
 CITY_DOCS = {"zh": 4, "en": 3}
 """Short documents per city and language."""
 MIN_ENGLISH_BIOS = 3
@@ -77,7 +79,8 @@ class Person:
     pet: Pet
     colour: Term
     split: str
-    """"sft": may be asked about in SFT data; "heldout": only ever read in pretraining."""
+    """"sft": may be asked about in SFT data; "heldout": only ever read in pretraining; "unknown": not in
+    the world at all (World.unknown)."""
     bios_zh: int
     """Chinese biographies of this person in the corpus."""
     bios_en: int
@@ -90,6 +93,9 @@ class World:
     cities: tuple[City, ...]
     arithmetic_heldout: tuple[tuple[str, int, int], ...]
     """(op, a, b) problems kept out of the corpus, e.g. ("+", 3, 5)."""
+    unknown: tuple[Person, ...] = ()
+    """People who are NOT in the world: names from the same lists, never written about. The chat
+    model should say it does not know them (DPO teaches it on some, eval asks about the others)."""
 
     @property
     def has_english(self) -> bool:
@@ -106,13 +112,13 @@ class World:
         def city(d):
             return City(d["zh"], d["en"], Term(**d["country"]))
 
-        people = tuple(
-            Person(**{**p, "name": Term(**p["name"]), "city": city(p["city"]), "job": Term(**p["job"]),
-                      "pet": Pet(**p["pet"]), "colour": Term(**p["colour"])})
-            for p in data["people"]
-        )
-        return cls(people=people, cities=tuple(city(c) for c in data["cities"]),
-                   arithmetic_heldout=tuple(tuple(x) for x in data["arithmetic_heldout"]))
+        def person(p):
+            return Person(**{**p, "name": Term(**p["name"]), "city": city(p["city"]), "job": Term(**p["job"]),
+                             "pet": Pet(**p["pet"]), "colour": Term(**p["colour"])})
+
+        return cls(people=tuple(person(p) for p in data["people"]), cities=tuple(city(c) for c in data["cities"]),
+                   arithmetic_heldout=tuple(tuple(x) for x in data["arithmetic_heldout"]),
+                   unknown=tuple(person(p) for p in data.get("unknown", [])))
 
 
 def load_world(path: str | Path) -> World | None:
@@ -332,7 +338,23 @@ def build_world(cfg: WorldConfig, seed: int, lexicon_path: str | Path) -> World:
         ))
     problems = _arithmetic_problems()
     arithmetic_heldout = sorted(rng.sample(problems, round(ARITHMETIC_HELDOUT_FRACTION * len(problems))))
-    return World(people=tuple(people), cities=lex.cities, arithmetic_heldout=tuple(arithmetic_heldout))
+    return World(people=tuple(people), cities=lex.cities, arithmetic_heldout=tuple(arithmetic_heldout),
+                 unknown=_unknown_people(lex, set(picks), random.Random(f"{seed}/unknown")))
+
+
+def _unknown_people(lex: Lexicon, used: set[int], rng: random.Random) -> tuple[Person, ...]:
+    """UNKNOWN_PEOPLE names the world does not use, with random attributes (what a model that
+    invents facts would say about them). Their own RNG: the world itself does not change."""
+    n_given = len(lex.given_names)
+    free = [k for k in range(len(lex.surnames) * n_given) if k not in used]
+    people = []
+    for k in rng.sample(free, min(UNKNOWN_PEOPLE, len(free))):
+        surname, (given, sex) = lex.surnames[k // n_given], lex.given_names[k % n_given]
+        people.append(Person(name=Term(surname.zh + given.zh, f"{surname.en} {given.en}"), sex=sex,
+                             birth_year=rng.randint(1950, 2005), city=rng.choice(lex.cities), job=rng.choice(lex.jobs),
+                             pet=rng.choice(lex.pets), colour=rng.choice(lex.colours), split="unknown",
+                             bios_zh=0, bios_en=0))
+    return tuple(people)
 
 
 # --- the corpus ---

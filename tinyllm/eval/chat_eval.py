@@ -37,6 +37,22 @@ def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new
     return replies
 
 
+ABSTENTION_MARKERS = ("没有听说过", "没听说过", "资料里没有", "不认识", "没有关于", "不知道", "不清楚",
+                      "never heard of", "no information about", "don't know", "do not know", "not sure who")
+"""The rule for "the reply abstains": it contains one of these (case-insensitive). Covers the
+abstentions DPO teaches (chat_data.ABSTAIN) and the usual ways to say one does not know."""
+
+
+def is_abstention(reply: str) -> bool:
+    text = reply.lower()
+    return any(marker in text for marker in ABSTENTION_MARKERS)
+
+
+def abstain_rate(rows: list[dict]) -> float:
+    """Share of scored replies (rows with a "reply") that abstain."""
+    return sum(is_abstention(r["reply"]) for r in rows) / len(rows)
+
+
 def answer_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,
                     seed: int) -> tuple[dict, list[dict]]:
     """Share of replies containing the expected answer: overall, per split ("seen"/"heldout") and

@@ -22,6 +22,7 @@ from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.errors import ConfigError
 from tinyllm.eval.benchmark import run_benchmark
 from tinyllm.eval.chat_eval import (
+    abstain_rate,
     answer_accuracy,
     chat_replies,
     chosen_style_rate,
@@ -60,7 +61,8 @@ def plot_curves(live_dir: Path, out_file: Path) -> None:
     plt.close(fig)
 
 
-CHAT_SETS = {"qa": "eval_qa.jsonl", "multi_turn": "eval_multi.jsonl", "identity": "eval_identity.jsonl"}
+CHAT_SETS = {"qa": "eval_qa.jsonl", "multi_turn": "eval_multi.jsonl", "identity": "eval_identity.jsonl",
+             "unknown": "eval_unknown.jsonl"}
 ROW_NAMES = {"val_loss": "val loss (pretraining text)", "val_ppl": "val perplexity (pretraining text)",
              "heldout_loss": "reply loss, held-out conversations", "heldout_loss_single": "… single-turn",
              "heldout_loss_multi": "… multi-turn", "heldout_ppl": "reply perplexity, held-out conversations",
@@ -68,6 +70,8 @@ ROW_NAMES = {"val_loss": "val loss (pretraining text)", "val_ppl": "val perplexi
              "qa_seen": "QA, people seen in SFT", "qa_heldout": "QA, held-out people",
              "qa_heldout_zh": "… asked in Chinese", "qa_heldout_en": "… asked in English",
              "multi_turn": "multi-turn follow-ups, held-out people", "identity": "identity answer rate",
+             "unknown_abstain": "says it does not know, people not in the world",
+             "known_false_abstain": "says it does not know, people in the world (should not)",
              "preference": "preference accuracy, held-out pairs",
              "preference_wrong_fact": "… rejected = a wrong fact", "preference_unhelpful": "… rejected = unhelpful",
              "pref_margin": "reward margin vs the SFT model (β·nats), held-out pairs",
@@ -145,6 +149,9 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
             acc, rows[name] = answer_accuracy(model, tok, items, cfg.max_new_tokens, cfg.max_chat_prompts, params.seed)
             if name == "qa":
                 metrics.update({f"qa_{key.replace('/', '_')}": v for key, v in acc.items() if key != "overall"})
+                metrics["known_false_abstain"] = abstain_rate(rows[name])
+            elif name == "unknown":  # no answer is right but saying one does not know
+                metrics["unknown_abstain"] = abstain_rate(rows[name])
             else:
                 metrics[name] = acc["overall"]
     pairs = _read_items(data_dir / "eval" / "eval_dpo.jsonl")
@@ -185,6 +192,19 @@ def _benchmark_rows(results: dict[str, dict], stages: list[str]) -> list[str]:
                 lines.append(f"| … {subject} | " + " | ".join(
                     "–" if d is None else f"{d['subjects'][subject]:.1%}" for d in detail) + " |")
     return lines
+
+
+def _unknown_table(rows: dict[str, dict], stages: list[str], n: int = 6) -> list[str]:
+    """A few questions about people who are not in the world, answered before and after DPO."""
+    shown = [s for s in ("sft", "dpo") if "unknown" in rows.get(s, {})]
+    if not shown:
+        return []
+    lines = ["## Questions about people who are not in the world (greedy)", "",
+             "| question | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    for i, row in enumerate(rows[shown[0]]["unknown"][:n]):
+        cells = [rows[s]["unknown"][i]["reply"].strip().replace("|", "\\|").replace("\n", " ") or "∅" for s in shown]
+        lines.append(f"| {row['messages'][-1]['content']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _prompt_table(rows: dict[str, dict], stages: list[str]) -> list[str]:
@@ -228,6 +248,7 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
             lines.append(f"| {label} | " + " | ".join("–" if v is None else fmt.format(v) for v in values) + " |")
     lines += _benchmark_rows(results, stages)
     lines += ["", "![pretraining loss curves](loss.png)", ""]
+    lines += _unknown_table(rows, stages)
     lines += _prompt_table(rows, stages)
     fact_rows = rows.get(stages[0], {}).get("facts", [])
     if fact_rows:
@@ -236,7 +257,8 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
         shown = [r for r in fact_rows if not r["correct"]][:8] + [r for r in fact_rows if r["correct"]][:8]
         lines += [f"| {r['prompt']} | {r['answer']} | {r['output'].strip() or '∅'} | {'✓' if r['correct'] else '✗'} |"
                   for r in shown]
-    dialogue_sets = [name for name in (*CHAT_SETS, "style") if any(name in rows[s] for s in stages)]
+    dialogue_sets = [name for name in (*CHAT_SETS, "style")  # unknown people: their own table above
+                     if name != "unknown" and any(name in rows[s] for s in stages)]
     if dialogue_sets:
         lines += ["", "## Sample dialogues (greedy), each set with its best stage", ""]
     for name in dialogue_sets:

@@ -77,7 +77,7 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     ref_seconds = time.perf_counter() - start
 
     batches = rank_share(PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id), dist)
-    result = fit(model, DPOLoss(cfg.beta), batches, cfg, params.runtime, run=run,
+    result = fit(model, DPOLoss(cfg.beta, cfg.nll_coef), batches, cfg, params.runtime, run=run,
                  flops_per_token=model.flops_per_token(seq_len), inputs=[pairs_file])
     if abs(result.final["train/margin"]) < 1e-6:
         raise TrainingError("DPO did not move the policy off the reference (reward margin 0, loss 0.693): "

@@ -67,10 +67,21 @@ def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -
 
 class DPOLoss:
     """`dpo_loss` on a batch from `PreferenceBatches`, whose "ref_logps" the frozen reference
-    model computed once before training (no second model in memory)."""
+    model computed once before training (no second model in memory).
 
-    def __init__(self, beta: float):
-        self.beta = beta
+    With `nll_coef` > 0 the chosen replies' negative log-likelihood per token is added (RPO, Pang
+    et al. 2024): DPO alone raises a chosen reply relative to its rejected one, which need not
+    make it the reply the model picks; the NLL term does.
+    """
+
+    def __init__(self, beta: float, nll_coef: float = 0.0):
+        self.beta, self.nll_coef = beta, nll_coef
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        return dpo_loss(sequence_logprobs(model, batch["input_ids"], batch["labels"]), batch["ref_logps"], self.beta)
+        logps = sequence_logprobs(model, batch["input_ids"], batch["labels"])
+        loss, extras = dpo_loss(logps, batch["ref_logps"], self.beta)
+        if self.nll_coef:
+            chosen_tokens = (batch["labels"].chunk(2)[0] != IGNORE_INDEX).sum().clamp(min=1)
+            extras["chosen_nll"] = -logps.chunk(2)[0].sum() / chosen_tokens
+            loss = loss + self.nll_coef * extras["chosen_nll"]
+        return loss, extras
