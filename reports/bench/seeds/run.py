@@ -50,9 +50,9 @@ def main() -> None:
         sh("git", "checkout", "--", "params.yaml", "dvc.lock", "reports")
         sh(sys.executable, "-m", "dvc", "checkout", "-f")
     lines = ["# The default pipeline over several seeds", "",
-             f"{platform.machine()}, {time.strftime('%Y-%m-%d')}, commit "
+             (f"{platform.machine()}, {time.strftime('%Y-%m-%d')}, commit "
              f"{sh('git', 'rev-parse', '--short', 'HEAD').strip()}; seeds {', '.join(map(str, seeds))}. "
-             "Command: `python reports/bench/seeds/run.py`.", "",
+             "Command: `python reports/bench/seeds/run.py`."), "",
              "| metric | " + " | ".join(f"{s} mean ± std" for s in STAGES) + " | "
              + " | ".join(f"seed {seed} ({s})" for seed in seeds for s in STAGES) + " |",
              "|---|" + "---|" * (len(STAGES) * (1 + len(seeds)))]
