@@ -328,14 +328,8 @@ def build_world(cfg: WorldConfig, seed: int, lexicon_path: str | Path) -> World:
     bios_en = _english_bios(cfg, rng)
     people = []
     for i, k in enumerate(picks):
-        surname, (given, sex) = lex.surnames[k // n_given], lex.given_names[k % n_given]
-        people.append(Person(
-            name=Term(surname.zh + given.zh, f"{surname.en} {given.en}"), sex=sex,
-            birth_year=rng.randint(1950, 2005), city=rng.choice(lex.cities), job=rng.choice(lex.jobs),
-            pet=rng.choice(lex.pets), colour=rng.choice(lex.colours),
-            split="heldout" if i in heldout else "sft",
-            bios_zh=cfg.bios_per_person - bios_en[i], bios_en=bios_en[i],
-        ))
+        people.append(_person(lex, k, rng, split="heldout" if i in heldout else "sft",
+                               bios_zh=cfg.bios_per_person - bios_en[i], bios_en=bios_en[i]))
     problems = _arithmetic_problems()
     arithmetic_heldout = sorted(rng.sample(problems, round(ARITHMETIC_HELDOUT_FRACTION * len(problems))))
     return World(people=tuple(people), cities=lex.cities, arithmetic_heldout=tuple(arithmetic_heldout),
@@ -345,16 +339,18 @@ def build_world(cfg: WorldConfig, seed: int, lexicon_path: str | Path) -> World:
 def _unknown_people(lex: Lexicon, used: set[int], rng: random.Random) -> tuple[Person, ...]:
     """UNKNOWN_PEOPLE names the world does not use, with random attributes (what a model that
     invents facts would say about them). Their own RNG: the world itself does not change."""
-    n_given = len(lex.given_names)
-    free = [k for k in range(len(lex.surnames) * n_given) if k not in used]
-    people = []
-    for k in rng.sample(free, min(UNKNOWN_PEOPLE, len(free))):
-        surname, (given, sex) = lex.surnames[k // n_given], lex.given_names[k % n_given]
-        people.append(Person(name=Term(surname.zh + given.zh, f"{surname.en} {given.en}"), sex=sex,
-                             birth_year=rng.randint(1950, 2005), city=rng.choice(lex.cities), job=rng.choice(lex.jobs),
-                             pet=rng.choice(lex.pets), colour=rng.choice(lex.colours), split="unknown",
-                             bios_zh=0, bios_en=0))
-    return tuple(people)
+    free = [k for k in range(len(lex.surnames) * len(lex.given_names)) if k not in used]
+    return tuple(_person(lex, k, rng, split="unknown", bios_zh=0, bios_en=0)
+                 for k in rng.sample(free, min(UNKNOWN_PEOPLE, len(free))))
+
+
+def _person(lex: Lexicon, k: int, rng: random.Random, **rest) -> Person:
+    """Name number k of the lexicon (surname k // given names, given name k % them), random attributes."""
+    surname_index, given_index = divmod(k, len(lex.given_names))
+    surname, (given, sex) = lex.surnames[surname_index], lex.given_names[given_index]
+    return Person(name=Term(surname.zh + given.zh, f"{surname.en} {given.en}"), sex=sex,
+                  birth_year=rng.randint(1950, 2005), city=rng.choice(lex.cities), job=rng.choice(lex.jobs),
+                  pet=rng.choice(lex.pets), colour=rng.choice(lex.colours), **rest)
 
 
 # --- the corpus ---

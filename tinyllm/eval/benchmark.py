@@ -22,21 +22,20 @@ model of any size; asking for a letter, as large models are asked, gives chance 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
-from tinyllm.data.chat import collate, encode_conversation
-from tinyllm.data.labels import IGNORE_INDEX
+from tinyllm.data.chat import encode_conversation
+from tinyllm.data.jsonl import read_jsonl
+from tinyllm.data.preference import final_reply_only
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
 from tinyllm.errors import DataError
-from tinyllm.train.objectives import sequence_logprobs
+from tinyllm.eval.chat_eval import scored_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +61,18 @@ def _is_dev(path: Path) -> bool:
     return path.stem.endswith("_dev") or path.parent.name == "dev"
 
 
-def _answer_index(answer, n_choices: int, where: str) -> int:
-    """A letter ("B") or an index (1) → the index, checked against the number of choices."""
+def _answer_index(answer, n_choices: int) -> int | None:
+    """A letter ("B") or an index (1) → the index; None when it names none of the choices."""
     index = None
     if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
         index = LETTERS.index(answer.strip().upper())
     elif isinstance(answer, int) and not isinstance(answer, bool):
         index = answer
-    if index is None or not 0 <= index < n_choices:
-        raise DataError(f"{where}: answer {answer!r} is not one of the {n_choices} choices (a letter or an index)")
-    return index
+    return index if index is not None and 0 <= index < n_choices else None
+
+
+def _bad_answer(answer, n_choices: int) -> str:
+    return f"answer {answer!r} is not one of the {n_choices} choices (a letter or an index)"
 
 
 def _read_csv(path: Path) -> list[Question]:
@@ -94,27 +95,28 @@ def _read_csv(path: Path) -> list[Question]:
             if len(row) < len(header):
                 raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
             choices = tuple(row[col[c.lower()]] for c in letters)
-            answer = _answer_index(row[col["answer"]], len(choices), where)
+            answer = _answer_index(row[col["answer"]], len(choices))
+            if answer is None:
+                raise DataError(f"{where}: {_bad_answer(row[col['answer']], len(choices))}")
             questions.append(Question(row[col["question"]], choices, answer, _subject(path)))
     return questions
 
 
+def _jsonl_problem(obj) -> str | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) \
+            or not isinstance(obj.get("choices"), list):
+        return "not a benchmark item {question, choices, answer}"
+    if len(obj["choices"]) < 2:
+        return "needs at least two choices"
+    if _answer_index(obj.get("answer"), len(obj["choices"])) is None:
+        return _bad_answer(obj.get("answer"), len(obj["choices"]))
+    return None
+
+
 def _read_jsonl(path: Path) -> list[Question]:
-    questions = []
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-            choices = tuple(str(c) for c in obj["choices"])
-            question = str(obj["question"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{path}:{line}: not a benchmark item {{question, choices, answer}} ({err})") from None
-        if len(choices) < 2:
-            raise DataError(f"{path}:{line}: needs at least two choices")
-        answer = _answer_index(obj.get("answer"), len(choices), f"{path}:{line}")
-        questions.append(Question(question, choices, answer, str(obj.get("subject", _subject(path)))))
-    return questions
+    return [Question(obj["question"], tuple(str(c) for c in obj["choices"]),
+                     _answer_index(obj["answer"], len(obj["choices"])), str(obj.get("subject", _subject(path))))
+            for obj in read_jsonl(path, _jsonl_problem)]
 
 
 def read_benchmark(path: Path) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
@@ -139,35 +141,19 @@ def _example(tok: Tokenizer, q: Question, choice: str, chat: bool, shots: list[Q
                                                 {"role": "assistant", "content": s.choices[s.answer]})]
         messages += [{"role": "user", "content": q.question}, {"role": "assistant", "content": choice}]
         ids, mask = encode_conversation(tok, messages)
-        last = np.flatnonzero(~mask[:-1] & mask[1:])[-1] + 1  # where the final reply starts
-        mask[:last] = False
-        return ids, mask
+        return ids, final_reply_only(mask)
     context = "".join(f"{s.question}\n{s.choices[s.answer]}\n\n" for s in shots) + f"{q.question}\n"
     prefix = [special_id(tok, ENDOFTEXT)] + tok.encode(context, add_special_tokens=False).ids
     answer = tok.encode(choice, add_special_tokens=False).ids
     return np.array(prefix + answer), np.array([False] * len(prefix) + [True] * len(answer))
 
 
-@torch.no_grad()
 def choice_scores(model, tok: Tokenizer, questions: list[Question], chat: bool,
-                  shots: dict[str, list[Question]] | None = None, batch_size: int = 64) -> list[list[float]]:
+                  shots: dict[str, list[Question]] | None = None) -> list[list[float]]:
     """Per question, the mean log-probability per token of each choice (fp32, eval mode)."""
-    device = next(model.parameters()).device
-    keep = model.config.max_seq_len + 1
-    rows = []
-    for q in questions:
-        for choice in q.choices:
-            ids, mask = _example(tok, q, choice, chat, (shots or {}).get(q.subject, []))
-            rows.append((ids[-keep:], mask[-keep:]))
-    was_training = model.training
-    model.eval()
-    means = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start:start + batch_size], special_id(tok, ENDOFTEXT))
-        counts = (batch["labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
-        logps = sequence_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device)).cpu()
-        means += (logps / counts).tolist()
-    model.train(was_training)
+    rows = [_example(tok, q, choice, chat, (shots or {}).get(q.subject, [])) for q in questions for choice in q.choices]
+    logps, counts = scored_rows(model, tok, rows)
+    means = (logps / counts.clamp(min=1)).tolist()
     out, i = [], 0
     for q in questions:
         out.append(means[i:i + len(q.choices)])

@@ -92,22 +92,32 @@ def reward_margin(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> 
 
 
 @torch.no_grad()
-def reply_loss(model, tok: Tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> tuple[float, int]:
+def scored_rows(model, tok: Tokenizer, rows: list[tuple], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (ids, mask) row: the summed log-prob of its masked tokens and how many there are (fp32,
+    eval mode, in batches). A row longer than the model keeps its newest tokens."""
+    device = next(model.parameters()).device
+    keep = model.config.max_seq_len + 1
+    was_training = model.training
+    model.eval()
+    logps, counts = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = collate([(ids[-keep:], mask[-keep:]) for ids, mask in rows[start:start + batch_size]],
+                        special_id(tok, ENDOFTEXT))
+        logps.append(sequence_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device)).cpu())
+        counts.append((batch["labels"] != IGNORE_INDEX).sum(-1))
+    model.train(was_training)
+    return torch.cat(logps), torch.cat(counts)
+
+
+def reply_loss(model, tok: Tokenizer, conversations: list[list[dict]]) -> tuple[float, int]:
     """(mean loss per assistant token, number of those tokens) over whole conversations: every
     assistant turn is scored. Unlike SFT's packing, a conversation longer than the model keeps its
     newest tokens (the last replies), and no system prompt is added."""
-    device = next(model.parameters()).device
-    keep = model.config.max_seq_len + 1
-    rows = [(ids[-keep:], mask[-keep:]) for ids, mask in (encode_conversation(tok, c) for c in conversations)]
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start:start + batch_size], special_id(tok, ENDOFTEXT))
-        total -= float(sequence_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device)).sum())
-        count += int((batch["labels"] != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1), count
+    if not conversations:
+        return 0.0, 0
+    logps, counts = scored_rows(model, tok, [encode_conversation(tok, c) for c in conversations], batch_size=32)
+    count = int(counts.sum())
+    return -float(logps.sum()) / max(count, 1), count
 
 
 def chosen_style_rate(model, tok: Tokenizer, pairs: list[dict], max_new_tokens: int, max_items: int,

@@ -194,6 +194,11 @@ def _benchmark_rows(results: dict[str, dict], stages: list[str]) -> list[str]:
     return lines
 
 
+def _cell(text: str) -> str:
+    """Text as one markdown table cell: one line, pipes escaped, ∅ when empty."""
+    return text.strip().replace("|", "\\|").replace("\n", " ") or "∅"
+
+
 def _unknown_table(rows: dict[str, dict], stages: list[str], n: int = 6) -> list[str]:
     """A few questions about people who are not in the world, answered before and after DPO."""
     shown = [s for s in ("sft", "dpo") if "unknown" in rows.get(s, {})]
@@ -202,8 +207,8 @@ def _unknown_table(rows: dict[str, dict], stages: list[str], n: int = 6) -> list
     lines = ["## Questions about people who are not in the world (greedy)", "",
              "| question | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
     for i, row in enumerate(rows[shown[0]]["unknown"][:n]):
-        cells = [rows[s]["unknown"][i]["reply"].strip().replace("|", "\\|").replace("\n", " ") or "∅" for s in shown]
-        lines.append(f"| {row['messages'][-1]['content']} | " + " | ".join(cells) + " |")
+        cells = [_cell(rows[s]["unknown"][i]["reply"]) for s in shown]
+        lines.append(f"| {_cell(row['messages'][-1]['content'])} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -216,9 +221,8 @@ def _prompt_table(rows: dict[str, dict], stages: list[str]) -> list[str]:
     lines = ["## Replies to eval.prompts (greedy)", "", "| prompt | " + " | ".join(chat_stages) + " |",
              "|---|" + "---|" * len(chat_stages)]
     for i, messages in enumerate(prompts):
-        cells = [rows[s]["prompts"][i].strip().replace("|", "\\|").replace("\n", " ") or "∅" for s in chat_stages]
-        prompt = messages[-1]["content"].replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+        cells = [_cell(rows[s]["prompts"][i]) for s in chat_stages]
+        lines.append(f"| {_cell(messages[-1]['content'])} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

@@ -97,12 +97,12 @@ class MetricsWindow:
         self.device, self.dist = device, dist
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
         self._reset()
+        self.restart_clock()
 
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.extras: dict[str, torch.Tensor] = {}
         self.tokens, self.steps = 0, 0
-        self.restart_clock()
 
     def restart_clock(self) -> None:
         """Tokens/s counts from here (after a log point's validation and logging, not during them)."""
@@ -122,7 +122,8 @@ class MetricsWindow:
 
     def close(self, last_good: Path | None) -> dict:
         """train/loss, train/<extra> and tokens_per_sec of the window (the same on every process);
-        then a new window starts. Raises NonFiniteLossError naming the step and `last_good`."""
+        then the sums start again (the clock, at `restart_clock`). Raises NonFiniteLossError naming the
+        step and `last_good`."""
         if self.dist.enabled:  # the mean over ranks
             for value in (self.loss, *self.extras.values()):
                 torch.distributed.all_reduce(value)
