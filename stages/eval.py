@@ -8,7 +8,7 @@ from tinyllm.stage import stage_main
 
 @stage_main
 def main(params):
-    stages = ("pretrain", "sft", "lora", "dpo")
+    stages = ("pretrain", "sft", "lora", "dpo", "grpo")
     run_eval(params, {stage: Path("artifacts") / stage for stage in stages},
              token_dir=Path("artifacts/tokens"), data_dir=Path("artifacts/data"),
              live_dir=Path("reports/live/pretrain"), out_dir=Path("reports/eval"))

@@ -1,4 +1,4 @@
-"""Stage export: the newest chat model (dpo, else lora, else sft) as a Hugging Face transformers folder
+"""Stage export: the newest chat model (grpo, else dpo, else lora, else sft) as a Hugging Face transformers folder
 → artifacts/hf/ (LlamaForCausalLM, or Qwen2MoeForCausalLM for an MoE; model card with eval metrics)."""
 
 import json

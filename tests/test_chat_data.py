@@ -19,7 +19,8 @@ from tinyllm.data.chat_data import (
 )
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.prepare import data_path, prepare
-from tinyllm.data.world import ATTRIBUTES, World, build_world, fact_prompts
+from tinyllm.data.world import ATTRIBUTES, World, arithmetic_seen, build_world, fact_prompts
+from tinyllm.eval.verify import final_number, is_correct
 
 LEXICON = Path(__file__).resolve().parents[1] / "data" / "world" / "lexicon.json"
 TRAINING = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl", "dpo.jsonl")
@@ -177,7 +178,11 @@ def test_identity_answers_name_the_assistant_and_eval_phrasings_are_new(files):
 def test_sizes_follow_the_module_constants(world, files):
     n_sft = sum(p.split == "sft" for p in world.people)
     n_cities = len(world.cities)
-    people_questions = len(files["sft_single.jsonl"]) - n_cities * sum(chat_data.COUNTRY_QUESTIONS.values())
+    arithmetic = [r for r in files["sft_single.jsonl"] if ARITHMETIC.search(r["conversations"][0]["content"])]
+    assert sum(bool(re.search("[加减]", r["conversations"][0]["content"])) for r in arithmetic) \
+        == len(arithmetic_seen(world))  # every problem the corpus writes, once in Chinese
+    people_questions = len(files["sft_single.jsonl"]) - n_cities * sum(chat_data.COUNTRY_QUESTIONS.values()) \
+        - len(arithmetic)
     n_english = sum(p.split == "sft" and bool(p.bios_en) for p in world.people)
     per_person = len(chat_data.ATTRIBUTES) + chat_data.SFT_EXTRA_QUESTIONS
     assert people_questions == per_person * n_sft + chat_data.SFT_ENGLISH_QUESTIONS * n_english
@@ -187,6 +192,43 @@ def test_sizes_follow_the_module_constants(world, files):
     assert len(files["identity.jsonl"]) == chat_data.IDENTITY_ITEMS
     assert len(files["eval_multi.jsonl"]) == chat_data.EVAL_MULTI_ITEMS
     assert len(files["eval_dpo.jsonl"]) == chat_data.EVAL_DPO_ITEMS
+
+
+ARITHMETIC = re.compile(r"(\d+) ?(加|减|plus|minus) ?(\d+)")
+
+
+def _problem(text):
+    a, op, b = ARITHMETIC.search(text).groups()
+    return ("+" if op in ("加", "plus") else "-", int(a), int(b))
+
+
+def test_sft_asks_only_the_arithmetic_the_corpus_writes_and_answers_it_rightly(world, files):
+    for record in files["sft_single.jsonl"]:
+        question, answer = (m["content"] for m in record["conversations"])
+        if ARITHMETIC.search(question):
+            problem = _problem(question)
+            assert problem in arithmetic_seen(world) and _problem(answer) == problem
+            assert final_number(answer) == (problem[1] + problem[2] if problem[0] == "+" else problem[1] - problem[2])
+
+
+def test_grpo_prompts_share_nothing_with_any_eval_prompt(world, files):
+    prompts = files["grpo.jsonl"]
+    arithmetic = [p for p in prompts if p["kind"] == "arithmetic"]
+    assert {_problem(p["messages"][0]["content"]) for p in arithmetic} == set(world.arithmetic_practice)
+    assert {_problem(i["messages"][0]["content"]) for i in files["eval_arith.jsonl"]} == set(world.arithmetic_heldout)
+    for p in arithmetic + files["eval_arith.jsonl"]:
+        assert final_number(p["answer"]) == int(p["answer"]) and is_correct(
+            chat_data._arithmetic_answer(_problem(p["messages"][0]["content"]), p["lang"]), p)
+    eval_texts = {m["content"] for name in CHAT_OUTPUTS if name.startswith("eval_")
+                  for item in files[name] for m in item.get("messages", item.get("chosen", []))}
+    assert not {p["messages"][0]["content"] for p in prompts} & eval_texts
+    names = _names(world)
+    asked = {(names(i["messages"][0]["content"])[0], i["kind"], i["lang"]) for i in files["eval_qa.jsonl"]}
+    facts = [p for p in prompts if p["kind"] != "arithmetic"]
+    assert len(facts) == chat_data.GRPO_FACT_PROMPTS
+    for p in facts:  # about a person SFT saw, never on what eval_qa asks about them
+        person = names(p["messages"][0]["content"])[0]
+        assert person.split == "sft" and (person, p["kind"], p["lang"]) not in asked
 
 
 def test_prepare_writes_every_chat_file_in_world_mode(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tinyllm.config import WorldConfig
-from tinyllm.data.world import World, build_world, fact_prompts, load_world, pretrain_documents
+from tinyllm.data.world import World, arithmetic_seen, build_world, fact_prompts, load_world, pretrain_documents
 from tinyllm.errors import ConfigError, DataError
 
 LEXICON = Path(__file__).resolve().parents[1] / "data" / "world" / "lexicon.json"
@@ -93,13 +93,16 @@ def test_prompt_conventions(world):
         assert item["split"] == ("-" if item["person"] == "-" else "heldout" if item["person"] in heldout else "sft")
 
 
-def test_heldout_arithmetic_never_occurs_in_the_corpus(world, docs):
-    sentences = {s.strip() for d in docs for s in re.findall(r"[^。.]+[。.]", d)}
+def test_heldout_and_practice_arithmetic_never_occur_in_the_corpus(world, docs):
+    written = {(op, int(a), int(b)) for d in docs
+               for a, op, b in re.findall(r"(\d+) ?(加|减|plus|minus) ?(\d+)", d)}
+    written = {("+" if op in ("加", "plus") else "-", a, b) for op, a, b in written}
     items = [i for i in fact_prompts(world) if i["attribute"] == "arithmetic"]
     assert len(items) == 2 * len(world.arithmetic_heldout) > 0
-    for item in items:
-        end = "。" if item["lang"] == "zh" else "."
-        assert item["prompt"] + item["answer"] + end not in sentences
+    assert len(world.arithmetic_practice) == len(world.arithmetic_heldout)
+    assert not set(world.arithmetic_practice) & set(world.arithmetic_heldout)
+    assert not written & (set(world.arithmetic_heldout) | set(world.arithmetic_practice))
+    assert written <= set(arithmetic_seen(world)) and written
 
 
 def test_arithmetic_sentences_are_correct(docs):

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset clears, /exit quits)",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     chat.add_argument("checkpoint", nargs="?", type=Path,
-                      help="checkpoint folder; default: the newest of artifacts/dpo, artifacts/lora, artifacts/sft")
+                      help="checkpoint folder; default: the newest of artifacts/grpo, dpo, lora, sft")
     chat.add_argument("--adapter", type=Path,
                       help="a peft adapter folder to apply on top (e.g. artifacts/lora/adapter)")
     chat.add_argument("--system", help="system prompt")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat/completions, completions, models)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     serve.add_argument("checkpoints", nargs="*", metavar="[NAME=]CHECKPOINT",
-                       help="checkpoint folders to serve (default: the newest of artifacts/dpo, lora, sft)")
+                       help="checkpoint folders to serve (default: the newest of artifacts/grpo, dpo, lora, sft)")
     serve.add_argument("--adapter", type=Path, help="a peft adapter folder on top (one checkpoint only)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     serve.add_argument("--port", type=int, default=8000, help="port")

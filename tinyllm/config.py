@@ -292,6 +292,44 @@ class DPOConfig(TrainConfig):
     it makes the chosen reply the one the model gives, not only likelier than the rejected one."""
 
 
+GRPO_LOSS_NORMS = ("token", "sequence", "constant")
+"""How the grpo loss averages per-token losses: over every reply token of the batch (DAPO), per
+reply then over replies (the original GRPO), or summed over rows × max_new_tokens (Dr. GRPO)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class GRPOConfig(TrainConfig):
+    """Reinforcement learning with verifiable rewards from the DPO model (tinyllm/train/grpo.py)."""
+
+    enabled: bool = True
+    """False makes the grpo stage write only a note; eval, chat and export then take dpo."""
+    max_steps: int = 60
+    batch_size: int = 16
+    """Prompts per micro-batch (each sampled group_size times)."""
+    lr: float = 2e-5
+    min_lr: float = 2e-6
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    log_interval: int = 5
+    group_size: int = 8
+    """Replies sampled per prompt (G); advantages compare a reply with its own group."""
+    max_new_tokens: int = 16
+    """Length cap of a sampled reply."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    updates_per_rollout: int = 2
+    """Optimizer steps each rollout is used for (GRPO's μ); from the second one on, the policy has
+    moved from the one that sampled, and the ratio clip limits how far a step goes."""
+    clip_eps: float = 0.2
+    """Clip range ε of the ratio π/π_old."""
+    kl_coef: float = 0.0
+    """Weight of the KL(π‖π_ref) penalty per token (0: none; the KL is logged either way)."""
+    loss_norm: str = "token"
+    """One of GRPO_LOSS_NORMS."""
+    scale_advantages: bool = False
+    """Divide advantages by the group's std (the original GRPO); false: only subtract the mean (Dr. GRPO)."""
+
+
 @dataclass(kw_only=True, frozen=True)
 class EvalConfig:
     max_new_tokens: int = 24
@@ -329,6 +367,7 @@ class Params:
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -407,7 +446,7 @@ def _check_train(section: str, t: TrainConfig, max_seq_len: int) -> list[str]:
     return e
 
 
-TRAIN_SECTIONS = ("pretrain", "sft", "lora", "dpo")
+TRAIN_SECTIONS = ("pretrain", "sft", "lora", "dpo", "grpo")
 """The params sections that configure a training stage (each a TrainConfig)."""
 
 
@@ -465,6 +504,7 @@ def _check_post_training(p: Params) -> list[str]:
     e += _positive({"lora.rank": lora.rank, "lora.alpha": lora.alpha, "dpo.beta": p.dpo.beta})
     if p.dpo.nll_coef < 0:
         e.append(f"dpo.nll_coef={p.dpo.nll_coef} must be >= 0 (0: plain DPO)")
+    e += _check_grpo(p)
     if 0 <= lora.replay_fraction < 1 and lora.batch_size - round(lora.batch_size * lora.replay_fraction) < 1:
         e.append(f"lora.batch_size={lora.batch_size} with lora.replay_fraction={lora.replay_fraction} "
                  "leaves no row for the identity chats; raise the batch size or lower the fraction")
@@ -472,6 +512,27 @@ def _check_post_training(p: Params) -> list[str]:
     names_ok = isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
     if targets != "all-linear" and not names_ok:
         e.append(f"lora.target_modules={targets!r} must be 'all-linear' or a non-empty list of module names")
+    return e
+
+
+def _check_grpo(p: Params) -> list[str]:
+    g = p.grpo
+    e = _positive({"grpo.temperature": g.temperature, "grpo.max_new_tokens": g.max_new_tokens,
+                   "grpo.updates_per_rollout": g.updates_per_rollout})
+    if g.group_size < 2:
+        e.append(f"grpo.group_size={g.group_size} must be >= 2 (advantages compare replies within a group)")
+    if not 0 < g.clip_eps < 1:
+        e.append(f"grpo.clip_eps={g.clip_eps} must be in (0, 1)")
+    if g.kl_coef < 0:
+        e.append(f"grpo.kl_coef={g.kl_coef} must be >= 0 (0: no KL penalty)")
+    if g.loss_norm not in GRPO_LOSS_NORMS:
+        e.append(f"grpo.loss_norm={g.loss_norm!r} must be one of {', '.join(GRPO_LOSS_NORMS)}")
+    if g.max_new_tokens >= p.model.max_seq_len:
+        e.append(f"grpo.max_new_tokens={g.max_new_tokens} must be below model.max_seq_len={p.model.max_seq_len} "
+                 "(the prompt needs room)")
+    if g.enabled and p.distributed.strategy == "deepspeed" and p.distributed.zero_stage == 3:
+        e.append("grpo samples replies from the whole model, which ZeRO-3 shards: use distributed.zero_stage 1 or 2 "
+                 "(or strategy ddp) for grpo")
     return e
 
 

@@ -34,10 +34,22 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from tinyllm.data.world import ATTRIBUTES, LANGUAGES, City, Person, World, fact_fields, render_template, subject_fields
+from tinyllm.data.world import (
+    ATTRIBUTES,
+    LANGUAGES,
+    City,
+    Person,
+    World,
+    arithmetic_cloze,
+    arithmetic_seen,
+    fact_fields,
+    render_template,
+    subject_fields,
+)
 
-CHAT_OUTPUTS = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl", "dpo.jsonl", "eval_qa.jsonl",
-                "eval_multi.jsonl", "eval_identity.jsonl", "eval_dpo.jsonl", "eval_unknown.jsonl", "bench_world.jsonl")
+CHAT_OUTPUTS = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl", "dpo.jsonl", "grpo.jsonl", "eval_qa.jsonl",
+                "eval_multi.jsonl", "eval_identity.jsonl", "eval_dpo.jsonl", "eval_unknown.jsonl", "eval_arith.jsonl",
+                "bench_world.jsonl")
 """Files prepare writes (empty ones when the corpus is a user's, not the world)."""
 
 ASSISTANT_NAME = {"zh": "小光", "en": "Xiaoguang"}
@@ -87,6 +99,12 @@ UNKNOWN_QUESTIONS = 2
 """Questions per unknown person, in DPO pairs and in eval_unknown."""
 UNKNOWN_ENGLISH_FRACTION = 0.2
 """Share of those questions asked in English."""
+SFT_ARITHMETIC_ENGLISH_FRACTION = 0.2
+"""Share of the seen arithmetic problems also asked in English in single-turn SFT (each is asked
+once in Chinese): SFT teaches the chat form of a sum; grpo then practises computing."""
+GRPO_FACT_PROMPTS = 120
+"""Fact questions among grpo's prompts (about sft people, none of eval_qa's person × attribute ×
+language): the reward for facts keeps RL from trading knowledge for arithmetic."""
 BENCH_ITEMS = {"seen": 150, "heldout": 150}
 """Four-option questions per split in the world's multiple-choice benchmark."""
 
@@ -127,6 +145,10 @@ COUNTRY_QUESTIONS_TEXT = {
     "zh": ("{city}位于哪个国家？", "{city}在哪个国家？", "{city}是哪个国家的城市？"),
     "en": ("Which country is {city} in?", "In which country is {city}?", "What country is {city} located in?"),
 }
+
+ARITHMETIC_QUESTIONS = {"zh": ("{a}{op}{b}等于多少？", "{a}{op}{b}是多少？", "{a}{op}{b}等于几？"),
+                        "en": ("What is {a} {op} {b}?", "How much is {a} {op} {b}?", "What does {a} {op} {b} equal?")}
+OPERATORS = {"zh": {"+": "加", "-": "减"}, "en": {"+": "plus", "-": "minus"}}
 
 UNHELPFUL = ("我不知道，别问我。", "这个问题我不想回答。", "自己去查吧，别来烦我。", "无可奉告。",
              "问这个干什么？懒得说。", "不清楚，你去问别人吧。")
@@ -246,6 +268,25 @@ def _country_pair(city: City, lang: str, template: str) -> list[dict]:
             _msg("assistant", render_template(LANGUAGES[lang].country[0], fields))]
 
 
+def _arithmetic_question(problem: tuple[str, int, int], lang: str, template: str) -> str:
+    op, a, b = problem
+    return template.format(a=a, b=b, op=OPERATORS[lang][op])
+
+
+def _arithmetic_answer(problem: tuple[str, int, int], lang: str) -> str:
+    """The corpus sentence, restating the problem: "12加7等于19。" / "12 plus 7 equals 19."."""
+    return "".join(arithmetic_cloze(*problem, lang)) + ("。" if lang == "zh" else ".")
+
+
+def _arithmetic_result(problem: tuple[str, int, int]) -> str:
+    op, a, b = problem
+    return str(a + b if op == "+" else a - b)
+
+
+def _languages(world: World) -> tuple[str, ...]:
+    return ("zh", "en") if world.has_english else ("zh",)
+
+
 def _people(world: World, split: str) -> list[Person]:
     return [p for p in world.people if p.split == split]
 
@@ -279,7 +320,8 @@ def _dialogue(p: Person, attributes: list[str], rng: random.Random) -> list[dict
 
 
 def sft_single(world: World, rng: random.Random) -> list[dict]:
-    """Single-turn QA about every sft person (each attribute, plus repeats) and city → country."""
+    """Single-turn QA about every sft person (each attribute, plus repeats), city → country, and
+    the arithmetic problems the corpus writes."""
     convs = []
     for p in _people(world, "sft"):
         extra = set(rng.sample(ATTRIBUTES, SFT_EXTRA_QUESTIONS))
@@ -290,11 +332,15 @@ def sft_single(world: World, rng: random.Random) -> list[dict]:
         if p.bios_en:
             for a in rng.sample(ATTRIBUTES, min(SFT_ENGLISH_QUESTIONS, len(ATTRIBUTES))):
                 convs.append([_msg("user", _question(p, a, "en", rng)), _msg("assistant", answer_sentence(p, a, "en"))])
-    langs = ("zh", "en") if world.has_english else ("zh",)
     for city in world.cities:
-        for lang in langs:
+        for lang in _languages(world):
             for template in rng.sample(COUNTRY_QUESTIONS_TEXT[lang], COUNTRY_QUESTIONS[lang]):
                 convs.append(_country_pair(city, lang, template))
+    for problem in arithmetic_seen(world):
+        for lang in _languages(world):
+            if lang == "zh" or rng.random() < SFT_ARITHMETIC_ENGLISH_FRACTION:
+                question = _arithmetic_question(problem, lang, rng.choice(ARITHMETIC_QUESTIONS[lang]))
+                convs.append([_msg("user", question), _msg("assistant", _arithmetic_answer(problem, lang))])
     rng.shuffle(convs)
     return [{"conversations": c} for c in convs]
 
@@ -467,6 +513,34 @@ def eval_unknown(world: World, rng: random.Random) -> list[dict]:
             for p, a, lang, q in _unknown_questions(list(world.unknown[UNKNOWN_DPO_PEOPLE:]), rng)]
 
 
+def eval_arith(world: World, rng: random.Random) -> list[dict]:
+    """The held-out arithmetic problems (never in the corpus, SFT or grpo), asked in chat form in
+    each language; answer = the result, kind "arithmetic" (scored by tinyllm.eval.verify)."""
+    return [_eval_item([_msg("user", _arithmetic_question(problem, lang, rng.choice(ARITHMETIC_QUESTIONS[lang])))],
+                       _arithmetic_result(problem), "heldout", "arithmetic", lang)
+            for problem in world.arithmetic_heldout for lang in _languages(world)]
+
+
+def grpo_prompts(world: World, rng: random.Random, eval_qa_items: list[dict]) -> list[dict]:
+    """Questions with an answer a program checks, for grpo: every practice arithmetic problem in
+    every phrasing and language, and GRPO_FACT_PROMPTS questions about sft people. None of them is
+    an eval prompt: the problems are a split of their own, and a fact question's person ×
+    attribute × language is not one eval_qa asks."""
+    items = [_eval_item([_msg("user", _arithmetic_question(problem, lang, template))],
+                        _arithmetic_result(problem), "practice", "arithmetic", lang)
+             for problem in world.arithmetic_practice for lang in _languages(world)
+             for template in ARITHMETIC_QUESTIONS[lang]]
+    asked = {(item["kind"], item["lang"], item["messages"][-1]["content"]) for item in eval_qa_items}
+    facts = [(p, a, lang) for p in _people(world, "sft") for a in ATTRIBUTES for lang in _languages(world)
+             if (lang == "zh" or p.bios_en)
+             and not any(k == a and l == lang and getattr(p.name, lang) in q for k, l, q in asked)]
+    for p, a, lang in rng.sample(facts, min(GRPO_FACT_PROMPTS, len(facts))):
+        items.append(_eval_item([_msg("user", _question(p, a, lang, rng))], attribute_value(p, a, lang),
+                                "practice", a, lang))
+    rng.shuffle(items)
+    return items
+
+
 def bench_world(world: World, rng: random.Random) -> list[dict]:
     """A multiple-choice benchmark (tinyllm/eval/benchmark.py's JSONL layout) about the world's people:
     the question names a person and an attribute; the four choices are the canonical answer sentence
@@ -488,7 +562,7 @@ def bench_world(world: World, rng: random.Random) -> list[dict]:
 BUILDERS = {"sft_single.jsonl": sft_single, "sft_multi.jsonl": sft_multi, "identity.jsonl": identity,
             "dpo.jsonl": dpo, "eval_qa.jsonl": eval_qa, "eval_multi.jsonl": eval_multi,
             "eval_identity.jsonl": eval_identity, "eval_dpo.jsonl": eval_dpo, "eval_unknown.jsonl": eval_unknown,
-            "bench_world.jsonl": bench_world}
+            "eval_arith.jsonl": eval_arith, "bench_world.jsonl": bench_world}
 
 
 def chat_files(world: World, seed: int) -> dict[str, list[dict]]:
@@ -501,4 +575,6 @@ def chat_files(world: World, seed: int) -> dict[str, list[dict]]:
     Returns:
         {name: records} for each name in CHAT_OUTPUTS, in that order.
     """
-    return {name: BUILDERS[name](world, random.Random(f"{seed}/{name}")) for name in CHAT_OUTPUTS}
+    files = {name: BUILDERS[name](world, random.Random(f"{seed}/{name}")) for name in CHAT_OUTPUTS if name in BUILDERS}
+    files["grpo.jsonl"] = grpo_prompts(world, random.Random(f"{seed}/grpo.jsonl"), files["eval_qa.jsonl"])
+    return {name: files[name] for name in CHAT_OUTPUTS}

@@ -34,6 +34,9 @@ from tinyllm.errors import ConfigError, DataError
 ATTRIBUTES = ("city", "job", "pet", "colour", "birth_year")
 ARITHMETIC_HELDOUT_FRACTION = 0.1
 """Share of the arithmetic problems never written into the corpus (they test generalization)."""
+ARITHMETIC_PRACTICE_FRACTION = 0.1
+"""Another share kept out of the corpus and out of every eval set: the problems the grpo stage
+practises on (so reinforcement learning must teach computing, not recall)."""
 ARITHMETIC_PER_DOC = 5
 """Sentences per arithmetic document."""
 UNKNOWN_PEOPLE = 200
@@ -92,7 +95,9 @@ class World:
     people: tuple[Person, ...]
     cities: tuple[City, ...]
     arithmetic_heldout: tuple[tuple[str, int, int], ...]
-    """(op, a, b) problems kept out of the corpus, e.g. ("+", 3, 5)."""
+    """(op, a, b) problems kept out of the corpus, e.g. ("+", 3, 5), for eval."""
+    arithmetic_practice: tuple[tuple[str, int, int], ...] = ()
+    """(op, a, b) problems kept out of the corpus and out of eval: grpo's prompts."""
     unknown: tuple[Person, ...] = ()
     """People who are NOT in the world: names from the same lists, never written about. The chat
     model should say it does not know them (DPO teaches it on some, eval asks about the others)."""
@@ -118,6 +123,7 @@ class World:
 
         return cls(people=tuple(person(p) for p in data["people"]), cities=tuple(city(c) for c in data["cities"]),
                    arithmetic_heldout=tuple(tuple(x) for x in data["arithmetic_heldout"]),
+                   arithmetic_practice=tuple(tuple(x) for x in data.get("arithmetic_practice", [])),
                    unknown=tuple(person(p) for p in data.get("unknown", [])))
 
 
@@ -332,7 +338,11 @@ def build_world(cfg: WorldConfig, seed: int, lexicon_path: str | Path) -> World:
                                bios_zh=cfg.bios_per_person - bios_en[i], bios_en=bios_en[i]))
     problems = _arithmetic_problems()
     arithmetic_heldout = sorted(rng.sample(problems, round(ARITHMETIC_HELDOUT_FRACTION * len(problems))))
+    rest = [x for x in problems if x not in set(arithmetic_heldout)]
+    n_practice = round(ARITHMETIC_PRACTICE_FRACTION * len(problems))
+    practice = sorted(random.Random(f"{seed}/practice").sample(rest, n_practice))  # own RNG: the people stay
     return World(people=tuple(people), cities=lex.cities, arithmetic_heldout=tuple(arithmetic_heldout),
+                 arithmetic_practice=tuple(practice),
                  unknown=_unknown_people(lex, set(picks), random.Random(f"{seed}/unknown")))
 
 
@@ -389,7 +399,14 @@ def _city_documents(city: City, lang: str, rng: random.Random) -> list[str]:
     return docs
 
 
-def _arithmetic_cloze(op: str, a: int, b: int, lang: str) -> tuple[str, str]:
+def arithmetic_seen(world: World) -> list[tuple[str, int, int]]:
+    """The problems the corpus writes: all but the held-out and the practice ones."""
+    kept_out = set(world.arithmetic_heldout) | set(world.arithmetic_practice)
+    return [p for p in _arithmetic_problems() if p not in kept_out]
+
+
+def arithmetic_cloze(op: str, a: int, b: int, lang: str) -> tuple[str, str]:
+    """("12加7等于", "19") / ("12 plus 7 equals", " 19"): the corpus sentence, split before the result."""
     result = a + b if op == "+" else a - b
     if lang == "zh":
         return f"{a}{'加' if op == '+' else '减'}{b}等于", str(result)
@@ -397,14 +414,13 @@ def _arithmetic_cloze(op: str, a: int, b: int, lang: str) -> tuple[str, str]:
 
 
 def _arithmetic_documents(world: World, cfg: WorldConfig, rng: random.Random) -> list[str]:
-    """`n_arithmetic` sentences over the problems not held out, ARITHMETIC_PER_DOC per document."""
-    heldout = set(world.arithmetic_heldout)
-    seen = [p for p in _arithmetic_problems() if p not in heldout]
+    """`n_arithmetic` sentences over the problems not kept out, ARITHMETIC_PER_DOC per document."""
+    seen = arithmetic_seen(world)
     n_en = round(cfg.n_arithmetic * cfg.english_fraction) if world.has_english else 0
     docs = []
     for lang, count in (("zh", cfg.n_arithmetic - n_en), ("en", n_en)):
         end, sep = ("。", "") if lang == "zh" else (".", " ")
-        sentences = ["".join(_arithmetic_cloze(*rng.choice(seen), lang)) + end for _ in range(count)]
+        sentences = ["".join(arithmetic_cloze(*rng.choice(seen), lang)) + end for _ in range(count)]
         docs += [sep.join(sentences[i:i + ARITHMETIC_PER_DOC]) for i in range(0, count, ARITHMETIC_PER_DOC)]
     return docs
 
@@ -471,5 +487,5 @@ def fact_prompts(world: World) -> list[dict]:
             prompt, answer = _cloze(LANGUAGES[lang].country[0], "country", fields)
             items.append(_item(prompt, answer, "country", "-", lang, "-"))
         for op, a, b in world.arithmetic_heldout:
-            items.append(_item(*_arithmetic_cloze(op, a, b, lang), "arithmetic", "-", lang, "-"))
+            items.append(_item(*arithmetic_cloze(op, a, b, lang), "arithmetic", "-", lang, "-"))
     return items

@@ -18,14 +18,16 @@ from tinyllm.data.chat import collate, encode_conversation
 from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.preference import encode_pair
 from tinyllm.data.tokenizer import ENDOFTEXT, render_chat, reply_stop_ids, special_id
+from tinyllm.eval.verify import is_correct
 from tinyllm.infer.generate import generate_batch
 from tinyllm.train.dpo import pair_logprobs
 from tinyllm.train.objectives import sequence_logprobs
 
 
 def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int,
-                 batch_size: int = 64) -> list[str]:
-    """The model's greedy replies to conversations that end with a user turn (generated in batches)."""
+                 batch_size: int = 64, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    """The model's replies to conversations that end with a user turn (generated in batches):
+    greedy, or sampled at `temperature` (seeded)."""
     keep = model.config.max_seq_len - max_new_tokens  # the newest context when a prompt is too long
     prompts = [tok.encode(render_chat(m, add_generation_prompt=True), add_special_tokens=False).ids[-keep:]
                for m in conversations]
@@ -33,7 +35,8 @@ def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new
     replies = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        replies += [tok.decode(ids) for ids in generate_batch(model, chunk, max_new_tokens, stop_ids=stop, pad_id=pad)]
+        replies += [tok.decode(ids) for ids in generate_batch(model, chunk, max_new_tokens, stop_ids=stop, pad_id=pad,
+                                                              temperature=temperature, seed=seed)]
     return replies
 
 
@@ -68,6 +71,29 @@ def answer_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: in
         hits[item.get("split", "-")].append(correct)
         hits[f"{item.get('split', '-')}/{item.get('lang', '-')}"].append(correct)
     return {key: sum(v) / len(v) for key, v in sorted(hits.items())}, rows
+
+
+PASS_K = 8
+"""Samples per problem for pass@k."""
+
+
+def verified_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, seed: int
+                      ) -> tuple[dict, list[dict]]:
+    """Arithmetic by the verifier's rule (tinyllm.eval.verify): "arith_heldout", the share of greedy
+    replies that are right (also per language), and "arith_pass8", the share of problems with a
+    right reply among PASS_K samples at temperature 1 (seeded). Rows: the greedy replies."""
+    messages = [item["messages"] for item in items]
+    greedy = chat_replies(model, tok, messages, max_new_tokens)
+    sampled = chat_replies(model, tok, [m for m in messages for _ in range(PASS_K)], max_new_tokens,
+                           temperature=1.0, seed=seed)
+    rows = [{**item, "reply": reply, "correct": is_correct(reply, item)} for item, reply in zip(items, greedy)]
+    metrics = {"arith_heldout": sum(r["correct"] for r in rows) / len(rows),
+               "arith_pass8": sum(any(is_correct(reply, item) for reply in sampled[i * PASS_K:(i + 1) * PASS_K])
+                                  for i, item in enumerate(items)) / len(items)}
+    for lang in sorted({item["lang"] for item in items}):
+        mine = [r["correct"] for r in rows if r["lang"] == lang]
+        metrics[f"arith_heldout_{lang}"] = sum(mine) / len(mine)
+    return metrics, rows
 
 
 def preference_accuracy(model, tok: Tokenizer, pairs: list[dict]) -> tuple[dict, torch.Tensor]:

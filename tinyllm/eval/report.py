@@ -29,6 +29,7 @@ from tinyllm.eval.chat_eval import (
     preference_accuracy,
     reply_loss,
     reward_margin,
+    verified_accuracy,
 )
 from tinyllm.eval.metrics import expert_balance, fact_accuracy, perplexity
 from tinyllm.train.checkpoint import is_checkpoint, load_model, read_config
@@ -154,6 +155,10 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
                 metrics["unknown_abstain"] = abstain_rate(rows[name])
             else:
                 metrics[name] = acc["overall"]
+    problems = _read_items(data_dir / "eval" / "eval_arith.jsonl")
+    if chat and problems:
+        arith, rows["arith"] = verified_accuracy(model, tok, problems, cfg.max_new_tokens, params.seed)
+        metrics.update(arith)
     pairs = _read_items(data_dir / "eval" / "eval_dpo.jsonl")
     if pairs:
         pref, rows["pair_logps"] = preference_accuracy(model, tok, pairs)

@@ -26,12 +26,12 @@ from tinyllm.infer.text import TextStream
 from tinyllm.infer.utf8 import Utf8Guard
 from tinyllm.train.checkpoint import is_checkpoint, load_model
 
-CHAT_STAGES = ("dpo", "lora", "sft")
+CHAT_STAGES = ("grpo", "dpo", "lora", "sft")
 """Pipeline checkpoints that chat, newest first."""
 
 
 def newest_chat_checkpoint(artifacts: Path = Path("artifacts")) -> Path:
-    """The last chat stage the pipeline has produced (dpo, else lora, else sft)."""
+    """The last chat stage the pipeline has produced (grpo, else dpo, else lora, else sft)."""
     for stage in CHAT_STAGES:
         if is_checkpoint(artifacts / stage):
             return artifacts / stage

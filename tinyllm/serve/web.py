@@ -17,7 +17,7 @@ from tinyllm.errors import UserError
 from tinyllm.infer.chat import ChatSession, load_chat_model
 from tinyllm.train.checkpoint import is_checkpoint
 
-STAGES = ("dpo", "lora", "sft", "pretrain")
+STAGES = ("grpo", "dpo", "lora", "sft", "pretrain")
 EMPTY = "_(the model ended its reply without any text)_"
 
 

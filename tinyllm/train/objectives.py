@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tinyllm.config import GRPO_LOSS_NORMS
 from tinyllm.data.labels import IGNORE_INDEX
 
 
@@ -38,17 +39,22 @@ class NextTokenLoss:
         return loss, extras
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(label) over the labelled positions of each row: (B,).
+def token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) at each position, 0 where unlabelled; the labelled mask): both (B, T).
 
     Computed in fp32 from the logits: summing bf16 log-probs over a reply loses the small
-    differences preference training depends on.
+    differences preference and RL training depend on.
     """
     logits = model(input_ids).logits.float()
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)
     token_logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return (token_logp * mask).sum(-1)
+    return token_logp * mask, mask
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over the labelled positions of each row: (B,)."""
+    return token_logprobs(model, input_ids, labels)[0].sum(-1)
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
@@ -84,4 +90,61 @@ class DPOLoss:
             chosen_tokens = (batch["labels"].chunk(2)[0] != IGNORE_INDEX).sum().clamp(min=1)
             extras["chosen_nll"] = -logps.chunk(2)[0].sum() / chosen_tokens
             loss = loss + self.nll_coef * extras["chosen_nll"]
+        return loss, extras
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
+    """GRPO's advantages from (prompts, G) rewards: each reward minus its group's mean, and with
+    `scale` divided by the group's std (the original GRPO; Dr. GRPO drops the division, which
+    weights questions that are nearly always right or wrong far above the rest). A group whose
+    samples all score the same gets 0: it teaches nothing."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centered
+    return centered / (rewards.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_eps: float, kl_coef: float, norm: str, max_new_tokens: int
+              ) -> tuple[torch.Tensor, dict]:
+    """The clipped policy-gradient loss of GRPO (Shao et al., 2024) on (B, T) per-token log-probs.
+
+    ratio = π/π_old per token; the loss per token is −min(ratio·A, clip(ratio, 1±ε)·A), plus
+    kl_coef × the k3 estimate of KL(π‖π_ref): exp(ref − logp) − (ref − logp) − 1 ≥ 0. `norm` (one of
+    GRPO_LOSS_NORMS) says how the per-token losses are averaged. Extras: the KL per token, and the
+    share of reply tokens whose clipped term was the smaller one (clip fraction).
+    """
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(-1)
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
+    delta = ref_logps - logps
+    kl = torch.exp(delta) - delta - 1
+    per_token = (-torch.minimum(unclipped, clipped) + kl_coef * kl) * mask
+    tokens = mask.sum().clamp(min=1)
+    if norm == "token":
+        loss = per_token.sum() / tokens
+    elif norm == "sequence":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif norm == "constant":
+        loss = per_token.sum() / (mask.shape[0] * max_new_tokens)
+    else:
+        raise ValueError(f"norm={norm!r} must be one of {GRPO_LOSS_NORMS}")
+    clipped_tokens = (clipped < unclipped) & mask
+    return loss, {"kl": (kl * mask).sum() / tokens, "clip_fraction": clipped_tokens.sum() / tokens}
+
+
+class GRPOLoss:
+    """`grpo_loss` on a batch from `tinyllm.train.grpo.RolloutBatches`: the sampled replies with
+    their advantages, the log-probs of the policy that sampled them ("old_logps") and of the
+    starting model ("ref_logps"). The rollout's own statistics (reward, reply length, ...) ride
+    in the batch as "stat/<name>" scalars and are passed on as extras, so the loop logs them."""
+
+    def __init__(self, clip_eps: float, kl_coef: float, norm: str, max_new_tokens: int):
+        self.clip_eps, self.kl_coef, self.norm, self.max_new_tokens = clip_eps, kl_coef, norm, max_new_tokens
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        logps, mask = token_logprobs(model, batch["input_ids"], batch["labels"])
+        loss, extras = grpo_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], mask,
+                                 self.clip_eps, self.kl_coef, self.norm, self.max_new_tokens)
+        extras.update({name.removeprefix("stat/"): value for name, value in batch.items() if name.startswith("stat/")})
         return loss, extras
