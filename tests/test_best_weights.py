@@ -26,12 +26,12 @@ def _endless(batches):
         yield from batches
 
 
-def _train(keep: str, run: TrainingRun | None = None, objective=None, max_steps: int = 120):
+def _train(keep: str, run: TrainingRun | None = None, objective=None, max_steps: int = 120, patience: int = 0):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=32,
                                     vocab_size=VOCAB))
     cfg = TrainConfig(max_steps=max_steps, batch_size=4, lr=3e-3, min_lr=3e-3, warmup_steps=1, log_interval=5,
-                      eval_interval=5, eval_batches=4, weight_decay=0.0, keep=keep)
+                      eval_interval=5, eval_batches=4, weight_decay=0.0, keep=keep, patience=patience)
     result = fit(model, objective or NextTokenLoss(), _endless(TRAIN), cfg, CPU, run=run,
                  val_batches=lambda: iter(VAL))
     return model, result
@@ -49,6 +49,16 @@ def test_the_kept_weights_are_those_of_the_lowest_validation_loss():
     assert result.final["kept_step"] == result.history[curve.index(min(curve))]["step"] < 120
     assert result.final["val/loss"] == result.final["val/best_loss"] == min(curve)
     assert result.final["val/last_loss"] == curve[-1]
+
+
+def test_patience_stops_early_with_exactly_the_weights_the_full_run_keeps():
+    full, full_result = _train("best")
+    model, result = _train("best", patience=3)
+    kept = full_result.final["kept_step"]
+    assert result.history[-1]["step"] == kept + 3 * 5 < 120  # three evaluations without a better loss
+    assert result.final["kept_step"] == kept and result.final["val/loss"] == full_result.final["val/loss"]
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 def test_keep_last_keeps_the_last_weights():

@@ -26,6 +26,8 @@ TINY = {
     "sft": {"max_steps": 20, "batch_size": 4, "warmup_steps": 2, "log_interval": 5},
     "lora": {"max_steps": 10, "batch_size": 4, "warmup_steps": 2, "log_interval": 5},
     "dpo": {"max_steps": 10, "batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "log_interval": 5},
+    "grpo": {"max_steps": 4, "batch_size": 4, "group_size": 4, "max_new_tokens": 6, "warmup_steps": 1,
+             "log_interval": 2},
     "eval": {"max_fact_prompts": 12, "max_chat_prompts": 40, "max_new_tokens": 6},
 }
 EMPTY_WARNING = re.compile(r"WARNING: '[^']*' is empty")
@@ -130,6 +132,8 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
                  "artifacts/sft/model.safetensors", "reports/live/sft/plots/metrics/train/loss.tsv",
                  "artifacts/lora/model.safetensors", "artifacts/lora/adapter/adapter_config.json",
                  "artifacts/lora/adapter/adapter_model.safetensors", "artifacts/dpo/model.safetensors",
+                 "artifacts/grpo/model.safetensors", "artifacts/data/grpo.jsonl",
+                 "artifacts/data/eval/eval_arith.jsonl",
                  "reports/eval/report.md", "reports/eval/loss.png", "artifacts/hf/config.json",
                  "artifacts/hf/model.safetensors", "artifacts/hf/generation_config.json"):
         assert (repo / path).is_file(), path
@@ -138,9 +142,17 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
     dpo = json.loads((repo / "reports/metrics/dpo.json").read_text())
     assert math.isfinite(dpo["train/loss"]) and dpo["pairs"] > 0 and dpo["reference_seconds"] >= 0
     assert json.loads((repo / "artifacts/dpo/config.json").read_text())["stage"] == "dpo"
+    for name in ("reward", "zero_variance", "reply_length", "kl", "clip_fraction", "rollout_tokens_per_sec"):
+        assert (repo / f"reports/live/grpo/plots/metrics/train/{name}.tsv").is_file(), name
+    grpo = json.loads((repo / "reports/metrics/grpo.json").read_text())
+    assert grpo["enabled"] and 0 <= grpo["train/reward"] <= 1 and grpo["rollout_rounds"] == 2
+    assert json.loads((repo / "artifacts/grpo/config.json").read_text())["stage"] == "grpo"
     metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
     assert math.isfinite(metrics["pretrain"]["val_ppl"]) and 1 < metrics["pretrain"]["val_ppl"] < 320
-    assert list(metrics) == ["pretrain", "sft", "lora", "dpo"]
+    assert list(metrics) == ["pretrain", "sft", "lora", "dpo", "grpo"]
+    for name in ("sft", "lora", "dpo", "grpo"):
+        assert 0 <= metrics[name]["arith_heldout"] <= 1 and 0 <= metrics[name]["arith_pass8"] <= 1, name
+    assert "arith_heldout" not in metrics["pretrain"]  # a chat-form metric
     for stage in metrics.values():
         for key in ("facts", "qa_seen", "qa_heldout", "multi_turn", "identity", "preference", "chosen_style",
                     "bench_example", "bench_world"):
@@ -195,7 +207,7 @@ def test_changing_an_eval_param_reruns_only_eval(repo):
     out = dvc(repo, "repro")
     assert "Running stage 'eval'" in out
     assert not any(f"Running stage '{s}'" in out
-                   for s in ("prepare", "train_tokenizer", "tokenize", "pretrain", "sft", "lora", "dpo"))
+                   for s in ("prepare", "train_tokenizer", "tokenize", "pretrain", "sft", "lora", "dpo", "grpo"))
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "eval param")
 
@@ -205,12 +217,13 @@ def test_exp_run_on_two_processes_with_deepspeed(repo):
     """`dvc exp run -S distributed.nproc=2`: every training stage relaunches itself under torchrun
     (here with DeepSpeed ZeRO-2) and eval reads the consolidated checkpoints."""
     out = dvc(repo, "exp", "run", "-S", "distributed.nproc=2", "-S", "distributed.strategy=deepspeed")
-    assert all(f"Running stage '{s}'" in out for s in ("pretrain", "sft", "lora", "dpo", "eval"))
+    assert all(f"Running stage '{s}'" in out for s in ("pretrain", "sft", "lora", "dpo", "grpo", "eval"))
     assert "torch.distributed.run --standalone --nproc_per_node 2 -m stages.pretrain" in out
     assert json.loads((repo / "reports/metrics/pretrain.json").read_text())["processes"] == 2
-    for stage in ("pretrain", "sft", "lora", "dpo"):
+    for stage in ("pretrain", "sft", "lora", "dpo", "grpo"):
         assert math.isfinite(json.loads((repo / f"reports/metrics/{stage}.json").read_text())["train/loss"]), stage
-    assert list(json.loads((repo / "reports/eval/metrics.json").read_text())) == ["pretrain", "sft", "lora", "dpo"]
+    assert list(json.loads((repo / "reports/eval/metrics.json").read_text())) == ["pretrain", "sft", "lora", "dpo",
+                                                                                  "grpo"]
     assert not (repo / "checkpoints").exists() or not any((repo / "checkpoints").iterdir())
     sh(repo, "git", "checkout", "params.yaml", "dvc.lock")  # back to the committed (single-process) run
     dvc(repo, "checkout")
@@ -225,7 +238,7 @@ def test_exp_run_with_moe_runs_the_whole_pipeline(repo):
     assert '"dim": 48' in text and '"max_steps": 20' in text and '"enabled": true' in text
     assert "metrics.json" in text
     metrics = json.loads((repo / "reports/eval/metrics.json").read_text())  # the workspace holds the experiment
-    assert list(metrics) == ["pretrain", "sft", "lora", "dpo"]
+    assert list(metrics) == ["pretrain", "sft", "lora", "dpo", "grpo"]
     for stage in metrics.values():
         assert 1 <= stage["moe_max_load"] <= 4 and len(stage["moe_balance"]["load"]["layer1"]) == 4
     assert (repo / "reports/live/pretrain/plots/metrics/train/moe/layer1/expert3.tsv").is_file()
@@ -240,7 +253,7 @@ def test_chat_talks_to_the_newest_pipeline_model(repo):
     proc = subprocess.run([sys.executable, "-m", "tinyllm.cli", "chat", "--temperature", "0", "--max-tokens", "4"],
                           input="你是谁？\n/exit\n", cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "chatting with artifacts/dpo" in proc.stdout and "assistant> " in proc.stdout
+    assert "chatting with artifacts/grpo" in proc.stdout and "assistant> " in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "tinyllm.cli", "chat", "--adapter", "artifacts/lora/adapter",
                            "--seed", "1"], input="你是谁？\n", cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -254,7 +267,7 @@ def test_chat_talks_to_the_newest_pipeline_model(repo):
 def test_post_training_stages_run_under_torchrun(repo):
     import socket
 
-    for stage in ("sft", "lora", "dpo"):
+    for stage in ("sft", "lora", "dpo", "grpo"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -273,31 +286,34 @@ def test_turning_lora_off_runs_dpo_from_sft(repo):
     assert all(f"Running stage '{s}'" in out for s in ("lora", "dpo", "eval"))
     assert "Running stage 'sft'" not in out
     assert (repo / "artifacts/lora/DISABLED").is_file() and not (repo / "artifacts/lora/model.safetensors").exists()
-    assert list(json.loads((repo / "reports/eval/metrics.json").read_text())) == ["pretrain", "sft", "dpo"]
+    assert list(json.loads((repo / "reports/eval/metrics.json").read_text())) == ["pretrain", "sft", "dpo", "grpo"]
 
 
 @pytest.mark.slow
 def test_exp_run_on_the_example_corpora_through_params_alone(repo):
     """Every format of data/corpus/examples (broken lines included) through the whole pipeline,
-    chosen with -S alone: MiniMind and Seq-Monkey text, MiniMind SFT, ShareGPT, Alpaca, deepctrl, MiniMind DPO."""
+    chosen with -S alone: MiniMind and Seq-Monkey text, MiniMind SFT, ShareGPT, Alpaca, deepctrl, MiniMind DPO,
+    GSM8K-style prompts for grpo."""
     ex = "data/corpus/examples"
     out = dvc(repo, "exp", "run", "-S", "data.source=files",
               "-S", f"data.pretrain=[{ex}/minimind_pretrain.jsonl,{ex}/seq_monkey.jsonl]",
               "-S", f"data.sft=[{ex}/minimind_sft.jsonl,{ex}/sharegpt.jsonl,{ex}/alpaca.jsonl,{ex}/deepctrl_*.jsonl]",
               "-S", f"data.identity=[{ex}/minimind_lora_identity.jsonl]", "-S", f"data.dpo=[{ex}/minimind_dpo.jsonl]",
+              "-S", f"data.grpo=[{ex}/gsm8k_style.jsonl]",
               "-S", "tokenizer.max_corpus_bytes=20000", "-S", "model.max_seq_len=128")
     assert "Running stage 'dpo'" in out and "Running stage 'eval'" in out
     assert not EMPTY_WARNING.search(out)  # nothing declared to DVC is empty by design
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
     metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
     assert {"pretrain", "sft", "dpo"} <= set(metrics)  # (lora too, unless an earlier test turned it off)
+    assert 0 <= metrics["grpo"]["arith_heldout"] <= 1  # RL on the user's GSM8K lines, scored on their held-out share
     for name, stage in metrics.items():  # the scoreboard on the user's own data, in every stage
         assert math.isfinite(stage["val_loss"]) and 0 <= stage["bench_example"] <= 1, name
         if name != "pretrain":
             assert math.isfinite(stage["heldout_loss"]) and 0 <= stage["preference"] <= 1, name
     assert "heldout_loss" in json.dumps(shown) and "bench_example" in json.dumps(shown)
     prepared = json.loads((repo / "reports/metrics/prepare.json").read_text())
-    assert prepared["bad_lines_skipped"] == 16 and prepared["duplicates_removed"] > 0
+    assert prepared["bad_lines_skipped"] == 19 and prepared["duplicates_removed"] > 0
     assert prepared["sft_single"] > 0 and prepared["sft_multi"] > 0 and prepared["dpo"] + prepared["eval_dpo"] == 20
     assert prepared["heldout_single"] > 0 and prepared["heldout_multi"] > 0
     assert re.search(r"training the tokenizer on one document in every [2-9] ", out)  # max_corpus_bytes sampled

@@ -30,6 +30,8 @@ def msg(role, content):
     ({"instruction": "q", "input": "", "output": "a"}, "alpaca"),
     ({"instruction": "q", "input": "", "output": "a", "history": []}, "deepctrl"),
     ({"chosen": [msg(USER, "q"), msg(BOT, "a")], "rejected": [msg(USER, "q"), msg(BOT, "b")]}, "minimind_dpo"),
+    ({"question": "1+1?", "answer": "1+1=2\n#### 2"}, "gsm8k"),
+    ({"messages": [msg(USER, "q")], "answer": "a"}, "verifiable"),
     ({"prompt": "q"}, None),
     (["text"], None),
 ])
@@ -50,6 +52,12 @@ def test_conversions_to_the_pipeline_layout_are_pinned():
         msg(USER, "今天天气如何？"), msg(BOT, "今天晴。"), msg(USER, "那明天呢？"), msg(BOT, "明天下雨。")]}, None)
     # only "text" is kept
     assert convert("text", {"text": "正文", "source": "web", "id": 3}) == ({"text": "正文"}, None)
+    gsm8k = {"question": "Tom has 3 boxes of 400 pens. How many pens?", "answer": "3 × 400 = 1,200\n#### 1,200"}
+    assert convert("gsm8k", gsm8k) == ({"messages": [msg(USER, gsm8k["question"])], "answer": "1200",
+                                        "kind": "arithmetic"}, None)
+    verifiable = {"messages": [msg(USER, "李明住在哪里？")], "answer": "杭州", "id": 7}
+    assert convert("verifiable", verifiable) == ({"messages": [msg(USER, "李明住在哪里？")], "answer": "杭州",
+                                                  "kind": "text"}, None)
 
 
 @pytest.mark.parametrize("fmt, record, problem", [
@@ -66,6 +74,11 @@ def test_conversions_to_the_pipeline_layout_are_pinned():
      "identical"),
     ("minimind_dpo", {"chosen": []}, 'missing "rejected"'),
     ("alpaca", "just a string", "expected a JSON object"),
+    ("gsm8k", {"question": "q", "answer": "forty-two"}, '"#### <number>" line'),
+    ("gsm8k", {"question": "q", "answer": "#### -3"}, "negative answer"),
+    ("gsm8k", {"question": " ", "answer": "#### 3"}, "the last message must be the user's"),
+    ("verifiable", {"messages": [msg(USER, "q"), msg(BOT, "a")], "answer": "a"}, "the last message must be"),
+    ("verifiable", {"messages": [msg(USER, "q")], "answer": "x", "kind": "arithmetic"}, "whole-number"),
 ])
 def test_unusable_records_say_why(fmt, record, problem):
     converted, reason = convert(fmt, record)
@@ -79,7 +92,8 @@ def _example_params(**data):
                                   "sft": [str(EXAMPLES / n) for n in ("minimind_sft.jsonl", "sharegpt.jsonl",
                                                                       "alpaca.jsonl", "deepctrl_sft_data_zh.jsonl")],
                                   "identity": [str(EXAMPLES / "minimind_lora_identity.jsonl")],
-                                  "dpo": [str(EXAMPLES / "minimind_dpo.jsonl")], **data}})
+                                  "dpo": [str(EXAMPLES / "minimind_dpo.jsonl")],
+                                  "grpo": [str(EXAMPLES / "gsm8k_style.jsonl")], **data}})
 
 
 def _lines(path):
@@ -90,8 +104,10 @@ def test_prepare_reads_every_example_format_and_counts_what_it_drops(tmp_path, c
     caplog.set_level(logging.INFO)
     stats = prepare(_example_params(), tmp_path, LEXICON)
     # the broken lines planted in the examples: non-UTF-8 bytes, cut JSON, empty text, wrong keys,
-    # a JSON array, empty conversations, unknown speaker, missing output, bad history, identical DPO replies
-    assert stats["bad_lines_skipped"] == 16
+    # a JSON array, empty conversations, unknown speaker, missing output, bad history, identical DPO
+    # replies; a GSM8K line without "####", one with an empty question, one not JSON
+    assert stats["bad_lines_skipped"] == 19
+    assert "gsm8k_style.jsonl:18: the \"answer\" must end with" in caplog.text
     assert "minimind_pretrain.jsonl:11: not valid UTF-8" in caplog.text
     assert "sharegpt.jsonl:21: message 0: unknown speaker" in caplog.text
     pretrain = _lines(tmp_path / "pretrain.jsonl")
@@ -107,6 +123,10 @@ def test_prepare_reads_every_example_format_and_counts_what_it_drops(tmp_path, c
     assert stats["dpo"] + stats["eval_dpo"] == 20 and stats["eval_dpo"] == 10  # half held out: fewer than 2 × 20
     assert stats["identity"] == len(_lines(tmp_path / "chat/identity.jsonl")) > 0
     assert stats["eval_qa"] == 0 and (tmp_path / "world.json").read_text() == "null\n"
+    prompts, held = _lines(tmp_path / "grpo.jsonl"), _lines(tmp_path / "eval/eval_arith.jsonl")
+    assert (stats["grpo"], stats["eval_arith"]) == (len(prompts), len(held)) == (40, 20)  # 60 good lines
+    assert all(p["kind"] == "arithmetic" and p["answer"].isdigit() for p in prompts + held)
+    assert not {p["messages"][0]["content"] for p in prompts} & {p["messages"][0]["content"] for p in held}
 
 
 def test_length_filters_and_dedup_switch(tmp_path):
@@ -126,7 +146,7 @@ def test_a_bad_first_line_does_not_decide_a_files_format(tmp_path):
                                                         {"conversations": turn[::-1] + turn}]) + "\n")
     stats = prepare(_example_params(sft=[str(chats)]), tmp_path / "out", LEXICON)
     assert (stats["sft_single"], stats["sft_multi"]) == (1, 1)
-    assert stats["bad_lines_skipped"] == 16 - 9 + 1  # the examples' minus their 9 sft ones, plus the empty one here
+    assert stats["bad_lines_skipped"] == 19 - 9 + 1  # the examples' minus their 9 sft ones, plus the empty one here
 
 
 def test_a_file_named_twice_is_read_once_and_extra_message_keys_are_dropped(tmp_path):

@@ -1,22 +1,31 @@
 """GRPO: advantages and the clipped loss on hand-computed examples, the verifier on well-formed and
-malformed replies, prompts split over ranks, a tiny policy learning a toy reward, and an exact
-resume in the middle of a rollout round."""
+malformed replies, prompts split over ranks, a tiny policy learning a toy reward, an exact
+resume in the middle of a rollout round, and the stage on two CPU processes."""
 
 import json
 import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import make_chat_checkpoint
+from safetensors.torch import load_file
 
-from tinyllm.config import CheckpointConfig, GRPOConfig, ModelConfig, RuntimeConfig, parse_params
+from tinyllm.config import CheckpointConfig, DistributedConfig, GRPOConfig, ModelConfig, RuntimeConfig, parse_params
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.errors import ConfigError, DataError
-from tinyllm.eval.verify import final_number, is_correct, score
+from tinyllm.eval.verify import final_number, is_correct, score, validate_prompt
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.distributed import Dist, TrainingRun
-from tinyllm.train.grpo import RolloutBatches, round_prompts, validate_prompt
+from tinyllm.train.grpo import RolloutBatches, round_prompts, run_grpo
 from tinyllm.train.loop import fit
-from tinyllm.train.objectives import GRPOLoss, group_advantages, grpo_loss
+from tinyllm.train.objectives import GRPOLoss, group_advantages, grpo_loss, token_logprobs
 
 CPU = RuntimeConfig(device="cpu")
 
@@ -64,8 +73,6 @@ def test_the_gradient_raises_the_replies_that_beat_their_group(tokenizer):
     labels = ids[:, 1:].clone()
     labels[:, :4] = -100  # the prompt
     batch = {"input_ids": ids[:, :-1], "labels": labels, "advantages": torch.tensor([1.0, -1.0])}
-    from tinyllm.train.objectives import token_logprobs
-
     with torch.no_grad():
         before, _ = token_logprobs(model, batch["input_ids"], labels)
     batch.update(old_logps=before, ref_logps=before)
@@ -115,6 +122,7 @@ def test_prompt_lines_are_validated_and_named_by_line(tmp_path):
     assert "last message" in validate_prompt({**good, "messages": good["messages"] + [
         {"role": "assistant", "content": "8"}]})
     assert "answer" in validate_prompt({**good, "answer": ""})
+    assert "whole-number" in validate_prompt({**good, "answer": "eight"})
     path = tmp_path / "grpo.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": []}) + "\n")
     with pytest.raises(DataError, match=r"grpo.jsonl:2"):
@@ -126,8 +134,9 @@ def test_impossible_grpo_params_are_named():
         parse_params({"grpo": {"group_size": 1, "clip_eps": 1.5, "loss_norm": "mean", "max_new_tokens": 500}})
     for name in ("grpo.group_size=1", "grpo.clip_eps=1.5", "grpo.loss_norm='mean'", "grpo.max_new_tokens=500"):
         assert name in str(err.value)
+    zero3 = TrainingRun(distributed=DistributedConfig(strategy="deepspeed", zero_stage=3))
     with pytest.raises(ConfigError, match="ZeRO-3"):
-        parse_params({"distributed": {"strategy": "deepspeed", "zero_stage": 3}})
+        run_grpo(parse_params({}), Path("no/checkpoint"), Path("no/prompts.jsonl"), Path("no/out"), zero3)
 
 
 def test_each_round_splits_its_prompts_over_the_ranks():
@@ -197,3 +206,31 @@ def test_a_run_killed_mid_round_resumes_exactly(tokenizer, tmp_path):
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
     assert [h["train/loss"] for h in result.history] == [h["train/loss"] for h in ref_result.history]
+
+
+def test_the_stage_trains_under_torchrun_on_two_cpu_processes(tokenizer, tmp_path):
+    """Each process samples its half of every round's prompts; DDP averages the gradients; the
+    resumable state (written every step here) gathers both processes' pending rollouts."""
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "work"
+    start = make_chat_checkpoint(tmp_path / "init", tokenizer, max_seq_len=32)
+    (work / "artifacts/data").mkdir(parents=True)
+    shutil.copytree(start, work / "artifacts/dpo")
+    (work / "artifacts/data/grpo.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PROMPTS))
+    (work / "params.yaml").write_text(yaml.safe_dump({
+        "model": {"max_seq_len": 32},
+        "checkpoint": {"interval": 1},
+        "grpo": {"max_steps": 4, "batch_size": 4, "group_size": 4, "max_new_tokens": 6, "lr": 1e-2, "min_lr": 1e-2,
+                 "warmup_steps": 1, "log_interval": 1}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "stages.grpo"], cwd=work, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((work / "reports/metrics/grpo.json").read_text())
+    assert summary["enabled"] and summary["rollout_rounds"] == 2 and 0 <= summary["train/reward"] <= 1
+    before = load_file(str(start / "model.safetensors"))
+    after = load_file(str(work / "artifacts/grpo/model.safetensors"))
+    assert any(not torch.equal(before[name], after[name]) for name in before)

@@ -21,6 +21,23 @@ def test_han_characters_are_never_merged_together(tokenizer):
         assert len(tokenizer.decode([tokenizer.token_to_id(piece)])) <= 1
 
 
+def test_short_numbers_are_spelled_digit_by_digit_and_years_are_not():
+    from tinyllm.config import TokenizerConfig
+    from tinyllm.data.tokenizer import train_tokenizer
+
+    texts = ["12加7等于19。3 plus 15 equals 18. 1998年出生，住在101号。"] * 50
+    split = train_tokenizer(texts, TokenizerConfig(vocab_size=300, split_digits=2))
+    assert [t for t in split.encode("12加7等于19。").tokens if t.isdigit()] == list("12719")
+    assert [t for t in split.encode("1998年").tokens if t.isdigit()] != list("1998")  # a year keeps its merges
+    assert [t for t in split.encode("住在101号").tokens if t.isdigit()] != list("101")  # 3 digits: merged
+    for text in ("3 plus 15 equals 18.", "9", "x12y345z6", "2025-11-30 07:05"):
+        assert split.decode(split.encode(text).ids) == text
+    every = train_tokenizer(texts, TokenizerConfig(vocab_size=300, split_digits=8))
+    assert [t for t in every.encode("1998年").tokens if t.isdigit()] == list("1998")
+    whole = train_tokenizer(texts, TokenizerConfig(vocab_size=300))  # the default
+    assert "19" in whole.encode("12加7等于19。").tokens  # BPE merges the digits of a frequent number
+
+
 def test_transformers_loads_tokenizer_and_chat_template(tokenizer, tmp_path):
     save_tokenizer(tokenizer, tmp_path)
     hf = AutoTokenizer.from_pretrained(str(tmp_path))

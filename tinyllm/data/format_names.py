@@ -6,7 +6,8 @@ KIND_FORMATS = {
     "sft": ("minimind_sft", "sharegpt", "alpaca", "deepctrl"),
     "identity": ("minimind_sft", "sharegpt", "alpaca", "deepctrl"),
     "dpo": ("minimind_dpo",),
+    "grpo": ("verifiable", "gsm8k"),
 }
-"""The formats each kind of corpus (data.pretrain, data.sft, data.identity, data.dpo) may be in
+"""The formats each kind of corpus (data.pretrain, data.sft, data.identity, data.dpo, data.grpo) may be in
 (tinyllm/data/formats.py describes and converts them)."""
 FORMATS = tuple(dict.fromkeys(f for formats in KIND_FORMATS.values() for f in formats))

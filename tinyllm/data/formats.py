@@ -9,10 +9,14 @@ one layout per kind, so nothing downstream knows where the data came from:
 - sft, `alpaca`: `{"instruction": "...", "input": "...", "output": "..."}` (Alpaca);
 - sft, `deepctrl`: alpaca's keys + `"history": [["q", "a"], ...]` (deepctrl `sft_data_zh.jsonl`);
 - identity, any sft format: the conversations the lora stage teaches (MiniMind `lora_identity.jsonl`);
-- dpo, `minimind_dpo`: `{"chosen": [msgs], "rejected": [msgs]}` (MiniMind DPO).
+- dpo, `minimind_dpo`: `{"chosen": [msgs], "rejected": [msgs]}` (MiniMind DPO);
+- grpo, `gsm8k`: `{"question": "...", "answer": "worked solution\n#### 42"}` (GSM8K): the number
+  after "####" is what a reply must end on;
+- grpo, `verifiable`: `{"messages": [msgs ending with the user's], "answer": "...", "kind"?}` (ours:
+  kind "arithmetic" checks the reply's final number, any other the answer's text in the reply).
 
 Out: pretrain `{"text"}`, sft `{"conversations": [{"role", "content"}]}` (MiniMind's layout),
-dpo `{"chosen", "rejected"}`.
+dpo `{"chosen", "rejected"}`, grpo `{"messages", "answer", "kind"}`.
 
     fmt = detect(first_record)                   # "sharegpt"
     record, problem = convert(fmt, obj)          # ({"conversations": [...]}, None) or (None, "why")
@@ -20,10 +24,13 @@ dpo `{"chosen", "rejected"}`.
 
 from __future__ import annotations
 
+import re
+
 from tinyllm.data.chat import validate_conversation
 from tinyllm.data.format_names import FORMATS
 from tinyllm.data.jsonl import validate_pretrain
 from tinyllm.data.preference import validate_preference
+from tinyllm.eval.verify import validate_prompt
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
@@ -40,6 +47,8 @@ def detect(obj, formats: tuple[str, ...] = FORMATS) -> str | None:
     sharegpt = isinstance(first, dict) and "from" in first
     signs = {
         "minimind_dpo": "chosen" in obj and "rejected" in obj,
+        "verifiable": "messages" in obj and "answer" in obj,
+        "gsm8k": "question" in obj and "answer" in obj,
         "sharegpt": "conversations" in obj and sharegpt,
         "minimind_sft": "conversations" in obj and not sharegpt,
         "deepctrl": "instruction" in obj and "output" in obj and "history" in obj,
@@ -73,6 +82,8 @@ def record_text(record: dict) -> str:
     """Every character a converted record holds (for the length filters)."""
     if "text" in record:
         return record["text"]
+    if "answer" in record:
+        return "\n".join([*(m["content"] for m in record["messages"]), record["answer"]])
     messages = record.get("conversations") or record["chosen"] + record["rejected"][-1:]
     return "\n".join(m["content"] for m in messages)
 
@@ -129,6 +140,31 @@ def _instruction(obj, history_key: str | None):
     return {"conversations": messages}, None
 
 
+GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]+)\s*$")
+"""GSM8K's final line: "#### 42" (thousands may carry commas)."""
+
+
+def _gsm8k(obj):
+    for key in ("question", "answer"):
+        if not isinstance(obj.get(key), str):
+            return None, f'"{key}" must be a string'
+    found = GSM8K_ANSWER.search(obj["answer"].strip())
+    if found is None:
+        return None, 'the "answer" must end with a "#### <number>" line (GSM8K\'s final answer)'
+    number = found.group(1).replace(",", "")
+    if number.startswith("-"):
+        return None, f"negative answer {number}: the verifier reads whole numbers without a sign"
+    return {"messages": [{"role": "user", "content": obj["question"]}], "answer": str(int(number)),
+            "kind": "arithmetic"}, None
+
+
+def _verifiable(obj):
+    kind = obj.get("kind", "text")
+    if not isinstance(kind, str):
+        return None, '"kind" must be a string'
+    return {"messages": _messages(obj.get("messages")), "answer": obj.get("answer"), "kind": kind}, None
+
+
 def _no_empty_message(record: dict) -> str | None:
     problem = validate_conversation(record)
     if problem is None and not any(m["content"].strip() for m in record["conversations"] if m["role"] == "user"):
@@ -140,6 +176,7 @@ def _no_empty_message(record: dict) -> str | None:
 
 _CONVERTERS = {"text": _keep("text"), "minimind_sft": _keep("conversations"), "sharegpt": _sharegpt,
                "alpaca": lambda obj: _instruction(obj, None), "deepctrl": lambda obj: _instruction(obj, "history"),
-               "minimind_dpo": _keep("chosen", "rejected")}
+               "minimind_dpo": _keep("chosen", "rejected"), "gsm8k": _gsm8k, "verifiable": _verifiable}
 _CHECKS = {"text": validate_pretrain, "minimind_sft": _no_empty_message, "sharegpt": _no_empty_message,
-           "alpaca": _no_empty_message, "deepctrl": _no_empty_message, "minimind_dpo": validate_preference}
+           "alpaca": _no_empty_message, "deepctrl": _no_empty_message, "minimind_dpo": validate_preference,
+           "gsm8k": validate_prompt, "verifiable": validate_prompt}

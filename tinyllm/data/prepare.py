@@ -134,6 +134,9 @@ def _prepare_files(data: DataConfig, staging: Path, seed: int) -> dict:
     write_jsonl(staging / "dpo.jsonl", _records(data, "dpo", counts))
     chat["dpo.jsonl"], chat["eval_dpo.jsonl"] = hold_out(staging / "dpo.jsonl", staging / "eval/eval_dpo.jsonl", data,
                                                          f"{seed}/heldout_dpo")
+    write_jsonl(staging / "grpo.jsonl", _records(data, "grpo", counts))
+    chat["grpo.jsonl"], chat["eval_arith.jsonl"] = hold_out(staging / "grpo.jsonl", staging / "eval/eval_arith.jsonl",
+                                                            data, f"{seed}/heldout_grpo")
     for name in ("eval_facts.jsonl", *CHAT_OUTPUTS):
         if not (staging / data_path(name)).exists():  # the world's eval sets: none for a user's corpus
             write_jsonl(staging / data_path(name), [])
@@ -141,6 +144,8 @@ def _prepare_files(data: DataConfig, staging: Path, seed: int) -> dict:
     for kind, stage in (("sft", "sft"), ("identity", "lora (unless lora.enabled is false)"), ("dpo", "dpo")):
         if not getattr(data, kind):
             log.warning("data.%s names no file: the %s stage will stop for want of data", kind, stage)
+    if not data.grpo:
+        log.info("data.grpo names no file: the grpo stage will write a note only")
     return {"documents": documents, "characters": counts["characters_pretrain"],
             **{key: counts[key] for key in ("bad_lines_skipped", "duplicates_removed", "filtered_by_length")},
             "people": 0, "eval_facts": 0, **_chat_stats(chat)}

@@ -33,18 +33,28 @@ CHAT_TEMPLATE = (
 )
 
 
-def _pre_tokenizer(split_han: bool):
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if not split_han:
-        return byte_level
-    han = pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated")
-    return pre_tokenizers.Sequence([han, byte_level])
+def short_number_digits(max_digits: int) -> str:
+    """A regex matching each digit of every number of at most `max_digits` digits ("19" → "1", "9";
+    "1998" untouched at 2): one alternative per digit position, each looking back a fixed length."""
+    alternatives = []
+    for k in range(1, max_digits + 1):
+        behind = f"(?<=^\\d{{{k - 1}}}|\\D\\d{{{k - 1}}})" if k > 1 else "(?<!\\d)"
+        alternatives.append(f"{behind}\\d(?=\\d{{0,{max_digits - k}}}(?!\\d))")
+    return "|".join(alternatives)
+
+
+def _pre_tokenizer(split_han: bool, split_digits: int):
+    """Han characters and the digits of short numbers isolated as asked, then GPT-2's byte-level split."""
+    splits = [pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated")] if split_han else []
+    if split_digits:
+        splits.append(pre_tokenizers.Split(Regex(short_number_digits(split_digits)), behavior="isolated"))
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     """Train a byte-level BPE on `texts` (any iterable; it is streamed, not held in memory)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = _pre_tokenizer(cfg.split_han)
+    tok.pre_tokenizer = _pre_tokenizer(cfg.split_han, cfg.split_digits)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,

@@ -79,8 +79,9 @@ PASS_K = 8
 
 def verified_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, seed: int
                       ) -> tuple[dict, list[dict]]:
-    """Arithmetic by the verifier's rule (tinyllm.eval.verify): "arith_heldout", the share of greedy
-    replies that are right (also per language), and "arith_pass8", the share of problems with a
+    """Held-out prompts with checkable answers (the world's sums, or a user's data.grpo share) by the
+    verifier's rule (tinyllm.eval.verify): "arith_heldout", the share of greedy replies that are
+    right (also per language, where items say), and "arith_pass8", the share of prompts with a
     right reply among PASS_K samples at temperature 1 (seeded). Rows: the greedy replies."""
     messages = [item["messages"] for item in items]
     greedy = chat_replies(model, tok, messages, max_new_tokens)
@@ -90,8 +91,8 @@ def verified_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: 
     metrics = {"arith_heldout": sum(r["correct"] for r in rows) / len(rows),
                "arith_pass8": sum(any(is_correct(reply, item) for reply in sampled[i * PASS_K:(i + 1) * PASS_K])
                                   for i, item in enumerate(items)) / len(items)}
-    for lang in sorted({item["lang"] for item in items}):
-        mine = [r["correct"] for r in rows if r["lang"] == lang]
+    for lang in sorted({item["lang"] for item in items if "lang" in item}):  # the world's sets say
+        mine = [r["correct"] for r in rows if r.get("lang") == lang]
         metrics[f"arith_heldout_{lang}"] = sum(mine) / len(mine)
     return metrics, rows
 

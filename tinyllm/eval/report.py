@@ -73,6 +73,8 @@ ROW_NAMES = {"val_loss": "val loss (pretraining text)", "val_ppl": "val perplexi
              "multi_turn": "multi-turn follow-ups, held-out people", "identity": "identity answer rate",
              "unknown_abstain": "says it does not know, people not in the world",
              "known_false_abstain": "says it does not know, people in the world (should not)",
+             "arith_heldout": "arithmetic, held-out sums in chat (greedy)", "arith_heldout_zh": "… asked in Chinese",
+             "arith_heldout_en": "… asked in English", "arith_pass8": "… right in any of 8 samples (temperature 1)",
              "preference": "preference accuracy, held-out pairs",
              "preference_wrong_fact": "… rejected = a wrong fact", "preference_unhelpful": "… rejected = unhelpful",
              "pref_margin": "reward margin vs the SFT model (β·nats), held-out pairs",
@@ -266,12 +268,12 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
         shown = [r for r in fact_rows if not r["correct"]][:8] + [r for r in fact_rows if r["correct"]][:8]
         lines += [f"| {r['prompt']} | {r['answer']} | {r['output'].strip() or '∅'} | {'✓' if r['correct'] else '✗'} |"
                   for r in shown]
-    dialogue_sets = [name for name in (*CHAT_SETS, "style")  # unknown people: their own table above
+    dialogue_sets = [name for name in (*CHAT_SETS, "arith", "style")  # unknown people: their own table above
                      if name != "unknown" and any(name in rows[s] for s in stages)]
     if dialogue_sets:
         lines += ["", "## Sample dialogues (greedy), each set with its best stage", ""]
     for name in dialogue_sets:
-        key = {"qa": "qa_heldout", "style": "chosen_style"}.get(name, name)
+        key = {"qa": "qa_heldout", "style": "chosen_style", "arith": "arith_heldout"}.get(name, name)
         best = max((s for s in stages if name in rows[s]), key=lambda s: results[s].get(key) or 0)
         lines.append(f"**{name}**, {best} model:")
         for r in rows[best][name][:4]:

@@ -28,8 +28,9 @@ def final_number(reply: str) -> int | None:
 
 
 def is_correct(reply: str, item: dict) -> bool:
-    """Arithmetic items (kind "arithmetic"): the reply's final number equals the answer. Fact
-    items: the reply contains the answer (eval's rule for chat QA)."""
+    """Items of kind "arithmetic" (the world's sums, a user's GSM8K-style problems): the reply's
+    final number equals the answer. Other items: the reply contains the answer (eval's rule for
+    chat QA)."""
     if item.get("kind") == "arithmetic":
         return final_number(reply) == int(item["answer"])
     return bool(item["answer"]) and item["answer"] in reply
@@ -38,3 +39,19 @@ def is_correct(reply: str, item: dict) -> bool:
 def score(reply: str, item: dict) -> float:
     """The reward of one reply: 1.0 when `is_correct`, else 0.0."""
     return float(is_correct(reply, item))
+
+
+def validate_prompt(obj: dict) -> str | None:
+    """What is wrong with a prompt line ({"messages": [..., user turn], "answer": str, "kind"?}),
+    or None. An "arithmetic" item's answer must be a whole number."""
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        return 'needs "messages": a non-empty list of {"role", "content"}'
+    if messages[-1].get("role") != "user" or not messages[-1]["content"].strip():
+        return "the last message must be the user's, with text (the policy writes the reply)"
+    if not isinstance(obj.get("answer"), str) or not obj["answer"].strip():
+        return 'needs "answer": the non-empty string a right reply gives'
+    if obj.get("kind") == "arithmetic" and not NUMBER.fullmatch(obj["answer"]):
+        return f'kind "arithmetic" needs a whole-number "answer", got {obj["answer"]!r}'
+    return None

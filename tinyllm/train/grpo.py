@@ -36,8 +36,8 @@ from tinyllm.config import GRPOConfig, Params, to_dict
 from tinyllm.data.chat import collate
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, render_chat, reply_stop_ids, special_id
-from tinyllm.errors import DataError
-from tinyllm.eval.verify import score
+from tinyllm.errors import ConfigError, DataError
+from tinyllm.eval.verify import score, validate_prompt
 from tinyllm.infer.generate import generate_batch
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.distributed import Dist, TrainingRun, check_divisible
@@ -46,18 +46,6 @@ from tinyllm.train.objectives import GRPOLoss, group_advantages, token_logprobs
 from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
-
-
-def validate_prompt(obj: dict) -> str | None:
-    """What is wrong with a grpo prompt line ({"messages": [..., user turn], "answer": str}), or None."""
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        return 'needs "messages": a non-empty list of {"role", "content"}'
-    if messages[-1].get("role") != "user":
-        return "the last message must be the user's (the policy writes the reply)"
-    if not isinstance(obj.get("answer"), str) or not obj["answer"]:
-        return 'needs "answer": the non-empty string a right reply gives'
-    return None
 
 
 def round_prompts(round_index: int, per_round: int, n_prompts: int, seed: int, dist: Dist) -> list[int]:
@@ -195,10 +183,14 @@ def run_grpo(params: Params, init_dir: Path, prompts_file: Path, out_dir: Path,
     """Train the checkpoint in `init_dir` with GRPO on the prompts; save to `out_dir`.
 
     Raises:
+        ConfigError: DeepSpeed ZeRO-3, which leaves no process the whole model to sample from.
         DataError: fewer prompts than one step uses, or a malformed line (names the file and line).
     """
     cfg = params.grpo
     run = run or TrainingRun()
+    if run.distributed.strategy == "deepspeed" and run.distributed.zero_stage == 3:
+        raise ConfigError("grpo samples replies from the whole model, which ZeRO-3 shards across processes: "
+                          "run it with distributed.zero_stage 1 or 2, or strategy ddp")
     check_divisible("grpo", cfg.batch_size, run.dist)
     model, tok, _, _ = load_for_finetuning(init_dir, params.seed)
     prompts = list(read_jsonl(prompts_file, validate_prompt))

@@ -162,6 +162,12 @@ class BestWeights:
             self.step, self.loss = step, loss
             self.weights = {k: v.clone() for k, v in engine.full_weights().items()}
 
+    def stalled(self, step: int, cfg: TrainConfig) -> bool:
+        """Whether `cfg.patience` evaluations in a row have not beaten the best one: the weights
+        kept are then settled, and the rest of the run (same schedule) would only be discarded."""
+        return self.enabled and cfg.patience > 0 and self.step is not None \
+            and step - self.step >= cfg.patience * cfg.eval_interval
+
     def state(self) -> dict | None:
         return {"step": self.step, "loss": self.loss} if self.step is not None else None
 
@@ -273,7 +279,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     if micro_batches and not hasattr(batches, "load_state"):
         it = itertools.islice(it, micro_batches, None)  # skip what the interrupted run already used
     window = MetricsWindow(device, dist)
-    val_loss = None
+    val_loss, stop = None, False
     bar = tqdm(range(start_step, cfg.max_steps), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not dist.is_main, initial=start_step, total=cfg.max_steps)
     for step in bar:
@@ -299,6 +305,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             val_loss = evaluate(engine.eval_model, objective, val_batches(), device, dtype, cfg.eval_batches, dist)
             metrics["val/loss"] = val_loss
             best.offer(step + 1, val_loss, engine)
+            stop = best.stalled(step + 1, cfg) and not last
         logger.log(step + 1, metrics)
         if dist.is_main:
             log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps,
@@ -308,6 +315,11 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k",
                         refresh=False)
         window.restart_clock()
+        if stop:
+            if dist.is_main:
+                log.info("stopping at step %d of %d: %d evaluations have not beaten step %d's validation loss "
+                         "(patience)", step + 1, cfg.max_steps, cfg.patience, best.step)
+            break
         if checkpoints.due(step + 1, last):
             checkpoints.save(step + 1, engine, {"micro_batches": micro_batches, "history": result.history,
                                                 "data": batches.state() if hasattr(batches, "state") else None}, best)
@@ -316,7 +328,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     result.final = {k: v for k, v in result.history[-1].items() if k.startswith("train/")}
     if val_loss is not None:
         lowest = min(h["val/loss"] for h in result.history if "val/loss" in h)
-        result.final.update(_kept(model, best, val_loss, cfg.max_steps, dist), **{"val/best_loss": lowest})
+        result.final.update(_kept(model, best, val_loss, result.history[-1]["step"], dist),
+                            **{"val/best_loss": lowest})
     return result
 
 
