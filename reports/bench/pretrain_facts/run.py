@@ -43,7 +43,8 @@ def main() -> None:
         val[params.pretrain.max_steps] = summary["val/last_loss"]
         tok, model = load_tokenizer(last), load_model(last)
         items = [json.loads(line) for line in (ROOT / "artifacts/data/eval/eval_facts.jsonl").open()]
-        print("| step | val loss | " + " | ".join(COLUMNS) + " |\n|---" * (len(COLUMNS) + 2) + "|")
+        print("| step | val loss | " + " | ".join(COLUMNS) + " |")
+        print("|---" * (len(COLUMNS) + 2) + "|")
         for folder in [*sorted(checkpoints.iterdir()), last]:
             model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
             accuracy, _ = fact_accuracy(model.eval(), tok, items, 24, params.eval.max_fact_prompts, params.seed)
