@@ -6,10 +6,9 @@ grpo.enabled false, or no such prompts (a user's corpus), the stage writes a not
 chat and export take the dpo model. Several processes: `distributed.nproc` in params.
 """
 
-import shutil
 from pathlib import Path
 
-from tinyllm.stage import stage_main, write_json
+from tinyllm.stage import stage_main, write_json, write_skipped
 from tinyllm.train.distributed import training_run
 from tinyllm.train.grpo import run_grpo
 
@@ -22,13 +21,8 @@ def main(params):
     with training_run("grpo", params) as run:
         skip = "grpo.enabled is false in params.yaml" if not params.grpo.enabled else (
             None if PROMPTS.stat().st_size else f"{PROMPTS} is empty: no prompts with checkable answers")
-        if skip:  # DVC needs every out to exist; eval and chat skip a folder without weights
-            if run.dist.is_main:
-                shutil.rmtree(OUT, ignore_errors=True)
-                OUT.mkdir(parents=True)
-                (OUT / "DISABLED").write_text(skip + "\n")
-                run.logger.log(0, {"enabled": 0})
-                write_json(Path("reports/metrics/grpo.json"), {"enabled": False, "reason": skip})
+        if skip:
+            write_skipped("grpo", OUT, skip, run)
             return
         summary = run_grpo(params, Path("artifacts/dpo"), PROMPTS, OUT, run)
         if run.dist.is_main:

@@ -3,10 +3,9 @@
 Several processes: `distributed.nproc` in params (or `torchrun --nproc_per_node N -m stages.lora`).
 """
 
-import shutil
 from pathlib import Path
 
-from tinyllm.stage import stage_main, write_json
+from tinyllm.stage import stage_main, write_json, write_skipped
 from tinyllm.train.distributed import training_run
 from tinyllm.train.lora import run_lora
 
@@ -16,13 +15,8 @@ OUT = Path("artifacts/lora")
 @stage_main
 def main(params):
     with training_run("lora", params) as run:
-        if not params.lora.enabled:  # DVC needs every out to exist; eval and chat skip a folder without weights
-            if run.dist.is_main:
-                shutil.rmtree(OUT, ignore_errors=True)
-                OUT.mkdir(parents=True)
-                (OUT / "DISABLED").write_text("lora.enabled is false in params.yaml\n")
-                run.logger.log(0, {"enabled": 0})
-                write_json(Path("reports/metrics/lora.json"), {"enabled": False})
+        if not params.lora.enabled:
+            write_skipped("lora", OUT, "lora.enabled is false in params.yaml", run)
             return
         chat = Path("artifacts/data/chat")
         summary = run_lora(params, Path("artifacts/sft"), chat / "identity.jsonl",

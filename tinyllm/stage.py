@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +28,18 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def write_skipped(stage: str, out: Path, reason: str, run) -> None:
+    """A switched-off stage's outputs (rank 0): `out` holding only a DISABLED note (DVC needs every
+    out to exist; eval and chat skip a folder without weights), a dvclive point and its metrics."""
+    if not run.dist.is_main:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / "DISABLED").write_text(reason + "\n")
+    run.logger.log(0, {"enabled": 0})
+    write_json(Path("reports/metrics") / f"{stage}.json", {"enabled": False, "reason": reason})
 
 
 def stage_main(fn):

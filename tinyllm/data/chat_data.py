@@ -41,6 +41,7 @@ from tinyllm.data.world import (
     Person,
     World,
     arithmetic_cloze,
+    arithmetic_result,
     arithmetic_seen,
     fact_fields,
     render_template,
@@ -278,9 +279,10 @@ def _arithmetic_answer(problem: tuple[str, int, int], lang: str) -> str:
     return "".join(arithmetic_cloze(*problem, lang)) + ("。" if lang == "zh" else ".")
 
 
-def _arithmetic_result(problem: tuple[str, int, int]) -> str:
-    op, a, b = problem
-    return str(a + b if op == "+" else a - b)
+def _arithmetic_item(problem: tuple[str, int, int], lang: str, template: str, split: str) -> dict:
+    """An eval-style item asking `problem` in chat form; answer = the result, kind "arithmetic"."""
+    return _eval_item([_msg("user", _arithmetic_question(problem, lang, template))],
+                      str(arithmetic_result(*problem)), split, "arithmetic", lang)
 
 
 def _languages(world: World) -> tuple[str, ...]:
@@ -516,8 +518,7 @@ def eval_unknown(world: World, rng: random.Random) -> list[dict]:
 def eval_arith(world: World, rng: random.Random) -> list[dict]:
     """The held-out arithmetic problems (never in the corpus, SFT or grpo), asked in chat form in
     each language; answer = the result, kind "arithmetic" (scored by tinyllm.eval.verify)."""
-    return [_eval_item([_msg("user", _arithmetic_question(problem, lang, rng.choice(ARITHMETIC_QUESTIONS[lang])))],
-                       _arithmetic_result(problem), "heldout", "arithmetic", lang)
+    return [_arithmetic_item(problem, lang, rng.choice(ARITHMETIC_QUESTIONS[lang]), "heldout")
             for problem in world.arithmetic_heldout for lang in _languages(world)]
 
 
@@ -526,10 +527,8 @@ def grpo_prompts(world: World, rng: random.Random, eval_qa_items: list[dict]) ->
     every phrasing and language, and GRPO_FACT_PROMPTS questions about sft people. None of them is
     an eval prompt: the problems are a split of their own, and a fact question's person ×
     attribute × language is not one eval_qa asks."""
-    items = [_eval_item([_msg("user", _arithmetic_question(problem, lang, template))],
-                        _arithmetic_result(problem), "practice", "arithmetic", lang)
-             for problem in world.arithmetic_practice for lang in _languages(world)
-             for template in ARITHMETIC_QUESTIONS[lang]]
+    items = [_arithmetic_item(problem, lang, template, "practice") for problem in world.arithmetic_practice
+             for lang in _languages(world) for template in ARITHMETIC_QUESTIONS[lang]]
     asked = {(item["kind"], item["lang"], item["messages"][-1]["content"]) for item in eval_qa_items}
     facts = [(p, a, lang) for p in _people(world, "sft") for a in ATTRIBUTES for lang in _languages(world)
              if (lang == "zh" or p.bios_en)

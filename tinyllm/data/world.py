@@ -338,7 +338,8 @@ def build_world(cfg: WorldConfig, seed: int, lexicon_path: str | Path) -> World:
                                bios_zh=cfg.bios_per_person - bios_en[i], bios_en=bios_en[i]))
     problems = _arithmetic_problems()
     arithmetic_heldout = sorted(rng.sample(problems, round(ARITHMETIC_HELDOUT_FRACTION * len(problems))))
-    rest = [x for x in problems if x not in set(arithmetic_heldout)]
+    held = set(arithmetic_heldout)
+    rest = [x for x in problems if x not in held]
     n_practice = round(ARITHMETIC_PRACTICE_FRACTION * len(problems))
     practice = sorted(random.Random(f"{seed}/practice").sample(rest, n_practice))  # own RNG: the people stay
     return World(people=tuple(people), cities=lex.cities, arithmetic_heldout=tuple(arithmetic_heldout),
@@ -405,9 +406,13 @@ def arithmetic_seen(world: World) -> list[tuple[str, int, int]]:
     return [p for p in _arithmetic_problems() if p not in kept_out]
 
 
+def arithmetic_result(op: str, a: int, b: int) -> int:
+    return a + b if op == "+" else a - b
+
+
 def arithmetic_cloze(op: str, a: int, b: int, lang: str) -> tuple[str, str]:
     """("12加7等于", "19") / ("12 plus 7 equals", " 19"): the corpus sentence, split before the result."""
-    result = a + b if op == "+" else a - b
+    result = arithmetic_result(op, a, b)
     if lang == "zh":
         return f"{a}{'加' if op == '+' else '减'}{b}等于", str(result)
     return f"{a} {'plus' if op == '+' else 'minus'} {b} equals", f" {result}"

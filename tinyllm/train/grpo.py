@@ -102,7 +102,8 @@ class RolloutBatches:
         cfg, device = self.cfg, next(self.policy.parameters()).device
         per_round = cfg.batch_size * cfg.grad_accum
         mine = round_prompts(round_index, per_round, len(self.prompts), self.seed, self.dist)
-        prompts = [self.prompt_ids[i] for i in mine for _ in range(cfg.group_size)]
+        owners = [i for i in mine for _ in range(cfg.group_size)]  # the prompt each sample answers
+        prompts = [self.prompt_ids[i] for i in owners]
         sample_seed = random.Random(f"{self.seed}/rollout/{round_index}/{self.dist.rank}").getrandbits(62)
         self.reference.to(device)
         start = time.perf_counter()
@@ -111,8 +112,7 @@ class RolloutBatches:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        rewards = torch.tensor([score(self.tok.decode(reply), self.prompts[i])
-                                for i, reply in zip((i for i in mine for _ in range(cfg.group_size)), replies)])
+        rewards = torch.tensor([score(self.tok.decode(reply), self.prompts[i]) for i, reply in zip(owners, replies)])
         grouped = rewards.view(len(mine), cfg.group_size)
         advantages = group_advantages(grouped, cfg.scale_advantages).flatten()
         generated = sum(len(r) for r in replies)
