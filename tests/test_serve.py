@@ -13,8 +13,7 @@ from conftest import make_chat_checkpoint
 
 from tinyllm.serve.api import create_app
 from tinyllm.serve.background import BackgroundServer
-from tinyllm.serve.models import load_served_models
-from tinyllm.serve.worker import ServedModel
+from tinyllm.serve.models import ServedModel, load_served_models
 
 
 class Server(BackgroundServer):
@@ -170,31 +169,33 @@ def test_twenty_concurrent_streams_each_get_what_they_get_alone(server):
     assert len(set(alone)) > 1  # the requests really differ
 
 
-def test_a_client_that_disconnects_mid_stream_frees_the_worker(tmp_path, tokenizer):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path, tokenizer):
     ckpt = make_chat_checkpoint(tmp_path, tokenizer, max_seq_len=4096)
     served = load_served_models([str(ckpt)])[0]
     endless = ServedModel(served.name, served.model, served.tok, set(), served.description)  # never stops early
     server = Server(create_app([endless]))
-    worker = server.app.state.worker
+    batcher = server.app.state.batchers[served.name]
     try:
         chunks = _ask(server.client(), "讲个故事", temperature=0, stream=True)  # up to ~4000 tokens
         for _, _ in zip(range(3), chunks):
             pass
-        assert worker.active is not None
+        assert batcher.live_requests == 1
         chunks.close()  # hang up
-        deadline = time.time() + 10
-        while worker.active is not None:
-            assert time.time() < deadline, "generation went on after the client left"
-            time.sleep(0.01)
-        assert worker.cancelled_jobs == 1
+        _wait_until(lambda: batcher.live_requests == 0, "generation went on after the client left")
+        assert batcher.cancelled_requests == 1
         reply = _ask(server.client(), "你好", max_tokens=3)  # the slot is free again
         assert reply.usage.completion_tokens == 3
         # a non-streaming client that gives up: its generation is cancelled too
         with pytest.raises(openai.APITimeoutError):
             _ask(server.client(timeout=1.0), "讲个故事", temperature=0)
-        deadline = time.time() + 10
-        while worker.cancelled_jobs < 2:
-            assert time.time() < deadline, "a non-streaming generation went on after its client left"
-            time.sleep(0.05)
+        _wait_until(lambda: batcher.cancelled_requests == 2, "a non-streaming generation went on after its client left")
+        assert batcher.live_requests == 0
     finally:
         server.stop()
+
+
+def _wait_until(condition, message: str, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, message
+        time.sleep(0.02)

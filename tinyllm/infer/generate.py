@@ -80,9 +80,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if repetition_penalty != 1.0 and seen is not None:
-        logits = logits.float()
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
+        logits = penalise_repeats(logits, seen, repetition_penalty)
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -91,11 +89,23 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, -1)
     if top_p is not None and top_p < 1:
-        # nucleus: the smallest set of most likely tokens whose probability reaches top_p
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = nucleus(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL's repetition penalty on the `seen` tokens; `penalty` is a number or (B, 1) per row."""
+    logits = logits.float()
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def nucleus(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Zero all but the smallest set of most likely tokens whose probability reaches top_p (a
+    number or (B, 1) per row); the result is not renormalised (sampling does not need it)."""
+    sorted_probs, order = probs.sort(-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
+    return probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
 
 
 def _budget(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:

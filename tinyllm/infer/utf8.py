@@ -72,6 +72,14 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
+def token_bytes(tok: Tokenizer) -> dict[int, bytes]:
+    """The bytes each token id stands for (a special token: its text in UTF-8)."""
+    alphabet = _byte_level_alphabet()
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    return {token: piece.encode() if piece in special else bytes(alphabet[c] for c in piece)
+            for piece, token in tok.get_vocab().items()}
+
+
 class Utf8Guard:
     def __init__(self, table: torch.Tensor):
         self.table = table
@@ -82,17 +90,15 @@ class Utf8Guard:
                        ) -> Utf8Guard:
         """The table for a byte-level BPE tokenizer. Ids past the tokenizer (a model's padded
         vocabulary) are never allowed."""
-        alphabet = _byte_level_alphabet()
-        special = {t.content for t in tok.get_added_tokens_decoder().values()}
         size = vocab_size or tok.get_vocab_size()
         table = torch.full((N_STATES, size), -1, dtype=torch.long)
-        for piece, token in tok.get_vocab().items():
+        special = {t.content for t in tok.get_added_tokens_decoder().values()}
+        for token, data in token_bytes(tok).items():
             if token >= size:
                 continue
-            if piece in special:
+            if tok.id_to_token(token) in special:
                 table[0, token] = 0
                 continue
-            data = bytes(alphabet[c] for c in piece)
             for state in range(N_STATES):
                 after = next_state(state, data)
                 if after is not None:

@@ -1,16 +1,20 @@
 """An OpenAI-compatible HTTP API: `tinyllm serve` (FastAPI + uvicorn).
 
     GET  /v1/models
-    POST /v1/chat/completions    messages → reply (stream or not)
-    POST /v1/completions         raw prompt → continuation (stream or not)
+    POST /v1/chat/completions    messages → reply (stream or not; n samples; logprobs)
+    POST /v1/completions         raw prompt → continuation (the same)
+    GET  /health                 liveness (no API key needed)
+    GET  /metrics                Prometheus text: requests, queue, live slots, tokens, TTFT/latency
 
 Request and response shapes follow OpenAI's, so its clients and third-party UIs (OpenWebUI,
 FastGPT, ...) work unchanged; errors come back as OpenAI's error JSON:
     400 malformed JSON, a bad field, or a prompt longer than the context (code context_length_exceeded)
     401 an API key is configured and the request's is missing or wrong
     404 an unknown model, when several are served (with one, any model name selects it)
-Generation runs in one worker thread, a request at a time, in arrival order (serve/worker.py).
-A streaming client that disconnects cancels its generation.
+    503 the queue is full
+Each model has a continuous batcher (infer/batcher.py): every request joins the running batch at
+the next step, and a client that disconnects frees its slot at the next step. When a stream's
+tokens come faster than the event loop sends them, the waiting pieces go out as one chunk.
 """
 
 from __future__ import annotations
@@ -21,16 +25,21 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllm.data.tokenizer import render_chat
-from tinyllm.serve.worker import Finish, GenerationWorker, Job, ServedModel
+from tinyllm.infer.batcher import Batcher, Finish, Piece, QueueFull, Request, TokenLogprob
+from tinyllm.infer.utf8 import token_bytes
+from tinyllm.serve.metrics import ServerMetrics
+from tinyllm.serve.models import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,10 @@ class Message(BaseModel):
         return self.content or ""
 
 
+MAX_N = 16
+"""Most samples per request (`n`); they share the batch."""
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (presence_penalty, user, ...) are ignored
     model: str | None = None
@@ -72,38 +85,60 @@ class SamplingFields(BaseModel):
     stop: str | list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=4)  # OpenAI: up to 4
     stream: bool | None = None
     stream_options: dict | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
 
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_wanted(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
-def create_app(models: list[ServedModel], api_key: str | None = None, max_queue: int = 64) -> FastAPI:
-    """The API over already loaded models (the first is the default). More than `max_queue` waiting
-    requests get 503 rather than an ever longer wait."""
-    worker = GenerationWorker()
+def create_app(models: list[ServedModel], api_key: str | None = None, max_queue: int = 64, slots: int = 32,
+               prefill_tokens: int = 256) -> FastAPI:
+    """The API over already loaded models (the first is the default), each with its own batcher of
+    `slots` live requests and `prefill_tokens` prompt tokens per step. More than `max_queue`
+    requests waiting for a slot get 503 rather than an ever longer wait. On a GPU the decode steps
+    are compiled here, before the first request."""
+    batchers = {m.name: Batcher(m.model, m.tok, m.stop_ids, m.utf8, slots=slots, prefill_tokens=prefill_tokens,
+                                max_queue=max_queue) for m in models}
+    for batcher in batchers.values():
+        batcher.warm_up()
+    vocab_bytes = {m.name: token_bytes(m.tok) for m in models}
+    metrics = ServerMetrics(batchers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        worker.close()
+        for batcher in batchers.values():
+            batcher.close()
 
-    async def check_key(request: Request):
-        """Every route needs `Authorization: Bearer <key>` when a key is set. (A dependency, not an
-        HTTP middleware: Starlette's middleware hides client disconnects from the handlers.)"""
+    async def check_key(request: HTTPRequest):
+        """Every route but /health needs `Authorization: Bearer <key>` when a key is set. (A
+        dependency, not an HTTP middleware: Starlette's middleware hides client disconnects from
+        the handlers.)"""
         given = request.headers.get("authorization", "")
-        if api_key and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if api_key and request.url.path != "/health" and not secrets.compare_digest(
+                given.encode(), f"Bearer {api_key}".encode()):
             raise APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`)",
                            code="invalid_api_key")
 
     app = FastAPI(title="TinyLLM", docs_url=None, redoc_url=None, lifespan=lifespan,
                   dependencies=[Depends(check_key)])
-    app.state.worker, app.state.models = worker, models
+    app.state.batchers, app.state.models, app.state.metrics = batchers, models, metrics
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -131,6 +166,16 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         raise APIError(404, f"The model `{name}` does not exist; served: {', '.join(m.name for m in models)}",
                        code="model_not_found", param="model")
 
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": [m.name for m in models],
+                "queued": sum(b.queued for b in batchers.values()),
+                "live": sum(b.live_requests for b in batchers.values())}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [{"id": m.name, "object": "model", "created": created, "owned_by": "tinyllm"}
@@ -142,13 +187,13 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         return {"id": served.name, "object": "model", "created": created, "owned_by": "tinyllm"}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def chat_completions(body: ChatRequest, request: HTTPRequest):
         served = pick(body.model)
         prompt_ids, dropped = await asyncio.to_thread(chat_prompt, served, body)  # tokenizing is CPU work
         return await respond(request, served, body, prompt_ids, chat=True, dropped=dropped)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest, request: HTTPRequest):
         served = pick(body.model)
         if isinstance(body.prompt, list) and len(body.prompt) != 1:
             raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
@@ -157,15 +202,10 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         if not prompt_ids:
             raise APIError(400, "prompt: must not be empty", param="prompt")
         check_fits(served, len(prompt_ids))
-        return await respond(request, served, body, prompt_ids, chat=False, dropped=0)
+        return await respond(request, served, body, prompt_ids, chat=False, dropped=0, prompt_chars=len(prompt))
 
-    async def respond(request: Request, served: ServedModel, body: SamplingFields, prompt_ids: list[int], chat: bool,
-                      dropped: int):
-        if body.n not in (None, 1):
-            raise APIError(400, "n: only n=1 is supported", param="n")
-        if worker.jobs.qsize() >= max_queue:
-            raise APIError(503, f"the server is busy ({max_queue} requests waiting); try again shortly",
-                           kind="server_error", code="server_busy")
+    async def respond(http: HTTPRequest, served: ServedModel, body: SamplingFields, prompt_ids: list[int], chat: bool,
+                      dropped: int, prompt_chars: int = 0):
         if isinstance(body.stop, str) and len(body.stop) > 64:
             raise APIError(400, "stop: at most 64 characters", param="stop")
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -174,32 +214,44 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         room = served.context - len(prompt_ids)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Job(served, prompt_ids, max_tokens=room if limit in (None, -1) else min(limit, room),
-                  emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
-                  temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p,
-                  top_k=body.top_k, seed=body.seed, repetition_penalty=body.repetition_penalty or 1.0,
-                  stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))
-        worker.submit(job)
-        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        requests: list[Request] = []
+
+        def emitter(index: int):
+            def emit(kind: str, value) -> None:  # on the scheduler thread
+                if kind != "text":
+                    metrics.observe(served.name, requests[index], value.reason if kind == "end" else "error")
+                loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+            return emit
+
+        for index in range(body.n or 1):  # sample i of a seeded request = the request with seed + i
+            requests.append(Request(
+                prompt_ids, max_tokens=room if limit in (None, -1) else min(limit, room), emit=emitter(index),
+                temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p,
+                top_k=body.top_k, seed=None if body.seed is None else (body.seed + index) % 2**63,
+                repetition_penalty=body.repetition_penalty or 1.0, logprobs=body.logprobs_wanted(),
+                stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or [])))
+        try:
+            batchers[served.name].submit(*requests)
+        except QueueFull:
+            raise APIError(503, f"the server is busy ({max_queue} requests waiting); try again shortly",
+                           kind="server_error", code="server_busy") from None
+        shape = ResponseShape(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), served.name, chat,
+                              vocab_bytes[served.name], prompt_chars)
         headers = {"x-tinyllm-dropped-turns": str(dropped)} if dropped else {}
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_events(job, events, ident, served.name, chat, include_usage),
+            return StreamingResponse(stream_events(requests, events, shape, include_usage),
                                      media_type="text/event-stream", headers=headers)
         try:
-            text, finish = await collect_unless_gone(events, request)
+            choices, usage = await collect_unless_gone(events, len(requests), shape, http)
         finally:
-            job.cancel()  # no-op once finished; frees the worker if the client went away
-        usage = usage_of(finish)
+            for request in requests:
+                request.cancel()  # no-op once finished; frees the slot if the client went away
+        kind = "chat.completion" if chat else "text_completion"
+        payload = {"id": shape.ident, "object": kind, "created": int(time.time()), "model": served.name,
+                   "choices": choices, "usage": usage}
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish.reason}
-            payload = {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": served.name,
-                       "choices": [choice], "usage": usage, "system_fingerprint": None}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.reason}
-            payload = {"id": ident, "object": "text_completion", "created": int(time.time()), "model": served.name,
-                       "choices": [choice], "usage": usage}
+            payload["system_fingerprint"] = None
         return JSONResponse(payload, headers=headers)
 
     return app
@@ -256,72 +308,135 @@ def chat_prompt(served: ServedModel, body: ChatRequest) -> tuple[list[int], int]
     return ids, dropped
 
 
-async def collect_unless_gone(events: asyncio.Queue, request: Request) -> tuple[str, Finish]:
+@dataclass
+class ResponseShape:
+    """What it takes to write a choice in OpenAI's shape."""
+    ident: str
+    model: str
+    chat: bool
+    vocab_bytes: dict[int, bytes]
+    prompt_chars: int
+    """Completions' logprobs count text offsets from the start of the prompt."""
+
+    def choice(self, index: int, text: str, pieces: list[Piece], finish_reason: str | None, offset: int,
+               stream: bool) -> dict:
+        """One choice (a whole message, or a stream delta) with its log-probs, if asked for."""
+        logprobs = [entry for piece in pieces for entry in piece.logprobs]
+        logprobs = self.logprobs(logprobs, offset) if logprobs else None
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        content = {"content": text} if stream else {"role": "assistant", "content": text}
+        return {"index": index, "delta" if stream else "message": content, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+    def logprobs(self, entries: list[TokenLogprob], offset: int) -> dict:
+        """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy
+        parallel lists (tokens, token_logprobs, top_logprobs, text_offset)."""
+        def text(token: int) -> str:
+            return self.vocab_bytes.get(token, b"").decode("utf-8", errors="replace")
+
+        if self.chat:
+            return {"content": [{"token": text(e.token), "logprob": e.logprob, "bytes": list(self.vocab_bytes[e.token]),
+                                 "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(self.vocab_bytes[t])}
+                                                  for t, lp in e.top]} for e in entries], "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(self.prompt_chars + offset)
+            offset += len(text(e.token))
+        return {"tokens": [text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+async def collect_unless_gone(events: asyncio.Queue, n: int, shape: ResponseShape, http: HTTPRequest
+                              ) -> tuple[list[dict], dict]:
     """`collect`, abandoned (CancelledError) if the client disconnects while waiting."""
-    task = asyncio.ensure_future(collect(events))
+    task = asyncio.ensure_future(collect(events, n, shape))
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await request.is_disconnected():
+            if not task.done() and await http.is_disconnected():
                 raise asyncio.CancelledError("client disconnected")
         return task.result()
     finally:
         task.cancel()
 
 
-async def collect(events: asyncio.Queue) -> tuple[str, Finish]:
-    pieces = []
-    while True:
-        kind, value = await events.get()
+async def collect(events: asyncio.Queue, n: int, shape: ResponseShape) -> tuple[list[dict], dict]:
+    """The n choices, once every sample has ended, and the usage."""
+    pieces: list[list[Piece]] = [[] for _ in range(n)]
+    finishes: dict[int, Finish] = {}
+    while len(finishes) < n:
+        index, kind, value = await events.get()
         if kind == "text":
-            pieces.append(value)
+            pieces[index].append(value)
         elif kind == "end":
-            return "".join(pieces), value
+            finishes[index] = value
         else:
             raise APIError(500, f"generation failed: {value}", kind="server_error")
+    choices = [shape.choice(i, "".join(p.text for p in pieces[i]), pieces[i], finishes[i].reason, 0, stream=False)
+               for i in range(n)]
+    return choices, usage_of(list(finishes.values()))
 
 
-def usage_of(finish: Finish) -> dict:
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+def usage_of(finishes: list[Finish]) -> dict:
+    """One prompt, n completions."""
+    prompt, completion = finishes[0].prompt_tokens, sum(f.completion_tokens for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def stream_events(job: Job, events: asyncio.Queue, ident: str, model: str, chat: bool, include_usage: bool):
-    """Server-sent events in OpenAI's chunk shape, ending with `data: [DONE]`. If the client goes
-    away, Starlette cancels this generator and the job is cancelled with it."""
+async def stream_events(requests: list[Request], events: asyncio.Queue, shape: ResponseShape, include_usage: bool):
+    """Server-sent events in OpenAI's chunk shape, ending with `data: [DONE]`. Pieces that queued up
+    while the previous chunk was being sent go out together as one chunk per choice. If the client
+    goes away, Starlette cancels this generator and the requests are cancelled with it."""
     created = int(time.time())
+    kind = "chat.completion.chunk" if shape.chat else "text_completion"
 
-    def chunk(delta_or_text, finish_reason=None, usage=None) -> str:
-        if chat:
-            choices = [] if delta_or_text is None else [{"index": 0, "delta": delta_or_text, "logprobs": None,
-                                                          "finish_reason": finish_reason}]
-            payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "system_fingerprint": None, "choices": choices}
-        else:
-            choices = [] if delta_or_text is None else [{"index": 0, "text": delta_or_text, "logprobs": None,
-                                                          "finish_reason": finish_reason}]
-            payload = {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        payload = {"id": shape.ident, "object": kind, "created": created, "model": shape.model, "choices": choices}
+        if shape.chat:
+            payload["system_fingerprint"] = None
         if include_usage:
             payload["usage"] = usage
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
+    n, offsets, finishes = len(requests), [0] * len(requests), {}
+    pending: dict[int, list[Piece]] = {}  # per choice: pieces not yet in a chunk
+    out: list[str] = []  # chunks ready to send
+
+    def flush(index: int, finish_reason: str | None = None) -> None:
+        pieces = pending.pop(index, [])
+        text = "".join(p.text for p in pieces)
+        if pieces or finish_reason:
+            out.append(chunk([shape.choice(index, text, pieces, finish_reason, offsets[index], stream=True)]))
+            offsets[index] += len(text)
+
     try:
-        if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, value = await events.get()
-            if kind == "text":
-                yield chunk({"content": value} if chat else value)
-            elif kind == "end":
-                yield chunk({} if chat else "", finish_reason=value.reason)
-                if include_usage:
-                    yield chunk(None, usage=usage_of(value))
-                break
-            else:
-                error = {"error": {"message": f"generation failed: {value}", "type": "server_error", "param": None,
-                                   "code": None}}
-                yield f"data: {json.dumps(error)}\n\n"
-                break
+        if shape.chat:
+            yield "".join(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}]) for i in range(n))
+        while len(finishes) < n:
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            for index, what, value in batch:
+                if what == "text":
+                    pending.setdefault(index, []).append(value)
+                elif what == "end":
+                    flush(index)
+                    finishes[index] = value
+                    flush(index, value.reason)
+                else:
+                    error = {"error": {"message": f"generation failed: {value}", "type": "server_error",
+                                       "param": None, "code": None}}
+                    yield "".join(out) + f"data: {json.dumps(error)}\n\n" + "data: [DONE]\n\n"
+                    return
+            for index in list(pending):
+                flush(index)
+            yield "".join(out)
+            out.clear()
+        if include_usage:
+            yield chunk([], usage=usage_of([finishes[i] for i in range(n)]))
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel()  # no-op once finished; stops the worker if the client left mid-stream
+        for request in requests:
+            request.cancel()  # no-op once finished; frees the slots if the client left mid-stream

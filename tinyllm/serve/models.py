@@ -6,13 +6,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm.data.tokenizer import reply_stop_ids
 from tinyllm.errors import UserError
 from tinyllm.infer.chat import load_chat_model
 from tinyllm.infer.utf8 import Utf8Guard
-from tinyllm.serve.worker import ServedModel
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model: object
+    tok: object
+    stop_ids: set[int]
+    description: str
+    utf8: Utf8Guard | None = None
+    """Keeps sampled replies valid UTF-8 (`load_served_models` builds it from the tokenizer)."""
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_seq_len
 
 
 def load_served_models(specs: list[str], adapter: Path | None = None, device: str = "cpu") -> list[ServedModel]:

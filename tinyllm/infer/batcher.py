@@ -1,0 +1,441 @@
+"""Continuous batching: one thread runs every request of a model in one shared batch.
+
+At every step the scheduler
+1. admits waiting requests into free slots of a `SlotKVCache` (a cap on live requests and on
+   the tokens they may hold),
+2. prefills up to `prefill_tokens` prompt tokens of the newest requests (a long prompt takes
+   several steps, so the others keep decoding meanwhile),
+3. decodes one token for every request that has its prompt in, all in one forward,
+4. retires finished and cancelled requests at once, freeing their slots.
+So a short request never waits for a long one, and the model runs batches instead of one
+sequence at a time.
+
+Sampling settings are per request (temperature, top-p, top-k, repetition penalty, seed) and
+applied row by row in one vectorised pass. A seeded sample does not depend on its neighbours:
+its random numbers come from a hash of (seed, token index, vocabulary id), not from a generator
+shared by the batch. The same request therefore gives the same tokens alone or among 31 others
+(up to float rounding, which can differ between batch shapes; see the tests and reports/serving.md).
+
+    batcher = Batcher(model, tok, stop_ids={im_end}, utf8=guard)
+    request = Request(prompt_ids, max_tokens=64, emit=lambda kind, value: ..., temperature=0.7)
+    batcher.submit(request)   # emit("text", Piece) ..., then emit("end", Finish) or emit("error", message)
+    request.cancel()          # e.g. the client hung up: its slot is freed at the next step
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tinyllm import cpu_threads
+from tinyllm.infer.generate import nucleus, penalise_repeats
+from tinyllm.infer.slots import SlotKVCache
+from tinyllm.infer.text import TextStream
+from tinyllm.infer.utf8 import Utf8Guard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """The most likely tokens at this position with their log-probs (as many as asked for)."""
+
+
+@dataclass
+class Piece:
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The tokens behind this text (only when the request asked for logprobs)."""
+
+
+@dataclass
+class Finish:
+    reason: str
+    """"stop" (end of reply or a stop string), "length" (max_tokens or the context) or "cancelled"."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Callable[[str, object], None]
+    """Called from the scheduler thread: ("text", Piece) ..., then ("end", Finish) or ("error", message)."""
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    """None: no log-probs; k ≥ 0: the chosen token's log-prob and the k most likely tokens'."""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class _Live:
+    """A request in a slot."""
+    request: Request
+    slot: int
+    budget: int
+    stream: TextStream
+    prefilled: int = 0
+    generated: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt_ids)
+
+    @property
+    def reserved(self) -> int:
+        return len(self.request.prompt_ids) + self.budget
+
+
+def _buckets(most: int) -> list[int]:
+    """Decode batch sizes: powers of two up to `most` (and `most` itself)."""
+    sizes = [1]
+    while sizes[-1] * 2 < most:
+        sizes.append(sizes[-1] * 2)
+    return sorted({*sizes, most})
+
+
+class Batcher:
+    def __init__(self, model, tok, stop_ids: set[int], utf8: Utf8Guard | None = None, slots: int = 32,
+                 max_live_tokens: int | None = None, prefill_tokens: int = 256, max_queue: int = 64,
+                 compile: bool | None = None):
+        """slots: most requests decoding together. max_live_tokens: most prompt + max_tokens over
+        the live requests (default: every slot full). prefill_tokens: prompt tokens per step.
+        max_queue: most requests waiting for a slot (more: `submit` raises QueueFull).
+        compile: CUDA graphs for the decode step, one per batch-size bucket (default: a dense
+        model on a GPU; an MoE routes with data-dependent shapes and runs eagerly)."""
+        self.model, self.tok, self.stop_ids, self.utf8 = model.eval(), tok, set(stop_ids), utf8
+        cfg = model.config
+        param = next(model.parameters())
+        self.device = param.device
+        self.context = cfg.max_seq_len
+        self.slots, self.prefill_tokens, self.max_queue = slots, prefill_tokens, max_queue
+        self.max_live_tokens = max_live_tokens or slots * cfg.max_seq_len
+        self.cache = SlotKVCache(cfg, slots, self.device, param.dtype)
+        self.buckets = _buckets(slots)
+        if compile is None:
+            compile = self.device.type == "cuda" and not cfg.moe.enabled
+        self.compile = compile
+        self._decoders: dict[int, Callable] = {}
+
+        def zeros(dtype):
+            return torch.zeros(slots, dtype=dtype, device=self.device)
+        self.last = zeros(torch.long)  # each slot's newest token: its next decode input
+        self.temperature, self.top_p, self.penalty = zeros(torch.float), zeros(torch.float), zeros(torch.float)
+        self.top_k, self.seed, self.steps = zeros(torch.long), zeros(torch.long), zeros(torch.long)
+        self.utf8_state = zeros(torch.long)
+        self.seen = torch.zeros(slots, cfg.vocab_size, dtype=torch.bool, device=self.device)
+
+        self.live: list[_Live | None] = [None] * slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.incoming: queue.Queue[Request | None] = queue.Queue()
+        self.lock = threading.Lock()  # submit's queue check against the scheduler's admissions
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.cancelled_requests = 0
+        self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.thread.start()
+
+    # --- what other threads call -------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return self.incoming.qsize() + len(self.waiting)
+
+    @property
+    def live_requests(self) -> int:
+        return sum(live is not None for live in self.live)
+
+    def submit(self, *requests: Request) -> None:
+        """Queue requests (all or none: QueueFull when they would exceed max_queue)."""
+        for request in requests:
+            if not request.prompt_ids or len(request.prompt_ids) >= self.context:
+                raise ValueError(f"a prompt needs 1 to {self.context - 1} tokens, not {len(request.prompt_ids)}")
+        with self.lock:
+            if self.queued + len(requests) > self.max_queue:
+                raise QueueFull(f"{self.queued} requests waiting")
+            for request in requests:
+                request.submitted = time.perf_counter()
+                self.incoming.put(request)
+
+    def warm_up(self) -> None:
+        """Compile every decode bucket now, not on the first requests (a no-op without CUDA graphs)."""
+        if self.compile:
+            self.incoming.put(_WARM_UP)
+            while self.incoming.qsize() or not self._warm:
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.incoming.put(None)
+        self.thread.join(timeout=10)
+
+    # --- the scheduler thread ----------------------------------------------------------------
+
+    _warm = False
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            while self._take_incoming():
+                try:
+                    self._step()
+                except Exception as err:  # a bug must not kill the server: fail the live requests, go on
+                    log.exception("batch step failed")
+                    for live in [live for live in self.live if live]:
+                        self._retire(live, None, error=f"{type(err).__name__}: {err}")
+
+    def _take_incoming(self) -> bool:
+        """Move submitted requests to the waiting line; block while there is nothing to do.
+        False once `close` was called."""
+        idle = not self.waiting and not any(self.live)
+        while True:
+            try:
+                request = self.incoming.get(block=idle)
+            except queue.Empty:
+                return True
+            if request is None:
+                for live in [live for live in self.live if live]:
+                    self._retire(live, "cancelled")
+                return False
+            if request is _WARM_UP:
+                for n in self.buckets:
+                    self._decoder(n)(self.last[:n, None])
+                self._warm = True
+                continue
+            self.waiting.append(request)
+            idle = False
+
+    def _step(self) -> None:
+        if self.device.type == "cpu":
+            cpu_threads.follow()
+        for live in [live for live in self.live if live and live.request.cancelled.is_set()]:
+            self._retire(live, "cancelled")
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _admit(self) -> None:
+        reserved = sum(live.reserved for live in self.live if live)
+        while self.waiting:
+            request = self.waiting[0]
+            if request.cancelled.is_set():
+                self.waiting.popleft()
+                self.cancelled_requests += 1
+                request.finished_at = time.perf_counter()
+                _send(request, "end", Finish("cancelled", len(request.prompt_ids), 0))
+                continue
+            budget = min(request.max_tokens, self.context - len(request.prompt_ids))
+            free = [slot for slot, live in enumerate(self.live) if live is None]
+            if not free or reserved + len(request.prompt_ids) + budget > self.max_live_tokens:
+                return
+            self.waiting.popleft()
+            slot = free[0]  # the lowest free slot keeps the live rows packed at the front
+            live = _Live(request, slot, budget, TextStream(self.tok, request.stop))
+            self.live[slot] = live
+            reserved += live.reserved
+            self.prompt_tokens += len(request.prompt_ids)
+            seed = request.seed if request.seed is not None else secrets.randbits(63)
+            self.temperature[slot] = request.temperature
+            self.top_p[slot] = request.top_p if request.top_p is not None else 1.0
+            self.top_k[slot] = request.top_k or 0
+            self.penalty[slot] = request.repetition_penalty
+            self.seed[slot], self.steps[slot], self.utf8_state[slot] = seed, 0, 0
+            self.cache.positions[slot], self.cache.live[slot] = 0, False
+            self.seen[slot] = False
+            if request.repetition_penalty != 1.0:
+                self.seen[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
+
+    def _prefill(self) -> None:
+        """The next prompt chunks, oldest request first, up to prefill_tokens in all."""
+        chunks, room = [], self.prefill_tokens
+        for live in sorted((live for live in self.live if live and not live.decoding),
+                           key=lambda live: live.request.submitted):
+            take = min(len(live.request.prompt_ids) - live.prefilled, room)
+            if take <= 0:
+                break
+            chunks.append((live, take))
+            room -= take
+        if not chunks:
+            return
+        width = max(take for _, take in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        for row, (live, take) in enumerate(chunks):
+            ids[row, :take] = torch.tensor(live.request.prompt_ids[live.prefilled:live.prefilled + take])
+        rows = torch.tensor([live.slot for live, _ in chunks], device=self.device)
+        starts = torch.tensor([live.prefilled for live, _ in chunks], device=self.device)
+        logits = self.model(ids.to(self.device), cache=self.cache.prefill(rows, starts)).logits
+        for live, take in chunks:
+            live.prefilled += take
+        self.cache.positions[rows] = starts + torch.tensor([take for _, take in chunks], device=self.device)
+        done = [row for row, (live, _) in enumerate(chunks) if live.decoding]
+        if done:
+            last = torch.tensor([chunks[row][1] - 1 for row in done], device=self.device)
+            done_rows = rows[done]
+            self.cache.live[done_rows] = True  # before sampling: a request may end on its first token
+            self._sample_and_emit(logits[torch.tensor(done, device=self.device), last], done_rows,
+                                  [chunks[row][0] for row in done])
+
+    def _decode(self) -> None:
+        lives = [live for live in self.live if live and live.decoding]
+        if not lives:
+            return
+        n = next(size for size in self.buckets if size > max(live.slot for live in lives))
+        logits = self._decoder(n)(self.last[:n, None])
+        rows = torch.tensor([live.slot for live in lives], device=self.device)
+        self._sample_and_emit(logits[rows], rows, lives)
+
+    def _decoder(self, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Logits of slots 0..n-1 for their newest tokens (n, vocab); cached per bucket."""
+        if n not in self._decoders:
+            view = self.cache.decode(n)
+
+            def step(tokens):
+                return self.model(tokens, cache=view).logits[:, -1]
+
+            if self.compile:
+                compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+                self._decoders[n] = lambda tokens: compiled(tokens).clone()  # the graph reuses its output buffer
+            else:
+                self._decoders[n] = step
+        return self._decoders[n]
+
+    def _sample_and_emit(self, logits: torch.Tensor, rows: torch.Tensor, lives: list[_Live]) -> None:
+        requests = [live.request for live in lives]
+        tokens = self._pick(logits, rows, requests)
+        asked = [r.logprobs for r in requests if r.logprobs is not None]
+        logprobs = _logprobs(logits, tokens, max(asked)) if asked else None
+        self.last[rows] = tokens
+        self.steps[rows] += 1
+        if any(r.repetition_penalty != 1.0 for r in requests):
+            self.seen[rows, tokens] = True
+        if self.utf8:
+            self.utf8_state[rows] = self.utf8.advance(self.utf8_state[rows], tokens)
+        now = time.perf_counter()
+        for i, (live, token) in enumerate(zip(lives, tokens.tolist())):
+            request = live.request
+            if request.first_token_at is None:
+                request.first_token_at = now
+            if token in self.stop_ids:
+                self._retire(live, "stop")
+                continue
+            live.generated += 1
+            self.generated_tokens += 1
+            if logprobs is not None and request.logprobs is not None:
+                chosen, top_ids, top_values = logprobs
+                k = request.logprobs
+                live.logprobs.append(TokenLogprob(token, chosen[i], list(zip(top_ids[i][:k], top_values[i][:k]))))
+            text = live.stream.push(token)
+            if text:
+                _send(request, "text", Piece(text, live.logprobs))
+                live.logprobs = []
+            if live.stream.stopped:
+                self._retire(live, "stop")
+            elif live.generated == live.budget:
+                self._retire(live, "length")
+
+    def _pick(self, logits: torch.Tensor, rows: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row, each with its own request's sampling settings."""
+        if self.utf8:
+            logits = logits.masked_fill(~self.utf8.allowed(self.utf8_state[rows]), float("-inf"))
+        if any(r.repetition_penalty != 1.0 for r in requests):
+            logits = penalise_repeats(logits, self.seen[rows], self.penalty[rows, None])
+        greedy = logits.argmax(-1)
+        if all(r.temperature <= 0 for r in requests):
+            return greedy
+        temperature = self.temperature[rows]
+        scaled = logits.float() / temperature.clamp(min=1e-6)[:, None]
+        if any(r.top_k for r in requests):
+            k = self.top_k[rows]
+            kth = scaled.sort(-1, descending=True).values.gather(-1, (k - 1).clamp(min=0)[:, None])
+            scaled = scaled.masked_fill((k[:, None] > 0) & (scaled < kth), float("-inf"))
+        probs = torch.softmax(scaled, -1)
+        if any(r.top_p is not None and r.top_p < 1 for r in requests):
+            probs = nucleus(probs, self.top_p[rows, None])
+        # the exponential race: argmax p / E with E ~ Exp(1) draws from p, with each row's own noise
+        noise = -torch.log(uniform_noise(self.seed[rows], self.steps[rows], probs.shape[-1]))
+        sampled = (probs / noise).argmax(-1)
+        return torch.where(temperature > 0, sampled, greedy)
+
+    def _retire(self, live: _Live, reason: str | None, error: str | None = None) -> None:
+        request = live.request
+        self.live[live.slot] = None
+        self.cache.live[live.slot] = False
+        request.finished_at = time.perf_counter()
+        if reason == "cancelled":
+            self.cancelled_requests += 1
+        if error is not None:
+            _send(request, "error", error)
+            return
+        rest = live.stream.finish()
+        if rest or live.logprobs:
+            _send(request, "text", Piece(rest, live.logprobs))
+        _send(request, "end", Finish(reason, len(request.prompt_ids), live.generated))
+
+
+def _send(request: Request, kind: str, value) -> None:
+    """request.emit, and if nobody can hear it any more (the event loop is closing), cancel the
+    request instead of failing the whole batch."""
+    try:
+        request.emit(kind, value)
+    except Exception:  # noqa: BLE001
+        log.warning("could not deliver a %s event; cancelling the request", kind)
+        request.cancel()
+
+
+_WARM_UP = Request([], 0, lambda kind, value: None)
+"""A marker in the incoming queue: compile the decode buckets."""
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of int64 values below 2**32; the
+    constant is below 2**27, so no product overflows int64."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, vocab) numbers in (0, 1), a function of (seed, step, vocabulary id) only: a row's random
+    draw does not depend on which other rows share its batch."""
+    key = _mix((seed & _MASK32) ^ _mix((seed >> 32) ^ _mix(step)))
+    ids = _mix(torch.arange(vocab, device=seed.device) + 0x9E3779B9 & _MASK32)
+    bits = _mix(key[:, None] ^ ids[None, :]) >> 8  # 24 bits: exact in float32
+    return (bits.float() + 0.5) / 2**24
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """The model's log-probs (before sampling settings) of the chosen tokens and the k best, as lists."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    top = logprobs.topk(k, -1) if k else None
+    return (chosen.tolist(), top.indices.tolist() if top is not None else [[]] * len(tokens),
+            top.values.tolist() if top is not None else [[]] * len(tokens))
