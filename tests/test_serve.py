@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -199,3 +200,128 @@ def _wait_until(condition, message: str, timeout: float = 10.0) -> None:
     while not condition():
         assert time.time() < deadline, message
         time.sleep(0.02)
+
+
+def test_n_samples_share_a_batch_and_sample_i_is_the_request_seeded_seed_plus_i(server):
+    client = server.client()
+    three = _ask(client, "李明养了什么？", n=3, temperature=1.0, seed=40, max_tokens=8)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    singles = [_ask(client, "李明养了什么？", temperature=1.0, seed=40 + i, max_tokens=8) for i in range(3)]
+    assert [c.message.content for c in three.choices] == [s.choices[0].message.content for s in singles]
+    assert three.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert three.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    chunks = list(_ask(client, "李明养了什么？", n=3, temperature=1.0, seed=40, max_tokens=8, stream=True))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == [c.message.content for c in three.choices]
+    with pytest.raises(openai.BadRequestError) as err:
+        _ask(client, "hi", n=17)
+    assert err.value.param == "n"
+
+
+def test_logprobs_in_chat_and_completions(server):
+    client = server.client()
+    reply = _ask(client, "李明住在哪里？", temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens
+    assert bytes(b for e in entries for b in e.bytes).decode() == reply.choices[0].message.content
+    for e in entries:
+        top = [t.logprob for t in e.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True) and e.logprob <= 0
+        assert e.logprob <= top[0] + 1e-6 and sum(2.718281828 ** lp for lp in top) <= 1 + 1e-6
+    chunks = list(_ask(client, "李明住在哪里？", temperature=0, max_tokens=8, logprobs=True, top_logprobs=3,
+                       stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    plain = _ask(client, "李明住在哪里？", temperature=0, max_tokens=8)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError):
+        _ask(client, "hi", top_logprobs=2)  # without logprobs=true
+
+    done = client.completions.create(model="x", prompt="李明住在", max_tokens=6, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == done.usage.completion_tokens == len(lp.token_logprobs) == len(lp.text_offset)
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == len("李明住在") and lp.text_offset == sorted(lp.text_offset)
+
+
+def _metrics(server) -> dict[str, float]:
+    text = urllib.request.urlopen(server.url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_health_and_prometheus_metrics(checkpoint):
+    with Server(create_app(load_served_models([str(checkpoint)]), api_key="k")) as server:
+        base = server.url.removesuffix("/v1")
+        health = json.loads(urllib.request.urlopen(base + "/health", timeout=10).read())  # no key needed
+        assert health == {"status": "ok", "models": ["ckpt"], "queued": 0, "live": 0}
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/metrics", timeout=10)
+        assert err.value.code == 401
+        client = server.client(api_key="k")
+        replies = [_ask(client, "你好", temperature=0, max_tokens=n) for n in (2, 3, 4)]
+        request = urllib.request.Request(base + "/metrics", headers={"authorization": "Bearer k"})
+        text = urllib.request.urlopen(request, timeout=10).read().decode()
+    assert "# TYPE tinyllm_time_to_first_token_seconds histogram" in text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    finished = sum(v for k, v in values.items() if k.startswith("tinyllm_requests_total"))
+    assert finished == 3
+    assert values['tinyllm_generated_tokens_total{model="ckpt"}'] == sum(r.usage.completion_tokens for r in replies)
+    assert values['tinyllm_prompt_tokens_total{model="ckpt"}'] == sum(r.usage.prompt_tokens for r in replies)
+    assert values['tinyllm_request_latency_seconds_count{model="ckpt"}'] == 3
+    assert values['tinyllm_time_to_first_token_seconds_bucket{model="ckpt",le="+Inf"}'] == 3
+    assert values['tinyllm_queued_requests{model="ckpt"}'] == 0 and values['tinyllm_live_requests{model="ckpt"}'] == 0
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_two_hundred_connections_a_third_dropped_leave_no_leak(checkpoint):
+    import asyncio
+
+    async def wave(url: str) -> list[int]:
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+
+        async def one(i: int) -> int:
+            stream = await client.chat.completions.create(
+                model="x", messages=[{"role": "user", "content": f"第{i}个问题"}], max_tokens=12,
+                temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True})
+            chunks, tokens = 0, None  # None: the stream ended without its usage chunk
+            async for chunk in stream:
+                chunks += 1
+                if i % 3 == 0 and chunks == 3:  # a third hang up midway
+                    tokens = -1
+                    break
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            await stream.close()
+            return tokens
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(200)))
+        finally:
+            await client.close()
+
+    with Server(create_app(load_served_models([str(checkpoint)]), max_queue=256)) as server:
+        batcher = server.app.state.batchers["ckpt"]
+        first = asyncio.run(wave(server.url))
+        _wait_until(lambda: batcher.live_requests == 0 and batcher.queued == 0, "slots leaked after the first wave")
+        before = _rss_mb()
+        for _ in range(2):
+            results = asyncio.run(wave(server.url))
+        _wait_until(lambda: batcher.live_requests == 0 and batcher.queued == 0, "slots leaked")
+        grown = _rss_mb() - before
+        reply = _ask(server.client(), "你好", temperature=0, max_tokens=3)  # still serving
+        values = _metrics(server)
+    assert first.count(-1) == results.count(-1) == 67 and None not in results
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert values['tinyllm_live_requests{model="ckpt"}'] == 0 and values['tinyllm_queued_requests{model="ckpt"}'] == 0
+    finished = {k: v for k, v in values.items() if k.startswith("tinyllm_requests_total")}
+    assert sum(finished.values()) == 601 and finished['tinyllm_requests_total{model="ckpt",reason="cancelled"}'] > 0
+    assert grown < 30, f"memory grew {grown:.1f} MB over 400 more connections"

@@ -1,0 +1,184 @@
+"""Continuous batching (tinyllm/infer/batcher.py) on the CPU: requests that share a batch get what
+they get alone, join a running batch, leave it at once, and respect the caps."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_chat_checkpoint
+
+from tinyllm.config import MoEConfig
+from tinyllm.infer.batcher import Batcher, QueueFull, Request, uniform_noise
+from tinyllm.infer.generate import generate
+from tinyllm.serve.models import load_served_models
+
+
+def _served(folder: Path, tokenizer, moe=None):
+    """A random model whose weights are large enough that its replies vary from prompt to prompt
+    (the default init gives near-uniform logits and one repeated token)."""
+    served = load_served_models([str(make_chat_checkpoint(folder, tokenizer, max_seq_len=96, moe=moe))])[0]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in served.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.4)
+    return served
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer):
+    return _served(tmp_path_factory.mktemp("batcher"), tokenizer)
+
+
+class Outcome:
+    def __init__(self):
+        self.text, self.finish, self.done, self.ended_at = "", None, threading.Event(), None
+
+    def emit(self, kind, value):
+        if kind == "text":
+            self.text += value.text
+        else:
+            self.finish, self.ended_at = value, time.perf_counter()
+            self.done.set()
+
+
+def run(batcher: Batcher, *specs: dict) -> list[Outcome]:
+    """Submit requests together and wait for all of them."""
+    outcomes = [Outcome() for _ in specs]
+    batcher.submit(*(Request(emit=o.emit, **spec) for o, spec in zip(outcomes, specs)))
+    for o in outcomes:
+        assert o.done.wait(60), "a request never ended"
+    return outcomes
+
+
+def _mixed_requests(tok, count: int) -> list[dict]:
+    """Greedy and seeded sampled requests with different prompts, lengths and settings."""
+    settings = [{"temperature": 0}, {"temperature": 1.0, "seed": 1}, {"temperature": 0.7, "top_p": 0.8, "seed": 2},
+                {"temperature": 1.2, "top_k": 5, "seed": 3}, {"temperature": 0, "repetition_penalty": 1.3},
+                {"temperature": 0.9, "repetition_penalty": 1.2, "seed": 4}]
+    return [{"prompt_ids": tok.encode(f"第{i}个问题：李明养了什么？" + "他住在杭州。" * (i % 4)).ids,
+             "max_tokens": 6 + i % 11, **{k: v + i if k == "seed" else v for k, v in settings[i % 6].items()}}
+            for i in range(count)]
+
+
+def test_thirty_two_requests_together_get_what_each_gets_alone(served):
+    batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, slots=32)
+    try:
+        specs = _mixed_requests(served.tok, 32)
+        alone = [run(batcher, spec)[0] for spec in specs]
+        together = run(batcher, *specs)
+        assert [o.text for o in together] == [o.text for o in alone]
+        assert [o.finish for o in together] == [o.finish for o in alone]
+        assert len({o.text for o in alone}) > 16  # the requests really differ
+        # greedy requests also match the one-sequence engine that chat and eval use
+        for spec, outcome in zip(specs, alone):
+            if set(spec) == {"prompt_ids", "max_tokens", "temperature"}:
+                ids = generate(served.model, spec["prompt_ids"], spec["max_tokens"], stop_ids=served.stop_ids,
+                               utf8=served.utf8)
+                assert served.tok.decode(ids) == outcome.text
+        assert batcher.live_requests == 0 and batcher.queued == 0
+    finally:
+        batcher.close()
+
+
+def test_long_prompts_prefill_in_chunks_beside_running_requests(served):
+    specs = _mixed_requests(served.tok, 12)
+    whole = Batcher(served.model, served.tok, served.stop_ids, served.utf8, prefill_tokens=1024)
+    chunked = Batcher(served.model, served.tok, served.stop_ids, served.utf8, prefill_tokens=7)
+    try:
+        assert max(len(s["prompt_ids"]) for s in specs) > 3 * 7  # several steps per prompt
+        assert [o.text for o in run(chunked, *specs)] == [o.text for o in run(whole, *specs)]
+    finally:
+        whole.close()
+        chunked.close()
+
+
+def test_a_short_request_joins_a_running_batch_and_leaves_first(served):
+    batcher = Batcher(served.model, served.tok, set(), served.utf8)  # no stop token: the long one runs its length
+    try:
+        long, short = Outcome(), Outcome()
+        prompt = served.tok.encode("讲个故事").ids
+        batcher.submit(Request(prompt, 80, long.emit))
+        while not long.text:
+            time.sleep(0.001)
+        batcher.submit(Request(prompt, 3, short.emit))
+        assert short.done.wait(30) and long.done.wait(30)
+        assert short.ended_at < long.ended_at and short.finish.completion_tokens == 3
+        assert long.finish.completion_tokens == 80 and long.finish.reason == "length"
+    finally:
+        batcher.close()
+
+
+def test_caps_on_live_tokens_and_on_the_queue(served):
+    prompt = served.tok.encode("你好").ids
+    most_live = []
+    batcher = Batcher(served.model, served.tok, set(), served.utf8, max_live_tokens=2 * (len(prompt) + 10),
+                      max_queue=6)
+    try:
+        outcomes = [Outcome() for _ in range(6)]
+
+        def emit(outcome):
+            def record(kind, value):
+                most_live.append(batcher.live_requests)
+                outcome.emit(kind, value)
+            return record
+
+        batcher.submit(*(Request(prompt, 10, emit(o)) for o in outcomes))
+        with pytest.raises(QueueFull):
+            batcher.submit(*(Request(prompt, 10, Outcome().emit) for _ in range(2)))
+        for o in outcomes:
+            assert o.done.wait(30)
+        assert max(most_live) == 2 and all(o.finish.completion_tokens == 10 for o in outcomes)
+        with pytest.raises(ValueError, match="prompt"):
+            batcher.submit(Request([1] * served.context, 1, Outcome().emit))
+    finally:
+        batcher.close()
+
+
+def test_cancelled_requests_free_their_slots_at_the_next_step(served):
+    batcher = Batcher(served.model, served.tok, set(), served.utf8, slots=2)
+    try:
+        prompt = served.tok.encode("讲个故事").ids
+        outcomes = [Outcome() for _ in range(3)]
+        requests = [Request(prompt, 90, o.emit) for o in outcomes]
+        batcher.submit(*requests)
+        while batcher.live_requests < 2:
+            time.sleep(0.001)
+        for request in requests:
+            request.cancel()
+        for o in outcomes:
+            assert o.done.wait(10) and o.finish.reason == "cancelled"
+        assert outcomes[2].finish.completion_tokens == 0  # the third never got a slot
+        assert batcher.live_requests == 0 and batcher.cancelled_requests == 3
+    finally:
+        batcher.close()
+
+
+def test_an_moe_model_batches_too(tmp_path, tokenizer):
+    served = _served(tmp_path, tokenizer, moe=MoEConfig(enabled=True, n_routed_experts=4, n_shared_experts=1,
+                                                        top_k=2, first_dense_layers=1))
+    batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8)
+    try:
+        specs = _mixed_requests(served.tok, 8)
+        alone = [run(batcher, spec)[0].text for spec in specs]
+        assert [o.text for o in run(batcher, *specs)] == alone and len(set(alone)) > 4
+    finally:
+        batcher.close()
+
+
+def test_each_row_draws_its_own_noise_and_samples_follow_the_distribution():
+    seeds, steps = torch.tensor([5, 5, 6, 2**62 + 5]), torch.tensor([0, 1, 0, 0])
+    noise = uniform_noise(seeds, steps, 1000)
+    assert noise.shape == (4, 1000) and 0 < noise.min() and noise.max() < 1
+    assert torch.equal(noise[1:2], uniform_noise(seeds[1:2], steps[1:2], 1000))  # alone = in a batch
+    assert len({tuple(row.tolist()) for row in noise}) == 4  # seed, step and the high bits all matter
+    assert abs(noise.mean().item() - 0.5) < 0.02
+    # the exponential race over many steps: frequencies follow the probabilities
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    draws = 20000
+    u = uniform_noise(torch.full((draws,), 7), torch.arange(draws), 4)
+    picked = (probs / -torch.log(u)).argmax(-1)
+    freq = torch.bincount(picked, minlength=4) / draws
+    assert torch.allclose(freq, probs, atol=0.015), freq
