@@ -276,66 +276,113 @@ def run_infer(models: list[str], batch_sizes: list[int], out_dir: Path, name: st
                        title="Generation speed")
 
 
-def bench_serve(checkpoints: list[str], *, clients: int, requests: int, max_tokens: int, device: str) -> dict:
-    """`clients` concurrent streaming clients (the official openai client), each sending `requests`
-    chat requests to a real server on 127.0.0.1: time to first token and whole-request latency
-    percentiles, and completion tokens/s over the run."""
-    import concurrent.futures
+def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int], requests: int, max_tokens: int,
+                device: str, slots: list[int], log_dir: Path) -> tuple[list[dict], str]:
+    """`tinyllm serve` in a process of its own, once per `slots` setting (1 = one request at a time,
+    as the server was before continuous batching), driven by streaming clients (the official openai
+    client, one process each): for each number of concurrent clients, aggregate completion tokens/s
+    and time-to-first-token / latency percentiles. Every reply runs to max_tokens (ignore_eos), so
+    all rows generate the same work. Also checks that greedy replies to max(clients) concurrent
+    requests equal their solo replies. `preset` serves random weights of that shape (with the
+    checkpoint's tokenizer) instead of the checkpoint's."""
+    import multiprocessing
+    import tempfile
 
-    import openai
+    from tinyllm.infer.chat import newest_chat_checkpoint
+    from tinyllm.serve import loadgen
 
-    from tinyllm.serve.api import create_app
-    from tinyllm.serve.background import BackgroundServer
-    from tinyllm.serve.models import load_served_models
+    source = Path(checkpoint) if checkpoint else newest_chat_checkpoint()
+    rows, most = [], max(clients)
+    with tempfile.TemporaryDirectory() as tmp, multiprocessing.get_context("spawn").Pool(most) as pool:
+        target = _random_checkpoint(preset, source, Path(tmp)) if preset else source
+        pool.map(loadgen.ready, range(most), chunksize=1)
+        for n_slots in slots:
+            with _served_process(target, device, n_slots, log_dir / f"serve_slots{n_slots}.log") as (url, name):
+                warm_up = [(url, name, i, 1, max_tokens, 0) for i in range(most)]
+                pool.map(loadgen.client, warm_up, chunksize=1)
+                for n_clients in clients:
+                    start_at = time.time() + 0.5
+                    results = [r for rs in pool.map(loadgen.client, [(url, name, i, requests, max_tokens, start_at)
+                                                                      for i in range(n_clients)], chunksize=1)
+                               for r in rs]
+                    rows.append(_serve_row(n_slots, n_clients, results))
+                if n_slots == max(slots):
+                    asks = [(url, name, q + f"（第{i}题）", max_tokens) for i, q in
+                            enumerate(loadgen.QUESTIONS * (most // len(loadgen.QUESTIONS) + 1))][:most]
+                    solo = [loadgen.greedy_reply(a) for a in asks]
+                    together = pool.map(loadgen.greedy_reply, asks, chunksize=1)
+                    equal = sum(a == b for a, b in zip(solo, together))
+                    check = (f"Greedy replies to {most} concurrent requests equal to their solo replies "
+                             f"({n_slots} slots): {equal}/{most}.")
+        label = preset or str(source)
+    for row in rows:
+        row["model"] = label
+    return rows, check
 
-    models = load_served_models(checkpoints, device=device)
-    questions = ["李明住在哪里？", "你是谁？", "王芳是做什么工作的？", "3加5等于几？", "Where does Li Ming live?"]
 
-    def client_run(index: int) -> list[tuple[float, float, int]]:
-        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
-        out = []
-        for r in range(requests):
-            start, first = time.perf_counter(), None
-            chunks = client.chat.completions.create(
-                model=models[0].name, messages=[{"role": "user", "content": questions[(index + r) % len(questions)]}],
-                temperature=0.7, seed=index * 1000 + r, max_tokens=max_tokens, stream=True,
-                stream_options={"include_usage": True})
-            tokens = 0
-            for chunk in chunks:
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter()
-                if chunk.usage:
-                    tokens = chunk.usage.completion_tokens
-            end = time.perf_counter()
-            out.append(((first or end) - start, end - start, tokens))
-        return out
-
-    with BackgroundServer(create_app(models)) as server:
-        client_run(0)  # warm-up
-        wall = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            results = [r for rs in pool.map(client_run, range(clients)) for r in rs]
-        wall = time.perf_counter() - wall
-
-    def pct(values, q):
-        ordered = sorted(values)
+def _serve_row(n_slots: int, n_clients: int, results: list[dict]) -> dict:
+    def pct(key, q):
+        ordered = sorted(r[key] for r in results)
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 1)
 
-    ttft, total = [r[0] for r in results], [r[1] for r in results]
-    return {"model": models[0].description, "clients": clients, "requests": len(results), "max_tokens": max_tokens,
-            "ttft_p50_ms": pct(ttft, 0.5), "ttft_p90_ms": pct(ttft, 0.9), "ttft_p99_ms": pct(ttft, 0.99),
-            "latency_p50_ms": pct(total, 0.5), "latency_p90_ms": pct(total, 0.9), "latency_p99_ms": pct(total, 0.99),
-            "completion_tokens_per_sec": round(sum(r[2] for r in results) / wall, 1)}
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {"model": "", "server": "one at a time" if n_slots == 1 else f"batched, {n_slots} slots",
+            "clients": n_clients, "requests": len(results),
+            "completion_tokens_per_sec": round(sum(r["tokens"] for r in results) / wall, 1),
+            "ttft_p50_ms": pct("ttft", 0.5), "ttft_p90_ms": pct("ttft", 0.9), "ttft_p99_ms": pct("ttft", 0.99),
+            "latency_p50_ms": pct("latency", 0.5), "latency_p99_ms": pct("latency", 0.99)}
 
 
-def run_serve(checkpoints: list[str], out_dir: Path, **kwargs) -> str:
-    row = bench_serve(checkpoints, **kwargs)
-    return write_table([row], out_dir, "serve", resolve_device(RuntimeConfig(device=kwargs["device"])),
-                       title="API latency")
+def _random_checkpoint(preset: str, source: Path, folder: Path) -> Path:
+    """A checkpoint of random weights in a preset's shape, with `source`'s tokenizer."""
+    from tinyllm.train.checkpoint import read_config, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**PRESETS[preset], max_seq_len=512, vocab_size=read_config(source)["model"]["vocab_size"])
+    save_checkpoint(Transformer(cfg), folder / preset, tokenizer_dir=source)
+    return folder / preset
+
+
+@contextlib.contextmanager
+def _served_process(checkpoint: Path, device: str, slots: int, log: Path, timeout: float = 600):
+    """`tinyllm serve` on a free 127.0.0.1 port until the block ends: yields (base url, model name)."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "tinyllm.cli", "serve", str(checkpoint), "--port", str(port),
+                                   "--device", device, "--slots", str(slots), "--max-queue", "1024"],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the server did not start; see {log}") from None
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1", health["models"][0]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run_serve(checkpoint: str | None, out_dir: Path, **kwargs) -> str:
+    rows, check = bench_serve(checkpoint, log_dir=out_dir, **kwargs)
+    return write_table(rows, out_dir, f"serve_{kwargs['preset'] or 'checkpoint'}",
+                       resolve_device(RuntimeConfig(device=kwargs["device"])), title="API under load", note=check)
 
 
 def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device,
-                title: str = "Training throughput") -> str:
+                title: str = "Training throughput", note: str = "") -> str:
     """Print-ready markdown table with the machine in the heading; also saved as .md and .json."""
     card = device_name(device)
     header = (f"# {title} — {card}, torch {torch.__version__}, "
@@ -343,12 +390,12 @@ def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device
     cols = [c for c in rows[0] if c != "loss_curve"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
-    table = header + "\n".join(lines) + "\n"
+    table = header + "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = card.replace(" ", "_").replace("/", "_")
     (out_dir / f"{name}_{slug}.md").write_text(table)
-    (out_dir / f"{name}_{slug}.json").write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows},
-                                                            indent=2))
+    (out_dir / f"{name}_{slug}.json").write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows,
+                                                             **({"note": note} if note else {})}, indent=2))
     return table
 
 

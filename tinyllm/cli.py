@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="weights dtype; auto is bf16 on CUDA")
+    positive = _checked(int, lambda n: n >= 1, "a whole number >= 1")
+    serve.add_argument("--slots", type=positive, default=32, help="most requests generated together (1: one at a time)")
+    serve.add_argument("--prefill-tokens", type=positive, default=256,
+                       help="prompt tokens prefilled per step beside the running batch")
+    serve.add_argument("--max-queue", type=_checked(int, lambda n: n >= 0, "a whole number >= 0"), default=64,
+                       help="most requests waiting for a slot (more get 503)")
     web = sub.add_parser("web", help="Streamlit chat page over the pipeline's checkpoints",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     web.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where the pipeline's checkpoints are")
@@ -139,13 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     infer.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
     infer.add_argument("--name", default="infer", help="table file name prefix")
-    serve_bench = bench_sub.add_parser("serve", help="API latency under concurrent streaming clients",
+    serve_bench = bench_sub.add_parser("serve", help="the API under 1, 8, 32 concurrent streaming clients",
                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve_bench.add_argument("checkpoints", nargs="*", metavar="[NAME=]CHECKPOINT",
-                             help="what to serve (default: the pipeline's newest chat model)")
-    serve_bench.add_argument("--clients", type=int, default=20, help="concurrent streaming clients")
-    serve_bench.add_argument("--requests", type=int, default=5, help="requests per client")
-    serve_bench.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    serve_bench.add_argument("checkpoint", nargs="?", help="what to serve (default: the pipeline's newest chat model)")
+    serve_bench.add_argument("--model", choices=list(bench.PRESETS), default=None,
+                             help="serve random weights of this shape (with the checkpoint's tokenizer) instead")
+    ints = _checked(lambda t: [int(n) for n in t.split(",")], lambda ns: min(ns) >= 1, "a comma list of numbers >= 1")
+    serve_bench.add_argument("--clients", type=ints, default=[1, 8, 32], help="comma list of concurrent clients")
+    serve_bench.add_argument("--slots", type=ints, default=[1, 32],
+                             help="comma list of server batch sizes to compare (1: one request at a time)")
+    serve_bench.add_argument("--requests", type=int, default=4, help="requests per client")
+    serve_bench.add_argument("--max-tokens", type=int, default=64, help="tokens of each reply (end tokens ignored)")
     serve_bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve_bench.add_argument("--out", type=Path, default=Path("reports/serving"), help="folder for the table")
     infer.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
@@ -196,12 +208,14 @@ def serve(args) -> None:
     from tinyllm.serve.api import create_app
     from tinyllm.serve.models import load_served_models
 
-    models = load_served_models(args.checkpoints, args.adapter, args.device)
+    models = load_served_models(args.checkpoints, args.adapter, args.device, args.dtype)
     for m in models:
         print(f"serving {m.description} as model {m.name!r} ({m.context}-token context)", flush=True)
+    app = create_app(models, args.api_key, max_queue=args.max_queue, slots=args.slots,
+                     prefill_tokens=args.prefill_tokens)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if args.api_key else ''}", flush=True)
-    uvicorn.run(create_app(models, args.api_key), host=args.host, port=args.port, log_level="warning")
+          f"{' (API key required)' if args.api_key else ''}, up to {args.slots} requests at once", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 def web_page(args) -> None:
@@ -258,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                         dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name,
                         profile_dir=args.profile, log_interval=args.log_interval))
     elif args.command == "bench" and args.what == "serve":
-        print(bench.run_serve(args.checkpoints, args.out, clients=args.clients, requests=args.requests,
-                              max_tokens=args.max_tokens, device=args.device))
+        print(bench.run_serve(args.checkpoint, args.out, preset=args.model, clients=args.clients, slots=args.slots,
+                              requests=args.requests, max_tokens=args.max_tokens, device=args.device))
     elif args.command == "bench" and args.what == "infer":
         print(bench.run_infer(args.models, args.batch_sizes, args.out, name=args.name, prompt_len=args.prompt_len,
                               new_tokens=args.new_tokens, vocab_size=args.vocab_size, device=args.device,

@@ -81,6 +81,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     """None: no log-probs; k ≥ 0: the chosen token's log-prob and the k most likely tokens'."""
+    ignore_eos: bool = False
+    """Generate through end-of-reply tokens up to max_tokens (for benchmarks: equal-length replies)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = 0.0
     first_token_at: float | None = None
@@ -342,7 +344,7 @@ class Batcher:
             request = live.request
             if request.first_token_at is None:
                 request.first_token_at = now
-            if token in self.stop_ids:
+            if token in self.stop_ids and not request.ignore_eos:
                 self._retire(live, "stop")
                 continue
             live.generated += 1

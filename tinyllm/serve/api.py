@@ -86,6 +86,7 @@ class SamplingFields(BaseModel):
     stream: bool | None = None
     stream_options: dict | None = None
     n: int | None = Field(None, ge=1, le=MAX_N)
+    ignore_eos: bool | None = None  # vLLM's extension (extra_body): replies run to max_tokens, for benchmarks
 
 
 class ChatRequest(SamplingFields):
@@ -229,6 +230,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
                 temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p,
                 top_k=body.top_k, seed=None if body.seed is None else (body.seed + index) % 2**63,
                 repetition_penalty=body.repetition_penalty or 1.0, logprobs=body.logprobs_wanted(),
+                ignore_eos=bool(body.ignore_eos),
                 stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or [])))
         try:
             batchers[served.name].submit(*requests)

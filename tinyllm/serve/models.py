@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyllm.config import RuntimeConfig
 from tinyllm.data.tokenizer import reply_stop_ids
 from tinyllm.errors import UserError
 from tinyllm.infer.chat import load_chat_model
 from tinyllm.infer.utf8 import Utf8Guard
+from tinyllm.train.runtime import resolve_dtype
 
 
 @dataclass
@@ -30,15 +32,18 @@ class ServedModel:
         return self.model.config.max_seq_len
 
 
-def load_served_models(specs: list[str], adapter: Path | None = None, device: str = "cpu") -> list[ServedModel]:
+def load_served_models(specs: list[str], adapter: Path | None = None, device: str = "cpu",
+                       dtype: str = "float32") -> list[ServedModel]:
     """Load each `path` or `name=path` (the name defaults to the folder's); none means the newest
-    chat checkpoint of the pipeline. `adapter` (a peft folder) applies to a single model."""
+    chat checkpoint of the pipeline. `adapter` (a peft folder) applies to a single model. `dtype`
+    (float32, bfloat16, or auto: bf16 on a GPU) is the weights' dtype."""
     if adapter and len(specs) > 1:
         raise UserError("--adapter applies to one model; serve one checkpoint with it")
     served = []
     for spec in specs or [""]:
         name, _, path = spec.rpartition("=")
         model, tok, description = load_chat_model(Path(path) if path else None, adapter, device)
+        model = model.to(resolve_dtype(RuntimeConfig(dtype=dtype), next(model.parameters()).device))
         checkpoint = Path(description.split(" + ")[0])  # what load_chat_model chose: "path[ + adapter ...]"
         served.append(ServedModel(name or checkpoint.name, model, tok, reply_stop_ids(tok), description,
                                   Utf8Guard.for_model(tok, model)))

@@ -1,0 +1,57 @@
+"""Streaming chat clients for `tinyllm bench serve`, with the official openai client.
+
+Each client runs in a process of its own, so that parsing the stream's JSON chunks does not make
+the clients wait for each other on one interpreter lock (the server runs in another process too).
+This module imports nothing heavier than openai, for the processes' sake.
+"""
+
+from __future__ import annotations
+
+import time
+
+QUESTIONS = ["李明住在哪里？", "你是谁？", "王芳是做什么工作的？", "3加5等于几？", "Where does Li Ming live?",
+             "张伟养了什么宠物？", "What is Wang Fang's job?", "讲一个关于李明的故事。"]
+
+
+def ready(_: int) -> bool:
+    """Called once per process before timing starts, so the imports are done."""
+    import openai  # noqa: F401
+    return True
+
+
+def client(args: tuple) -> list[dict]:
+    """Wait until `start_at` (time.time()), then send `requests` streaming chat requests one after
+    another; for each: seconds to the first content, seconds to the end, completion tokens, and
+    when it started and ended (time.time())."""
+    import openai
+
+    url, model, index, requests, max_tokens, start_at = args
+    api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    time.sleep(max(0.0, start_at - time.time()))
+    out = []
+    for r in range(requests):
+        start, first, tokens = time.time(), None, 0
+        stream = api.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": QUESTIONS[(index + r) % len(QUESTIONS)]}],
+            temperature=0.7, seed=index * 1000 + r, max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.time()
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        end = time.time()
+        out.append({"ttft": (first or end) - start, "latency": end - start, "tokens": tokens, "start": start,
+                    "end": end})
+    return out
+
+
+def greedy_reply(args: tuple) -> str:
+    """One greedy reply (for the check that batched replies equal solo ones)."""
+    import openai
+
+    url, model, question, max_tokens = args
+    api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                        temperature=0, max_tokens=max_tokens)
+    return reply.choices[0].message.content
