@@ -9,6 +9,10 @@
 
 A byte-level BPE token can end inside a multi-byte character, and text that might be the start of
 a stop string must not be shown before we know it isn't; both are held back until resolved.
+
+Each push decodes only the tokens since the last whole character (byte-level decoding of a
+sequence is the concatenation of its parts' bytes), so a long reply costs the same per token as a
+short one: the server pushes tokens of 32 replies at every step.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ class TextStream:
     def __init__(self, tok: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
         self.tok = tok
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # every token pushed
+        self.decoded = ""  # the text of every token up to the last whole character
+        self.partial: list[int] = []  # the tokens after it (they end inside a character)
         self.shown = ""  # text already handed out
         self.text = ""  # the final text once stopped or finished
         self.stopped = False
@@ -28,17 +34,20 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add one token; return the text that is now safe to show (maybe "")."""
         self.ids.append(token)
-        decoded = self.tok.decode(self.ids)
-        if self._cut_at_stop(decoded.rstrip("\ufffd")):
+        self.partial.append(token)
+        tail = self.tok.decode(self.partial)
+        if tail.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return self._advance(self.text) if self._cut_at_stop(self.decoded + tail.rstrip("\ufffd")) else ""
+        self.decoded += tail
+        self.partial = []
+        if self._cut_at_stop(self.decoded):
             return self._advance(self.text)
-        if decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            return ""
-        return self._advance(decoded[:len(decoded) - self._pending_stop_prefix(decoded)])
+        return self._advance(self.decoded[:len(self.decoded) - self._pending_stop_prefix(self.decoded)])
 
     def finish(self) -> str:
         """The text not yet shown, once generation has ended."""
         if not self.stopped:
-            decoded = self.tok.decode(self.ids)
+            decoded = self.decoded + self.tok.decode(self.partial)
             if not self._cut_at_stop(decoded):
                 self.text = decoded
         return self._advance(self.text)
