@@ -146,6 +146,7 @@ class Batcher:
             compile = self.device.type == "cuda" and not cfg.moe.enabled
         self.compile = compile
         self._decoders: dict[int, Callable] = {}
+        self._graph_pool = None  # the CUDA graphs of all buckets share one memory pool
 
         def zeros(dtype):
             return torch.zeros(slots, dtype=dtype, device=self.device)
@@ -228,7 +229,7 @@ class Batcher:
                 return False
             if request is _WARM_UP:
                 for n in self.buckets:
-                    self._decoder(n)(self.last[:n, None])
+                    self._decoder(n)
                 self._warm = True
                 continue
             self.waiting.append(request)
@@ -265,7 +266,7 @@ class Batcher:
             self.prompt_tokens += len(request.prompt_ids)
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.temperature[slot] = request.temperature
-            self.top_p[slot] = request.top_p if request.top_p is not None else 1.0
+            self.top_p[slot] = request.top_p if request.top_p is not None and request.top_p < 1 else 2.0  # 2: off
             self.top_k[slot] = request.top_k or 0
             self.penalty[slot] = request.repetition_penalty
             self.seed[slot], self.steps[slot], self.utf8_state[slot] = seed, 0, 0
@@ -297,50 +298,106 @@ class Batcher:
             live.prefilled += take
         self.cache.positions[rows] = starts + torch.tensor([take for _, take in chunks], device=self.device)
         done = [row for row, (live, _) in enumerate(chunks) if live.decoding]
-        if done:
+        if done:  # these prompts are in: their first token comes from the prefill's last position
+            lives = [chunks[row][0] for row in done]
+            slots = rows[done]
             last = torch.tensor([chunks[row][1] - 1 for row in done], device=self.device)
-            done_rows = rows[done]
-            self.cache.live[done_rows] = True  # before sampling: a request may end on its first token
-            self._sample_and_emit(logits[torch.tensor(done, device=self.device), last], done_rows,
-                                  [chunks[row][0] for row in done])
+            logits = logits[torch.tensor(done, device=self.device), last]
+            tokens = self._pick(logits, slots, _Options.needed_by([live.request for live in lives]))
+            self._advance(slots, tokens, torch.ones_like(tokens, dtype=torch.bool))
+            self.cache.live[slots] = True  # decoding from now on
+            self._emit(lives, tokens.tolist(), logits, list(range(len(lives))))
 
     def _decode(self) -> None:
         lives = [live for live in self.live if live and live.decoding]
         if not lives:
             return
         n = next(size for size in self.buckets if size > max(live.slot for live in lives))
-        logits = self._decoder(n)(self.last[:n, None])
-        rows = torch.tensor([live.slot for live in lives], device=self.device)
-        self._sample_and_emit(logits[rows], rows, lives)
+        tokens, logits = self._decoder(n)()
+        tokens = tokens.tolist()
+        self._emit(lives, [tokens[live.slot] for live in lives], logits, [live.slot for live in lives])
 
-    def _decoder(self, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Logits of slots 0..n-1 for their newest tokens (n, vocab); cached per bucket."""
-        if n not in self._decoders:
-            view = self.cache.decode(n)
+    def _decoder(self, n: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """One decode step of slots 0..n-1: the model's next-token logits (n, vocab) for each slot's
+        newest token, a token for each, and the live slots' state moved on. On a GPU the whole
+        step (model, sampling, state) is compiled and captured as one CUDA graph per bucket, so a
+        step costs one launch; elsewhere it runs eagerly and skips the sampling options no live
+        request uses."""
+        if n in self._decoders:
+            return self._decoders[n]
+        view, rows = self.cache.decode(n), slice(0, n)
 
-            def step(tokens):
-                return self.model(tokens, cache=view).logits[:, -1]
+        def step(options: _Options) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.model(self.last[:n, None], cache=view).logits[:, -1]
+            tokens = self._pick(logits, rows, options)
+            self._advance(rows, tokens, view.live)
+            return tokens, logits
 
-            if self.compile:
-                compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-                self._decoders[n] = lambda tokens: compiled(tokens).clone()  # the graph reuses its output buffer
-            else:
-                self._decoders[n] = step
-        return self._decoders[n]
+        if not self.compile:
+            self._decoders[n] = lambda: step(_Options.needed_by(
+                [live.request for live in self.live[:n] if live and live.decoding]))
+            return self._decoders[n]
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # compile and warm up outside the capture; no slot is live yet
+            for _ in range(2):
+                compiled(_Options.ALL)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = compiled(_Options.ALL)
+        self._graph_pool = graph.pool()
 
-    def _sample_and_emit(self, logits: torch.Tensor, rows: torch.Tensor, lives: list[_Live]) -> None:
-        requests = [live.request for live in lives]
-        tokens = self._pick(logits, rows, requests)
-        asked = [r.logprobs for r in requests if r.logprobs is not None]
-        logprobs = _logprobs(logits, tokens, max(asked)) if asked else None
-        self.last[rows] = tokens
-        self.steps[rows] += 1
-        if any(r.repetition_penalty != 1.0 for r in requests):
-            self.seen[rows, tokens] = True
+        def replay():
+            graph.replay()
+            return out
+
+        self._decoders[n] = replay
+        return replay
+
+    def _pick(self, logits: torch.Tensor, rows, options: _Options) -> torch.Tensor:
+        """One token per row of `logits`, each with the sampling settings of its slot (`rows`: a slice
+        or an index tensor of slots). Options no row uses may be skipped; every option is the
+        identity for a row that does not ask for it, so computing it anyway changes nothing."""
         if self.utf8:
-            self.utf8_state[rows] = self.utf8.advance(self.utf8_state[rows], tokens)
+            logits = logits.masked_fill(~self.utf8.allowed(self.utf8_state[rows]), float("-inf"))
+        if options.penalty:
+            logits = penalise_repeats(logits, self.seen[rows], self.penalty[rows, None])
+        greedy = logits.argmax(-1)
+        if not options.sampling:
+            return greedy
+        temperature = self.temperature[rows]
+        scaled = logits.float() / temperature.clamp(min=1e-6)[:, None]
+        if options.top_k:
+            k = self.top_k[rows]
+            kth = scaled.sort(-1, descending=True).values.gather(-1, (k - 1).clamp(min=0)[:, None])
+            scaled = scaled.masked_fill((k[:, None] > 0) & (scaled < kth), float("-inf"))
+        probs = torch.softmax(scaled, -1)
+        if options.top_p:
+            probs = nucleus(probs, self.top_p[rows, None])
+        # the exponential race: argmax p / E with E ~ Exp(1) draws from p, with each row's own noise
+        noise = -torch.log(uniform_noise(self.seed[rows], self.steps[rows], probs.shape[-1]))
+        sampled = (probs / noise).argmax(-1)
+        return torch.where(temperature > 0, sampled, greedy)
+
+    def _advance(self, rows, tokens: torch.Tensor, live: torch.Tensor) -> None:
+        """Move the sampling state of the `live` ones among `rows` past their new tokens."""
+        self.last[rows] = torch.where(live, tokens, self.last[rows])
+        self.steps[rows] += live.long()
+        self.seen[rows] = self.seen[rows].scatter(1, tokens[:, None], self.seen[rows].gather(1, tokens[:, None])
+                                                  | live[:, None])
+        if self.utf8:
+            self.utf8_state[rows] = torch.where(live, self.utf8.advance(self.utf8_state[rows], tokens),
+                                                self.utf8_state[rows])
+
+    def _emit(self, lives: list[_Live], tokens: list[int], logits: torch.Tensor, rows: list[int]) -> None:
+        """Hand each live request its new token (`logits[rows]`: their raw logits, for log-probs)."""
+        asked = [live.request.logprobs for live in lives if live.request.logprobs is not None]
+        logprobs = (_logprobs(logits[rows], torch.tensor(tokens, device=logits.device), max(asked))
+                    if asked else None)
         now = time.perf_counter()
-        for i, (live, token) in enumerate(zip(lives, tokens.tolist())):
+        for i, (live, token) in enumerate(zip(lives, tokens)):
             request = live.request
             if request.first_token_at is None:
                 request.first_token_at = now
@@ -361,29 +418,6 @@ class Batcher:
                 self._retire(live, "stop")
             elif live.generated == live.budget:
                 self._retire(live, "length")
-
-    def _pick(self, logits: torch.Tensor, rows: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """One token per row, each with its own request's sampling settings."""
-        if self.utf8:
-            logits = logits.masked_fill(~self.utf8.allowed(self.utf8_state[rows]), float("-inf"))
-        if any(r.repetition_penalty != 1.0 for r in requests):
-            logits = penalise_repeats(logits, self.seen[rows], self.penalty[rows, None])
-        greedy = logits.argmax(-1)
-        if all(r.temperature <= 0 for r in requests):
-            return greedy
-        temperature = self.temperature[rows]
-        scaled = logits.float() / temperature.clamp(min=1e-6)[:, None]
-        if any(r.top_k for r in requests):
-            k = self.top_k[rows]
-            kth = scaled.sort(-1, descending=True).values.gather(-1, (k - 1).clamp(min=0)[:, None])
-            scaled = scaled.masked_fill((k[:, None] > 0) & (scaled < kth), float("-inf"))
-        probs = torch.softmax(scaled, -1)
-        if any(r.top_p is not None and r.top_p < 1 for r in requests):
-            probs = nucleus(probs, self.top_p[rows, None])
-        # the exponential race: argmax p / E with E ~ Exp(1) draws from p, with each row's own noise
-        noise = -torch.log(uniform_noise(self.seed[rows], self.steps[rows], probs.shape[-1]))
-        sampled = (probs / noise).argmax(-1)
-        return torch.where(temperature > 0, sampled, greedy)
 
     def _retire(self, live: _Live, reason: str | None, error: str | None = None) -> None:
         request = live.request
@@ -410,6 +444,24 @@ def _send(request: Request, kind: str, value) -> None:
         log.warning("could not deliver a %s event; cancelling the request", kind)
         request.cancel()
 
+
+@dataclass(frozen=True)
+class _Options:
+    """Which sampling options a step computes."""
+    penalty: bool
+    sampling: bool
+    top_k: bool
+    top_p: bool
+
+    @staticmethod
+    def needed_by(requests: list[Request]) -> _Options:
+        return _Options(penalty=any(r.repetition_penalty != 1.0 for r in requests),
+                        sampling=any(r.temperature > 0 for r in requests),
+                        top_k=any(r.top_k for r in requests),
+                        top_p=any(r.top_p is not None and r.top_p < 1 for r in requests))
+
+
+_Options.ALL = _Options(True, True, True, True)
 
 _WARM_UP = Request([], 0, lambda kind, value: None)
 """A marker in the incoming queue: compile the decode buckets."""

@@ -1,0 +1,96 @@
+"""How far a GPU's batched, CUDA-graph decoding strays from decoding alone (issue 20: "on a GPU state
+the tolerance you measure and why").
+
+    python reports/bench/serving/graph_check.py artifacts/grpo --model 768x8 --device cuda
+
+For 32 mixed requests (greedy and seeded sampling, prompts of different lengths) it counts how
+many replies are token for token the same
+- alone and among the other 31, on the CUDA-graph path, and
+- on the CUDA-graph path and on the eager path (same batches),
+and, for the first position where a greedy reply differs, the gap between the two best logits
+there (a near tie that bf16 rounding can flip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from pathlib import Path
+
+import torch
+
+from tinyllm.bench import PRESETS, _random_checkpoint
+from tinyllm.infer.batcher import Batcher, Request
+from tinyllm.serve.loadgen import QUESTIONS
+from tinyllm.serve.models import load_served_models
+
+
+def replies(batcher: Batcher, requests: list[dict], together: bool) -> list[list[int]]:
+    """Token ids of each reply (submitted all at once, or one after another)."""
+    out = [[] for _ in requests]
+
+    def run(indices):
+        done = [threading.Event() for _ in indices]
+        made = []
+        for i, event in zip(indices, done):
+            def emit(kind, value, i=i, event=event):  # logprobs=0 hands over each token's id
+                if kind == "text":
+                    out[i] += [entry.token for entry in value.logprobs]
+                else:
+                    event.set()
+            made.append(Request(emit=emit, logprobs=0, **requests[i]))
+        batcher.submit(*made)
+        for event in done:
+            event.wait(600)
+
+    if together:
+        run(range(len(requests)))
+    else:
+        for i in range(len(requests)):
+            run([i])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--model", choices=list(PRESETS), default=None, help="random weights of this shape instead")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = _random_checkpoint(args.model, args.checkpoint, Path(tmp)) if args.model else args.checkpoint
+        served = load_served_models([str(target)], device=args.device, dtype="auto")[0]
+    requests = [{"prompt_ids": served.tok.encode(q + f"（第{i}题）" * (1 + i % 3)).ids, "max_tokens": args.max_tokens,
+                 "ignore_eos": True, **({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})}
+                for i, q in enumerate(QUESTIONS * 4)]
+    graph = Batcher(served.model, served.tok, served.stop_ids, served.utf8, compile=args.device.startswith("cuda"))
+    graph.warm_up()
+    eager = Batcher(served.model, served.tok, served.stop_ids, served.utf8, compile=False)
+    alone, together = replies(graph, requests, False), replies(graph, requests, True)
+    eager_together = replies(eager, requests, True)
+    graph.close()
+    eager.close()
+    print(f"model {args.model or args.checkpoint}, {next(served.model.parameters()).dtype}, "
+          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
+    for name, a, b in (("graph alone vs graph among 32", alone, together),
+                       ("graph vs eager, among 32", together, eager_together)):
+        same = sum(x == y for x, y in zip(a, b))
+        first = [next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), None) for x, y in zip(a, b)]
+        differing = [(i, j) for i, j in enumerate(first) if j is not None]
+        print(f"{name}: {same}/{len(a)} replies identical; first differing position per differing reply: "
+              f"{[j for _, j in differing]}")
+        for i, j in differing:
+            if requests[i].get("temperature") == 0:
+                ids = requests[i]["prompt_ids"] + a[i][:j]
+                with torch.no_grad():
+                    logits = served.model(torch.tensor([ids], device=args.device)).logits[0, -1].float()
+                top2 = logits.topk(2).values
+                print(f"  greedy request {i}: position {j}, top-2 logit gap {float(top2[0] - top2[1]):.4f} "
+                      f"(logits ~{float(top2[0]):.2f})")
+
+
+if __name__ == "__main__":
+    main()
