@@ -10,7 +10,7 @@ import torch
 from conftest import make_chat_checkpoint
 
 from tinyllm.config import MoEConfig
-from tinyllm.infer.batcher import Batcher, QueueFull, Request, uniform_noise
+from tinyllm.infer.batcher import Batcher, QueueFull, Request, token_keys, uniform_noise
 from tinyllm.infer.generate import generate
 from tinyllm.serve.models import load_served_models
 
@@ -170,15 +170,15 @@ def test_an_moe_model_batches_too(tmp_path, tokenizer):
 
 def test_each_row_draws_its_own_noise_and_samples_follow_the_distribution():
     seeds, steps = torch.tensor([5, 5, 6, 2**62 + 5]), torch.tensor([0, 1, 0, 0])
-    noise = uniform_noise(seeds, steps, 1000)
+    noise = uniform_noise(seeds, steps, token_keys(1000))
     assert noise.shape == (4, 1000) and 0 < noise.min() and noise.max() < 1
-    assert torch.equal(noise[1:2], uniform_noise(seeds[1:2], steps[1:2], 1000))  # alone = in a batch
+    assert torch.equal(noise[1:2], uniform_noise(seeds[1:2], steps[1:2], token_keys(1000)))  # alone = in a batch
     assert len({tuple(row.tolist()) for row in noise}) == 4  # seed, step and the high bits all matter
     assert abs(noise.mean().item() - 0.5) < 0.02
     # the exponential race over many steps: frequencies follow the probabilities
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     draws = 20000
-    u = uniform_noise(torch.full((draws,), 7), torch.arange(draws), 4)
+    u = uniform_noise(torch.full((draws,), 7), torch.arange(draws), token_keys(4))
     picked = (probs / -torch.log(u)).argmax(-1)
     freq = torch.bincount(picked, minlength=4) / draws
     assert torch.allclose(freq, probs, atol=0.015), freq

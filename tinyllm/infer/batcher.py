@@ -155,6 +155,7 @@ class Batcher:
         self.top_k, self.seed, self.steps = zeros(torch.long), zeros(torch.long), zeros(torch.long)
         self.utf8_state = zeros(torch.long)
         self.seen = torch.zeros(slots, cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self.token_keys = token_keys(cfg.vocab_size, self.device)
 
         self.live: list[_Live | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
@@ -193,7 +194,9 @@ class Batcher:
         """Compile every decode bucket now, not on the first requests (a no-op without CUDA graphs)."""
         if self.compile:
             self.incoming.put(_WARM_UP)
-            while self.incoming.qsize() or not self._warm:
+            while not self._warm:
+                if not self.thread.is_alive():
+                    raise RuntimeError("compiling the decode steps failed (see the log above)")
                 time.sleep(0.05)
 
     def close(self) -> None:
@@ -377,7 +380,7 @@ class Batcher:
         if options.top_p:
             probs = nucleus(probs, self.top_p[rows, None])
         # the exponential race: argmax p / E with E ~ Exp(1) draws from p, with each row's own noise
-        noise = -torch.log(uniform_noise(self.seed[rows], self.steps[rows], probs.shape[-1]))
+        noise = -torch.log(uniform_noise(self.seed[rows], self.steps[rows], self.token_keys))
         sampled = (probs / noise).argmax(-1)
         return torch.where(temperature > 0, sampled, greedy)
 
@@ -477,12 +480,17 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+def token_keys(vocab: int, device=None) -> torch.Tensor:
+    """(vocab,) a hash of each vocabulary id, mixed into `uniform_noise` (computed once, outside any
+    compiled graph: Triton would add the constant to an int32 index)."""
+    return _mix(torch.arange(vocab, device=device) + 0x3C6EF372)
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(B, vocab) numbers in (0, 1), a function of (seed, step, vocabulary id) only: a row's random
-    draw does not depend on which other rows share its batch."""
+    draw does not depend on which other rows share its batch. `keys`: `token_keys(vocab)`."""
     key = _mix((seed & _MASK32) ^ _mix((seed >> 32) ^ _mix(step)))
-    ids = _mix(torch.arange(vocab, device=seed.device) + 0x9E3779B9 & _MASK32)
-    bits = _mix(key[:, None] ^ ids[None, :]) >> 8  # 24 bits: exact in float32
+    bits = _mix(key[:, None] ^ keys[None, :]) >> 8  # 24 bits: exact in float32
     return (bits.float() + 0.5) / 2**24
 
 
