@@ -20,6 +20,7 @@ tokens come faster than the event loop sends them, the waiting pieces go out as 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -120,6 +121,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         batcher.warm_up()
     vocab_bytes = {m.name: token_bytes(m.tok) for m in models}
     metrics = ServerMetrics(batchers)
+    outbox = Outbox()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -214,14 +216,14 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
             raise APIError(400, "max_tokens: must be positive, or -1 for up to the context limit", param="max_tokens")
         room = served.context - len(prompt_ids)
         events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        outbox.loop = asyncio.get_running_loop()
         requests: list[Request] = []
 
         def emitter(index: int):
             def emit(kind: str, value) -> None:  # on the scheduler thread
                 if kind != "text":
                     metrics.observe(served.name, requests[index], value.reason if kind == "end" else "error")
-                loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+                outbox.put(events, (index, kind, value))
             return emit
 
         for index in range(body.n or 1):  # sample i of a seeded request = the request with seed + i
@@ -308,6 +310,31 @@ def chat_prompt(served: ServedModel, body: ChatRequest) -> tuple[list[int], int]
     if dropped:
         log.info("dropped the %d oldest message(s) to fit %s's %d-token context", dropped, served.name, served.context)
     return ids, dropped
+
+
+class Outbox:
+    """Events from the scheduler threads to the responses on the event loop. One wake-up of the
+    loop carries every event that came before it: a step of 32 streams is one wake-up, not 32
+    (each is a write to the loop's self-pipe)."""
+
+    def __init__(self):
+        self.items: collections.deque = collections.deque()
+        self.scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        """From any thread. The item goes in before the flag is read, and `_deliver` clears the flag
+        before it drains, so no item is left behind."""
+        self.items.append((queue, item))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self.scheduled = False
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
 
 
 @dataclass
