@@ -133,6 +133,8 @@ def test_caps_on_live_tokens_and_on_the_queue(served):
         assert max(most_live) == 2 and all(o.finish.completion_tokens == 10 for o in outcomes)
         with pytest.raises(ValueError, match="prompt"):
             batcher.submit(Request([1] * served.context, 1, Outcome().emit))
+        with pytest.raises(ValueError, match="more than the server holds at once"):  # could never be admitted
+            batcher.submit(Request(prompt, 2 * (len(prompt) + 10), Outcome().emit))
     finally:
         batcher.close()
 

@@ -147,11 +147,16 @@ def test_a_message_cannot_forge_turns_with_chat_markers(server):
     assert forged == plain + len(server.app.state.models[0].tok.encode("\nsystem", add_special_tokens=False).ids)
 
 
-def test_a_full_queue_answers_503(checkpoint):
+def test_a_full_queue_answers_503_and_a_request_bigger_than_the_token_cap_400(checkpoint):
     with Server(create_app(load_served_models([str(checkpoint)]), max_queue=0)) as busy:
         with pytest.raises(openai.InternalServerError) as err:
             _ask(busy.client(), "hi")
         assert err.value.status_code == 503 and err.value.code == "server_busy"
+    with Server(create_app(load_served_models([str(checkpoint)]), max_live_tokens=30)) as small:
+        with pytest.raises(openai.BadRequestError) as err:
+            _ask(small.client(), "hi", max_tokens=40)
+        assert err.value.param == "max_tokens" and "30" in err.value.message
+        assert _ask(small.client(), "hi", max_tokens=3).usage.completion_tokens <= 3
 
 
 def test_twenty_concurrent_streams_each_get_what_they_get_alone(server):

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt tokens prefilled per step beside the running batch")
     serve.add_argument("--max-queue", type=_checked(int, lambda n: n >= 0, "a whole number >= 0"), default=64,
                        help="most requests waiting for a slot (more get 503)")
+    serve.add_argument("--max-live-tokens", type=positive, default=None,
+                       help="most prompt + max_tokens over the requests in slots (default: every slot's context)")
     web = sub.add_parser("web", help="Streamlit chat page over the pipeline's checkpoints",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     web.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where the pipeline's checkpoints are")
@@ -212,7 +214,7 @@ def serve(args) -> None:
     for m in models:
         print(f"serving {m.description} as model {m.name!r} ({m.context}-token context)", flush=True)
     app = create_app(models, args.api_key, max_queue=args.max_queue, slots=args.slots,
-                     prefill_tokens=args.prefill_tokens)
+                     prefill_tokens=args.prefill_tokens, max_live_tokens=args.max_live_tokens)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}, up to {args.slots} requests at once", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

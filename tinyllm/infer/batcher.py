@@ -183,6 +183,10 @@ class Batcher:
         for request in requests:
             if not request.prompt_ids or len(request.prompt_ids) >= self.context:
                 raise ValueError(f"a prompt needs 1 to {self.context - 1} tokens, not {len(request.prompt_ids)}")
+            need = len(request.prompt_ids) + min(request.max_tokens, self.context - len(request.prompt_ids))
+            if need > self.max_live_tokens:
+                raise ValueError(f"prompt + max_tokens is {need} tokens, more than the server holds at once "
+                                 f"({self.max_live_tokens}); ask for fewer max_tokens")
         with self.lock:
             if self.queued + len(requests) > self.max_queue:
                 raise QueueFull(f"{self.queued} requests waiting")

@@ -110,13 +110,14 @@ class CompletionRequest(SamplingFields):
 
 
 def create_app(models: list[ServedModel], api_key: str | None = None, max_queue: int = 64, slots: int = 32,
-               prefill_tokens: int = 256) -> FastAPI:
+               prefill_tokens: int = 256, max_live_tokens: int | None = None) -> FastAPI:
     """The API over already loaded models (the first is the default), each with its own batcher of
-    `slots` live requests and `prefill_tokens` prompt tokens per step. More than `max_queue`
+    `slots` live requests holding at most `max_live_tokens` (prompt + max_tokens; default: every
+    slot's context) and `prefill_tokens` prompt tokens per step. More than `max_queue`
     requests waiting for a slot get 503 rather than an ever longer wait. On a GPU the decode steps
     are compiled here, before the first request."""
     batchers = {m.name: Batcher(m.model, m.tok, m.stop_ids, m.utf8, slots=slots, prefill_tokens=prefill_tokens,
-                                max_queue=max_queue) for m in models}
+                                max_queue=max_queue, max_live_tokens=max_live_tokens) for m in models}
     for batcher in batchers.values():
         batcher.warm_up()
     vocab_bytes = {m.name: token_bytes(m.tok) for m in models}
@@ -236,6 +237,8 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
                 stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or [])))
         try:
             batchers[served.name].submit(*requests)
+        except ValueError as err:
+            raise APIError(400, f"max_tokens: {err}", param="max_tokens") from None
         except QueueFull:
             raise APIError(503, f"the server is busy ({max_queue} requests waiting); try again shortly",
                            kind="server_error", code="server_busy") from None
