@@ -310,8 +310,9 @@ class Batcher:
             slots = rows[done]
             last = torch.tensor([chunks[row][1] - 1 for row in done], device=self.device)
             logits = logits[torch.tensor(done, device=self.device), last]
-            tokens = self._pick(logits, slots, _Options.needed_by([live.request for live in lives]))
-            self._advance(slots, tokens, torch.ones_like(tokens, dtype=torch.bool))
+            options = _Options.needed_by([live.request for live in lives])
+            tokens = self._pick(logits, slots, options)
+            self._advance(slots, tokens, torch.ones_like(tokens, dtype=torch.bool), options)
             self.cache.live[slots] = True  # decoding from now on
             self._emit(lives, tokens.tolist(), logits, list(range(len(lives))))
 
@@ -337,7 +338,7 @@ class Batcher:
         def step(options: _Options) -> tuple[torch.Tensor, torch.Tensor]:
             logits = self.model(self.last[:n, None], cache=view).logits[:, -1]
             tokens = self._pick(logits, rows, options)
-            self._advance(rows, tokens, view.live)
+            self._advance(rows, tokens, view.live, options)
             return tokens, logits
 
         if not self.compile:
@@ -388,12 +389,15 @@ class Batcher:
         sampled = (probs / noise).argmax(-1)
         return torch.where(temperature > 0, sampled, greedy)
 
-    def _advance(self, rows, tokens: torch.Tensor, live: torch.Tensor) -> None:
-        """Move the sampling state of the `live` ones among `rows` past their new tokens."""
+    def _advance(self, rows, tokens: torch.Tensor, live: torch.Tensor, options: _Options) -> None:
+        """Move the sampling state of the `live` ones among `rows` past their new tokens. (The
+        tokens seen matter only to a repetition penalty: a request that has one is live whenever
+        its row is updated, and its row starts from its prompt.)"""
         self.last[rows] = torch.where(live, tokens, self.last[rows])
         self.steps[rows] += live.long()
-        self.seen[rows] = self.seen[rows].scatter(1, tokens[:, None], self.seen[rows].gather(1, tokens[:, None])
-                                                  | live[:, None])
+        if options.penalty:
+            self.seen[rows] = self.seen[rows].scatter(1, tokens[:, None], self.seen[rows].gather(1, tokens[:, None])
+                                                      | live[:, None])
         if self.utf8:
             self.utf8_state[rows] = torch.where(live, self.utf8.advance(self.utf8_state[rows], tokens),
                                                 self.utf8_state[rows])
