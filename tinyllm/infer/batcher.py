@@ -327,16 +327,20 @@ class Batcher:
 
     def _decoder(self, n: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """One decode step of slots 0..n-1: the model's next-token logits (n, vocab) for each slot's
-        newest token, a token for each, and the live slots' state moved on. On a GPU the whole
-        step (model, sampling, state) is compiled and captured as one CUDA graph per bucket, so a
-        step costs one launch; elsewhere it runs eagerly and skips the sampling options no live
-        request uses."""
+        newest token, a token for each, and the live slots' state moved on. On a GPU the model is
+        compiled and the whole step (model, sampling, state) captured as one CUDA graph per bucket,
+        so a step costs one launch (the sampling is not compiled: Triton failed to compile its
+        fused integer hash and argmax). Elsewhere it runs eagerly and skips the sampling options no
+        live request uses."""
         if n in self._decoders:
             return self._decoders[n]
         view, rows = self.cache.decode(n), slice(0, n)
 
-        def step(options: _Options) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = self.model(self.last[:n, None], cache=view).logits[:, -1]
+        def forward() -> torch.Tensor:
+            return self.model(self.last[:n, None], cache=view).logits[:, -1]
+
+        def step(options: _Options, forward=forward) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = forward()
             tokens = self._pick(logits, rows, options)
             self._advance(rows, tokens, view.live, options)
             return tokens, logits
@@ -345,16 +349,20 @@ class Batcher:
             self._decoders[n] = lambda: step(_Options.needed_by(
                 [live.request for live in self.live[:n] if live and live.decoding]))
             return self._decoders[n]
-        compiled = torch.compile(step, fullgraph=True, dynamic=False)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # compile and warm up outside the capture; no slot is live yet
-            for _ in range(2):
-                compiled(_Options.ALL)
+            compiled = torch.compile(forward, fullgraph=True, dynamic=False)  # the model; sampling stays eager
+            try:
+                step(_Options.ALL, compiled)
+            except Exception:  # a compiler bug must not stop the server: the graph alone still pays
+                log.exception("compiling the decode step failed; capturing it uncompiled")
+                compiled = forward
+            step(_Options.ALL, compiled)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = compiled(_Options.ALL)
+            out = step(_Options.ALL, compiled)
         self._graph_pool = graph.pool()
 
         def replay():
