@@ -10,7 +10,7 @@ import torch
 from conftest import make_chat_checkpoint
 
 from tinyllm.config import MoEConfig
-from tinyllm.infer.batcher import Batcher, QueueFull, Request, token_keys, uniform_noise
+from tinyllm.infer.batcher import Batcher, Finish, QueueFull, Request, token_keys, uniform_noise
 from tinyllm.infer.generate import generate
 from tinyllm.serve.models import load_served_models
 
@@ -114,8 +114,8 @@ def test_a_short_request_joins_a_running_batch_and_leaves_first(served):
 def test_caps_on_live_tokens_and_on_the_queue(served):
     prompt = served.tok.encode("你好").ids
     most_live = []
-    batcher = Batcher(served.model, served.tok, set(), served.utf8, max_live_tokens=2 * (len(prompt) + 10),
-                      max_queue=6)
+    batcher = Batcher(served.model, served.tok, set(), served.utf8, slots=3, max_live_tokens=2 * (len(prompt) + 10),
+                      max_queue=4)  # 3 slots, but tokens for 2; 4 may wait beyond the free slots
     try:
         outcomes = [Outcome() for _ in range(6)]
 
@@ -184,3 +184,32 @@ def test_each_row_draws_its_own_noise_and_samples_follow_the_distribution():
     picked = (probs / -torch.log(u)).argmax(-1)
     freq = torch.bincount(picked, minlength=4) / draws
     assert torch.allclose(freq, probs, atol=0.015), freq
+
+
+def test_waiting_requests_that_leave_end_at_once_and_closing_ends_the_rest(served):
+    batcher = Batcher(served.model, served.tok, set(), served.utf8, slots=1, max_queue=3)
+    prompt = served.tok.encode("讲个故事").ids
+    outcomes = [Outcome() for _ in range(4)]
+    requests = [Request(prompt, 80, o.emit) for o in outcomes]
+    try:
+        batcher.submit(*requests)  # one runs, three wait
+        requests[2].cancel()  # in the middle of the line
+        assert outcomes[2].done.wait(10) and outcomes[2].finish == Finish("cancelled", len(prompt), 0)
+    finally:
+        batcher.close()
+    assert all(o.done.is_set() for o in outcomes)  # closing ends the live and the waiting ones
+    assert [o.finish.reason for o in outcomes] == ["cancelled"] * 4
+
+
+def test_out_of_range_settings_are_safe(served):
+    batcher = Batcher(served.model, served.tok, set(), served.utf8)
+    try:
+        prompt = served.tok.encode("讲个故事").ids
+        huge = run(batcher, {"prompt_ids": prompt, "max_tokens": 5, "temperature": 1.0, "seed": 3,
+                             "top_k": 10**6})[0]  # beyond the vocabulary: all of it
+        off = run(batcher, {"prompt_ids": prompt, "max_tokens": 5, "temperature": 1.0, "seed": 3})[0]
+        assert huge.finish.completion_tokens == 5 and huge.text == off.text
+        with pytest.raises(ValueError, match="max_tokens"):
+            batcher.submit(Request(prompt, 0, Outcome().emit))
+    finally:
+        batcher.close()

@@ -147,11 +147,15 @@ def test_a_message_cannot_forge_turns_with_chat_markers(server):
     assert forged == plain + len(server.app.state.models[0].tok.encode("\nsystem", add_special_tokens=False).ids)
 
 
-def test_a_full_queue_answers_503_and_a_request_bigger_than_the_token_cap_400(checkpoint):
-    with Server(create_app(load_served_models([str(checkpoint)]), max_queue=0)) as busy:
+def test_a_full_queue_answers_503_and_a_request_bigger_than_the_token_cap_400(checkpoint, tokenizer, tmp_path):
+    long = make_chat_checkpoint(tmp_path, tokenizer, max_seq_len=4096)
+    with Server(create_app(load_served_models([str(long)]), max_queue=0, slots=1)) as busy:
+        first = _ask(busy.client(), "hi", stream=True, max_tokens=4000, extra_body={"ignore_eos": True})
+        next(iter(first))  # it holds the only slot; nothing may wait
         with pytest.raises(openai.InternalServerError) as err:
             _ask(busy.client(), "hi")
         assert err.value.status_code == 503 and err.value.code == "server_busy"
+        first.close()
     with Server(create_app(load_served_models([str(checkpoint)]), max_live_tokens=30)) as small:
         with pytest.raises(openai.BadRequestError) as err:
             _ask(small.client(), "hi", max_tokens=40)

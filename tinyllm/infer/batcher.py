@@ -181,6 +181,8 @@ class Batcher:
     def submit(self, *requests: Request) -> None:
         """Queue requests (all or none: QueueFull when they would exceed max_queue)."""
         for request in requests:
+            if request.max_tokens < 1:
+                raise ValueError(f"max_tokens must be at least 1, not {request.max_tokens}")
             if not request.prompt_ids or len(request.prompt_ids) >= self.context:
                 raise ValueError(f"a prompt needs 1 to {self.context - 1} tokens, not {len(request.prompt_ids)}")
             need = len(request.prompt_ids) + min(request.max_tokens, self.context - len(request.prompt_ids))
@@ -188,7 +190,8 @@ class Batcher:
                 raise ValueError(f"prompt + max_tokens is {need} tokens, more than the server holds at once "
                                  f"({self.max_live_tokens}); ask for fewer max_tokens")
         with self.lock:
-            if self.queued + len(requests) > self.max_queue:
+            free = self.slots - self.live_requests  # these start at the next step rather than wait
+            if self.queued + len(requests) > self.max_queue + free:
                 raise QueueFull(f"{self.queued} requests waiting")
             for request in requests:
                 request.submitted = time.perf_counter()
@@ -204,6 +207,7 @@ class Batcher:
                 time.sleep(0.05)
 
     def close(self) -> None:
+        """Stop the scheduler; live and waiting requests end as cancelled."""
         self.incoming.put(None)
         self.thread.join(timeout=10)
 
@@ -233,6 +237,9 @@ class Batcher:
             if request is None:
                 for live in [live for live in self.live if live]:
                     self._retire(live, "cancelled")
+                for waiting in self.waiting:
+                    waiting.cancel()
+                self._drop_cancelled()
                 return False
             if request is _WARM_UP:
                 for n in self.buckets:
@@ -251,16 +258,19 @@ class Batcher:
         self._prefill()
         self._decode()
 
+    def _drop_cancelled(self) -> None:
+        """End the waiting requests whose clients left, wherever they are in the line."""
+        for request in [r for r in self.waiting if r.cancelled.is_set()]:
+            self.waiting.remove(request)
+            self.cancelled_requests += 1
+            request.finished_at = time.perf_counter()
+            _send(request, "end", Finish("cancelled", len(request.prompt_ids), 0))
+
     def _admit(self) -> None:
+        self._drop_cancelled()
         reserved = sum(live.reserved for live in self.live if live)
         while self.waiting:
             request = self.waiting[0]
-            if request.cancelled.is_set():
-                self.waiting.popleft()
-                self.cancelled_requests += 1
-                request.finished_at = time.perf_counter()
-                _send(request, "end", Finish("cancelled", len(request.prompt_ids), 0))
-                continue
             budget = min(request.max_tokens, self.context - len(request.prompt_ids))
             free = [slot for slot, live in enumerate(self.live) if live is None]
             if not free or reserved + len(request.prompt_ids) + budget > self.max_live_tokens:
@@ -274,7 +284,7 @@ class Batcher:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.temperature[slot] = request.temperature
             self.top_p[slot] = request.top_p if request.top_p is not None and request.top_p < 1 else 2.0  # 2: off
-            self.top_k[slot] = request.top_k or 0
+            self.top_k[slot] = min(request.top_k or 0, self.seen.shape[1])  # more than the vocabulary: all of it
             self.penalty[slot] = request.repetition_penalty
             self.seed[slot], self.steps[slot], self.utf8_state[slot] = seed, 0, 0
             self.cache.positions[slot], self.cache.live[slot] = 0, False
@@ -349,9 +359,13 @@ class Batcher:
             self._decoders[n] = lambda: step(_Options.needed_by(
                 [live.request for live in self.live[:n] if live and live.decoding]))
             return self._decoders[n]
+        live = self.cache.live.clone()  # no slot is live while compiling and capturing: state stays put
+        self.cache.live.zero_()
+        dynamo = torch._dynamo.config  # every bucket (of every model) is one more compiled variant of `forward`
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture; no slot is live yet
+        with torch.cuda.stream(side):  # compile and warm up outside the capture
             compiled = torch.compile(forward, fullgraph=True, dynamic=False)  # the model; sampling stays eager
             try:
                 step(_Options.ALL, compiled)
@@ -364,6 +378,7 @@ class Batcher:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             out = step(_Options.ALL, compiled)
         self._graph_pool = graph.pool()
+        self.cache.live.copy_(live)
 
         def replay():
             graph.replay()

@@ -243,7 +243,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
             raise APIError(503, f"the server is busy ({max_queue} requests waiting); try again shortly",
                            kind="server_error", code="server_busy") from None
         shape = ResponseShape(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), served.name, chat,
-                              vocab_bytes[served.name], prompt_chars)
+                              vocab_bytes[served.name], prompt_chars, body.logprobs_wanted() is not None)
         headers = {"x-tinyllm-dropped-turns": str(dropped)} if dropped else {}
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -331,7 +331,11 @@ class Outbox:
         self.items.append((queue, item))
         if not self.scheduled:
             self.scheduled = True
-            self.loop.call_soon_threadsafe(self._deliver)
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: a later loop must still get woken
+                self.scheduled = False
+                raise
 
     def _deliver(self) -> None:
         self.scheduled = False
@@ -349,12 +353,13 @@ class ResponseShape:
     vocab_bytes: dict[int, bytes]
     prompt_chars: int
     """Completions' logprobs count text offsets from the start of the prompt."""
+    logprobs_wanted: bool
 
     def choice(self, index: int, text: str, pieces: list[Piece], finish_reason: str | None, offset: int,
                stream: bool) -> dict:
         """One choice (a whole message, or a stream delta) with its log-probs, if asked for."""
         logprobs = [entry for piece in pieces for entry in piece.logprobs]
-        logprobs = self.logprobs(logprobs, offset) if logprobs else None
+        logprobs = self.logprobs(logprobs, offset) if logprobs or (self.logprobs_wanted and not stream) else None
         if not self.chat:
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         content = {"content": text} if stream else {"role": "assistant", "content": text}
