@@ -305,7 +305,7 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
                     results = [r for rs in pool.map(loadgen.client, [(url, name, i, requests, max_tokens, start_at)
                                                                       for i in range(n_clients)], chunksize=1)
                                for r in rs]
-                    rows.append(_serve_row(n_slots, n_clients, results))
+                    rows.append(_serve_row(preset or str(source), n_slots, n_clients, results))
                 if n_slots == max(slots):
                     asks = [(url, name, q + f"（第{i}题）", max_tokens) for i, q in
                             enumerate(loadgen.QUESTIONS * (most // len(loadgen.QUESTIONS) + 1))][:most]
@@ -314,19 +314,16 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
                     equal = sum(a == b for a, b in zip(solo, together))
                     check = (f"Greedy replies to {most} concurrent requests equal to their solo replies "
                              f"({n_slots} slots): {equal}/{most}.")
-        label = preset or str(source)
-    for row in rows:
-        row["model"] = label
     return rows, check
 
 
-def _serve_row(n_slots: int, n_clients: int, results: list[dict]) -> dict:
+def _serve_row(model: str, n_slots: int, n_clients: int, results: list[dict]) -> dict:
     def pct(key, q):
         ordered = sorted(r[key] for r in results)
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 1)
 
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
-    return {"model": "", "server": "one at a time" if n_slots == 1 else f"batched, {n_slots} slots",
+    return {"model": model, "server": "one at a time" if n_slots == 1 else f"batched, {n_slots} slots",
             "clients": n_clients, "requests": len(results),
             "completion_tokens_per_sec": round(sum(r["tokens"] for r in results) / wall, 1),
             "ttft_p50_ms": pct("ttft", 0.5), "ttft_p90_ms": pct("ttft", 0.9), "ttft_p99_ms": pct("ttft", 0.99),
@@ -346,14 +343,13 @@ def _random_checkpoint(preset: str, source: Path, folder: Path) -> Path:
 @contextlib.contextmanager
 def _served_process(checkpoint: Path, device: str, slots: int, log: Path, timeout: float = 600):
     """`tinyllm serve` on a free 127.0.0.1 port until the block ends: yields (base url, model name)."""
-    import socket
     import subprocess
     import sys
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tinyllm.serve.background import free_port
+
+    port = free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "tinyllm.cli", "serve", str(checkpoint), "--port", str(port),

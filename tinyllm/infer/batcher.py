@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinyllm import cpu_threads
-from tinyllm.infer.generate import nucleus, penalise_repeats
+from tinyllm.infer.generate import keep_top_k, nucleus, penalise_repeats
 from tinyllm.infer.slots import SlotKVCache
 from tinyllm.infer.text import TextStream
 from tinyllm.infer.utf8 import Utf8Guard
@@ -284,7 +284,7 @@ class Batcher:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.temperature[slot] = request.temperature
             self.top_p[slot] = request.top_p if request.top_p is not None and request.top_p < 1 else 2.0  # 2: off
-            self.top_k[slot] = min(request.top_k or 0, self.seen.shape[1])  # more than the vocabulary: all of it
+            self.top_k[slot] = request.top_k or 0
             self.penalty[slot] = request.repetition_penalty
             self.seed[slot], self.steps[slot], self.utf8_state[slot] = seed, 0, 0
             self.cache.positions[slot], self.cache.live[slot] = 0, False
@@ -401,9 +401,7 @@ class Batcher:
         temperature = self.temperature[rows]
         scaled = logits.float() / temperature.clamp(min=1e-6)[:, None]
         if options.top_k:
-            k = self.top_k[rows]
-            kth = scaled.sort(-1, descending=True).values.gather(-1, (k - 1).clamp(min=0)[:, None])
-            scaled = scaled.masked_fill((k[:, None] > 0) & (scaled < kth), float("-inf"))
+            scaled = keep_top_k(scaled, self.top_k[rows])
         probs = torch.softmax(scaled, -1)
         if options.top_p:
             probs = nucleus(probs, self.top_p[rows, None])

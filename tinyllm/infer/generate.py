@@ -85,8 +85,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = keep_top_k(logits, top_k)
     probs = torch.softmax(logits, -1)
     if top_p is not None and top_p < 1:
         probs = nucleus(probs, top_p)
@@ -98,6 +97,14 @@ def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float | 
     logits = logits.float()
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def keep_top_k(logits: torch.Tensor, top_k: int | torch.Tensor) -> torch.Tensor:
+    """-inf for all but each row's top_k most likely tokens; `top_k` is a number or (B,) per row,
+    0 keeping every token and more than the vocabulary meaning all of it."""
+    k = torch.as_tensor(top_k, device=logits.device).clamp(max=logits.shape[-1]).expand(logits.shape[0])
+    kth = logits.sort(-1, descending=True).values.gather(-1, (k - 1).clamp(min=0)[:, None])
+    return logits.masked_fill((k[:, None] > 0) & (logits < kth), float("-inf"))
 
 
 def nucleus(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:

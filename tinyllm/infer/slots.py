@@ -76,7 +76,12 @@ class PrefillView:
 
     def __init__(self, cache: SlotKVCache, rows: torch.Tensor, starts: torch.Tensor):
         self.cache, self.rows, self.starts = cache, rows, starts
-        self.fresh = not bool(starts.any())  # every chunk starts its prompt: plain causal attention suffices
+        self.furthest = int(starts.max())
+        self.fresh = self.furthest == 0  # every chunk starts its prompt: plain causal attention suffices
+
+    def _end(self, T: int) -> int:
+        """One past the last position any row reaches."""
+        return min(self.furthest + T, self.cache.max_len)
 
     def _positions(self, T: int) -> torch.Tensor:
         return (self.starts[:, None] + self.cache.key_pos[:T]).clamp(max=self.cache.max_len - 1)  # (R, T)
@@ -87,7 +92,7 @@ class PrefillView:
     def mask(self, T: int, key_valid, device) -> torch.Tensor | None:
         if self.fresh:
             return None
-        end = min(int(self.starts.max()) + T, self.cache.max_len)
+        end = self._end(T)
         return (self.cache.key_pos[None, None, :end] <= self._positions(T)[:, :, None])[:, None]  # (R, 1, T, end)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +101,7 @@ class PrefillView:
         self.cache.values[layer][where] = v.transpose(1, 2)
         if self.fresh:
             return k, v
-        end = min(int(self.starts.max()) + k.shape[2], self.cache.max_len)
+        end = self._end(k.shape[2])
         return self.cache.keys[layer][self.rows, :, :end], self.cache.values[layer][self.rows, :, :end]
 
     def advance(self, T: int) -> None:

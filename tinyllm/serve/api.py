@@ -216,6 +216,12 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         if limit is not None and limit != -1 and limit < 1:
             raise APIError(400, "max_tokens: must be positive, or -1 for up to the context limit", param="max_tokens")
         room = served.context - len(prompt_ids)
+        logprobs = body.logprobs_wanted()
+        settings = dict(max_tokens=room if limit in (None, -1) else min(limit, room),
+                        temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p,
+                        top_k=body.top_k, repetition_penalty=body.repetition_penalty or 1.0, logprobs=logprobs,
+                        ignore_eos=bool(body.ignore_eos),
+                        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))
         events: asyncio.Queue = asyncio.Queue()
         outbox.loop = asyncio.get_running_loop()
         requests: list[Request] = []
@@ -228,13 +234,8 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
             return emit
 
         for index in range(body.n or 1):  # sample i of a seeded request = the request with seed + i
-            requests.append(Request(
-                prompt_ids, max_tokens=room if limit in (None, -1) else min(limit, room), emit=emitter(index),
-                temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p,
-                top_k=body.top_k, seed=None if body.seed is None else (body.seed + index) % 2**63,
-                repetition_penalty=body.repetition_penalty or 1.0, logprobs=body.logprobs_wanted(),
-                ignore_eos=bool(body.ignore_eos),
-                stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or [])))
+            requests.append(Request(prompt_ids, emit=emitter(index), **settings,
+                                    seed=None if body.seed is None else (body.seed + index) % 2**63))
         try:
             batchers[served.name].submit(*requests)
         except ValueError as err:
@@ -243,7 +244,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
             raise APIError(503, f"the server is busy ({max_queue} requests waiting); try again shortly",
                            kind="server_error", code="server_busy") from None
         shape = ResponseShape(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), served.name, chat,
-                              vocab_bytes[served.name], prompt_chars, body.logprobs_wanted() is not None)
+                              vocab_bytes[served.name], prompt_chars, logprobs is not None)
         headers = {"x-tinyllm-dropped-turns": str(dropped)} if dropped else {}
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
