@@ -4,6 +4,7 @@ they get alone, join a running batch, leave it at once, and respect the caps."""
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,16 +16,17 @@ from tinyllm.infer.generate import generate
 from tinyllm.serve.models import load_served_models
 
 
-def _served(folder: Path, tokenizer, moe=None):
+def _served(folder: Path, tokenizer, moe=None) -> SimpleNamespace:
     """A random model whose weights are large enough that its replies vary from prompt to prompt
-    (the default init gives near-uniform logits and one repeated token)."""
+    (the default init gives near-uniform logits and one repeated token), with its tokenizer."""
     served = load_served_models([str(make_chat_checkpoint(folder, tokenizer, max_seq_len=96, moe=moe))])[0]
+    model, utf8 = served.load()
     torch.manual_seed(1)
     with torch.no_grad():
-        for p in served.model.parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.4)
-    return served
+    return SimpleNamespace(model=model, utf8=utf8, tok=served.tok, stop_ids=served.stop_ids, context=served.context)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +37,12 @@ def served(tmp_path_factory, tokenizer):
 class Outcome:
     def __init__(self):
         self.text, self.finish, self.done, self.ended_at = "", None, threading.Event(), None
+        self.logprobs = []
 
     def emit(self, kind, value):
         if kind == "text":
             self.text += value.text
+            self.logprobs += [(e.token, round(e.logprob, 4), [t for t, _ in e.top]) for e in value.logprobs]
         else:
             self.finish, self.ended_at = value, time.perf_counter()
             self.done.set()
@@ -81,6 +85,49 @@ def test_thirty_two_requests_together_get_what_each_gets_alone(served):
         assert batcher.live_requests == 0 and batcher.queued == 0
     finally:
         batcher.close()
+
+
+def test_several_tokens_per_decode_launch_change_nothing(served):
+    """With decode_steps > 1 (the GPU default) a request that ends inside a launch (stop token,
+    stop string, max_tokens, the context) drops the rest: replies, finishes and log-probs are
+    those of one token per launch."""
+    specs = _mixed_requests(served.tok, 24)
+    specs.append({"prompt_ids": served.tok.encode("讲个故事" * 30).ids[:served.context - 6], "max_tokens": 20,
+                  "temperature": 0})  # room for 6 tokens: the last launch runs past the context
+    one = Batcher(served.model, served.tok, served.stop_ids, served.utf8, decode_steps=1)
+    five = Batcher(served.model, served.tok, served.stop_ids, served.utf8, decode_steps=5)
+    try:
+        for i, (spec, outcome) in enumerate(zip(specs[:12], run(one, *specs[:12]))):
+            spec["logprobs"] = i % 3
+            if i % 2 and len(outcome.text) > 4:  # a stop string from the middle of the reply
+                spec["stop"] = [outcome.text[len(outcome.text) // 2]]
+        expected, got = run(one, *specs), run(five, *specs)
+        assert [(o.text, o.finish, o.logprobs) for o in got] == [(o.text, o.finish, o.logprobs) for o in expected]
+        assert {o.finish.reason for o in got} == {"stop", "length"}
+        assert any(o.logprobs for o in got) and got[-1].finish.completion_tokens == 6  # up to the context
+        assert five.live_requests == 0 and five.queued == 0
+    finally:
+        one.close()
+        five.close()
+    with pytest.raises(ValueError, match="decode_steps"):
+        Batcher(served.model, served.tok, served.stop_ids, decode_steps=0)
+
+
+def test_fixed_shape_prefill_gives_the_replies_of_batched_prefill(served):
+    """Prompts prefilled alone in fixed (1, 16) chunks (as on a GPU, in CUDA graphs of 64) give the
+    replies of all a step's prompts in one right-padded forward, alone and among the others."""
+    specs = _mixed_requests(served.tok, 12)
+    assert max(len(s["prompt_ids"]) for s in specs) > 2 * 16  # several chunks per prompt
+    together = Batcher(served.model, served.tok, served.stop_ids, served.utf8)
+    fixed = Batcher(served.model, served.tok, served.stop_ids, served.utf8, prefill_chunk=16)
+    try:
+        assert together.prefill_chunk is None
+        expected = [o.text for o in run(together, *specs)]
+        assert [run(fixed, spec)[0].text for spec in specs[:3]] == expected[:3]
+        assert [o.text for o in run(fixed, *specs)] == expected
+    finally:
+        together.close()
+        fixed.close()
 
 
 def test_long_prompts_prefill_in_chunks_beside_running_requests(served):

@@ -5,7 +5,8 @@ At every step the scheduler
    the tokens they may hold),
 2. prefills up to `prefill_tokens` prompt tokens of the newest requests (a long prompt takes
    several steps, so the others keep decoding meanwhile),
-3. decodes one token for every request that has its prompt in, all in one forward,
+3. decodes the next tokens of every request that has its prompt in, all in one forward per token
+   (on a GPU, `decode_steps` tokens per CUDA-graph launch),
 4. retires finished and cancelled requests at once, freeing their slots.
 So a short request never waits for a long one, and the model runs batches instead of one
 sequence at a time.
@@ -84,12 +85,38 @@ class Request:
     ignore_eos: bool = False
     """Generate through end-of-reply tokens up to max_tokens (for benchmarks: equal-length replies)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_cancel: Callable[[], None] | None = None
+    """Called by `cancel` (the engine process forwards the cancellation to its batcher)."""
     submitted: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.on_cancel:
+            self.on_cancel()
+
+    def settings(self) -> dict:
+        """What the request asks for, as plain data (to send it to another process)."""
+        return {name: getattr(self, name) for name in SETTINGS}
+
+
+SETTINGS = ("prompt_ids", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
+            "logprobs", "ignore_eos")
+"""The fields of a `Request` that say what to generate."""
+
+
+def check_request(request: Request, context: int, max_live_tokens: int) -> None:
+    """ValueError if the request could never run: no prompt, no room for a reply in the context,
+    or more prompt + max_tokens than the live requests may hold at once."""
+    if request.max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {request.max_tokens}")
+    if not request.prompt_ids or len(request.prompt_ids) >= context:
+        raise ValueError(f"a prompt needs 1 to {context - 1} tokens, not {len(request.prompt_ids)}")
+    need = len(request.prompt_ids) + min(request.max_tokens, context - len(request.prompt_ids))
+    if need > max_live_tokens:
+        raise ValueError(f"prompt + max_tokens is {need} tokens, more than the server holds at once "
+                         f"({max_live_tokens}); ask for fewer max_tokens")
 
 
 class QueueFull(Exception):
@@ -116,6 +143,11 @@ class _Live:
         return len(self.request.prompt_ids) + self.budget
 
 
+PREFILL_CHUNK = 64
+"""Prompt tokens per fixed-shape prefill forward on a GPU: one CUDA graph covers any prompt, 64 at a
+time. (Eager prefills of ever-new shapes took 45 ms to 1.2 s each on an H200, inside the server.)"""
+
+
 def _buckets(most: int) -> list[int]:
     """Decode batch sizes: powers of two up to `most` (and `most` itself)."""
     sizes = [1]
@@ -127,12 +159,22 @@ def _buckets(most: int) -> list[int]:
 class Batcher:
     def __init__(self, model, tok, stop_ids: set[int], utf8: Utf8Guard | None = None, slots: int = 32,
                  max_live_tokens: int | None = None, prefill_tokens: int = 256, max_queue: int = 64,
-                 compile: bool | None = None):
+                 compile: bool | None = None, decode_steps: int | None = None, prefill_chunk: int | None = None,
+                 on_step: Callable[[], None] | None = None):
         """slots: most requests decoding together. max_live_tokens: most prompt + max_tokens over
         the live requests (default: every slot full). prefill_tokens: prompt tokens per step.
         max_queue: most requests waiting for a slot (more: `submit` raises QueueFull).
         compile: CUDA graphs for the decode step, one per batch-size bucket (default: a dense
-        model on a GPU; an MoE routes with data-dependent shapes and runs eagerly)."""
+        model on a GPU; an MoE routes with data-dependent shapes and runs eagerly).
+        decode_steps: tokens per request that one decode launch makes (default: 8 with CUDA
+        graphs, 4 otherwise). Fewer launches mean fewer host steps, copies, events and stream
+        chunks per token: the limit on a GPU, and a share of the CPU's cores. A request that ends
+        inside a launch drops the rest of its tokens; its slot is free at the next launch.
+        prefill_chunk: prefill each prompt alone, in forwards of one fixed shape (1, prefill_chunk)
+        (default: 64 with CUDA graphs, where that shape is one graph; else none: a step's prompt
+        chunks go together in one right-padded forward, whose shapes vary).
+        on_step: called on the scheduler thread after every step (the engine process sends a
+        step's events in one message)."""
         self.model, self.tok, self.stop_ids, self.utf8 = model.eval(), tok, set(stop_ids), utf8
         cfg = model.config
         param = next(model.parameters())
@@ -145,6 +187,15 @@ class Batcher:
         if compile is None:
             compile = self.device.type == "cuda" and not cfg.moe.enabled
         self.compile = compile
+        self.prefill_chunk = prefill_chunk or (min(PREFILL_CHUNK, prefill_tokens) if compile else None)
+        self._prefill_inputs = (torch.zeros(1, self.prefill_chunk or 1, dtype=torch.long, device=self.device),
+                                torch.zeros(1, dtype=torch.long, device=self.device),
+                                torch.zeros(1, dtype=torch.long, device=self.device))  # ids, slot, start
+        self._prefill_forward: Callable[[], torch.Tensor] | None = None
+        self.on_step = on_step
+        self.decode_steps = decode_steps if decode_steps is not None else (8 if compile else 4)
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be at least 1, not {decode_steps}")
         self._decoders: dict[int, Callable] = {}
         self._graph_pool = None  # the CUDA graphs of all buckets share one memory pool
 
@@ -181,14 +232,7 @@ class Batcher:
     def submit(self, *requests: Request) -> None:
         """Queue requests (all or none: QueueFull when they would exceed max_queue)."""
         for request in requests:
-            if request.max_tokens < 1:
-                raise ValueError(f"max_tokens must be at least 1, not {request.max_tokens}")
-            if not request.prompt_ids or len(request.prompt_ids) >= self.context:
-                raise ValueError(f"a prompt needs 1 to {self.context - 1} tokens, not {len(request.prompt_ids)}")
-            need = len(request.prompt_ids) + min(request.max_tokens, self.context - len(request.prompt_ids))
-            if need > self.max_live_tokens:
-                raise ValueError(f"prompt + max_tokens is {need} tokens, more than the server holds at once "
-                                 f"({self.max_live_tokens}); ask for fewer max_tokens")
+            check_request(request, self.context, self.max_live_tokens)
         with self.lock:
             free = self.slots - self.live_requests  # these start at the next step rather than wait
             if self.queued + len(requests) > self.max_queue + free:
@@ -224,6 +268,8 @@ class Batcher:
                     log.exception("batch step failed")
                     for live in [live for live in self.live if live]:
                         self._retire(live, None, error=f"{type(err).__name__}: {err}")
+                if self.on_step:
+                    self.on_step()
 
     def _take_incoming(self) -> bool:
         """Move submitted requests to the waiting line; block while there is nothing to do.
@@ -244,6 +290,8 @@ class Batcher:
             if request is _WARM_UP:
                 for n in self.buckets:
                     self._decoder(n)
+                if self.compile and self.prefill_chunk and self._prefill_forward is None:  # no slot is live yet
+                    self._prefill_forward = self._graph(self._prefill_once)
                 self._warm = True
                 continue
             self.waiting.append(request)
@@ -293,24 +341,21 @@ class Batcher:
                 self.seen[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
 
     def _prefill(self) -> None:
-        """The next prompt chunks, oldest request first, up to prefill_tokens in all."""
+        """The next prompt chunks, oldest request first, up to prefill_tokens in all (with a
+        `prefill_chunk`, at most that many per chunk, each prompt in its own forward)."""
         chunks, room = [], self.prefill_tokens
         for live in sorted((live for live in self.live if live and not live.decoding),
                            key=lambda live: live.request.submitted):
-            take = min(len(live.request.prompt_ids) - live.prefilled, room)
-            if take <= 0:
+            take = min(len(live.request.prompt_ids) - live.prefilled, self.prefill_chunk or room)
+            if room <= 0 or (chunks and take > room):  # (a first fixed chunk may exceed a tiny budget)
                 break
             chunks.append((live, take))
             room -= take
         if not chunks:
             return
-        width = max(take for _, take in chunks)
-        ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        for row, (live, take) in enumerate(chunks):
-            ids[row, :take] = torch.tensor(live.request.prompt_ids[live.prefilled:live.prefilled + take])
+        ends = self._prefill_fixed(chunks) if self.prefill_chunk else self._prefill_together(chunks)
         rows = torch.tensor([live.slot for live, _ in chunks], device=self.device)
         starts = torch.tensor([live.prefilled for live, _ in chunks], device=self.device)
-        logits = self.model(ids.to(self.device), cache=self.cache.prefill(rows, starts)).logits
         for live, take in chunks:
             live.prefilled += take
         self.cache.positions[rows] = starts + torch.tensor([take for _, take in chunks], device=self.device)
@@ -318,13 +363,43 @@ class Batcher:
         if done:  # these prompts are in: their first token comes from the prefill's last position
             lives = [chunks[row][0] for row in done]
             slots = rows[done]
-            last = torch.tensor([chunks[row][1] - 1 for row in done], device=self.device)
-            logits = logits[torch.tensor(done, device=self.device), last]
+            logits = ends[torch.tensor(done, device=self.device)]
             options = _Options.needed_by([live.request for live in lives])
             tokens = self._pick(logits, slots, options)
             self._advance(slots, tokens, torch.ones_like(tokens, dtype=torch.bool), options)
             self.cache.live[slots] = True  # decoding from now on
-            self._emit(lives, tokens.tolist(), logits, list(range(len(lives))))
+            self._emit(lives, [[token] for token in tokens.tolist()], logits[None], list(range(len(lives))))
+
+    def _prefill_together(self, chunks: list[tuple[_Live, int]]) -> torch.Tensor:
+        """All chunks in one right-padded forward: the logits at each chunk's last token (R, vocab)."""
+        width = max(take for _, take in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        for row, (live, take) in enumerate(chunks):
+            ids[row, :take] = torch.tensor(live.request.prompt_ids[live.prefilled:live.prefilled + take])
+        rows = torch.tensor([live.slot for live, _ in chunks], device=self.device)
+        starts = torch.tensor([live.prefilled for live, _ in chunks], device=self.device)
+        logits = self.model(ids.to(self.device), cache=self.cache.prefill(rows, starts)).logits
+        last = torch.tensor([take - 1 for _, take in chunks], device=self.device)
+        return logits[torch.arange(len(chunks), device=self.device), last]
+
+    def _prefill_fixed(self, chunks: list[tuple[_Live, int]]) -> torch.Tensor:
+        """One forward of shape (1, prefill_chunk) per chunk, right-padded (on a GPU, a CUDA graph
+        replayed): the logits at each chunk's last token (R, vocab)."""
+        ids, slot, start = self._prefill_inputs
+        ends = []
+        for live, take in chunks:
+            ids.zero_()
+            ids[0, :take] = torch.tensor(live.request.prompt_ids[live.prefilled:live.prefilled + take])
+            slot.fill_(live.slot)
+            start.fill_(live.prefilled)
+            if self._prefill_forward is None:  # the inputs are real: warming up and capturing write correct values
+                self._prefill_forward = self._graph(self._prefill_once) if self.compile else self._prefill_once
+            ends.append(self._prefill_forward()[0, take - 1].clone())
+        return torch.stack(ends)
+
+    def _prefill_once(self) -> torch.Tensor:
+        ids, slot, start = self._prefill_inputs
+        return self.model(ids, cache=self.cache.prefill(slot, start, fixed=True)).logits
 
     def _decode(self) -> None:
         lives = [live for live in self.live if live and live.decoding]
@@ -332,16 +407,17 @@ class Batcher:
             return
         n = next(size for size in self.buckets if size > max(live.slot for live in lives))
         tokens, logits = self._decoder(n)()
-        tokens = tokens.tolist()
-        self._emit(lives, [tokens[live.slot] for live in lives], logits, [live.slot for live in lives])
+        steps = tokens.tolist()
+        self._emit(lives, [[step[live.slot] for step in steps] for live in lives], logits,
+                   [live.slot for live in lives])
 
     def _decoder(self, n: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        """One decode step of slots 0..n-1: the model's next-token logits (n, vocab) for each slot's
-        newest token, a token for each, and the live slots' state moved on. On a GPU the model is
-        compiled and the whole step (model, sampling, state) captured as one CUDA graph per bucket,
-        so a step costs one launch (the sampling is not compiled: Triton failed to compile its
-        fused integer hash and argmax). Elsewhere it runs eagerly and skips the sampling options no
-        live request uses."""
+        """`decode_steps` decode steps of slots 0..n-1: each step's tokens (steps, n), the model's
+        logits they were drawn from (steps, n, vocab), and the live slots' state moved on. On a GPU
+        the model is compiled and all the steps (model, sampling, state) captured as one CUDA graph
+        per bucket, so they cost one launch and one copy to the host (the sampling is not compiled:
+        Triton failed to compile its fused integer hash and argmax). Elsewhere they run eagerly
+        and skip the sampling options no live request uses."""
         if n in self._decoders:
             return self._decoders[n]
         view, rows = self.cache.decode(n), slice(0, n)
@@ -350,10 +426,13 @@ class Batcher:
             return self.model(self.last[:n, None], cache=view).logits[:, -1]
 
         def step(options: _Options, forward=forward) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = forward()
-            tokens = self._pick(logits, rows, options)
-            self._advance(rows, tokens, view.live, options)
-            return tokens, logits
+            made = []
+            for _ in range(self.decode_steps):
+                logits = forward()
+                tokens = self._pick(logits, rows, options)
+                self._advance(rows, tokens, view.live, options)
+                made.append((tokens, logits))
+            return torch.stack([tokens for tokens, _ in made]), torch.stack([logits for _, logits in made])
 
         if not self.compile:
             self._decoders[n] = lambda: step(_Options.needed_by(
@@ -363,28 +442,33 @@ class Batcher:
         self.cache.live.zero_()
         dynamo = torch._dynamo.config  # every bucket (of every model) is one more compiled variant of `forward`
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+        compiled = torch.compile(forward, fullgraph=True, dynamic=False)  # the model; sampling stays eager
+        try:
+            self._decoders[n] = self._graph(lambda: step(_Options.ALL, compiled))
+        except Exception:  # a compiler bug must not stop the server: the graph alone still pays
+            log.exception("compiling the decode step failed; capturing it uncompiled")
+            self._decoders[n] = self._graph(lambda: step(_Options.ALL))
+        self.cache.live.copy_(live)
+        return self._decoders[n]
+
+    def _graph(self, run: Callable[[], object]) -> Callable[[], object]:
+        """`run` captured as a CUDA graph, after two runs on a side stream (compiling, warming up):
+        a function that replays it and returns the outputs of the capture (overwritten by each replay)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            compiled = torch.compile(forward, fullgraph=True, dynamic=False)  # the model; sampling stays eager
-            try:
-                step(_Options.ALL, compiled)
-            except Exception:  # a compiler bug must not stop the server: the graph alone still pays
-                log.exception("compiling the decode step failed; capturing it uncompiled")
-                compiled = forward
-            step(_Options.ALL, compiled)
+        with torch.cuda.stream(side):
+            run()
+            run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = step(_Options.ALL, compiled)
+            out = run()
         self._graph_pool = graph.pool()
-        self.cache.live.copy_(live)
 
         def replay():
             graph.replay()
             return out
 
-        self._decoders[n] = replay
         return replay
 
     def _pick(self, logits: torch.Tensor, rows, options: _Options) -> torch.Tensor:
@@ -423,33 +507,40 @@ class Batcher:
             self.utf8_state[rows] = torch.where(live, self.utf8.advance(self.utf8_state[rows], tokens),
                                                 self.utf8_state[rows])
 
-    def _emit(self, lives: list[_Live], tokens: list[int], logits: torch.Tensor, rows: list[int]) -> None:
-        """Hand each live request its new token (`logits[rows]`: their raw logits, for log-probs)."""
+    def _emit(self, lives: list[_Live], tokens: list[list[int]], logits: torch.Tensor, rows: list[int]) -> None:
+        """Hand each live request its new tokens (`tokens[i]`: one per step; `logits[step, rows]`: the
+        raw logits they came from, for log-probs). A request that ends drops its tokens after the end."""
         asked = [live.request.logprobs for live in lives if live.request.logprobs is not None]
-        logprobs = (_logprobs(logits[rows], torch.tensor(tokens, device=logits.device), max(asked))
-                    if asked else None)
+        logprobs = ([_logprobs(logits[step, rows], torch.tensor([made[step] for made in tokens], device=logits.device),
+                               max(asked)) for step in range(logits.shape[0])] if asked else None)
         now = time.perf_counter()
-        for i, (live, token) in enumerate(zip(lives, tokens)):
+        for i, (live, made) in enumerate(zip(lives, tokens)):
             request = live.request
             if request.first_token_at is None:
                 request.first_token_at = now
-            if token in self.stop_ids and not request.ignore_eos:
-                self._retire(live, "stop")
-                continue
-            live.generated += 1
-            self.generated_tokens += 1
-            if logprobs is not None and request.logprobs is not None:
-                chosen, top_ids, top_values = logprobs
-                k = request.logprobs
-                live.logprobs.append(TokenLogprob(token, chosen[i], list(zip(top_ids[i][:k], top_values[i][:k]))))
-            text = live.stream.push(token)
+            text, end = "", None
+            for step, token in enumerate(made):
+                if token in self.stop_ids and not request.ignore_eos:
+                    end = "stop"
+                    break
+                live.generated += 1
+                self.generated_tokens += 1
+                if logprobs is not None and request.logprobs is not None:
+                    chosen, top_ids, top_values = logprobs[step]
+                    k = request.logprobs
+                    live.logprobs.append(TokenLogprob(token, chosen[i], list(zip(top_ids[i][:k], top_values[i][:k]))))
+                text += live.stream.push(token)
+                if live.stream.stopped:
+                    end = "stop"
+                    break
+                if live.generated == live.budget:
+                    end = "length"
+                    break
             if text:
                 _send(request, "text", Piece(text, live.logprobs))
                 live.logprobs = []
-            if live.stream.stopped:
-                self._retire(live, "stop")
-            elif live.generated == live.budget:
-                self._retire(live, "length")
+            if end:
+                self._retire(live, end)
 
     def _retire(self, live: _Live, reason: str | None, error: str | None = None) -> None:
         request = live.request

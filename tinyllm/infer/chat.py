@@ -39,16 +39,10 @@ def newest_chat_checkpoint(artifacts: Path = Path("artifacts")) -> Path:
                             "or name a checkpoint folder")
 
 
-def load_chat_model(checkpoint: Path | None = None, adapter: Path | None = None,
-                    device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, str]:
-    """(model, tokenizer, description) for a checkpoint, optionally with a peft adapter on top.
-
-    With an adapter and no checkpoint, the base is the one the adapter was trained on (its
-    adapter_config.json says); an adapter on any other base is refused, since on the merged lora
-    or dpo model it would be applied twice.
-    """
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: this machine has no CUDA GPU (use cpu)")
+def chat_checkpoint(checkpoint: Path | None = None, adapter: Path | None = None) -> Path:
+    """The checkpoint a chat runs on: the one named, else the base an adapter was trained on (its
+    adapter_config.json says), else the pipeline's newest. An adapter on any other base is
+    refused, since on the merged lora or dpo model it would be applied twice."""
     if adapter:
         trained_on = _adapter_base(Path(adapter))
         checkpoint = Path(checkpoint) if checkpoint else trained_on
@@ -59,6 +53,16 @@ def load_chat_model(checkpoint: Path | None = None, adapter: Path | None = None,
     checkpoint = Path(checkpoint) if checkpoint else newest_chat_checkpoint()
     if not is_checkpoint(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (expected config.json and model.safetensors)")
+    return checkpoint
+
+
+def load_chat_model(checkpoint: Path | None = None, adapter: Path | None = None,
+                    device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, str]:
+    """(model, tokenizer, description) for `chat_checkpoint(checkpoint, adapter)`, with the peft
+    adapter on top if one is given."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU (use cpu)")
+    checkpoint = chat_checkpoint(checkpoint, adapter)
     try:
         if adapter:
             from tinyllm.train.lora import load_with_adapter  # peft is imported only when an adapter is asked for

@@ -38,9 +38,11 @@ class SlotKVCache:
             self._decode_views[n] = DecodeView(self, n)
         return self._decode_views[n]
 
-    def prefill(self, rows: torch.Tensor, starts: torch.Tensor) -> PrefillView:
-        """New tokens for the slots `rows` (R,), starting at positions `starts` (R,)."""
-        return PrefillView(self, rows, starts)
+    def prefill(self, rows: torch.Tensor, starts: torch.Tensor, fixed: bool = False) -> PrefillView:
+        """New tokens for the slots `rows` (R,), starting at positions `starts` (R,). fixed: attend
+        over whole slots, whatever the starts, so that nothing is read back to the host (a CUDA
+        graph can hold the forward)."""
+        return PrefillView(self, rows, starts, fixed)
 
 
 class DecodeView:
@@ -74,10 +76,10 @@ class DecodeView:
 class PrefillView:
     """Right-padded chunks of R requests' prompts, written into their slots."""
 
-    def __init__(self, cache: SlotKVCache, rows: torch.Tensor, starts: torch.Tensor):
+    def __init__(self, cache: SlotKVCache, rows: torch.Tensor, starts: torch.Tensor, fixed: bool = False):
         self.cache, self.rows, self.starts = cache, rows, starts
-        self.furthest = int(starts.max())
-        self.fresh = self.furthest == 0  # every chunk starts its prompt: plain causal attention suffices
+        self.furthest = cache.max_len if fixed else int(starts.max())
+        self.fresh = not fixed and self.furthest == 0  # every chunk starts its prompt: plain causal attention
 
     def _end(self, T: int) -> int:
         """One past the last position any row reaches."""

@@ -12,8 +12,9 @@ FastGPT, ...) work unchanged; errors come back as OpenAI's error JSON:
     401 an API key is configured and the request's is missing or wrong
     404 an unknown model, when several are served (with one, any model name selects it)
     503 the queue is full
-Each model has a continuous batcher (infer/batcher.py): every request joins the running batch at
-the next step, and a client that disconnects frees its slot at the next step. When a stream's
+Each model has a continuous batcher (infer/batcher.py) in an engine process of its own
+(serve/engine.py): every request joins the running batch at the next step, and a client that
+disconnects frees its slot at the next step. When a stream's
 tokens come faster than the event loop sends them, the waiting pieces go out as one chunk.
 """
 
@@ -37,8 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllm.data.tokenizer import render_chat
-from tinyllm.infer.batcher import Batcher, Finish, Piece, QueueFull, Request, TokenLogprob
+from tinyllm.infer.batcher import Finish, Piece, QueueFull, Request, TokenLogprob
 from tinyllm.infer.utf8 import token_bytes
+from tinyllm.serve.engine import EngineProcess
 from tinyllm.serve.metrics import ServerMetrics
 from tinyllm.serve.models import ServedModel
 
@@ -110,16 +112,25 @@ class CompletionRequest(SamplingFields):
 
 
 def create_app(models: list[ServedModel], api_key: str | None = None, max_queue: int = 64, slots: int = 32,
-               prefill_tokens: int = 256, max_live_tokens: int | None = None) -> FastAPI:
+               prefill_tokens: int = 256, max_live_tokens: int | None = None, decode_steps: int | None = None,
+               device: str = "cpu", dtype: str = "auto") -> FastAPI:
     """The API over already loaded models (the first is the default), each with its own batcher of
     `slots` live requests holding at most `max_live_tokens` (prompt + max_tokens; default: every
-    slot's context) and `prefill_tokens` prompt tokens per step. More than `max_queue`
-    requests waiting for a slot get 503 rather than an ever longer wait. On a GPU the decode steps
-    are compiled here, before the first request."""
-    batchers = {m.name: Batcher(m.model, m.tok, m.stop_ids, m.utf8, slots=slots, prefill_tokens=prefill_tokens,
-                                max_queue=max_queue, max_live_tokens=max_live_tokens) for m in models}
-    for batcher in batchers.values():
-        batcher.warm_up()
+    slot's context), `prefill_tokens` prompt tokens per step and `decode_steps` tokens per
+    request per decode launch (see `Batcher`). More than `max_queue`
+    requests waiting for a slot get 503 rather than an ever longer wait. Each model runs in an
+    engine process of its own on `device`, with weights in `dtype` (`serve/engine.py`); it is
+    loaded (and on a GPU compiled) here, before the first request."""
+    batchers: dict[str, EngineProcess] = {}
+    try:
+        for m in models:
+            batchers[m.name] = EngineProcess(m, device, dtype, slots=slots, max_queue=max_queue,
+                                             max_live_tokens=max_live_tokens, prefill_tokens=prefill_tokens,
+                                             decode_steps=decode_steps)
+    except BaseException:
+        for engine in batchers.values():
+            engine.close()
+        raise
     vocab_bytes = {m.name: token_bytes(m.tok) for m in models}
     metrics = ServerMetrics(batchers)
     outbox = Outbox()

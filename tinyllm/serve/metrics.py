@@ -16,7 +16,8 @@ import bisect
 import collections
 import threading
 
-from tinyllm.infer.batcher import Batcher, Request
+from tinyllm.infer.batcher import Request
+from tinyllm.serve.engine import EngineProcess
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -42,7 +43,7 @@ class Histogram:
 
 
 class ServerMetrics:
-    def __init__(self, batchers: dict[str, Batcher]):
+    def __init__(self, batchers: dict[str, EngineProcess]):
         self.batchers = batchers
         self.lock = threading.Lock()  # requests end on the scheduler threads, scrapes come from the event loop
         self.finished: collections.Counter[tuple[str, str]] = collections.Counter()

@@ -2,6 +2,9 @@
 
     load_served_models(["artifacts/dpo", "base=artifacts/sft"])   # names "dpo" and "base"
     load_served_models([])                                        # the pipeline's newest chat model
+
+A `ServedModel` holds what the API itself needs (tokenizer, context, stop tokens); the weights are
+loaded by `load`, in the process that runs the model's batches (`serve/engine.py`).
 """
 
 from __future__ import annotations
@@ -9,44 +12,51 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from tinyllm.config import RuntimeConfig
-from tinyllm.data.tokenizer import reply_stop_ids
+from tinyllm.data.tokenizer import load_tokenizer, reply_stop_ids
 from tinyllm.errors import UserError
-from tinyllm.infer.chat import load_chat_model
+from tinyllm.infer.chat import chat_checkpoint, load_chat_model
 from tinyllm.infer.utf8 import Utf8Guard
+from tinyllm.train.checkpoint import read_config
 from tinyllm.train.runtime import resolve_dtype
 
 
 @dataclass
 class ServedModel:
     name: str
-    model: object
-    tok: object
+    checkpoint: Path
+    tok: Tokenizer
     stop_ids: set[int]
-    description: str
-    utf8: Utf8Guard | None = None
-    """Keeps sampled replies valid UTF-8 (`load_served_models` builds it from the tokenizer)."""
+    """Tokens that end a reply."""
+    context: int
+    adapter: Path | None = None
 
     @property
-    def context(self) -> int:
-        return self.model.config.max_seq_len
+    def description(self) -> str:
+        return str(self.checkpoint) + (f" + adapter {self.adapter}" if self.adapter else "")
+
+    def load(self, device: str = "cpu", dtype: str = "auto"):
+        """(model, Utf8Guard) on `device`; `dtype` is the weights' (float32, bfloat16, or auto: bf16
+        on a GPU). The guard keeps sampled replies valid UTF-8."""
+        model, _, _ = load_chat_model(self.checkpoint, self.adapter, device)
+        model = model.to(resolve_dtype(RuntimeConfig(dtype=dtype), next(model.parameters()).device))
+        return model, Utf8Guard.for_model(self.tok, model)
 
 
-def load_served_models(specs: list[str], adapter: Path | None = None, device: str = "cpu",
-                       dtype: str = "float32") -> list[ServedModel]:
-    """Load each `path` or `name=path` (the name defaults to the folder's); none means the newest
-    chat checkpoint of the pipeline. `adapter` (a peft folder) applies to a single model. `dtype`
-    (float32, bfloat16, or auto: bf16 on a GPU) is the weights' dtype."""
+def load_served_models(specs: list[str], adapter: Path | None = None) -> list[ServedModel]:
+    """Each `path` or `name=path` (the name defaults to the folder's); none means the newest chat
+    checkpoint of the pipeline. `adapter` (a peft folder) applies to a single model."""
     if adapter and len(specs) > 1:
         raise UserError("--adapter applies to one model; serve one checkpoint with it")
     served = []
     for spec in specs or [""]:
         name, _, path = spec.rpartition("=")
-        model, tok, description = load_chat_model(Path(path) if path else None, adapter, device)
-        model = model.to(resolve_dtype(RuntimeConfig(dtype=dtype), next(model.parameters()).device))
-        checkpoint = Path(description.split(" + ")[0])  # what load_chat_model chose: "path[ + adapter ...]"
-        served.append(ServedModel(name or checkpoint.name, model, tok, reply_stop_ids(tok), description,
-                                  Utf8Guard.for_model(tok, model)))
+        checkpoint = chat_checkpoint(Path(path) if path else None, adapter)
+        tok = load_tokenizer(checkpoint)
+        context = read_config(checkpoint)["model"]["max_seq_len"]
+        served.append(ServedModel(name or checkpoint.name, checkpoint, tok, reply_stop_ids(tok), context, adapter))
     names = [m.name for m in served]
     if len(set(names)) != len(names):
         raise UserError(f"two served models share a name ({', '.join(names)}); name them: NAME=PATH")

@@ -7,6 +7,7 @@ For 32 mixed requests (greedy and seeded sampling, prompts of different lengths)
 many replies are token for token the same
 - alone and among the other 31, on the CUDA-graph path, and
 - on the CUDA-graph path and on the eager path (same batches),
+- with 8 tokens per graph launch and with 1 (same batches; should be identical),
 and, for the first position where a greedy reply differs, the gap between the two best logits
 there (a near tie that bf16 rounding can flip).
 """
@@ -62,21 +63,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         target = _random_checkpoint(args.model, args.checkpoint, Path(tmp)) if args.model else args.checkpoint
-        served = load_served_models([str(target)], device=args.device, dtype="auto")[0]
+        served = load_served_models([str(target)])[0]
+        model, utf8 = served.load(args.device)
     requests = [{"prompt_ids": served.tok.encode(q + f"（第{i}题）" * (1 + i % 3)).ids, "max_tokens": args.max_tokens,
                  "ignore_eos": True, **({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})}
                 for i, q in enumerate(QUESTIONS * 4)]
-    graph = Batcher(served.model, served.tok, served.stop_ids, served.utf8, compile=args.device.startswith("cuda"))
+    graph = Batcher(model, served.tok, served.stop_ids, utf8, compile=args.device.startswith("cuda"))
     graph.warm_up()
-    eager = Batcher(served.model, served.tok, served.stop_ids, served.utf8, compile=False)
+    eager = Batcher(model, served.tok, served.stop_ids, utf8, compile=False)
+    single = Batcher(model, served.tok, served.stop_ids, utf8, compile=graph.compile, decode_steps=1)
     alone, together = replies(graph, requests, False), replies(graph, requests, True)
-    eager_together = replies(eager, requests, True)
-    graph.close()
-    eager.close()
-    print(f"model {args.model or args.checkpoint}, {next(served.model.parameters()).dtype}, "
+    eager_together, single_together = replies(eager, requests, True), replies(single, requests, True)
+    for batcher in (graph, eager, single):
+        batcher.close()
+    print(f"model {args.model or args.checkpoint}, {next(model.parameters()).dtype}, "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
     for name, a, b in (("graph alone vs graph among 32", alone, together),
-                       ("graph vs eager, among 32", together, eager_together)):
+                       ("graph vs eager, among 32", together, eager_together),
+                       (f"{graph.decode_steps} vs 1 tokens per launch, among 32", together, single_together)):
         same = sum(x == y for x, y in zip(a, b))
         first = [next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), None) for x, y in zip(a, b)]
         differing = [(i, j) for i, j in enumerate(first) if j is not None]
@@ -86,7 +90,7 @@ def main() -> None:
             if requests[i].get("temperature") == 0:
                 ids = requests[i]["prompt_ids"] + a[i][:j]
                 with torch.no_grad():
-                    logits = served.model(torch.tensor([ids], device=args.device)).logits[0, -1].float()
+                    logits = model(torch.tensor([ids], device=args.device)).logits[0, -1].float()
                 top2 = logits.topk(2).values
                 print(f"  greedy request {i}: position {j}, top-2 logit gap {float(top2[0] - top2[1]):.4f} "
                       f"(logits ~{float(top2[0]):.2f})")

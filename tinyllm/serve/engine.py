@@ -1,0 +1,223 @@
+"""Each served model's batcher runs in a process of its own.
+
+A Python process has one interpreter lock. When the event loop that writes every stream's JSON
+chunks and the scheduler that feeds the GPU share a process, they take turns with it: every torch
+call of the scheduler lets the lock go (an eager prefill makes hundreds), and getting it back can
+mean waiting for the event loop's turn. On an H200 that held 32 streaming clients to about 7,000
+tokens/s while the scheduler alone made 24,000 (reports/serving.md). So the API process keeps the
+HTTP work, and a spawned engine process keeps the model:
+
+    engine = EngineProcess(served, device="cuda", slots=32)   # loads and compiles, then returns
+    engine.submit(request)        # request.emit gets ("text", Piece) ..., ("end", Finish) as before
+    request.cancel()              # forwarded: the slot is free at the engine's next step
+    engine.close()
+
+Requests go to the engine one message per `submit`, and each step's events come back as one
+message, with the batcher's counters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass
+
+from tinyllm.errors import UserError
+from tinyllm.infer.batcher import Batcher, QueueFull, Request, check_request
+from tinyllm.serve.models import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The batcher's counters as of its last step."""
+    queued: int = 0
+    live: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cancelled_requests: int = 0
+
+
+class EngineProcess:
+    def __init__(self, served: ServedModel, device: str = "cpu", dtype: str = "auto", slots: int = 32,
+                 max_queue: int = 64, max_live_tokens: int | None = None, start_timeout: float = 900, **batching):
+        """Start the engine and wait until its model is loaded (and on a GPU, compiled). `batching`:
+        the other `Batcher` settings (prefill_tokens, decode_steps). At most `slots` + `max_queue`
+        requests are in the engine at once; more raise QueueFull."""
+        self.name, self.slots, self.max_queue, self.context = served.name, slots, max_queue, served.context
+        self.max_live_tokens = max_live_tokens or slots * served.context
+        self.counters = Counters()
+        self.inflight: dict[int, Request] = {}
+        self.ids = itertools.count()
+        self.lock = threading.Lock()  # the pipe's sending end and `inflight`
+        self.stopped: str | None = None
+        spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self.conn, child = spawn.Pipe()
+        settings = dict(slots=slots, max_queue=max_queue + slots, max_live_tokens=self.max_live_tokens, **batching)
+        self.process = spawn.Process(target=_engine_main, args=(child, served, device, dtype, settings),
+                                     name=f"tinyllm-engine-{served.name}")
+        self.process.start()
+        child.close()
+        try:
+            if not self.conn.poll(start_timeout):
+                raise UserError(f"{served.description}: the model did not load in {start_timeout:.0f} s")
+            kind, detail = self.conn.recv()
+        except EOFError:
+            kind, detail = "failed", "its process stopped (see the log above)"
+        if kind != "ready":
+            self.process.kill()
+            raise UserError(f"{served.description}: cannot serve it: {detail}")
+        self.reader = threading.Thread(target=self._read, name=f"engine-events-{served.name}", daemon=True)
+        self.reader.start()
+
+    @property
+    def queued(self) -> int:
+        return self.counters.queued
+
+    @property
+    def live_requests(self) -> int:
+        return self.counters.live
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.counters.generated_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.counters.prompt_tokens
+
+    @property
+    def cancelled_requests(self) -> int:
+        return self.counters.cancelled_requests
+
+    def submit(self, *requests: Request) -> None:
+        """Send requests to the engine (all or none: ValueError if one could never run, QueueFull
+        if they would be more than slots + max_queue in the engine)."""
+        for request in requests:
+            check_request(request, self.context, self.max_live_tokens)
+        with self.lock:
+            if self.stopped:
+                raise RuntimeError(self.stopped)
+            if len(self.inflight) + len(requests) > self.slots + self.max_queue:
+                raise QueueFull(f"{max(0, len(self.inflight) - self.slots)} requests waiting")
+            sent = []
+            for request in requests:
+                ident = next(self.ids)
+                request.submitted = time.perf_counter()
+                request.on_cancel = lambda ident=ident: self._cancel(ident)
+                self.inflight[ident] = request
+                sent.append((ident, request.settings()))
+            self.conn.send(("submit", sent))
+
+    def _cancel(self, ident: int) -> None:
+        with self.lock:
+            if ident in self.inflight and not self.stopped:
+                self.conn.send(("cancel", ident))
+
+    def _read(self) -> None:
+        """Hand the engine's events to their requests, until the engine stops."""
+        while True:
+            try:
+                _, events, counters = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            self.counters = Counters(*counters)
+            for ident, kind, value, timings in events:
+                with self.lock:
+                    request = self.inflight.get(ident) if kind == "text" else self.inflight.pop(ident, None)
+                if request is None:
+                    continue
+                if timings:  # seconds from arrival at the engine to the first token and to the end
+                    first, end = timings
+                    request.first_token_at = None if first is None else request.submitted + first
+                    request.finished_at = request.submitted + end
+                _deliver(request, kind, value)
+        with self.lock:
+            self.stopped = self.stopped or f"the engine of {self.name} stopped"
+            orphans, self.inflight = list(self.inflight.values()), {}
+        self.counters = Counters()
+        for request in orphans:
+            _deliver(request, "error", self.stopped)
+
+    def close(self) -> None:
+        """Stop the engine; live and waiting requests end as cancelled."""
+        with self.lock:
+            try:
+                self.conn.send(("close",))
+            except OSError:
+                pass  # already gone
+            self.stopped = "the server is shutting down"
+        self.reader.join(timeout=30)
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def _deliver(request: Request, kind: str, value) -> None:
+    try:
+        request.emit(kind, value)
+    except Exception:  # noqa: BLE001  (the event loop is closing: nobody can hear it any more)
+        log.warning("could not deliver a %s event; cancelling the request", kind)
+        request.cancel()
+
+
+def _engine_main(conn, served: ServedModel, device: str, dtype: str, settings: dict) -> None:
+    """The engine process: load the model, run its batcher, and relay requests in and events out."""
+    try:
+        model, utf8 = served.load(device, dtype)
+        outgoing: list[tuple] = []
+        requests: dict[int, Request] = {}
+        last_sent: list[tuple] = [()]
+
+        def send_step() -> None:
+            """On the scheduler thread, after each step: its events and the counters, if anything changed."""
+            counters = (batcher.queued, batcher.live_requests, batcher.generated_tokens, batcher.prompt_tokens,
+                        batcher.cancelled_requests)
+            if outgoing or counters != last_sent[0]:
+                events = outgoing[:]
+                del outgoing[:len(events)]
+                conn.send(("events", events, counters))
+                last_sent[0] = counters
+
+        batcher = Batcher(model, served.tok, served.stop_ids, utf8, on_step=send_step, **settings)
+        batcher.warm_up()
+    except Exception as err:  # noqa: BLE001  (reported to the API process, which names the checkpoint)
+        conn.send(("failed", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", None))
+
+    def emitter(ident: int):
+        def emit(kind: str, value) -> None:
+            timings = None
+            if kind != "text":
+                request = requests.pop(ident)
+                first = None if request.first_token_at is None else request.first_token_at - request.submitted
+                timings = (first, request.finished_at - request.submitted)
+            outgoing.append((ident, kind, value, timings))
+        return emit
+
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the API process is gone
+            message = ("close",)
+        if message[0] == "submit":
+            made = []
+            for ident, fields in message[1]:
+                requests[ident] = Request(emit=emitter(ident), **fields)
+                made.append(requests[ident])
+            batcher.submit(*made)
+        elif message[0] == "cancel":
+            if (request := requests.get(message[1])) is not None:
+                request.cancel()
+        else:
+            batcher.close()
+            try:
+                send_step()
+            except OSError:
+                pass
+            return
