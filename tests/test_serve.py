@@ -204,6 +204,38 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path, tokenizer
         server.stop()
 
 
+def test_an_engine_that_dies_ends_its_requests_and_later_ones_get_503(tmp_path, tokenizer):
+    ckpt = make_chat_checkpoint(tmp_path, tokenizer, max_seq_len=4096)
+    endless = dataclasses.replace(load_served_models([str(ckpt)])[0], stop_ids=set())
+    server = Server(create_app([endless]))
+    engine = server.app.state.batchers[endless.name]
+    try:
+        chunks = _ask(server.client(), "讲个故事", temperature=0, stream=True)
+        next(iter(chunks))
+        engine.process.kill()  # as if the GPU failed
+        with pytest.raises(openai.APIError, match="stopped"):
+            for _ in chunks:
+                pass
+        with pytest.raises(openai.InternalServerError) as err:
+            _ask(server.client(), "你好", max_tokens=3)
+        assert err.value.status_code == 503 and err.value.code == "engine_stopped"
+    finally:
+        server.stop()
+
+
+def test_a_checkpoint_that_cannot_load_is_named_and_leaves_no_engine(tmp_path, tokenizer):
+    import multiprocessing
+
+    from tinyllm.errors import UserError
+
+    ckpt = make_chat_checkpoint(tmp_path, tokenizer)
+    (ckpt / "model.safetensors").write_bytes(b"not weights")
+    before = set(multiprocessing.active_children())  # (other tests' servers may still run)
+    with pytest.raises(UserError, match=f"{ckpt}: cannot serve it: SafetensorError"):
+        create_app(load_served_models([str(ckpt)]))
+    assert set(multiprocessing.active_children()) <= before
+
+
 def _wait_until(condition, message: str, timeout: float = 10.0) -> None:
     deadline = time.time() + timeout
     while not condition():

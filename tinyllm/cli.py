@@ -112,10 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default="127.0.0.1", help="address to bind")
     web.add_argument("--port", type=int, default=8501, help="port")
     web.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    export = sub.add_parser("export", help="a checkpoint as a Hugging Face transformers folder (LlamaForCausalLM)",
+    export = sub.add_parser("export", help="a checkpoint as a Hugging Face transformers folder (LlamaForCausalLM) "
+                            "or a GGUF file for llama.cpp and Ollama",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     export.add_argument("checkpoint", type=Path, help="checkpoint folder, e.g. artifacts/dpo")
-    export.add_argument("out", type=Path, help="folder to write")
+    export.add_argument("out", type=Path,
+                        help="folder to write (hf), or the .gguf file (gguf; a Modelfile goes beside it)")
+    export.add_argument("--format", choices=["hf", "gguf"], default="hf", help="transformers folder or GGUF file")
+    export.add_argument("--quantization", choices=["f16", "q8_0", "f32"], default="f16", help="GGUF weights")
     export.add_argument("--adapter", type=Path, help="also export this peft adapter (to OUT/adapter)")
     export.add_argument("--metrics", type=Path, default=Path("reports/eval/metrics.json"),
                         help="eval metrics for the model card (the checkpoint's stage is looked up)")
@@ -245,6 +249,14 @@ def convert(args) -> str:
 
     if args.command == "import":
         return f"imported {args.hf_dir} as {import_hf(args.hf_dir, args.out)}"
+    if args.format == "gguf":
+        from tinyllm.export_gguf import export_gguf
+
+        if args.adapter:
+            raise UserError("--adapter: merge it first (the pipeline's lora stage writes the merged model)")
+        out = export_gguf(args.checkpoint, args.out, args.quantization)
+        return (f"exported {args.checkpoint} to {out} "
+                f"(llama-cli -m {out}; ollama create NAME -f {out.parent / 'Modelfile'})")
     stage = read_config(args.checkpoint).get("stage") if (args.checkpoint / "config.json").exists() else None
     metrics = json.loads(args.metrics.read_text()).get(stage) if args.metrics.exists() else None
     out = export_hf(args.checkpoint, args.out, adapter=args.adapter, metrics=metrics)

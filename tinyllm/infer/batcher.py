@@ -5,8 +5,8 @@ At every step the scheduler
    the tokens they may hold),
 2. prefills up to `prefill_tokens` prompt tokens of the newest requests (a long prompt takes
    several steps, so the others keep decoding meanwhile),
-3. decodes the next tokens of every request that has its prompt in, all in one forward per token
-   (on a GPU, `decode_steps` tokens per CUDA-graph launch),
+3. decodes the next `decode_steps` tokens of every request that has its prompt in, all in one
+   forward per token (on a GPU, one CUDA-graph launch for them all),
 4. retires finished and cancelled requests at once, freeing their slots.
 So a short request never waits for a long one, and the model runs batches instead of one
 sequence at a time.
@@ -73,7 +73,8 @@ class Request:
     prompt_ids: list[int]
     max_tokens: int
     emit: Callable[[str, object], None]
-    """Called from the scheduler thread: ("text", Piece) ..., then ("end", Finish) or ("error", message)."""
+    """Called from the scheduler thread (in the API, from the engine's reader thread): ("text", Piece) ...,
+    then ("end", Finish) or ("error", message)."""
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
@@ -242,7 +243,8 @@ class Batcher:
                 self.incoming.put(request)
 
     def warm_up(self) -> None:
-        """Compile every decode bucket now, not on the first requests (a no-op without CUDA graphs)."""
+        """Compile every decode bucket and capture the prefill graph now, not on the first requests (a
+        no-op without CUDA graphs)."""
         if self.compile:
             self.incoming.put(_WARM_UP)
             while not self._warm:
@@ -260,6 +262,13 @@ class Batcher:
     _warm = False
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the scheduler stopped")
+            raise
+
+    def _loop(self) -> None:
         with torch.no_grad():
             while self._take_incoming():
                 try:
@@ -341,21 +350,20 @@ class Batcher:
                 self.seen[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
 
     def _prefill(self) -> None:
-        """The next prompt chunks, oldest request first, up to prefill_tokens in all (with a
-        `prefill_chunk`, at most that many per chunk, each prompt in its own forward)."""
+        """The next prompt chunks, oldest request first, up to prefill_tokens in all."""
         chunks, room = [], self.prefill_tokens
         for live in sorted((live for live in self.live if live and not live.decoding),
                            key=lambda live: live.request.submitted):
-            take = min(len(live.request.prompt_ids) - live.prefilled, self.prefill_chunk or room)
-            if room <= 0 or (chunks and take > room):  # (a first fixed chunk may exceed a tiny budget)
+            take = min(len(live.request.prompt_ids) - live.prefilled, room)
+            if take <= 0:
                 break
             chunks.append((live, take))
             room -= take
         if not chunks:
             return
-        ends = self._prefill_fixed(chunks) if self.prefill_chunk else self._prefill_together(chunks)
         rows = torch.tensor([live.slot for live, _ in chunks], device=self.device)
         starts = torch.tensor([live.prefilled for live, _ in chunks], device=self.device)
+        ends = self._prefill_fixed(chunks) if self.prefill_chunk else self._prefill_together(chunks, rows, starts)
         for live, take in chunks:
             live.prefilled += take
         self.cache.positions[rows] = starts + torch.tensor([take for _, take in chunks], device=self.device)
@@ -370,31 +378,34 @@ class Batcher:
             self.cache.live[slots] = True  # decoding from now on
             self._emit(lives, [[token] for token in tokens.tolist()], logits[None], list(range(len(lives))))
 
-    def _prefill_together(self, chunks: list[tuple[_Live, int]]) -> torch.Tensor:
+    def _prefill_together(self, chunks: list[tuple[_Live, int]], rows: torch.Tensor, starts: torch.Tensor
+                          ) -> torch.Tensor:
         """All chunks in one right-padded forward: the logits at each chunk's last token (R, vocab)."""
         width = max(take for _, take in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
         for row, (live, take) in enumerate(chunks):
             ids[row, :take] = torch.tensor(live.request.prompt_ids[live.prefilled:live.prefilled + take])
-        rows = torch.tensor([live.slot for live, _ in chunks], device=self.device)
-        starts = torch.tensor([live.prefilled for live, _ in chunks], device=self.device)
         logits = self.model(ids.to(self.device), cache=self.cache.prefill(rows, starts)).logits
         last = torch.tensor([take - 1 for _, take in chunks], device=self.device)
         return logits[torch.arange(len(chunks), device=self.device), last]
 
     def _prefill_fixed(self, chunks: list[tuple[_Live, int]]) -> torch.Tensor:
-        """One forward of shape (1, prefill_chunk) per chunk, right-padded (on a GPU, a CUDA graph
+        """Each chunk in forwards of shape (1, prefill_chunk), right-padded (on a GPU, a CUDA graph
         replayed): the logits at each chunk's last token (R, vocab)."""
         ids, slot, start = self._prefill_inputs
         ends = []
         for live, take in chunks:
-            ids.zero_()
-            ids[0, :take] = torch.tensor(live.request.prompt_ids[live.prefilled:live.prefilled + take])
-            slot.fill_(live.slot)
-            start.fill_(live.prefilled)
-            if self._prefill_forward is None:  # the inputs are real: warming up and capturing write correct values
-                self._prefill_forward = self._graph(self._prefill_once) if self.compile else self._prefill_once
-            ends.append(self._prefill_forward()[0, take - 1].clone())
+            prompt = live.request.prompt_ids
+            for at in range(live.prefilled, live.prefilled + take, self.prefill_chunk):
+                piece = prompt[at:min(at + self.prefill_chunk, live.prefilled + take)]
+                ids.zero_()
+                ids[0, :len(piece)] = torch.tensor(piece)
+                slot.fill_(live.slot)
+                start.fill_(at)
+                if self._prefill_forward is None:  # the inputs are real: warming up and capturing write correct values
+                    self._prefill_forward = self._graph(self._prefill_once) if self.compile else self._prefill_once
+                logits = self._prefill_forward()
+            ends.append(logits[0, len(piece) - 1].clone())  # before the next replay overwrites it
         return torch.stack(ends)
 
     def _prefill_once(self) -> torch.Tensor:

@@ -58,7 +58,10 @@ class DecodeView:
                 torch._dynamo.mark_static_address(buffer)
 
     def rope(self, table: torch.Tensor, T: int) -> torch.Tensor:
-        return table[self.positions][:, None, None, :]  # (n, 1, 1, head_dim): broadcasts over heads
+        # clamped: a request that reaches the context end inside a multi-token launch runs on, its
+        # extra tokens dropped, and must not index past the table
+        at = self.positions.clamp(max=table.shape[0] - 1)
+        return table[at][:, None, None, :]  # (n, 1, 1, head_dim): broadcasts over heads
 
     def mask(self, T: int, key_valid, device) -> torch.Tensor:
         return (self.key_pos[None, :] <= self.positions[:, None])[:, None, None, :]  # (n, 1, 1, max_len)

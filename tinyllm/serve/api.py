@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinyllm.data.tokenizer import render_chat
 from tinyllm.infer.batcher import Finish, Piece, QueueFull, Request, TokenLogprob
 from tinyllm.infer.utf8 import token_bytes
-from tinyllm.serve.engine import EngineProcess
+from tinyllm.serve.engine import EngineProcess, EngineStopped
 from tinyllm.serve.metrics import ServerMetrics
 from tinyllm.serve.models import ServedModel
 
@@ -114,7 +114,7 @@ class CompletionRequest(SamplingFields):
 def create_app(models: list[ServedModel], api_key: str | None = None, max_queue: int = 64, slots: int = 32,
                prefill_tokens: int = 256, max_live_tokens: int | None = None, decode_steps: int | None = None,
                device: str = "cpu", dtype: str = "auto") -> FastAPI:
-    """The API over already loaded models (the first is the default), each with its own batcher of
+    """The API over `models` (the first is the default), each with its own batcher of
     `slots` live requests holding at most `max_live_tokens` (prompt + max_tokens; default: every
     slot's context), `prefill_tokens` prompt tokens per step and `decode_steps` tokens per
     request per decode launch (see `Batcher`). More than `max_queue`
@@ -238,7 +238,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         requests: list[Request] = []
 
         def emitter(index: int):
-            def emit(kind: str, value) -> None:  # on the scheduler thread
+            def emit(kind: str, value) -> None:  # on the engine's event reader thread
                 if kind != "text":
                     metrics.observe(served.name, requests[index], value.reason if kind == "end" else "error")
                 outbox.put(events, (index, kind, value))
@@ -254,6 +254,9 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         except QueueFull:
             raise APIError(503, f"the server is busy ({max_queue} requests waiting); try again shortly",
                            kind="server_error", code="server_busy") from None
+        except EngineStopped as err:
+            raise APIError(503, f"{err}; the server cannot generate (see its log)", kind="server_error",
+                           code="engine_stopped") from None
         shape = ResponseShape(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), served.name, chat,
                               vocab_bytes[served.name], prompt_chars, logprobs is not None)
         headers = {"x-tinyllm-dropped-turns": str(dropped)} if dropped else {}
@@ -328,7 +331,7 @@ def chat_prompt(served: ServedModel, body: ChatRequest) -> tuple[list[int], int]
 
 
 class Outbox:
-    """Events from the scheduler threads to the responses on the event loop. One wake-up of the
+    """Events from the engines' reader threads to the responses on the event loop. One wake-up of the
     loop carries every event that came before it: a step of 32 streams is one wake-up, not 32
     (each is a write to the loop's self-pipe)."""
 

@@ -1,5 +1,5 @@
 """uvicorn in a background thread on a free 127.0.0.1 port: for tests and benchmarks that need a
-real server in the same process.
+real API server in the same process (its models' engines run in processes of their own).
 
     with BackgroundServer(create_app(models)) as server:
         OpenAI(base_url=server.url, api_key="none")...

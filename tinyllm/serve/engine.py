@@ -21,8 +21,11 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
+import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 from tinyllm.errors import UserError
@@ -30,6 +33,10 @@ from tinyllm.infer.batcher import Batcher, QueueFull, Request, check_request
 from tinyllm.serve.models import ServedModel
 
 log = logging.getLogger(__name__)
+
+
+class EngineStopped(RuntimeError):
+    """The engine process is gone (it crashed, or the server is shutting down)."""
 
 
 @dataclass(frozen=True)
@@ -62,15 +69,20 @@ class EngineProcess:
                                      name=f"tinyllm-engine-{served.name}")
         self.process.start()
         child.close()
+        # an engine nobody closed must not keep the interpreter from exiting (multiprocessing joins it)
+        weakref.finalize(self, _stop_process, self.conn, self.process)
         try:
             if not self.conn.poll(start_timeout):
                 raise UserError(f"{served.description}: the model did not load in {start_timeout:.0f} s")
             kind, detail = self.conn.recv()
         except EOFError:
             kind, detail = "failed", "its process stopped (see the log above)"
+        except BaseException:
+            _stop_process(self.conn, self.process)
+            raise
         if kind != "ready":
-            self.process.kill()
-            raise UserError(f"{served.description}: cannot serve it: {detail}")
+            _stop_process(self.conn, self.process)
+            raise UserError(detail)
         self.reader = threading.Thread(target=self._read, name=f"engine-events-{served.name}", daemon=True)
         self.reader.start()
 
@@ -101,7 +113,7 @@ class EngineProcess:
             check_request(request, self.context, self.max_live_tokens)
         with self.lock:
             if self.stopped:
-                raise RuntimeError(self.stopped)
+                raise EngineStopped(self.stopped)
             if len(self.inflight) + len(requests) > self.slots + self.max_queue:
                 raise QueueFull(f"{max(0, len(self.inflight) - self.slots)} requests waiting")
             sent = []
@@ -111,31 +123,43 @@ class EngineProcess:
                 request.on_cancel = lambda ident=ident: self._cancel(ident)
                 self.inflight[ident] = request
                 sent.append((ident, request.settings()))
-            self.conn.send(("submit", sent))
+            try:
+                self.conn.send(("submit", sent))
+            except OSError:  # the engine died; the reader ends these requests
+                raise EngineStopped(f"the engine of {self.name} stopped") from None
 
     def _cancel(self, ident: int) -> None:
         with self.lock:
             if ident in self.inflight and not self.stopped:
-                self.conn.send(("cancel", ident))
+                try:
+                    self.conn.send(("cancel", ident))
+                except OSError:
+                    pass  # the engine died; the reader ends the request
 
     def _read(self) -> None:
-        """Hand the engine's events to their requests, until the engine stops."""
-        while True:
-            try:
-                _, events, counters = self.conn.recv()
-            except (EOFError, OSError):
-                break
-            self.counters = Counters(*counters)
-            for ident, kind, value, timings in events:
-                with self.lock:
-                    request = self.inflight.get(ident) if kind == "text" else self.inflight.pop(ident, None)
-                if request is None:
-                    continue
-                if timings:  # seconds from arrival at the engine to the first token and to the end
-                    first, end = timings
-                    request.first_token_at = None if first is None else request.submitted + first
-                    request.finished_at = request.submitted + end
-                _deliver(request, kind, value)
+        """Hand the engine's events to their requests, until the engine stops; then end the
+        requests still in it with an error."""
+        try:
+            while True:
+                try:
+                    _, events, counters = self.conn.recv()
+                except (EOFError, OSError):
+                    break
+                self.counters = Counters(*counters)
+                for ident, kind, value, timings in events:
+                    with self.lock:
+                        request = self.inflight.get(ident) if kind == "text" else self.inflight.pop(ident, None)
+                    if request is None:
+                        continue
+                    if timings:  # seconds from arrival at the engine to the first token and to the end
+                        first, end = timings
+                        request.first_token_at = None if first is None else request.submitted + first
+                        request.finished_at = request.submitted + end
+                    _deliver(request, kind, value)
+        finally:
+            self._end_orphans()
+
+    def _end_orphans(self) -> None:
         with self.lock:
             self.stopped = self.stopped or f"the engine of {self.name} stopped"
             orphans, self.inflight = list(self.inflight.values()), {}
@@ -152,9 +176,16 @@ class EngineProcess:
                 pass  # already gone
             self.stopped = "the server is shutting down"
         self.reader.join(timeout=30)
-        self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.kill()
+        _stop_process(self.conn, self.process)
+
+
+def _stop_process(conn, process, timeout: float = 30) -> None:
+    """Wait for the engine to exit (it does once the pipe closes), else kill it."""
+    conn.close()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
 
 
 def _deliver(request: Request, kind: str, value) -> None:
@@ -167,6 +198,8 @@ def _deliver(request: Request, kind: str, value) -> None:
 
 def _engine_main(conn, served: ServedModel, device: str, dtype: str, settings: dict) -> None:
     """The engine process: load the model, run its batcher, and relay requests in and events out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the API process, which closes the engine
+    sending = threading.Lock()  # the scheduler thread's sends and the final one at close
     try:
         model, utf8 = served.load(device, dtype)
         outgoing: list[tuple] = []
@@ -175,20 +208,35 @@ def _engine_main(conn, served: ServedModel, device: str, dtype: str, settings: d
 
         def send_step() -> None:
             """On the scheduler thread, after each step: its events and the counters, if anything changed."""
-            counters = (batcher.queued, batcher.live_requests, batcher.generated_tokens, batcher.prompt_tokens,
-                        batcher.cancelled_requests)
-            if outgoing or counters != last_sent[0]:
-                events = outgoing[:]
-                del outgoing[:len(events)]
-                conn.send(("events", events, counters))
-                last_sent[0] = counters
+            with sending:
+                counters = (batcher.queued, batcher.live_requests, batcher.generated_tokens, batcher.prompt_tokens,
+                            batcher.cancelled_requests)
+                if outgoing or counters != last_sent[0]:
+                    events = outgoing[:]
+                    del outgoing[:len(events)]
+                    conn.send(("events", events, counters))
+                    last_sent[0] = counters
 
         batcher = Batcher(model, served.tok, served.stop_ids, utf8, on_step=send_step, **settings)
         batcher.warm_up()
+    except UserError as err:
+        conn.send(("failed", f"{served.description}: {err}"))
+        return
     except Exception as err:  # noqa: BLE001  (reported to the API process, which names the checkpoint)
-        conn.send(("failed", f"{type(err).__name__}: {err}"))
+        conn.send(("failed", f"{served.description}: cannot serve it: {type(err).__name__}: {err}"))
         return
     conn.send(("ready", None))
+    closing = threading.Event()
+
+    def watch() -> None:
+        """A scheduler thread that dies (say, the GPU failed) takes the process with it, so the API
+        process sees the pipe close and ends the requests rather than wait for ever."""
+        batcher.thread.join()
+        if not closing.is_set():
+            log.error("the scheduler of %s stopped; ending its engine", served.name)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="watchdog", daemon=True).start()
 
     def emitter(ident: int):
         def emit(kind: str, value) -> None:
@@ -215,6 +263,7 @@ def _engine_main(conn, served: ServedModel, device: str, dtype: str, settings: d
             if (request := requests.get(message[1])) is not None:
                 request.cancel()
         else:
+            closing.set()
             batcher.close()
             try:
                 send_step()

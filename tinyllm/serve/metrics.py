@@ -45,7 +45,7 @@ class Histogram:
 class ServerMetrics:
     def __init__(self, batchers: dict[str, EngineProcess]):
         self.batchers = batchers
-        self.lock = threading.Lock()  # requests end on the scheduler threads, scrapes come from the event loop
+        self.lock = threading.Lock()  # requests end on the engines' reader threads, scrapes come from the event loop
         self.finished: collections.Counter[tuple[str, str]] = collections.Counter()
         self.ttft = {name: Histogram(TTFT_BUCKETS) for name in batchers}
         self.latency = {name: Histogram(LATENCY_BUCKETS) for name in batchers}

@@ -55,7 +55,10 @@ def load_served_models(specs: list[str], adapter: Path | None = None) -> list[Se
         name, _, path = spec.rpartition("=")
         checkpoint = chat_checkpoint(Path(path) if path else None, adapter)
         tok = load_tokenizer(checkpoint)
-        context = read_config(checkpoint)["model"]["max_seq_len"]
+        try:
+            context = int(read_config(checkpoint)["model"]["max_seq_len"])
+        except (ValueError, KeyError, TypeError) as err:  # a damaged or foreign config.json
+            raise UserError(f"{checkpoint}/config.json: no model.max_seq_len ({type(err).__name__}: {err})") from None
         served.append(ServedModel(name or checkpoint.name, checkpoint, tok, reply_stop_ids(tok), context, adapter))
     names = [m.name for m in served]
     if len(set(names)) != len(names):
