@@ -94,6 +94,40 @@ def test_greedy_continuations_in_llama_cpp_equal_our_engine(varied, tmp_path, qu
         assert len(flips) <= 4 and all(gap < 0.05 for _, gap in flips), flips
 
 
+@pytest.mark.parametrize("shared", [1, 0])
+def test_an_moe_llama_cpp_computes_exactly_goes_as_qwen2moe_with_our_greedy_replies(tmp_path, tokenizer, shared):
+    """Softmax routing, top-k weights not renormalised, an MoE in every layer: llama.cpp's Qwen2-MoE
+    computes that, so it is exported, with or without a shared expert. (llama.cpp adds the experts'
+    outputs in another order, so in f32 a reply may flip where our two best logits nearly tie.)"""
+    moe = MoEConfig(enabled=True, n_routed_experts=4, n_shared_experts=shared, top_k=2, norm_topk_prob=False,
+                    first_dense_layers=0)
+    ckpt = make_chat_checkpoint(tmp_path, tokenizer, max_seq_len=128, moe=moe)
+    model = load_model(ckpt)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.4)
+    save_checkpoint(model, ckpt, tokenizer_dir=ckpt)
+    theirs = llama(export_gguf(ckpt, tmp_path / "moe.gguf", "f32"), n_ctx=128)
+    assert theirs.metadata["general.architecture"] == "qwen2moe"
+    tok = load_tokenizer(ckpt)
+    replies, flips = [], []
+    for text in strings(8, seed=3):
+        ids = tok.encode(text).ids[:60]
+        theirs.reset()
+        got = [t for _, t in zip(range(24), theirs.generate(ids, temp=0.0, top_k=1))]
+        expected = generate(model, ids, 24)
+        if got != expected:
+            at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+            with torch.no_grad():
+                top2 = model(torch.tensor([ids + expected[:at]])).logits[0, -1].topk(2).values
+            flips.append((at, float(top2[0] - top2[1])))
+        replies.append(expected)
+    assert len({tuple(r) for r in replies}) > 4  # the replies really differ
+    assert len(flips) <= 2 and all(gap < 0.01 for _, gap in flips), flips
+
+
 def test_the_cli_writes_gguf_with_a_modelfile_and_refuses_what_llama_cpp_cannot_run(varied, tmp_path, tokenizer,
                                                                                      capsys):
     main(["export", str(varied), str(tmp_path / "out" / "m.gguf"), "--format", "gguf", "--quantization", "q8_0"])
@@ -103,7 +137,7 @@ def test_the_cli_writes_gguf_with_a_modelfile_and_refuses_what_llama_cpp_cannot_
     assert llama(tmp_path / "out" / "m.gguf", n_ctx=64).tokenize(b"hi", add_bos=False)  # loads
     moe = make_chat_checkpoint(tmp_path / "moe", tokenizer, moe=MoEConfig(enabled=True, n_routed_experts=4,
                                                                           n_shared_experts=1, top_k=2))
-    with pytest.raises(UserError, match="dense models only: it renormalises the top-k routing weights"):
+    with pytest.raises(UserError, match="cannot run this MoE exactly: it renormalises the top-k routing weights"):
         export_gguf(moe, tmp_path / "moe.gguf")
     with pytest.raises(SystemExit):
         main(["export", str(varied), str(tmp_path / "x.gguf"), "--format", "gguf", "--quantization", "q4"])

@@ -19,6 +19,12 @@ Q and K projections are stored in llama.cpp's RoPE layout. Ours rotates the two 
 head (Llama's rotate-half), llama.cpp's `llama` rotates adjacent pairs, so each head's rows are
 reordered (first half, second half interleaved), which is the same reordering llama.cpp's own
 converter applies to a Hugging Face Llama.
+
+An MoE is written as llama.cpp's `qwen2moe` when that computes it exactly: softmax routing, top-k
+weights not renormalised, an MoE in every layer (`moe_mismatch` names what else differs). Its
+shared expert sits behind a sigmoid gate; its weights are tiny (`SHARED_GATE`), so it is exactly
+0.5, and the shared expert's down projection is written doubled (as in the transformers export). `qwen2moe`
+rotates halves, like us, so Q and K keep their order there.
 """
 
 from __future__ import annotations
@@ -46,21 +52,50 @@ def interleave_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our (Hugging Face Llama) weight names → llama.cpp's, with Q/K in its RoPE layout."""
+    """Our (Hugging Face Llama) weight names → llama.cpp's `llama` (dense) or `qwen2moe` (MoE), with
+    Q/K in `llama`'s RoPE layout."""
+    moe = cfg.moe.enabled
     out = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["output.weight"] = state["lm_head.weight"]
+    if not cfg.tie_embeddings or moe:  # qwen2moe needs its own output matrix, tied or not
+        out["output.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm"}
+    if not moe:
+        names |= {"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for i in range(cfg.n_layers):
+        layer = f"model.layers.{i}."
         for ours, theirs in names.items():
-            weight = state[f"model.layers.{i}.{ours}.weight"]
-            if ours == "self_attn.q_proj":
+            weight = state[f"{layer}{ours}.weight"]
+            if ours == "self_attn.q_proj" and not moe:
                 weight = interleave_rope_rows(weight, cfg.n_heads)
-            elif ours == "self_attn.k_proj":
+            elif ours == "self_attn.k_proj" and not moe:
                 weight = interleave_rope_rows(weight, cfg.n_kv_heads)
             out[f"blk.{i}.{theirs}.weight"] = weight
+        if moe:
+            out |= _qwen2moe_ffn(state, cfg, i)
+    return out
+
+
+SHARED_GATE = 1e-20
+"""The shared expert's gate weights. llama.cpp computes its sigmoid as silu(g)/g, which is 0/0 at
+g = 0, so the gate cannot be exactly 0; at g = 1e-20 · sum(x), exp(-g) rounds to 1 in fp32 and
+the gate is exactly 0.5 (unless a token's features sum to below 1e-18)."""
+
+
+def _qwen2moe_ffn(state: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's router, routed experts (stacked (experts, out, in)) and gated shared expert."""
+    mlp, blk = f"model.layers.{i}.mlp.", f"blk.{i}."
+    out = {blk + "ffn_gate_inp.weight": state[mlp + "gate.weight"],
+           blk + "ffn_gate_exps.weight": state[mlp + "experts.gate_proj"],
+           blk + "ffn_up_exps.weight": state[mlp + "experts.up_proj"],
+           blk + "ffn_down_exps.weight": state[mlp + "experts.down_proj"],
+           blk + "ffn_gate_inp_shexp.weight": torch.full((cfg.dim,), SHARED_GATE)}
+    width = state[mlp + "experts.gate_proj"].shape[1]
+    for proj, shape in (("gate", (width, cfg.dim)), ("up", (width, cfg.dim)), ("down", (cfg.dim, width))):
+        shared = state.get(f"{mlp}shared_experts.{proj}_proj.weight")
+        if shared is None:  # no shared expert: one of zeros, which adds exactly 0
+            shared = torch.zeros(shape)
+        out[f"{blk}ffn_{proj}_shexp.weight"] = shared * (2.0 if proj == "down" else 1.0)  # undoes the 0.5
     return out
 
 
@@ -77,13 +112,15 @@ def moe_mismatch(cfg: ModelConfig) -> str:
     if m.first_dense_layers:
         differ.append(f"its first {m.first_dense_layers} layer(s) are dense (model.moe.first_dense_layers), "
                       "llama.cpp's Qwen2-MoE has an MoE in every layer")
-    return "; ".join(differ) or ("llama.cpp's Qwen2-MoE would compute this MoE exactly, but its GGUF writer "
-                                 "is not written yet")
+    if cfg.n_heads * cfg.head_dim != cfg.dim:
+        differ.append(f"its attention width ({cfg.n_heads} heads x {cfg.head_dim}) is not model.dim={cfg.dim}, "
+                      "which llama.cpp's Qwen2-MoE assumes")
+    return "; ".join(differ)
 
 
 def export_gguf(ckpt_dir: Path, out_file: Path, quantization: str = "f16") -> Path:
     """Write `out_file` (a GGUF file) and a `Modelfile` beside it. quantization: f16 (matrices in
-    fp16, norms in fp32), q8_0 or f32."""
+    fp16, norms and the MoE router in fp32), q8_0 or f32."""
     import gguf
 
     ckpt_dir, out_file = Path(ckpt_dir), Path(out_file)
@@ -94,12 +131,15 @@ def export_gguf(ckpt_dir: Path, out_file: Path, quantization: str = "f16") -> Pa
     model = load_model(ckpt_dir)
     cfg = model.config
     if cfg.moe.enabled:
-        raise UserError(f"{ckpt_dir}: GGUF export covers dense models only: {moe_mismatch(cfg)}. "
-                        "Export it with `tinyllm export` (transformers) instead")
+        if moe_mismatch(cfg):
+            raise UserError(f"{ckpt_dir}: llama.cpp cannot run this MoE exactly: {moe_mismatch(cfg)}. "
+                            "Export it with `tinyllm export` (transformers) instead")
+        if any(b.abs().max() > 0 for n, b in model.named_buffers() if n.endswith("expert_bias")):
+            raise UserError(f"{ckpt_dir}: expert selection biases are set; llama.cpp's Qwen2-MoE has none")
     tok = load_tokenizer(ckpt_dir)
     tmp = out_file.with_name(out_file.name + ".tmp")  # written whole, then moved into place
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer = gguf.GGUFWriter(str(tmp), "qwen2moe" if cfg.moe.enabled else "llama")
     writer.add_name(ckpt_dir.name)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
@@ -113,13 +153,19 @@ def export_gguf(ckpt_dir: Path, out_file: Path, quantization: str = "f16") -> Pa
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    if cfg.moe.enabled:
+        width = model.state_dict()["model.layers.0.mlp.experts.gate_proj"].shape[1]
+        writer.add_expert_count(cfg.moe.n_routed_experts)
+        writer.add_expert_used_count(cfg.moe.top_k)
+        writer.add_expert_feed_forward_length(width)
+        writer.add_expert_shared_feed_forward_length(max(1, cfg.moe.n_shared_experts) * width)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantization]
     writer.add_file_type(file_type)
     _add_tokenizer(writer, tok, cfg.vocab_size, ckpt_dir)
     for name, tensor in gguf_tensors(model.state_dict(), cfg).items():
         data = tensor.detach().float().numpy()
-        if data.ndim == 1 or quantization == "f32":
+        if data.ndim == 1 or quantization == "f32" or name.endswith("ffn_gate_inp.weight"):  # routing stays fp32
             writer.add_tensor(name, data)
         elif quantization == "f16" or data.shape[-1] % 32:  # q8_0 blocks are 32 values of a row
             writer.add_tensor(name, data.astype(np.float16))
