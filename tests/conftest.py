@@ -40,3 +40,34 @@ def make_chat_checkpoint(folder: Path, tokenizer, max_seq_len: int = 64, seed: i
                       max_seq_len=max_seq_len, vocab_size=tokenizer.get_vocab_size(), **({"moe": moe} if moe else {}))
     save_checkpoint(Transformer(cfg), folder / "ckpt", tokenizer_dir=folder / "tok")
     return folder / "ckpt"
+
+
+def vary_weights(model, seed: int = 1):
+    """Redraw every matrix at std 0.4, so greedy replies vary from prompt to prompt (the default init
+    gives near-uniform logits and one repeated token)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.4)
+    return model
+
+
+def llama_cpp_flip(llama, model, ids: list[int], n: int) -> tuple[int, float] | None:
+    """Greedy `n` tokens after `ids` in llama.cpp (`llama`, a llama_cpp.Llama) against our engine's:
+    None if equal, else the first differing position and our two best logits' gap there."""
+    import torch
+
+    from tinyllm.infer.generate import generate
+
+    expected = generate(model, ids, n)
+    llama.reset()
+    got = [t for _, t in zip(expected, llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0))]
+    if got == expected:
+        return None
+    at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+    with torch.no_grad():
+        top2 = model(torch.tensor([ids + expected[:at]])).logits[0, -1].topk(2).values
+    return at, float(top2[0] - top2[1])

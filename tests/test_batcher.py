@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_chat_checkpoint
+from conftest import make_chat_checkpoint, vary_weights
 
 from tinyllm.config import MoEConfig
 from tinyllm.infer.batcher import Batcher, Finish, QueueFull, Request, token_keys, uniform_noise
@@ -21,11 +21,7 @@ def _served(folder: Path, tokenizer, moe=None) -> SimpleNamespace:
     (the default init gives near-uniform logits and one repeated token), with its tokenizer."""
     served = load_served_models([str(make_chat_checkpoint(folder, tokenizer, max_seq_len=96, moe=moe))])[0]
     model, utf8 = served.load()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.4)
+    vary_weights(model)
     return SimpleNamespace(model=model, utf8=utf8, tok=served.tok, stop_ids=served.stop_ids, context=served.context)
 
 

@@ -180,14 +180,13 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
 @pytest.mark.slow
 def test_the_pipeline_model_runs_in_llama_cpp_as_in_our_engine(repo):
     """(Before the experiments below change the workspace.) The export stage's f16 GGUF of the trained
-    model, in real llama.cpp: greedy continuations of
-    plain and chat-templated prompts as our engine's (up to f16 near-ties). (The chat handler and
-    the stop at <|im_end|> are checked in test_gguf.py.)"""
+    model, in real llama.cpp: greedy continuations of plain and chat-templated prompts as our
+    engine's (up to f16 near-ties). (The chat handler and the stop at <|im_end|> are checked in
+    test_gguf.py.)"""
     llama_cpp = pytest.importorskip("llama_cpp")
-    import torch
+    from conftest import llama_cpp_flip
 
     from tinyllm.data.tokenizer import load_tokenizer, render_chat
-    from tinyllm.infer.generate import generate
     from tinyllm.train.checkpoint import load_model
 
     model, tok = load_model(repo / "artifacts/grpo"), load_tokenizer(repo / "artifacts/grpo")
@@ -200,14 +199,8 @@ def test_the_pipeline_model_runs_in_llama_cpp_as_in_our_engine(repo):
     flips = []
     for prompt in prompts:
         ids = tok.encode(prompt).ids[-24:]  # room for 8 new tokens in the 32-token context
-        expected = generate(model, ids, 32 - len(ids))
-        theirs.reset()
-        got = [t for _, t in zip(expected, theirs.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0))]
-        if got != expected:
-            at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
-            with torch.no_grad():
-                top2 = model(torch.tensor([ids + expected[:at]])).logits[0, -1].topk(2).values
-            flips.append((prompt, at, round(float(top2[0] - top2[1]), 4)))
+        if flip := llama_cpp_flip(theirs, model, ids, 32 - len(ids)):
+            flips.append((prompt, *flip))
     assert len(flips) <= 2 and all(gap < 0.05 for *_, gap in flips), flips
 
 

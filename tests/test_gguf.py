@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_chat_checkpoint
+from conftest import llama_cpp_flip, make_chat_checkpoint, vary_weights
 
 from tinyllm.cli import main
 from tinyllm.config import MoEConfig
@@ -40,13 +40,7 @@ def varied(tmp_path_factory, tokenizer):
     """A random model large enough that its greedy replies vary, saved as a checkpoint."""
     folder = tmp_path_factory.mktemp("gguf")
     ckpt = make_chat_checkpoint(folder, tokenizer, max_seq_len=128)
-    model = load_model(ckpt)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.4)
-    save_checkpoint(model, ckpt, tokenizer_dir=ckpt)
+    save_checkpoint(vary_weights(load_model(ckpt)), ckpt, tokenizer_dir=ckpt)
     return ckpt
 
 
@@ -73,21 +67,7 @@ def test_greedy_continuations_in_llama_cpp_equal_our_engine(varied, tmp_path, qu
     theirs = llama(path, n_ctx=128)
     prompts = [text for text in strings(10, seed=1)] + [
         render_chat([{"role": "user", "content": text}], add_generation_prompt=True) for text in strings(10, seed=2)]
-    flips = []
-    for prompt in prompts:
-        ids = tok.encode(prompt).ids[:60]
-        expected = generate(model, ids, 32)
-        theirs.reset()
-        got = []
-        for token in theirs.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
-            got.append(token)
-            if len(got) == 32:
-                break
-        if got != expected:
-            at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
-            with torch.no_grad():
-                top2 = model(torch.tensor([ids + expected[:at]])).logits[0, -1].topk(2).values
-            flips.append((at, float(top2[0] - top2[1])))
+    flips = [flip for prompt in prompts if (flip := llama_cpp_flip(theirs, model, tok.encode(prompt).ids[:60], 32))]
     if quantization == "f32":
         assert flips == []
     else:
@@ -102,28 +82,14 @@ def test_an_moe_llama_cpp_computes_exactly_goes_as_qwen2moe_with_our_greedy_repl
     moe = MoEConfig(enabled=True, n_routed_experts=4, n_shared_experts=shared, top_k=2, norm_topk_prob=False,
                     first_dense_layers=0)
     ckpt = make_chat_checkpoint(tmp_path, tokenizer, max_seq_len=128, moe=moe)
-    model = load_model(ckpt)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.4)
+    model = vary_weights(load_model(ckpt), seed=2)
     save_checkpoint(model, ckpt, tokenizer_dir=ckpt)
     theirs = llama(export_gguf(ckpt, tmp_path / "moe.gguf", "f32"), n_ctx=128)
     assert theirs.metadata["general.architecture"] == "qwen2moe"
     tok = load_tokenizer(ckpt)
-    replies, flips = [], []
-    for text in strings(8, seed=3):
-        ids = tok.encode(text).ids[:60]
-        theirs.reset()
-        got = [t for _, t in zip(range(24), theirs.generate(ids, temp=0.0, top_k=1))]
-        expected = generate(model, ids, 24)
-        if got != expected:
-            at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
-            with torch.no_grad():
-                top2 = model(torch.tensor([ids + expected[:at]])).logits[0, -1].topk(2).values
-            flips.append((at, float(top2[0] - top2[1])))
-        replies.append(expected)
+    prompts = [tok.encode(text).ids[:60] for text in strings(8, seed=3)]
+    replies = [generate(model, ids, 24) for ids in prompts]
+    flips = [flip for ids in prompts if (flip := llama_cpp_flip(theirs, model, ids, 24))]
     assert len({tuple(r) for r in replies}) > 4  # the replies really differ
     assert len(flips) <= 2 and all(gap < 0.01 for _, gap in flips), flips
 
