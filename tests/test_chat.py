@@ -40,7 +40,7 @@ def test_packed_rows_keep_whole_conversations_and_shift_labels(tokenizer):
         assert torch.equal(labels[:-1][target[:-1]], ids[1:][target[:-1]])
     rows = ChatBatches(examples, batch_size=4, seq_len=127, seed=0, pad_id=pad)._rows()
     for _ in range(4):
-        ids, _mask = next(rows)
+        ids, _mask, _padding = next(rows)
         real = ids[: len(ids) - int(np.argmax(ids[::-1] != pad))]  # strip the padding tail
         text = tokenizer.decode(real.tolist(), skip_special_tokens=False)
         conversations = text.split("<|im_start|>user\n李明住在哪里？")[1:]  # both start so

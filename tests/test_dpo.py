@@ -9,14 +9,14 @@ import torch
 
 from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.labels import IGNORE_INDEX
-from tinyllm.data.preference import PreferenceBatches, collate_pairs, encode_pair, validate_preference
+from tinyllm.data.preference import PreferenceBatches, encode_pair, pack_pairs, validate_preference
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END
 from tinyllm.errors import DataError
 from tinyllm.model.transformer import Transformer
+from tinyllm.train.distributed import Dist, rank_share
 from tinyllm.train.dpo import pair_logprobs
 from tinyllm.train.loop import fit
-from tinyllm.train.objectives import DPOLoss, dpo_loss, sequence_logprobs
+from tinyllm.train.objectives import DPOLoss, dpo_loss, packed_sequence_logprobs
 
 CONTEXT = [{"role": "user", "content": "李明住在哪里？"}, {"role": "assistant", "content": "李明住在杭州。"},
            {"role": "user", "content": "他养了什么宠物？"}]
@@ -63,19 +63,40 @@ def test_a_useless_pair_in_a_file_is_named_by_line(tmp_path):
         list(read_jsonl(path, validate_preference))
 
 
-def test_batches_put_chosen_rows_first_with_their_own_reference_logps(tokenizer):
+def _segment_text(tokenizer, batch, segment: int) -> str:
+    return tokenizer.decode(batch["input_ids"][batch["segments"] == segment].tolist(), skip_special_tokens=False)
+
+
+def test_batches_number_chosen_sides_first_with_their_own_reference_logps(tokenizer):
     pairs = _pairs(tokenizer, 5)  # distinct chosen replies: "李明的宠物是猫0。" ... "猫4。"
     ref = torch.tensor([[-10.0 * i, -10.0 * i - 1] for i in range(5)])  # pair i: (-10i, -10i - 1)
-    batch = next(iter(PreferenceBatches(pairs, ref, batch_size=3, seq_len=63, seed=0,
+    batch = next(iter(PreferenceBatches(pairs, ref, batch_size=3, seq_len=255, seed=0,
                                         pad_id=tokenizer.token_to_id(ENDOFTEXT))))
-    assert batch["input_ids"].shape[0] == 6
-    for row in range(3):
-        text = tokenizer.decode(batch["input_ids"][row].tolist(), skip_special_tokens=False)
-        i = int(text.split("猫")[1][0])  # which pair this chosen row came from
-        assert batch["ref_logps"][row].item() == -10.0 * i  # its own chosen reference log-prob
-        assert batch["ref_logps"][row + 3].item() == -10.0 * i - 1  # and its rejected row's, 3 rows on
-        rejected = tokenizer.decode(batch["input_ids"][row + 3].tolist(), skip_special_tokens=False)
+    assert batch["input_ids"].shape[1] == 255 and batch["input_ids"].shape[0] < 6  # packed: fewer rows than sequences
+    assert batch["padding"].equal(batch["segments"] < 0)
+    assert set(batch["segments"].unique().tolist()) - {-1} == set(range(6))
+    for seq in range(3):
+        i = int(_segment_text(tokenizer, batch, seq).split("猫")[1][0])  # which pair this chosen side came from
+        assert batch["ref_logps"][seq].item() == -10.0 * i  # its own chosen reference log-prob
+        assert batch["ref_logps"][seq + 3].item() == -10.0 * i - 1  # and its rejected side's, 3 on
+        rejected = _segment_text(tokenizer, batch, seq + 3)
         assert "我不知道" in rejected and "猫" not in rejected.split("他养了什么宠物？")[1]
+
+
+def test_shares_of_a_packed_batch_hold_whole_pairs(tokenizer):
+    """Under 2 processes each rank's rows (rank_share: rows [rank::2]) hold its pairs, both sides,
+    numbered as its own [rank::2] slice of the reference log-probs."""
+    pairs = _pairs(tokenizer, 8)
+    ref = torch.tensor([[-10.0 * i, -10.0 * i - 1] for i in range(8)])
+    batch = next(iter(PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=0,
+                                        pad_id=tokenizer.token_to_id(ENDOFTEXT), shares=2)))
+    for rank in range(2):
+        share = next(rank_share([batch], Dist(rank=rank, world_size=2, local_rank=rank)))
+        assert set(share["segments"].unique().tolist()) - {-1} == {0, 1, 2, 3}
+        for seq in range(2):
+            i = int(_segment_text(tokenizer, share, seq).split("猫")[1][0])
+            assert share["ref_logps"][seq].item() == -10.0 * i and share["ref_logps"][seq + 2].item() == -10.0 * i - 1
+            assert "我不知道" in _segment_text(tokenizer, share, seq + 2)
 
 
 def _pairs(tokenizer, n=8):
@@ -88,21 +109,23 @@ def _pairs(tokenizer, n=8):
 
 
 def _config(tokenizer):
-    return ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=64,
+    return ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=256,
                        vocab_size=tokenizer.get_vocab_size())
 
 
 @torch.no_grad()
-def test_sequence_logprobs_equal_a_per_token_sum(tokenizer):
+def test_packed_sequence_logprobs_equal_each_sequence_scored_alone(tokenizer):
     torch.manual_seed(0)
     model = Transformer(_config(tokenizer)).eval()
-    batch = collate_pairs(_pairs(tokenizer, 2), seq_len=63, pad_id=tokenizer.token_to_id(ENDOFTEXT))
-    fast = sequence_logprobs(model, batch["input_ids"], batch["labels"])
-    logits = model(batch["input_ids"]).logits.double().log_softmax(-1)
-    for row in range(4):
-        expect = sum(logits[row, t, int(batch["labels"][row, t])] for t in range(batch["labels"].shape[1])
-                     if batch["labels"][row, t] != IGNORE_INDEX)
-        assert fast[row].item() == pytest.approx(float(expect), abs=1e-4)
+    pairs = _pairs(tokenizer, 3)
+    batch = pack_pairs(pairs, seq_len=255, pad_id=tokenizer.token_to_id(ENDOFTEXT))
+    assert batch["input_ids"].shape[0] < 6  # several sequences share a row
+    logps, counts = packed_sequence_logprobs(model, batch, 6)
+    for seq, (ids, mask) in enumerate([pair[side] for side in (0, 1) for pair in pairs]):
+        logits = model(torch.from_numpy(ids[:-1])[None]).logits[0].double().log_softmax(-1)
+        targets = [(t, int(ids[t + 1])) for t in range(len(ids) - 1) if mask[t + 1]]
+        assert logps[seq].item() == pytest.approx(float(sum(logits[t, y] for t, y in targets)), abs=1e-4)
+        assert counts[seq].item() == len(targets)
 
 
 def test_training_starts_at_log2_and_prefers_the_chosen_replies(tokenizer):
@@ -110,30 +133,28 @@ def test_training_starts_at_log2_and_prefers_the_chosen_replies(tokenizer):
     model = Transformer(_config(tokenizer))
     pad = tokenizer.token_to_id(ENDOFTEXT)
     pairs = _pairs(tokenizer)
-    ref = pair_logprobs(model, pairs, 63, pad, torch.device("cpu"), torch.float32)
-    batches = PreferenceBatches(pairs, ref, batch_size=4, seq_len=63, seed=0, pad_id=pad)
+    ref = pair_logprobs(model, pairs, 255, pad, torch.device("cpu"), torch.float32)
+    batches = PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=0, pad_id=pad)
     first_loss, _ = DPOLoss(0.1)(model, next(iter(batches)))
     assert first_loss.item() == pytest.approx(math.log(2), abs=1e-5)  # π = π_ref: masks and precision agree
     cfg = DPOConfig(max_steps=30, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, log_interval=10)
     result = fit(model, DPOLoss(0.1), batches, cfg, CPU)
     assert result.final["train/loss"] < 0.6
     assert result.final["train/reward_accuracy"] == 1.0 and result.final["train/margin"] > 0
-    after = pair_logprobs(model, pairs, 63, pad, torch.device("cpu"), torch.float32)
+    after = pair_logprobs(model, pairs, 255, pad, torch.device("cpu"), torch.float32)
     assert ((after[:, 0] - ref[:, 0]) > (after[:, 1] - ref[:, 1])).all()
 
 
 def test_the_nll_term_adds_the_chosen_replies_mean_token_nll(tokenizer):
     """RPO: loss = DPO loss + nll_coef · (−Σ log p(chosen tokens) / number of chosen tokens)."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=32,
-                                    vocab_size=tokenizer.get_vocab_size()))
-    ids = torch.randint(0, tokenizer.get_vocab_size(), (4, 9))
-    labels = ids[:, 1:].clone()
-    labels[:, :3] = IGNORE_INDEX
-    labels[0, 3] = IGNORE_INDEX  # the chosen rows (0, 1) hold 4 + 5 labelled tokens
-    batch = {"input_ids": ids[:, :-1], "labels": labels, "ref_logps": torch.zeros(4)}
+    model = Transformer(_config(tokenizer))
+    batch = {**pack_pairs(_pairs(tokenizer, 2), seq_len=255, pad_id=tokenizer.token_to_id(ENDOFTEXT)),
+             "ref_logps": torch.zeros(4)}
     plain, _ = DPOLoss(0.1)(model, batch)
     with_nll, extras = DPOLoss(0.1, nll_coef=0.5)(model, batch)
-    chosen = sequence_logprobs(model, batch["input_ids"], labels)[:2]
-    assert extras["chosen_nll"].item() == pytest.approx(-chosen.sum().item() / 9)
+    logps, counts = packed_sequence_logprobs(model, batch, 4)
+    chosen, chosen_tokens = logps[:2], int(counts[:2].sum())
+    assert chosen_tokens == sum(int(mask.sum()) for (_, mask), _ in _pairs(tokenizer, 2))
+    assert extras["chosen_nll"].item() == pytest.approx(-chosen.sum().item() / chosen_tokens)
     assert with_nll.item() == pytest.approx(plain.item() + 0.5 * extras["chosen_nll"].item())

@@ -6,6 +6,7 @@ stop), and nothing else: not the system prompt, not the user turns, not the role
 
     ids, mask = encode_conversation(tok, messages)          # mask[i]: token i is a target
     batches = ChatBatches([encode_conversation(tok, c) for c in convs], batch_size=16, seq_len=128, seed=0)
+    batch = pack_sequences([(ids, mask), ...], width=128, pad_id=pad)   # each sequence sees only itself
 """
 
 from __future__ import annotations
@@ -115,32 +116,78 @@ class ChatBatches:
                 yield self._pad(ids, mask)
             self.epoch += 1
 
-    def _pad(self, ids: list[int], mask: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    def _pad(self, ids: list[int], mask: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, mask, padding) of one row."""
         n_pad = self.seq_len + 1 - len(ids)
         return (np.asarray(ids + [self.pad_id] * n_pad, dtype=np.int64),
-                np.asarray(mask + [False] * n_pad, dtype=bool))
+                np.asarray(mask + [False] * n_pad, dtype=bool), np.arange(self.seq_len + 1) >= len(ids))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of input_ids, labels and padding (True at the padded tail: counted apart in throughput)."""
         rows = self._rows()
         while True:
-            ids, mask = map(np.stack, zip(*(next(rows) for _ in range(self.batch_size))))
+            ids, mask, padding = map(np.stack, zip(*(next(rows) for _ in range(self.batch_size))))
             ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
             labels = torch.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)
-            yield {"input_ids": ids[:, :-1], "labels": labels}
+            yield {"input_ids": ids[:, :-1], "labels": labels, "padding": torch.from_numpy(padding[:, :-1])}
 
 
 def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad whole conversations to the longest one (for per-sequence scores, not packing)."""
+    """Right-pad whole conversations to the longest one (for per-sequence scores, not packing);
+    "padding" marks the padded positions."""
     width = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    lengths = torch.tensor([len(ex_ids) for ex_ids, _ in examples])
     for row, (ex_ids, ex_mask) in enumerate(examples):
         ids[row, : len(ex_ids)] = torch.from_numpy(ex_ids)
         mask[row, : len(ex_mask)] = torch.from_numpy(ex_mask)
-    return {"input_ids": ids[:, :-1], "labels": torch.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)}
+    return {"input_ids": ids[:, :-1], "labels": torch.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX),
+            "padding": torch.arange(width - 1) >= lengths[:, None]}
+
+
+def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Whole sequences laid into as few rows of `width` positions as first-fit-decreasing finds.
+
+    A sequence of n tokens takes n - 1 positions (inputs ids[:-1], targets ids[1:] where the mask
+    is set); one longer than the row keeps its newest width + 1 tokens. "segments" numbers the
+    sequence each position belongs to (its index in `sequences`; -1 on padding): the model then
+    lets a position attend only within its own sequence, with positions counted from its start,
+    so a sequence scores what it would alone, without the padding a row per sequence would need.
+    """
+    pieces = [(ids[-(width + 1):], mask[-(width + 1):]) for ids, mask in sequences]
+    rows: list[list[int]] = []  # sequence indices per row
+    free: list[int] = []
+    for i in sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0])):
+        need = len(pieces[i][0]) - 1
+        row = next((r for r, room in enumerate(free) if room >= need), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= need
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            seq, mask = (torch.from_numpy(a) for a in pieces[i])
+            n = len(seq) - 1
+            ids[r, at:at + n] = seq[:-1]
+            labels[r, at:at + n] = torch.where(mask[1:], seq[1:], IGNORE_INDEX)
+            segments[r, at:at + n] = i
+            at += n
+    return {"input_ids": ids, "labels": labels, "segments": segments, "padding": segments < 0}
 
 
 def mixed_batches(*sources: Iterable[dict]) -> Iterator[dict[str, torch.Tensor]]:
-    """Concatenate the rows of one batch from each source into one batch (e.g. chats + pretraining text)."""
+    """Concatenate the rows of one batch from each source into one batch (e.g. chats + pretraining
+    text); a source without padding (packed text) gets an all-False padding mask."""
     for parts in zip(*sources):
-        yield {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        batch = {key: torch.cat([p[key] for p in parts]) for key in ("input_ids", "labels")}
+        if any("padding" in p for p in parts):
+            batch["padding"] = torch.cat([p.get("padding", torch.zeros(p["input_ids"].shape, dtype=torch.bool))
+                                          for p in parts])
+        yield batch

@@ -5,7 +5,11 @@ that share a context and differ in the last assistant message. Only that last re
 earlier turns are the same on both sides, so they would add equal terms and nothing else.
 
     pair = encode_pair(tok, record)                     # ((ids, mask), (ids, mask))
-    batch = collate_pairs([pair, ...], seq_len, pad_id)  # B chosen rows, then B rejected rows
+    batch = pack_pairs([pair, ...], seq_len, pad_id)     # sequences 0..B-1 chosen, B..2B-1 rejected
+
+DPO batches are packed (`pack_sequences`): the replies of a world are a few dozen tokens, so a row
+per sequence would be mostly padding, and its length would change with every batch (a GPU
+recompiles for each new shape). Packed, every row has the training window's width.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from tinyllm.data.chat import collate, encode_conversation, validate_conversation
+from tinyllm.data.chat import encode_conversation, pack_sequences, validate_conversation
+from tinyllm.data.labels import IGNORE_INDEX
 
 Encoded = tuple[np.ndarray, np.ndarray]
 
@@ -61,28 +66,44 @@ def truncated_labels(pairs: list[tuple[Encoded, Encoded]], seq_len: int) -> int:
     return int(sum(mask[:-(seq_len + 1)].sum() for pair in pairs for _, mask in pair))
 
 
-def collate_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """B chosen rows then B rejected rows, right-padded; each row keeps its newest seq_len + 1 tokens
-    (where the replies are) when it is longer."""
-    keep = seq_len + 1
-    rows = [(ids[-keep:], mask[-keep:]) for side in (0, 1) for pair in pairs for ids, mask in [pair[side]]]
-    return collate(rows, pad_id)
+def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, shares: int = 1
+               ) -> dict[str, torch.Tensor]:
+    """The 2B sequences of B pairs packed into rows of seq_len: "segments" numbers the chosen
+    sides 0..B-1 and the rejected ones B..2B-1, in pair order.
+
+    With `shares` = N processes (B divisible by N), pair j goes to process j % N, each process's
+    pairs are packed on their own (numbered in its own order) to the same number of rows, and the
+    rows are interleaved, so `rank_share`'s rows [rank::N] are that process's whole pairs, and the
+    reference log-probs [rank::N] of the 2B sequences line up with them.
+    """
+    packs = [pack_sequences([pair[side] for side in (0, 1) for pair in pairs[rank::shares]], seq_len, pad_id)
+             for rank in range(shares)]
+    rows = max(len(pack["input_ids"]) for pack in packs)
+    padded = []
+    for pack in packs:
+        extra = rows - len(pack["input_ids"])
+        fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "segments": -1, "padding": True}
+        padded.append({k: torch.cat([v, torch.full((extra, seq_len), fill[k], dtype=v.dtype)])
+                       for k, v in pack.items()})
+    return {k: torch.stack([pack[k] for pack in padded], dim=1).flatten(0, 1) for k in padded[0]}
 
 
 class PreferenceBatches:
-    """Endless shuffled DPO batches: `batch_size` pairs each, with their reference log-probs.
+    """Endless shuffled DPO batches: `batch_size` pairs each, packed (`pack_pairs`), with their
+    reference log-probs ("ref_logps": chosen sides, then rejected sides).
 
     Args:
         pairs: encoded (chosen, rejected) pairs.
         ref_logps: (len(pairs), 2) reference log-probs of (chosen, rejected), from `pair_logprobs`.
+        shares: processes the batches will be split over (`rank_share`).
     """
 
     def __init__(self, pairs: list[tuple[Encoded, Encoded]], ref_logps: torch.Tensor, batch_size: int,
-                 seq_len: int, seed: int, pad_id: int):
+                 seq_len: int, seed: int, pad_id: int, shares: int = 1):
         if len(pairs) < batch_size:
             raise ValueError(f"{len(pairs)} preference pairs are fewer than one batch of {batch_size}")
         self.pairs, self.ref_logps = pairs, ref_logps
-        self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
+        self.batch_size, self.seq_len, self.seed, self.pad_id, self.shares = batch_size, seq_len, seed, pad_id, shares
         self.epoch = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -90,7 +111,7 @@ class PreferenceBatches:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
             for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
                 chunk = order[start:start + self.batch_size].tolist()
-                batch = collate_pairs([self.pairs[i] for i in chunk], self.seq_len, self.pad_id)
+                batch = pack_pairs([self.pairs[i] for i in chunk], self.seq_len, self.pad_id, self.shares)
                 batch["ref_logps"] = self.ref_logps[chunk].T.reshape(-1)  # chosen column, then rejected
                 yield batch
             self.epoch += 1

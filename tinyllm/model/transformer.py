@@ -22,6 +22,7 @@ from torch import nn
 from tinyllm.config import ModelConfig
 from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.model.ffn import MLP, MoE
+from tinyllm.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +47,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, n_heads, T, head_dim) by position; cos/sin are (T, head_dim)."""
+    """Rotate x (B, n_heads, T, head_dim) by position; cos/sin are (T, head_dim), or (B, 1, T,
+    head_dim) when each row has positions of its own."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -142,6 +144,19 @@ def attention_mask(start: int, T: int, key_valid: torch.Tensor | None, device) -
     return (causal & key_valid[:, None, None, :start + T]) | (key_pos == query_pos)[None, None]
 
 
+def packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of packed sequences (`segments`: (B, T), the sequence of each position): each
+    position's index within its own sequence, (B, T), and the (B, 1, T, T) mask that lets a query
+    see only the earlier keys of its own sequence."""
+    T = segments.shape[1]
+    index = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return positions, (segments[:, :, None] == segments[:, None, :])[:, None] & causal
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -159,11 +174,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = mask is None  # no mask: queries and keys start together, plain causal attention
+        grouped = self.n_kv_heads != self.n_heads
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        elif mask is not None and grouped:
+            # a masked forward over whole rows (packed sequences, padded prompts): CUDA's kernel for
+            # arbitrary masks takes no grouped heads, so the key/value heads are shared out first
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+            grouped = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=grouped,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -206,6 +227,8 @@ class Output:
     """Sum over MoE layers of the expert-level balance loss (already inside `loss`)."""
     expert_load: torch.Tensor | None = None
     """(MoE layers, experts): share of routing assignments each expert got in this call."""
+    token_loss_sum: torch.Tensor | None = None
+    """The cross-entropy summed over the labelled positions (no balance loss)."""
 
 
 class Transformer(nn.Module):
@@ -218,6 +241,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.chunked_loss = True
+        """With labels on a GPU, the loss comes from `linear_cross_entropy` and `Output.logits` is None."""
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -233,7 +258,8 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, key_valid: torch.Tensor | None = None) -> Output:
+                cache: KVCache | None = None, key_valid: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> Output:
         """Logits for every position, plus the mean next-token loss when `labels` is given.
 
         Args:
@@ -244,13 +270,20 @@ class Transformer(nn.Module):
             key_valid: (B, ≥ start + T) bool, False at padding positions no query may attend to
                 (left-padded prompts generated together). RoPE scores depend only on the distance
                 between positions, so a row shifted right by its padding computes what it would alone.
+            segments: (B, T) rows of packed sequences (`pack_sequences`): the sequence each position
+                belongs to. Each sequence sees only itself and starts at position 0, so it gets the
+                logits it would alone. Not with a cache.
         """
         T = input_ids.shape[1]
         if cache is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-            mask = attention_mask(0, T, key_valid, input_ids.device)
+            if segments is not None:
+                positions, mask = packed_positions(segments)
+                cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            else:
+                cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+                mask = attention_mask(0, T, key_valid, input_ids.device)
         else:
             cos, sin = cache.rope(self.rope_cos, T), cache.rope(self.rope_sin, T)
             mask = cache.mask(T, key_valid, input_ids.device)
@@ -262,15 +295,23 @@ class Transformer(nn.Module):
                 moe_stats.append(stats)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
         balance_loss = sum(b for b, _ in moe_stats) if moe_stats else None
         load = torch.stack([l for _, l in moe_stats]) if moe_stats else None
         if labels is None:
-            return Output(logits, None, balance_loss, load)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            return Output(self.lm_head(x), None, balance_loss, load)
+        if self.chunked_loss and x.is_cuda:  # the logits are never kept (tinyllm/model/loss.py)
+            logits = None
+            loss_sum, labelled = linear_cross_entropy(x, self.lm_head.weight, labels)
+        else:
+            logits = self.lm_head(x)
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+            labelled = (labels != IGNORE_INDEX).sum()
+        loss = loss_sum / labelled  # NaN with no labelled position, as F.cross_entropy's mean gives
         if balance_loss is not None:
             loss = loss + balance_loss  # the balance loss trains the routers (MiniMind v1 dropped it)
-        return Output(logits, loss, balance_loss, load)
+        return Output(logits, loss, balance_loss, load, loss_sum)
 
     def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Parameter count (tied weights once); non_embedding drops the embedding table (and an

@@ -17,12 +17,12 @@ import torch
 
 from tinyllm.config import Params, to_dict
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.preference import PreferenceBatches, collate_pairs, encode_pair, truncated_labels, validate_preference
+from tinyllm.data.preference import PreferenceBatches, encode_pair, pack_pairs, truncated_labels, validate_preference
 from tinyllm.errors import DataError, TrainingError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.distributed import TrainingRun, check_divisible, rank_share
 from tinyllm.train.loop import fit
-from tinyllm.train.objectives import DPOLoss, sequence_logprobs
+from tinyllm.train.objectives import DPOLoss, packed_sequence_logprobs
 from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,17 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def pair_logprobs(model, pairs: list, seq_len: int, pad_id: int, device: torch.device, dtype: torch.dtype,
-                  batch_size: int = 32) -> torch.Tensor:
-    """(len(pairs), 2): summed log-probs of each pair's (chosen, rejected) final reply, in eval mode."""
+                  pairs_per_forward: int = 64) -> torch.Tensor:
+    """(len(pairs), 2): summed log-probs of each pair's (chosen, rejected) final reply, in eval
+    mode, packed as the training batches are."""
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start:start + batch_size], seq_len, pad_id)
+    for start in range(0, len(pairs), pairs_per_forward):
+        chunk = pairs[start:start + pairs_per_forward]
+        batch = {k: v.to(device) for k, v in pack_pairs(chunk, seq_len, pad_id).items()}
         with autocast(device, dtype):  # the same precision as the training forward, so π = π_ref at step 0
-            logps = sequence_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device))
+            logps, _ = packed_sequence_logprobs(model, batch, 2 * len(chunk))
         out.append(torch.stack(logps.float().chunk(2), dim=1).cpu())
     model.train(was_training)
     return torch.cat(out)
@@ -76,7 +78,8 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
         raise TrainingError(f"{pairs_file}: pair {bad + 1}: the reference model's log-prob is not finite")
     ref_seconds = time.perf_counter() - start
 
-    batches = rank_share(PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id), dist)
+    batches = rank_share(PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id,
+                                           shares=dist.world_size), dist)
     result = fit(model, DPOLoss(cfg.beta, cfg.nll_coef), batches, cfg, params.runtime, run=run,
                  flops_per_token=model.flops_per_token(seq_len), inputs=[pairs_file])
     if abs(result.final["train/margin"]) < 1e-6:

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tinyllm.config import DistributedConfig, TrainConfig
 from tinyllm.train.distributed import Dist
-from tinyllm.train.runtime import autocast
+from tinyllm.train.runtime import autocast, compiles
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 ZERO_CONFIGS = Path(__file__).with_name("zero")
@@ -56,13 +56,14 @@ class TorchEngine:
 
     def __init__(self, model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, dtype: torch.dtype):
         self.model, self.cfg, self.device, self.dtype = model.to(device).train(), cfg, device, dtype
-        if runtime.compile and dist.enabled:
+        compile_model = compiles(runtime, device)
+        if compile_model and dist.enabled:
             # Dynamo's DDPOptimizer splits the compiled graph at every gradient bucket, so all-reduces
             # can start during the backward. On our models the split graphs cost far more than the
             # overlap saves: 2 H200s gave 1.15M tokens/s with it, 1.46M without (reports/distributed.md).
             # One whole graph; DDP then all-reduces every bucket right after the backward.
             torch._dynamo.config.optimize_ddp = False
-        compiled = torch.compile(model) if runtime.compile else model
+        compiled = torch.compile(model) if compile_model else model
         self.ddp = DistributedDataParallel(compiled, device_ids=[device] if device.type == "cuda" else None,
                                            gradient_as_bucket_view=True) if dist.enabled else None
         self.step_model = self.ddp or compiled
@@ -168,7 +169,7 @@ class DeepSpeedEngine:
         optimizer = build_optimizer(model, cfg, device)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, dist, dtype, zero_stage))
-        if runtime.compile:
+        if compiles(runtime, device):
             self.engine.compile()
         self._set_fp32_weights(fp32_start)  # masters start exact, not rounded through bf16
 

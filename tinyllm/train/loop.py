@@ -26,13 +26,12 @@ from tqdm import tqdm
 
 from tinyllm import cpu_threads
 from tinyllm.config import RuntimeConfig, TrainConfig
-from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.errors import NonFiniteLossError
 from tinyllm.train import resume
 from tinyllm.train.distributed import TrainingRun
 from tinyllm.train.engine import make_engine
 from tinyllm.train.logging import NullLogger
-from tinyllm.train.runtime import autocast, peak_flops, resolve_device, resolve_dtype
+from tinyllm.train.runtime import autocast, compiled_graphs, peak_flops, process_seconds, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
-    """One dict per log interval: step, train/loss, lr, grad_norm, tokens_per_sec, mfu, val/loss,
-    and the objective's extras as train/<name>."""
+    """One dict per log interval: step, train/loss, lr, grad_norm, tokens_per_sec, padding_share,
+    recompiles (from the second interval), mfu, val/loss, and the objective's extras as train/<name>."""
     final: dict = field(default_factory=dict)
-    """The last interval's train/* metrics and the last val loss."""
+    """The last interval's train/* metrics, the last val loss, and the speed of the run:
+    tokens_per_sec, padding_share and recompiles after the first interval (`MetricsWindow`),
+    startup_seconds (process start to the end of the first step: imports, loading, compiling) and
+    first_step_seconds (the first step alone)."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -91,26 +93,37 @@ class MetricsWindow:
 
     They stay on the device (no host sync per step); `close` reads them once per log interval,
     averaged over the processes, and raises if a loss went non-finite in between.
+
+    Throughput counts every position that goes through the model, padding included, the same way
+    for every stage; the padding share is reported beside it. The first window holds compilation
+    and warm-up, so `steady_state` sums the windows after it (and the graphs Dynamo compiled after
+    it: recompiles, which a stage with fixed shapes never needs).
     """
 
     def __init__(self, device: torch.device, dist):
         self.device, self.dist = device, dist
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.windows = 0
+        self.steady = {"tokens": 0, "padding": 0, "seconds": 0.0}
+        self.warm_graphs = 0
         self._reset()
         self.restart_clock()
 
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.extras: dict[str, torch.Tensor] = {}
-        self.tokens, self.steps = 0, 0
+        self.tokens, self.padding, self.steps = 0, 0, 0
 
     def restart_clock(self) -> None:
         """Tokens/s counts from here (after a log point's validation and logging, not during them)."""
         self.start = time.perf_counter()
 
     def add_micro_batch(self, batch: dict, loss: torch.Tensor, extras: dict, grad_accum: int) -> torch.Tensor:
-        """Count one micro-batch (its trained tokens on every process); returns its share of the step's loss."""
-        self.tokens += int((batch["labels"] != IGNORE_INDEX).sum()) * self.dist.world_size
+        """Count one micro-batch (its positions and padding, on every process); returns its share of
+        the step's loss."""
+        self.tokens += batch["input_ids"].numel() * self.dist.world_size
+        if "padding" in batch:
+            self.padding += int(batch["padding"].sum()) * self.dist.world_size
         for name, value in extras.items():
             self.extras[name] = self.extras.get(name, 0) + value.detach().float() / grad_accum
         return loss.detach().float() / grad_accum
@@ -121,9 +134,10 @@ class MetricsWindow:
         self.steps += 1
 
     def close(self, last_good: Path | None) -> dict:
-        """train/loss, train/<extra> and tokens_per_sec of the window (the same on every process);
-        then the sums start again (the clock, at `restart_clock`). Raises NonFiniteLossError naming the
-        step and `last_good`."""
+        """train/loss, train/<extra>, tokens_per_sec and padding_share of the window (the same on
+        every process), and from the second window on the recompiles since the first; then the sums
+        start again (the clock, at `restart_clock`). Raises NonFiniteLossError naming the step and
+        `last_good`."""
         if self.dist.enabled:  # the mean over ranks
             for value in (self.loss, *self.extras.values()):
                 torch.distributed.all_reduce(value)
@@ -134,13 +148,30 @@ class MetricsWindow:
                 else "nothing was saved"
             raise NonFiniteLossError(f"loss became non-finite at step {self.first_bad_step.item() + 1}; "
                                      f"lower the learning rate or check the data; {kept}")
+        seconds = time.perf_counter() - self.start  # after .item(): the GPU has done the window's work
         metrics = {"train/loss": (self.loss / self.steps).item(),  # the one host sync per interval
-                   "tokens_per_sec": self.tokens / (time.perf_counter() - self.start)}
+                   "tokens_per_sec": self.tokens / seconds, "padding_share": self.padding / max(1, self.tokens)}
         if self.extras:
             values = (torch.stack(list(self.extras.values())) / self.steps).tolist()
             metrics.update({f"train/{name}": v for name, v in zip(self.extras, values)})
+        if self.windows == 0:
+            self.warm_graphs = compiled_graphs()
+        else:
+            for key, value in (("tokens", self.tokens), ("padding", self.padding), ("seconds", seconds)):
+                self.steady[key] += value
+            metrics["recompiles"] = compiled_graphs() - self.warm_graphs
+        self.windows += 1
         self._reset()
         return metrics
+
+    def steady_state(self, first_window: dict) -> dict:
+        """Throughput after warm-up (the first window's when the run had only one) and recompiles."""
+        if self.windows < 2:
+            return {"tokens_per_sec": first_window["tokens_per_sec"], "padding_share": first_window["padding_share"],
+                    "recompiles": 0}
+        return {"tokens_per_sec": self.steady["tokens"] / self.steady["seconds"],
+                "padding_share": self.steady["padding"] / max(1, self.steady["tokens"]),
+                "recompiles": compiled_graphs() - self.warm_graphs}
 
 
 class BestWeights:
@@ -279,6 +310,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     if micro_batches and not hasattr(batches, "load_state"):
         it = itertools.islice(it, micro_batches, None)  # skip what the interrupted run already used
     window = MetricsWindow(device, dist)
+    speed: dict = {}
     val_loss, stop = None, False
     bar = tqdm(range(start_step, cfg.max_steps), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not dist.is_main, initial=start_step, total=cfg.max_steps)
@@ -294,6 +326,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             step_loss += window.add_micro_batch(batch, loss, extras, cfg.grad_accum)
         grad_norm = engine.complete_step()
         window.end_step(step, step_loss)
+        if step == start_step:
+            speed = _first_step(device, window, dist)
 
         last = step == cfg.max_steps - 1
         if (step + 1) % cfg.log_interval != 0 and not last:
@@ -325,12 +359,27 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
                                                 "data": batches.state() if hasattr(batches, "state") else None}, best)
     bar.close()
     engine.finish()
-    result.final = {k: v for k, v in result.history[-1].items() if k.startswith("train/")}
+    first_window = next((h for h in result.history if h["step"] > start_step), result.history[-1])
+    result.final = {**{k: v for k, v in result.history[-1].items() if k.startswith("train/")},
+                    **window.steady_state(first_window), **speed}
+    if peak and flops_per_token:
+        result.final["mfu"] = flops_per_token * result.final["tokens_per_sec"] / (peak * dist.world_size)
     if val_loss is not None:
         lowest = min(h["val/loss"] for h in result.history if "val/loss" in h)
         result.final.update(_kept(model, best, val_loss, result.history[-1]["step"], dist),
                             **{"val/best_loss": lowest})
     return result
+
+
+def _first_step(device: torch.device, window: MetricsWindow, dist) -> dict:
+    """Start-up as a user sees it: from the process start to the first step done (one host sync)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    speed = {"startup_seconds": process_seconds(), "first_step_seconds": time.perf_counter() - window.start}
+    if dist.is_main:
+        log.info("first step done %.1f s after the process started (the step itself: %.1f s)",
+                 speed["startup_seconds"], speed["first_step_seconds"])
+    return speed
 
 
 def _kept(model: torch.nn.Module, best: BestWeights, last_loss: float, last_step: int, dist) -> dict:

@@ -7,7 +7,6 @@ are IGNORE_INDEX outside assistant replies), not here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tinyllm.config import GRPO_LOSS_NORMS
 from tinyllm.data.labels import IGNORE_INDEX
@@ -22,14 +21,10 @@ class NextTokenLoss:
     """
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        out = model(batch["input_ids"], labels=batch["labels"])
+        loss = out.loss
         if "token_weight" in batch:  # one rank's share of a batch (tinyllm.train.distributed.rank_share)
-            out = model(batch["input_ids"])
-            token_losses = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = token_losses * batch["token_weight"] + (0 if out.balance_loss is None else out.balance_loss)
-        else:
-            out = model(batch["input_ids"], labels=batch["labels"])
-            loss = out.loss
+            loss = out.token_loss_sum * batch["token_weight"] + (0 if out.balance_loss is None else out.balance_loss)
         if out.expert_load is None:
             return loss, {}
         extras = {"balance_loss": out.balance_loss.detach()}
@@ -39,13 +34,15 @@ class NextTokenLoss:
         return loss, extras
 
 
-def token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(label) at each position, 0 where unlabelled; the labelled mask): both (B, T).
+    `segments`: packed rows (`pack_sequences`), each position attending within its own sequence.
 
     Computed in fp32 from the logits: summing bf16 log-probs over a reply loses the small
     differences preference and RL training depend on.
     """
-    logits = model(input_ids).logits.float()
+    logits = (model(input_ids) if segments is None else model(input_ids, segments=segments)).logits.float()
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)
     token_logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -55,6 +52,19 @@ def token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tupl
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over the labelled positions of each row: (B,)."""
     return token_logprobs(model, input_ids, labels)[0].sum(-1)
+
+
+def packed_sequence_logprobs(model, batch: dict[str, torch.Tensor], n_sequences: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log p(label), labelled tokens) of each of the `n_sequences` sequences packed in
+    `batch` (`pack_sequences`: "segments" says which sequence a position belongs to)."""
+    for key in ("input_ids", "segments"):  # the row count changes with the lengths: one graph for all of them
+        torch._dynamo.maybe_mark_dynamic(batch[key], 0)
+    token_logp, mask = token_logprobs(model, batch["input_ids"], batch["labels"], batch["segments"])
+    index = batch["segments"].clamp(min=0).flatten()  # padding (-1) adds zeros to sequence 0
+    logps = token_logp.new_zeros(n_sequences).index_add_(0, index, token_logp.flatten())
+    counts = torch.zeros(n_sequences, device=index.device, dtype=torch.long).index_add_(0, index, mask.flatten().long())
+    return logps, counts
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
@@ -72,8 +82,8 @@ def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -
 
 
 class DPOLoss:
-    """`dpo_loss` on a batch from `PreferenceBatches`, whose "ref_logps" the frozen reference
-    model computed once before training (no second model in memory).
+    """`dpo_loss` on a packed batch from `PreferenceBatches`, whose "ref_logps" the frozen
+    reference model computed once before training (no second model in memory, no second pass).
 
     With `nll_coef` > 0 the chosen replies' negative log-likelihood per token is added (RPO, Pang
     et al. 2024): DPO alone raises a chosen reply relative to its rejected one, which need not
@@ -84,11 +94,10 @@ class DPOLoss:
         self.beta, self.nll_coef = beta, nll_coef
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        logps = sequence_logprobs(model, batch["input_ids"], batch["labels"])
+        logps, counts = packed_sequence_logprobs(model, batch, batch["ref_logps"].numel())
         loss, extras = dpo_loss(logps, batch["ref_logps"], self.beta)
         if self.nll_coef:
-            chosen_tokens = (batch["labels"].chunk(2)[0] != IGNORE_INDEX).sum().clamp(min=1)
-            extras["chosen_nll"] = -logps.chunk(2)[0].sum() / chosen_tokens
+            extras["chosen_nll"] = -logps.chunk(2)[0].sum() / counts.chunk(2)[0].sum().clamp(min=1)
             loss = loss + self.nll_coef * extras["chosen_nll"]
         return loss, extras
 
@@ -143,6 +152,8 @@ class GRPOLoss:
         self.clip_eps, self.kl_coef, self.norm, self.max_new_tokens = clip_eps, kl_coef, norm, max_new_tokens
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        for dim in (0, 1):  # rollouts change both with every round: one graph for all of them
+            torch._dynamo.maybe_mark_dynamic(batch["input_ids"], dim)
         logps, mask = token_logprobs(model, batch["input_ids"], batch["labels"])
         loss, extras = grpo_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], mask,
                                  self.clip_eps, self.kl_coef, self.norm, self.max_new_tokens)

@@ -72,7 +72,6 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
         "params_non_embedding": model.num_params(non_embedding=True),
         "params_active": model.num_params(active=True),
         "train_seconds": round(seconds, 1),
-        "tokens_per_sec": tokens / seconds,
     }
     meta = {"stage": "pretrain", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
     if dist.is_main:

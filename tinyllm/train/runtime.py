@@ -1,9 +1,11 @@
-"""Device, precision and hardware peak FLOPs: what the loop needs to know about the machine."""
+"""Device, precision, compilation and hardware peak FLOPs: what the loop needs to know about the machine."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 
+import psutil
 import torch
 
 from tinyllm.config import RuntimeConfig
@@ -42,6 +44,23 @@ def resolve_dtype(cfg: RuntimeConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def compiles(cfg: RuntimeConfig, device: torch.device) -> bool:
+    """`runtime.compile`: auto compiles on a GPU only."""
+    return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+
+
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompile for a new shape adds one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def process_seconds() -> float:
+    """Seconds since this process started: what a user waits for, imports included."""
+    return time.time() - psutil.Process().create_time()
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -1,0 +1,105 @@
+"""What the GPU speed work rests on, checked on the CPU: the chunked linear + cross-entropy gives
+the plain loss and gradients; every stage's throughput counts all positions with padding apart,
+start-up apart from the steady state; and packed DPO batches of changing row counts compile once."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig, SFTConfig, parse_params
+from tinyllm.data.chat import ChatBatches, encode_conversation
+from tinyllm.data.labels import IGNORE_INDEX
+from tinyllm.data.preference import PreferenceBatches, encode_pair
+from tinyllm.data.tokenizer import ENDOFTEXT
+from tinyllm.errors import ConfigError
+from tinyllm.model import loss as loss_module
+from tinyllm.model.loss import linear_cross_entropy
+from tinyllm.model.transformer import Transformer
+from tinyllm.train.dpo import pair_logprobs
+from tinyllm.train.loop import fit
+from tinyllm.train.objectives import DPOLoss, NextTokenLoss
+from tinyllm.train.runtime import compiles
+
+CPU = RuntimeConfig(device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_gives_the_plain_loss_and_gradients(monkeypatch, dtype):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 7 * 50)  # 7 rows per chunk: 37 rows make 6 chunks
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        total, count = linear_cross_entropy(hidden, weight, labels)
+        (total * 0.5).backward()  # a scale, to check the backward multiplies by the incoming gradient
+        fused = (total.item(), hidden.grad.clone(), weight.grad.clone())
+        hidden.grad = weight.grad = None
+        plain = F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        (plain * 0.5).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert count.item() == int((labels != IGNORE_INDEX).sum())
+    assert fused[0] == pytest.approx(plain.item(), rel=tol)
+    assert torch.allclose(fused[1], hidden.grad, atol=tol, rtol=tol)
+    assert torch.allclose(fused[2], weight.grad, atol=tol, rtol=tol)
+
+
+def test_compile_auto_means_on_a_gpu_only():
+    assert compiles(RuntimeConfig(compile="auto"), torch.device("cuda")) is True
+    assert compiles(RuntimeConfig(compile="auto"), torch.device("cpu")) is False
+    assert compiles(RuntimeConfig(compile=True), torch.device("cpu")) is True
+    assert parse_params({"runtime": {"compile": "auto"}}).runtime.compile == "auto"
+    with pytest.raises(ConfigError, match="runtime.compile='yes' must be auto, true or false"):
+        parse_params({"runtime": {"compile": "yes"}})
+
+
+def _chat(tokenizer, n=40):
+    return [encode_conversation(tokenizer, [{"role": "user", "content": f"李明住在哪里？{i}"},
+                                            {"role": "assistant", "content": "李明住在杭州。"}]) for i in range(n)]
+
+
+def test_throughput_counts_every_position_and_the_padding_apart(tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=64,
+                                    vocab_size=tokenizer.get_vocab_size()))
+    batches = ChatBatches(_chat(tokenizer), batch_size=4, seq_len=64, seed=0, pad_id=tokenizer.token_to_id(ENDOFTEXT))
+    batch = next(iter(batches))
+    padded = int(batch["padding"].sum())
+    assert 0 < padded < batch["padding"].numel()
+    assert (batch["labels"][batch["padding"]] == IGNORE_INDEX).all()  # padding is never a target
+    result = fit(model, NextTokenLoss(), batches, SFTConfig(max_steps=12, batch_size=4, log_interval=4), CPU)
+    assert [h["step"] for h in result.history] == [4, 8, 12]
+    assert all(0 < h["padding_share"] < 1 and h["tokens_per_sec"] > 0 for h in result.history)
+    assert "recompiles" not in result.history[0] and result.history[1]["recompiles"] == 0
+    final = result.final
+    assert final["recompiles"] == 0 and 0 < final["padding_share"] < 1
+    # the steady state is windows 2 and 3 only: between their two rates
+    rates = [h["tokens_per_sec"] for h in result.history[1:]]
+    assert min(rates) * 0.999 <= final["tokens_per_sec"] <= max(rates) * 1.001
+    assert final["startup_seconds"] >= final["first_step_seconds"] > 0
+
+
+def test_packed_dpo_batches_of_changing_row_counts_compile_once(tokenizer):
+    """Under torch.compile (inductor, on the CPU here) the DPO step sees batches of different row
+    counts (packing depends on the lengths drawn); marked dynamic, they never recompile."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=128,
+                                    vocab_size=tokenizer.get_vocab_size()))
+    pad = tokenizer.token_to_id(ENDOFTEXT)
+    pairs = []
+    for i in range(24):  # replies of very different lengths, so the packed row counts differ
+        reply = "李明的宠物是猫。" * (1 + i % 6)
+        pairs.append(encode_pair(tokenizer, {"chosen": [{"role": "user", "content": "他养了什么？"},
+                                                        {"role": "assistant", "content": reply}],
+                                             "rejected": [{"role": "user", "content": "他养了什么？"},
+                                                          {"role": "assistant", "content": "我不知道。"}]}))
+    ref = pair_logprobs(model, pairs, 127, pad, torch.device("cpu"), torch.float32)
+    batches = PreferenceBatches(pairs, ref, batch_size=4, seq_len=127, seed=0, pad_id=pad)
+    rows = set()
+    for _, batch in zip(range(12), batches):
+        rows.add(batch["input_ids"].shape[0])
+    assert len(rows) > 1
+    cfg = DPOConfig(max_steps=12, batch_size=4, lr=1e-3, warmup_steps=1, log_interval=1)  # warm-up: step 1
+    result = fit(model, DPOLoss(0.1), batches, cfg, RuntimeConfig(device="cpu", compile=True))
+    assert result.final["recompiles"] == 0 and result.final["padding_share"] > 0
