@@ -374,7 +374,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
 def _first_step(device: torch.device, window: MetricsWindow, dist) -> dict:
     """Start-up as a user sees it: from the process start to the first step done (one host sync)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize()  # this process's device ("cuda" may carry no index)
     speed = {"startup_seconds": process_seconds(), "first_step_seconds": time.perf_counter() - window.start}
     if dist.is_main:
         log.info("first step done %.1f s after the process started (the step itself: %.1f s)",
