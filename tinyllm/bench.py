@@ -150,8 +150,7 @@ def start_profiler(out_dir: Path, name: str, rank: int, skip: int, active: int =
 
 def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, steps: int, warmup: int,
                 compile: bool, device: str, dtype: str, tokens: Path | None = None, strategy: str = "ddp",
-                dist: Dist | None = None, profile_dir: Path | None = None, log_interval: int = 10,
-                chunked_loss: bool = True) -> dict:
+                dist: Dist | None = None, profile_dir: Path | None = None, log_interval: int = 10) -> dict:
     """One timed training run; returns a table row (and the loss curve, kept out of the table).
 
     tokens: the pipeline's token folder (artifacts/tokens) to train on instead of random tokens;
@@ -161,8 +160,6 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         Writing the trace happens inside a timed window, so a profiled run's tokens/s is not comparable.
     log_interval: steps per log point; each one reads the loss, a host sync (warmup and steps are
     rounded up to a multiple of it).
-    chunked_loss: on a GPU, the loss from `linear_cross_entropy` (the model's default) or from
-        whole fp32 logits.
     """
     dist = dist or Dist()
     rows_per_rank = batch_size // dist.world_size
@@ -183,7 +180,6 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     dev = resolve_device(runtime, dist)
     torch.manual_seed(0)
     model = Transformer(model_cfg)
-    model.chunked_loss = chunked_loss
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # also initialises CUDA, which the memory counters need
         torch.cuda.empty_cache()
@@ -218,7 +214,6 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         "batch": batch_size,
         "dtype": dtype,
         "compile": compile,
-        "chunked_loss": chunked_loss,
         "tokens_per_sec": round(tokens_per_sec),
         "mfu": round(mfu, 4) if mfu else None,
         "step_ms": round(1000 * batch_size * seq_len / tokens_per_sec, 1),
@@ -401,12 +396,12 @@ def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device
 
 
 def run(models: list[str], compiles: list[bool], out_dir: Path, strategies: tuple[str, ...] = ("ddp",),
-        name: str = "train", chunked_losses: tuple[bool, ...] = (True,), **kwargs) -> str:
-    """Benchmark every model × strategy × compile × loss setting and write one table (rank 0)."""
+        name: str = "train", **kwargs) -> str:
+    """Benchmark every model × strategy × compile setting and write one table (rank 0)."""
     dist = init_distributed()
     try:
-        rows = [bench_train(m, compile=c, strategy=s, dist=dist, chunked_loss=k, **kwargs)
-                for m in models for s in strategies for c in compiles for k in chunked_losses]
+        rows = [bench_train(m, compile=c, strategy=s, dist=dist, **kwargs)
+                for m in models for s in strategies for c in compiles]
     finally:
         close_distributed()
     if not dist.is_main:

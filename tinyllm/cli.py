@@ -132,9 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_args(train, dtype_help="autocast dtype; auto is bf16 on CUDA")
     train.add_argument("--compile", type=_bool_list, default=[False], help="comma list of on/off")
-    train.add_argument("--chunked-loss", type=_bool_list, default=[True],
-                       help="comma list of on/off: on a GPU, the loss without whole fp32 logits "
-                       "(tinyllm/model/loss.py)")
     train.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     train.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     train.add_argument("--steps", type=int, default=30, help="timed steps")
@@ -290,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
                         dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name,
-                        profile_dir=args.profile, log_interval=args.log_interval, chunked_losses=args.chunked_loss))
+                        profile_dir=args.profile, log_interval=args.log_interval))
     elif args.command == "bench" and args.what == "serve":
         print(bench.run_serve(args.checkpoint, args.out, preset=args.model, clients=args.clients, slots=args.slots,
                               requests=args.requests, max_tokens=args.max_tokens, device=args.device))

@@ -100,27 +100,33 @@ class ChatBatches:
         self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
         self.epoch = 0
 
-    def _rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _rows(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         width = self.seq_len + 1
         while True:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
-            ids, mask = [], []
+            members, used = [], 0
             for i in order:
-                ex_ids, ex_mask = self.examples[i]
-                if len(ids) + len(ex_ids) > width:
-                    yield self._pad(ids, mask)
-                    ids, mask = [], []
-                ids.extend(ex_ids)
-                mask.extend(ex_mask)
-            if ids:
-                yield self._pad(ids, mask)
+                n = len(self.examples[i][0])
+                if used + n > width:
+                    yield self._row(members)
+                    members, used = [], 0
+                members.append(i)
+                used += n
+            if members:
+                yield self._row(members)
             self.epoch += 1
 
-    def _pad(self, ids: list[int], mask: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, mask, padding) of one row."""
-        n_pad = self.seq_len + 1 - len(ids)
-        return (np.asarray(ids + [self.pad_id] * n_pad, dtype=np.int64),
-                np.asarray(mask + [False] * n_pad, dtype=bool), np.arange(self.seq_len + 1) >= len(ids))
+    def _row(self, members: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, mask, padding) of one row: the members' conversations end to end, then padding
+        (array copies: on a GPU this runs between steps, and per-token Python would be the bottleneck)."""
+        width = self.seq_len + 1
+        ids, mask = np.full(width, self.pad_id, dtype=np.int64), np.zeros(width, dtype=bool)
+        at = 0
+        for i in members:
+            ex_ids, ex_mask = self.examples[i]
+            ids[at:at + len(ex_ids)], mask[at:at + len(ex_ids)] = ex_ids, ex_mask
+            at += len(ex_ids)
+        return ids, mask, np.arange(width) >= at
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of input_ids, labels and padding (True at the padded tail: counted apart in throughput)."""

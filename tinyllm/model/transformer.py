@@ -22,7 +22,6 @@ from torch import nn
 from tinyllm.config import ModelConfig
 from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.model.ffn import MLP, MoE
-from tinyllm.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -241,8 +240,6 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.chunked_loss = True
-        """With labels on a GPU, the loss comes from `linear_cross_entropy` and `Output.logits` is None."""
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -300,14 +297,10 @@ class Transformer(nn.Module):
         load = torch.stack([l for _, l in moe_stats]) if moe_stats else None
         if labels is None:
             return Output(self.lm_head(x), None, balance_loss, load)
-        if self.chunked_loss and x.is_cuda:  # the logits are never kept (tinyllm/model/loss.py)
-            logits = None
-            loss_sum, labelled = linear_cross_entropy(x, self.lm_head.weight, labels)
-        else:
-            logits = self.lm_head(x)
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
-            labelled = (labels != IGNORE_INDEX).sum()
+        logits = self.lm_head(x)
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        labelled = (labels != IGNORE_INDEX).sum()
         loss = loss_sum / labelled  # NaN with no labelled position, as F.cross_entropy's mean gives
         if balance_loss is not None:
             loss = loss + balance_loss  # the balance loss trains the routers (MiniMind v1 dropped it)

@@ -348,7 +348,6 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         result.history.append({"step": step + 1, **metrics})
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k",
                         refresh=False)
-        window.restart_clock()
         if stop:
             if dist.is_main:
                 log.info("stopping at step %d of %d: %d evaluations have not beaten step %d's validation loss "
@@ -357,6 +356,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         if checkpoints.due(step + 1, last):
             checkpoints.save(step + 1, engine, {"micro_batches": micro_batches, "history": result.history,
                                                 "data": batches.state() if hasattr(batches, "state") else None}, best)
+        window.restart_clock()  # validation, logging and checkpoints are not training time
     bar.close()
     engine.finish()
     first_window = next((h for h in result.history if h["step"] > start_step), result.history[-1])
