@@ -2,6 +2,8 @@
 positions with padding apart, start-up apart from the steady state; and packed DPO batches of
 changing row counts compile once."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -78,3 +80,44 @@ def test_packed_dpo_batches_of_changing_row_counts_compile_once(tokenizer):
     cfg = DPOConfig(max_steps=12, batch_size=4, lr=1e-3, warmup_steps=1, log_interval=1)  # warm-up: step 1
     result = fit(model, DPOLoss(0.1), batches, cfg, RuntimeConfig(device="cpu", compile=True))
     assert result.final["recompiles"] == 0 and result.final["padding_share"] > 0
+
+
+def test_the_gpu_preset_prints_flags_that_params_yaml_accepts(capsys):
+    import yaml
+
+    from tinyllm.cli import main
+    from tinyllm.presets import PRESETS, preset_params
+
+    main(["preset", "gpu"])
+    flags = capsys.readouterr().out.split()
+    assert flags[::2] == ["-S"] * len(PRESETS["gpu"])
+    pairs = dict(flag.split("=", 1) for flag in flags[1::2])
+    assert pairs["model.dim"] == "768" and pairs["sft.batch_size"] == "32"
+    # every flag names a key params.yaml already has, and the merged params validate
+    raw = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    merged = _merged(raw, preset_params("gpu"))
+    for dotted in pairs:
+        section = raw
+        for part in dotted.split("."):
+            assert part in section, f"{dotted} is not a key of params.yaml"
+            section = section[part]
+    params = parse_params(merged)
+    assert params.model.dim == 768 and params.data.world.n_people == 3000 and params.dpo.max_steps == 20
+
+
+def _merged(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def test_an_unknown_or_broken_preset_is_named(monkeypatch, capsys):
+    from tinyllm import presets
+    from tinyllm.cli import main
+
+    with pytest.raises(SystemExit, match="unknown preset 'cpu' \\(known: gpu\\)"):
+        main(["preset", "cpu"])
+    monkeypatch.setitem(presets.PRESETS, "bad", {"sft.batch_size": 0})
+    with pytest.raises(SystemExit, match="(?s)preset bad: .*sft.batch_size=0 must be > 0"):
+        main(["preset", "bad"])

@@ -6,6 +6,7 @@
     tinyllm web                                    # Streamlit chat page
     tinyllm export artifacts/dpo hf/tinyllm         # a transformers LlamaForCausalLM folder; `import` reverses it
     tinyllm bench train --models 768x8 --compile off,on --dtype bfloat16
+    dvc exp run $(tinyllm preset gpu)              # a named set of params (tinyllm/presets.py)
     python -m tinyllm.cli bench train ...     # same, where the package is not installed
 """
 
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     importer = sub.add_parser("import", help="a transformers Llama folder back into a native checkpoint")
     importer.add_argument("hf_dir", type=Path, help="exported (or compatible Llama) folder")
     importer.add_argument("out", type=Path, help="checkpoint folder to write")
+    preset = sub.add_parser("preset", help="print a named set of params as -S flags for dvc exp run")
+    preset.add_argument("name", help="preset name (gpu)")
     bench_parser = sub.add_parser("bench", help="throughput benchmarks")
     bench_sub = bench_parser.add_subparsers(dest="what", required=True)
     train = bench_sub.add_parser("train", help="training tokens/s, MFU and memory of model presets",
@@ -266,6 +269,14 @@ def convert(args) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.command == "preset":
+        from tinyllm.presets import preset_flags
+
+        try:
+            print(preset_flags(args.name))
+        except UserError as err:
+            sys.exit(f"error: {err}")
+        return
     if args.command == "chat":
         try:
             chat_repl(args)
