@@ -181,6 +181,7 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     torch.manual_seed(0)
     model = Transformer(model_cfg)
     if dev.type == "cuda":
+        dev = torch.device("cuda", 0 if dev.index is None else dev.index)  # "--device cuda" names no index
         torch.cuda.set_device(dev)  # also initialises CUDA, which the memory counters need
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
