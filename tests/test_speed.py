@@ -121,3 +121,66 @@ def test_an_unknown_or_broken_preset_is_named(monkeypatch, capsys):
     monkeypatch.setitem(presets.PRESETS, "bad", {"sft.batch_size": 0})
     with pytest.raises(SystemExit, match="(?s)preset bad: .*sft.batch_size=0 must be > 0"):
         main(["preset", "bad"])
+
+
+def test_a_packed_batch_refuses_pairs_that_do_not_split_over_the_processes(tokenizer):
+    from tinyllm.data.preference import pack_pairs
+
+    question = {"role": "user", "content": "你是谁？"}
+    pair = encode_pair(tokenizer, {"chosen": [question, {"role": "assistant", "content": "小光"}],
+                                   "rejected": [question, {"role": "assistant", "content": "不知"}]})
+    with pytest.raises(ValueError, match="3 pairs do not split evenly over 2 processes"):
+        pack_pairs([pair] * 3, 63, 0, shares=2)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=64,
+                                    vocab_size=tokenizer.get_vocab_size()))
+    batch = pack_pairs([pair] * 2, 63, 0)
+    with pytest.raises(ValueError, match="segments .* without a cache and without key_valid"):
+        model(batch["input_ids"], segments=batch["segments"], key_valid=batch["segments"] >= 0)
+
+
+def test_start_up_counts_from_the_stage_start_across_a_relaunch(monkeypatch):
+    import time
+
+    from tinyllm.train.runtime import STARTED_AT, process_seconds
+
+    assert 0 < process_seconds() < 3600  # this process's own start
+    monkeypatch.setenv(STARTED_AT, str(time.time() - 100))  # set by the first process before torchrun
+    assert 100 <= process_seconds() < 110
+
+
+WINDOW_PROBE = """
+import torch
+from tinyllm.train.distributed import init_distributed, close_distributed
+from tinyllm.train.loop import MetricsWindow
+
+dist = init_distributed()
+window = MetricsWindow(torch.device("cpu"), dist)
+ids = torch.zeros(2, 10, dtype=torch.long)
+padding = torch.zeros(2, 10, dtype=torch.bool)
+padding[:, : 2 + 6 * dist.rank] = True  # rank 0: 4 padded positions of 20; rank 1: 16 of 20
+window.add_micro_batch({"input_ids": ids, "padding": padding}, torch.tensor(1.0), {}, 1)
+window.end_step(0, torch.tensor(1.0))
+metrics = window.close(None)
+print("rank", dist.rank, "padding_share", metrics["padding_share"], "tokens", window.steady, flush=True)
+close_distributed()
+"""
+
+
+def test_padding_share_is_summed_over_the_processes(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(WINDOW_PROBE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    shares = [line for line in out.stdout.splitlines() if "padding_share" in line]
+    assert len(shares) == 2 and all("padding_share 0.5 " in line for line in shares)  # (4 + 16) / 40 on both ranks

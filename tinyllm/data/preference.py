@@ -76,6 +76,8 @@ def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, 
     rows are interleaved, so `rank_share`'s rows [rank::N] are that process's whole pairs, and the
     reference log-probs [rank::N] of the 2B sequences line up with them.
     """
+    if len(pairs) % shares:
+        raise ValueError(f"{len(pairs)} pairs do not split evenly over {shares} processes")
     packs = [pack_sequences([pair[side] for side in (0, 1) for pair in pairs[rank::shares]], seq_len, pad_id)
              for rank in range(shares)]
     rows = max(len(pack["input_ids"]) for pack in packs)

@@ -272,6 +272,8 @@ class Transformer(nn.Module):
                 logits it would alone. Not with a cache.
         """
         T = input_ids.shape[1]
+        if segments is not None and (cache is not None or key_valid is not None):
+            raise ValueError("segments (packed rows) go without a cache and without key_valid")
         if cache is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")

@@ -18,11 +18,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as torch_dist
 
 from tinyllm.config import CheckpointConfig, DistributedConfig, Params
 from tinyllm.data.labels import IGNORE_INDEX
+from tinyllm.train.runtime import STARTED_AT
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,10 @@ def close_distributed() -> None:
 
 def rank_share(batches: Iterable[dict], dist: Dist) -> Iterator[dict]:
     """This rank's rows (rank, rank + N, ...) of every global batch. Every rank builds the same global
-    batch, which is cheap next to a training step, and keeps its share. For a DPO batch (B chosen
-    rows, then their B rejected rows, B divisible by N) the share keeps each pair's two rows together:
-    the chosen half of the share precedes its rejected half, in the same pair order.
+    batch, which is cheap next to a training step, and keeps its share. A DPO batch (`pack_pairs`
+    with shares = N) interleaves the processes' packs, so the rows [rank::N] hold this rank's whole
+    pairs, and its reference log-probs (B chosen, then B rejected; B divisible by N) [rank::N] are
+    theirs, chosen sides first.
 
     A next-token batch's share also gets "token_weight" = N / (labelled tokens in the global batch):
     shares of a chat batch hold different numbers of reply tokens (or none), so each rank sums its
@@ -131,6 +134,7 @@ def training_run(stage: str, params: Params):
     command = relaunch_command(params.distributed)
     if command is not None:
         log.info("relaunching: %s", " ".join(command))
+        os.environ.setdefault(STARTED_AT, str(psutil.Process().create_time()))  # start-up counts from here
         sys.stdout.flush()
         os.execv(command[0], command)
     dist = init_distributed()

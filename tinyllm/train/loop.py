@@ -44,8 +44,8 @@ class FitResult:
     final: dict = field(default_factory=dict)
     """The last interval's train/* metrics, the last val loss, and the speed of the run:
     tokens_per_sec, padding_share and recompiles after the first interval (`MetricsWindow`),
-    startup_seconds (process start to the end of the first step: imports, loading, compiling) and
-    first_step_seconds (the first step alone)."""
+    startup_seconds (stage start to the end of the first step: imports, loading, compiling),
+    first_step_seconds (the first step, and on a resume the skipping of used batches) and mfu."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -97,7 +97,8 @@ class MetricsWindow:
     Throughput counts every position that goes through the model, padding included, the same way
     for every stage; the padding share is reported beside it. The first window holds compilation
     and warm-up, so `steady_state` sums the windows after it (and the graphs Dynamo compiled after
-    it: recompiles, which a stage with fixed shapes never needs).
+    it: recompiles, which a stage with fixed shapes never needs). The count is the process's:
+    under DeepSpeed with compile, the first validation of the compiled engine counts too.
     """
 
     def __init__(self, device: torch.device, dist):
@@ -119,11 +120,11 @@ class MetricsWindow:
         self.start = time.perf_counter()
 
     def add_micro_batch(self, batch: dict, loss: torch.Tensor, extras: dict, grad_accum: int) -> torch.Tensor:
-        """Count one micro-batch (its positions and padding, on every process); returns its share of
-        the step's loss."""
-        self.tokens += batch["input_ids"].numel() * self.dist.world_size
+        """Count one micro-batch (this process's positions and padding; `close` sums them over the
+        processes); returns its share of the step's loss."""
+        self.tokens += batch["input_ids"].numel()
         if "padding" in batch:
-            self.padding += int(batch["padding"].sum()) * self.dist.world_size
+            self.padding += int(batch["padding"].sum())
         for name, value in extras.items():
             self.extras[name] = self.extras.get(name, 0) + value.detach().float() / grad_accum
         return loss.detach().float() / grad_accum
@@ -138,11 +139,14 @@ class MetricsWindow:
         every process), and from the second window on the recompiles since the first; then the sums
         start again (the clock, at `restart_clock`). Raises NonFiniteLossError naming the step and
         `last_good`."""
-        if self.dist.enabled:  # the mean over ranks
+        if self.dist.enabled:  # the mean over ranks; positions and padding summed (shares differ)
             for value in (self.loss, *self.extras.values()):
                 torch.distributed.all_reduce(value)
                 value /= self.dist.world_size
             torch.distributed.all_reduce(self.first_bad_step, torch.distributed.ReduceOp.MAX)
+            counts = torch.tensor([self.tokens, self.padding], device=self.device, dtype=torch.float64)
+            torch.distributed.all_reduce(counts)
+            self.tokens, self.padding = (int(c) for c in counts.tolist())
         if self.first_bad_step.item() >= 0:
             kept = f"the last good checkpoint, {last_good}, is kept: rerun to resume from it" if last_good \
                 else "nothing was saved"
@@ -166,9 +170,9 @@ class MetricsWindow:
 
     def steady_state(self, first_window: dict) -> dict:
         """Throughput after warm-up (the first window's when the run had only one) and recompiles."""
-        if self.windows < 2:
-            return {"tokens_per_sec": first_window["tokens_per_sec"], "padding_share": first_window["padding_share"],
-                    "recompiles": 0}
+        if self.windows < 2:  # (a resumed run with nothing left to do: an older version's history)
+            return {"tokens_per_sec": first_window.get("tokens_per_sec", 0.0),
+                    "padding_share": first_window.get("padding_share", 0.0), "recompiles": 0}
         return {"tokens_per_sec": self.steady["tokens"] / self.steady["seconds"],
                 "padding_share": self.steady["padding"] / max(1, self.steady["tokens"]),
                 "recompiles": compiled_graphs() - self.warm_graphs}
@@ -374,7 +378,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
 def _first_step(device: torch.device, window: MetricsWindow, dist) -> dict:
     """Start-up as a user sees it: from the process start to the first step done (one host sync)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()  # this process's device ("cuda" may carry no index)
+        torch.cuda.synchronize(device if device.index is not None else None)  # "cuda" names no index
     speed = {"startup_seconds": process_seconds(), "first_step_seconds": time.perf_counter() - window.start}
     if dist.is_main:
         log.info("first step done %.1f s after the process started (the step itself: %.1f s)",

@@ -68,7 +68,7 @@ def packed_sequence_logprobs(model, batch: dict[str, torch.Tensor], n_sequences:
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
-    """DPO (Rafailov et al., 2023) from summed reply log-probs: B chosen rows, then their B rejected rows.
+    """DPO (Rafailov et al., 2023) from summed reply log-probs: B chosen sequences, then their B rejected ones.
 
     The implicit reward of a reply is β·(log π(reply) − log π_ref(reply)); the loss is
     −log σ(reward_chosen − reward_rejected): log 2 ≈ 0.693 while π = π_ref, falling as the policy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import psutil
@@ -58,9 +59,15 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+STARTED_AT = "TINYLLM_STARTED_AT"
+"""Environment variable: when the stage began, set before it relaunches itself under torchrun."""
+
+
 def process_seconds() -> float:
-    """Seconds since this process started: what a user waits for, imports included."""
-    return time.time() - psutil.Process().create_time()
+    """Seconds since the stage started: what a user waits for, imports included (from the first
+    process's start when the stage relaunched itself under torchrun)."""
+    started = os.environ.get(STARTED_AT)
+    return time.time() - (float(started) if started else psutil.Process().create_time())
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
