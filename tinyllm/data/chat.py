@@ -152,8 +152,10 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[
             "padding": torch.arange(width - 1) >= lengths[:, None]}
 
 
-def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Whole sequences laid into as few rows of `width` positions as first-fit-decreasing finds.
+def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int,
+                   min_rows: int = 0) -> dict[str, torch.Tensor]:
+    """Whole sequences laid into as few rows of `width` positions as first-fit-decreasing finds
+    (and at least `min_rows`, the rest padding).
 
     A sequence of n tokens takes n - 1 positions (inputs ids[:-1], targets ids[1:] where the mask
     is set); one longer than the row keeps its newest width + 1 tokens. "segments" numbers the
@@ -173,9 +175,10 @@ def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, p
             row = len(rows) - 1
         rows[row].append(i)
         free[row] -= need
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)  # numpy: cheap slices between GPU steps
-    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
-    segments = np.full((len(rows), width), -1, dtype=np.int64)
+    shape = (max(len(rows), min_rows), width)
+    ids = np.full(shape, pad_id, dtype=np.int64)  # numpy: cheap slices between GPU steps
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    segments = np.full(shape, -1, dtype=np.int64)
     for r, members in enumerate(rows):
         at = 0
         for i in members:

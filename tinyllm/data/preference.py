@@ -21,7 +21,6 @@ import torch
 from tokenizers import Tokenizer
 
 from tinyllm.data.chat import encode_conversation, pack_sequences, validate_conversation
-from tinyllm.data.labels import IGNORE_INDEX
 
 Encoded = tuple[np.ndarray, np.ndarray]
 
@@ -78,16 +77,10 @@ def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, 
     """
     if len(pairs) % shares:
         raise ValueError(f"{len(pairs)} pairs do not split evenly over {shares} processes")
-    packs = [pack_sequences([pair[side] for side in (0, 1) for pair in pairs[rank::shares]], seq_len, pad_id)
-             for rank in range(shares)]
-    rows = max(len(pack["input_ids"]) for pack in packs)
-    padded = []
-    for pack in packs:
-        extra = rows - len(pack["input_ids"])
-        fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "segments": -1, "padding": True}
-        padded.append({k: torch.cat([v, torch.full((extra, seq_len), fill[k], dtype=v.dtype)])
-                       for k, v in pack.items()})
-    return {k: torch.stack([pack[k] for pack in padded], dim=1).flatten(0, 1) for k in padded[0]}
+    sides = [[pair[side] for side in (0, 1) for pair in pairs[rank::shares]] for rank in range(shares)]
+    rows = max(len(pack_sequences(mine, seq_len, pad_id)["input_ids"]) for mine in sides) if shares > 1 else 0
+    packs = [pack_sequences(mine, seq_len, pad_id, min_rows=rows) for mine in sides]
+    return {k: torch.stack([pack[k] for pack in packs], dim=1).flatten(0, 1) for k in packs[0]}
 
 
 class PreferenceBatches:

@@ -57,10 +57,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Pinned, asynchronous host-to-GPU copies; a no-op move on CPU."""
+    """Pinned, asynchronous host-to-GPU copies; a no-op move on CPU. The padding mask stays on the
+    host: only the throughput count reads it."""
     if device.type != "cuda":
         return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items() if k != "padding"}
 
 
 @torch.no_grad()
