@@ -120,6 +120,17 @@ def test_english_share_is_close_to_english_fraction(world, docs):
     assert abs(share - CFG.english_fraction) < 0.02
 
 
+@pytest.mark.parametrize("per_person, english_each", [(6, 3), (12, 6), (4, 3)])
+def test_english_biographies_go_to_few_people_half_of_theirs(per_person, english_each):
+    """Each person with English biographies gets max(3, half of theirs): enough English mentions of
+    the name to copy it into an English answer. The total stays at english_fraction."""
+    cfg = WorldConfig(n_people=100, bios_per_person=per_person, english_fraction=0.15, n_arithmetic=50)
+    counts = [p.bios_en for p in build_world(cfg, 3, LEXICON).people]
+    assert sum(counts) == round(0.15 * 100 * per_person)
+    english = [c for c in counts if c]
+    assert min(english) >= english_each and len(english) == sum(counts) // english_each
+
+
 def test_biographies_are_worded_differently(world, docs):
     person = next(p for p in world.people
                   if p.bios_en == 0 and sum(p.name.zh in q.name.zh for q in world.people) == 1)

@@ -44,7 +44,8 @@ UNKNOWN_PEOPLE = 200
 CITY_DOCS = {"zh": 4, "en": 3}
 """Short documents per city and language."""
 MIN_ENGLISH_BIOS = 3
-"""Fewest English biographies a person gets when they get any (bios_per_person permitting)."""
+"""Fewest English biographies a person gets when they get any (bios_per_person permitting); with
+more biographies per person, half of a person's go to English (see _english_bios)."""
 
 
 @dataclass(frozen=True)
@@ -286,12 +287,15 @@ def load_lexicon(path: str | Path) -> Lexicon:
 def _english_bios(cfg: WorldConfig, rng: random.Random) -> list[int]:
     """English biographies per person, totalling about english_fraction of all biographies.
 
-    They go to few people, at least MIN_ENGLISH_BIOS each: canonical sentences then occur at
-    least twice per person (one mention is hard to learn) with room left for other wordings.
+    They go to few people, at least MIN_ENGLISH_BIOS each and half of the person's biographies
+    when that is more: canonical sentences then occur at least twice per person (one mention is
+    hard to learn) with room left for other wordings, and an English name is read often enough to
+    be copied into an answer (byte-level BPE splits it into 2-4 pieces; a person with 3 English
+    biographies, never asked about in SFT, was misnamed in most English answers about them).
     """
     n, per_person = cfg.n_people, cfg.bios_per_person
     total = round(cfg.english_fraction * n * per_person)
-    n_english = min(n, total // MIN_ENGLISH_BIOS)
+    n_english = min(n, total // max(MIN_ENGLISH_BIOS, per_person // 2))
     counts = [0] * n
     if n_english:
         base, extra = divmod(total, n_english)

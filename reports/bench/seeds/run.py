@@ -1,10 +1,16 @@
-"""Run-to-run spread of the default pipeline: the same params over several seeds → reports/seeds.md.
+"""Run-to-run spread of the default pipeline: the same params over several seeds → a markdown table.
 
-    python reports/bench/seeds/run.py --seeds 1337,1,2      # ~9 min per seed on 2 CPU cores
+    python reports/bench/seeds/run.py --seeds 1337,1,2      # ~10 min per seed on 2 CPU cores
+    python reports/bench/seeds/run.py --jobs 9 --variant base: \\
+        --variant bios12:data.world.bios_per_person=12 --out reports/bench/seeds/sweep.md   # a GPU box
 
-Each seed is a `dvc exp run -S seed=N` in the workspace (everything reruns: the world, the
-tokenizer, every stage); its reports/eval/metrics.json is read, then the workspace goes back to
-the committed run (`git checkout` + `dvc checkout`). Not part of CI.
+Each run is a `dvc exp run -S seed=N [-S key=value ...]` of the whole pipeline (the world, the
+tokenizer, every stage), and its reports/eval/metrics.json is read. With `--jobs 1` the runs take
+turns in this workspace, which then goes back to the committed run (`git checkout` + `dvc
+checkout`). With more jobs each run gets its own copy of the workspace (git's files only, no DVC
+cache) under a temporary folder, so several run at once on a machine with the cores or a GPU for
+it. A variant is `name:key=value,key=value` (the params every seed of it runs with; `name:` alone
+is the committed params). Not part of CI.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -24,49 +33,96 @@ METRICS = ("qa_seen", "qa_heldout", "qa_heldout_zh", "qa_heldout_en", "multi_tur
 STAGES = ("sft", "dpo")
 
 
-def sh(*cmd: str) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+def sh(*cmd: str, cwd: Path = ROOT) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} in {cwd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
 
 
-def run_seed(seed: int) -> dict:
+def copy_workspace(dest: Path) -> Path:
+    """git's files of this workspace (tracked and untracked, not ignored) and .git, into dest."""
+    files = sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / ".git", dest / ".git")
+    return dest
+
+
+def run_one(seed: int, settings: list[str], workdir: Path) -> dict:
     start = time.perf_counter()
-    sh(sys.executable, "-m", "dvc", "exp", "run", "-S", f"seed={seed}")
-    metrics = json.loads((ROOT / "reports/eval/metrics.json").read_text())
-    print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    flags = [arg for s in [f"seed={seed}", *settings] for arg in ("-S", s)]
+    sh(sys.executable, "-m", "dvc", "exp", "run", *flags, cwd=workdir)
+    metrics = json.loads((workdir / "reports/eval/metrics.json").read_text())
+    metrics["seconds"] = time.perf_counter() - start
+    summary = {f"{stage}.{key}": round(value, 3) for stage in ("sft", "lora", "dpo", "grpo")
+               for key, value in metrics.get(stage, {}).items() if key in METRICS}
+    print(f"{' '.join(settings) or 'committed params'} seed {seed}: {metrics['seconds']:.0f} s {summary}", flush=True)
     return metrics
+
+
+def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int) -> dict[tuple[str, int], dict]:
+    runs = [(name, seed) for name in variants for seed in seeds]
+    if jobs == 1:
+        try:
+            return {(name, seed): run_one(seed, variants[name], ROOT) for name, seed in runs}
+        finally:
+            sh("git", "checkout", "--", "params.yaml", "dvc.lock", "reports")
+            sh(sys.executable, "-m", "dvc", "checkout", "-f")
+    with tempfile.TemporaryDirectory(prefix="tinyllm-seeds-") as tmp:
+        dirs = {run: copy_workspace(Path(tmp) / f"{run[0]}-{run[1]}") for run in runs}
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = {run: pool.submit(run_one, run[1], variants[run[0]], dirs[run]) for run in runs}
+            return {run: future.result() for run, future in futures.items()}
+
+
+def table(variants: dict[str, list[str]], seeds: list[int], runs: dict[tuple[str, int], dict]) -> list[str]:
+    """One row per metric; per variant and stage the mean ± std over seeds, then each seed's value
+    (only when there is one variant, to keep the table readable)."""
+    cols = [(name, stage) for name in variants for stage in STAGES]
+    head = [f"{name} {stage}" if len(variants) > 1 else f"{stage} mean ± std" for name, stage in cols]
+    per_seed = [(seed, stage) for seed in seeds for stage in STAGES] if len(variants) == 1 else []
+    head += [f"seed {seed} ({stage})" for seed, stage in per_seed]
+    lines = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for key in METRICS:
+        cells = []
+        for name, stage in cols:
+            values = [runs[name, seed][stage][key] for seed in seeds if key in runs[name, seed][stage]]
+            cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1
+                         else f"{values[0]:.3f}" if values else "–")
+        name = next(iter(variants))
+        cells += [f"{runs[name, seed][stage][key]:.3f}" if key in runs[name, seed][stage] else "–"
+                  for seed, stage in per_seed]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1337,1,2")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="name:key=value,key=value (repeatable; default: the committed params)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own copy of the workspace")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports/seeds.md")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    try:
-        runs = {seed: run_seed(seed) for seed in seeds}
-    finally:
-        sh("git", "checkout", "--", "params.yaml", "dvc.lock", "reports")
-        sh(sys.executable, "-m", "dvc", "checkout", "-f")
+    variants = {}
+    for spec in args.variant or ["committed:"]:
+        name, _, settings = spec.partition(":")
+        variants[name] = [s for s in settings.split(",") if s]
+    start = time.perf_counter()
+    runs = run_all(variants, seeds, args.jobs)
     lines = ["# The default pipeline over several seeds", "",
-             (f"{platform.machine()}, {time.strftime('%Y-%m-%d')}, commit "
-             f"{sh('git', 'rev-parse', '--short', 'HEAD').strip()}; seeds {', '.join(map(str, seeds))}. "
-             "Command: `python reports/bench/seeds/run.py`."), "",
-             "| metric | " + " | ".join(f"{s} mean ± std" for s in STAGES) + " | "
-             + " | ".join(f"seed {seed} ({s})" for seed in seeds for s in STAGES) + " |",
-             "|---|" + "---|" * (len(STAGES) * (1 + len(seeds)))]
-    for key in METRICS:
-        cells = []
-        for stage in STAGES:
-            values = [runs[seed][stage].get(key) for seed in seeds]
-            values = [v for v in values if v is not None]
-            cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else "–")
-        cells += [f"{runs[seed][stage][key]:.3f}" if key in runs[seed][stage] else "–" for seed in seeds
-                  for stage in STAGES]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    out = ROOT / "reports/seeds.md"
-    out.write_text("\n".join(lines) + "\n")
+             (f"{platform.machine()} ({platform.node()}), {time.strftime('%Y-%m-%d')}, commit "
+              f"{sh('git', 'rev-parse', '--short', 'HEAD').strip()}; seeds {', '.join(map(str, seeds))}; "
+              f"{args.jobs} at once, {time.perf_counter() - start:.0f} s in all. "
+              f"Command: `python reports/bench/seeds/run.py {' '.join(sys.argv[1:])}`."), ""]
+    lines += [f"- {name}: {', '.join(settings) or 'the committed params'}" for name, settings in variants.items()]
+    lines += [""] + table(variants, seeds, runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
