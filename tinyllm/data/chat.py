@@ -152,10 +152,26 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[
             "padding": torch.arange(width - 1) >= lengths[:, None]}
 
 
+def pack_rows(sequences: list[tuple[np.ndarray, np.ndarray]], width: int) -> list[list[int]]:
+    """Which sequences share each row of `width` positions (their indices), first-fit-decreasing
+    on the positions each takes: n - 1 for n tokens, at most `width`."""
+    need = [min(len(ids) - 1, width) for ids, _ in sequences]
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(need)), key=lambda i: -need[i]):
+        row = next((r for r, room in enumerate(free) if room >= need[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= need[i]
+    return rows
+
+
 def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int,
                    min_rows: int = 0) -> dict[str, torch.Tensor]:
-    """Whole sequences laid into as few rows of `width` positions as first-fit-decreasing finds
-    (and at least `min_rows`, the rest padding).
+    """Whole sequences laid into the rows `pack_rows` finds (at least `min_rows`, the rest padding).
 
     A sequence of n tokens takes n - 1 positions (inputs ids[:-1], targets ids[1:] where the mask
     is set); one longer than the row keeps its newest width + 1 tokens. "segments" numbers the
@@ -164,17 +180,7 @@ def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, p
     so a sequence scores what it would alone, without the padding a row per sequence would need.
     """
     pieces = [(ids[-(width + 1):], mask[-(width + 1):]) for ids, mask in sequences]
-    rows: list[list[int]] = []  # sequence indices per row
-    free: list[int] = []
-    for i in sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0])):
-        need = len(pieces[i][0]) - 1
-        row = next((r for r, room in enumerate(free) if room >= need), None)
-        if row is None:
-            rows.append([])
-            free.append(width)
-            row = len(rows) - 1
-        rows[row].append(i)
-        free[row] -= need
+    rows = pack_rows(sequences, width)
     shape = (max(len(rows), min_rows), width)
     ids = np.full(shape, pad_id, dtype=np.int64)  # numpy: cheap slices between GPU steps
     labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)

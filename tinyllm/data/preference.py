@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from tinyllm.data.chat import encode_conversation, pack_sequences, validate_conversation
+from tinyllm.data.chat import encode_conversation, pack_rows, pack_sequences, validate_conversation
 
 Encoded = tuple[np.ndarray, np.ndarray]
 
@@ -78,7 +78,7 @@ def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, 
     if len(pairs) % shares:
         raise ValueError(f"{len(pairs)} pairs do not split evenly over {shares} processes")
     sides = [[pair[side] for side in (0, 1) for pair in pairs[rank::shares]] for rank in range(shares)]
-    rows = max(len(pack_sequences(mine, seq_len, pad_id)["input_ids"]) for mine in sides) if shares > 1 else 0
+    rows = max(len(pack_rows(mine, seq_len)) for mine in sides) if shares > 1 else 0
     packs = [pack_sequences(mine, seq_len, pad_id, min_rows=rows) for mine in sides]
     return {k: torch.stack([pack[k] for pack in packs], dim=1).flatten(0, 1) for k in packs[0]}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from tinyllm.config import load_params
 from tinyllm.data.chat_data import ABSTAIN, _msg, _question, answer_sentence
 from tinyllm.data.world import ATTRIBUTES, World
-from tinyllm.eval.chat_eval import chat_replies, is_abstention
+from tinyllm.eval.chat_eval import abstain_rate, answer_accuracy, chat_replies, is_abstention
 from tinyllm.infer.chat import load_chat_model
 from tinyllm.train.dpo import run_dpo
 
@@ -72,13 +72,10 @@ def main() -> None:
         model, tok, _ = load_chat_model(Path(tmp) / "dpo")
     unknown = [json.loads(line) for line in (DATA / "eval/eval_unknown.jsonl").open()]
     qa = [json.loads(line) for line in (DATA / "eval/eval_qa.jsonl").open()]
-    unknown_replies = chat_replies(model, tok, [i["messages"] for i in unknown], 24)
-    qa_replies = chat_replies(model, tok, [i["messages"] for i in qa], 24)
-    heldout = [(i, r) for i, r in zip(qa, qa_replies) if i["split"] == "heldout"]
-    print(f"{vars(args)}: unknown_abstain {sum(map(is_abstention, unknown_replies)) / len(unknown):.3f} "
-          f"known_false_abstain {sum(map(is_abstention, qa_replies)) / len(qa):.3f} "
-          f"qa_heldout {sum(i['answer'] in r for i, r in heldout) / len(heldout):.3f}")
-
+    unknown_replies = [{"reply": r} for r in chat_replies(model, tok, [i["messages"] for i in unknown], 24)]
+    accuracy, qa_rows = answer_accuracy(model, tok, qa, 24, len(qa), params.seed)
+    print(f"{vars(args)}: unknown_abstain {abstain_rate(unknown_replies):.3f} "
+          f"known_false_abstain {abstain_rate(qa_rows):.3f} qa_heldout {accuracy['heldout']:.3f}")
 
 if __name__ == "__main__":
     main()

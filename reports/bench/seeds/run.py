@@ -56,10 +56,10 @@ def run_one(seed: int, settings: list[str], workdir: Path) -> dict:
     flags = [arg for s in [f"seed={seed}", *settings] for arg in ("-S", s)]
     sh(sys.executable, "-m", "dvc", "exp", "run", *flags, cwd=workdir)
     metrics = json.loads((workdir / "reports/eval/metrics.json").read_text())
-    metrics["seconds"] = time.perf_counter() - start
     summary = {f"{stage}.{key}": round(value, 3) for stage in ("sft", "lora", "dpo", "grpo")
                for key, value in metrics.get(stage, {}).items() if key in METRICS}
-    print(f"{' '.join(settings) or 'committed params'} seed {seed}: {metrics['seconds']:.0f} s {summary}", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"{' '.join(settings) or 'committed params'} seed {seed}: {seconds:.0f} s {summary}", flush=True)
     return metrics
 
 
@@ -86,14 +86,14 @@ def table(variants: dict[str, list[str]], seeds: list[int], runs: dict[tuple[str
     per_seed = [(seed, stage) for seed in seeds for stage in STAGES] if len(variants) == 1 else []
     head += [f"seed {seed} ({stage})" for seed, stage in per_seed]
     lines = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    only = next(iter(variants))
     for key in METRICS:
         cells = []
         for name, stage in cols:
             values = [runs[name, seed][stage][key] for seed in seeds if key in runs[name, seed][stage]]
             cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1
                          else f"{values[0]:.3f}" if values else "–")
-        name = next(iter(variants))
-        cells += [f"{runs[name, seed][stage][key]:.3f}" if key in runs[name, seed][stage] else "–"
+        cells += [f"{runs[only, seed][stage][key]:.3f}" if key in runs[only, seed][stage] else "–"
                   for seed, stage in per_seed]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
