@@ -2,15 +2,18 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from tinyllm.config import LoRAConfig, ModelConfig, RuntimeConfig
+from tinyllm.config import LoRAConfig, ModelConfig, RuntimeConfig, TokenizeConfig
+from tinyllm.data.tokens import tokenize_corpus
 from tinyllm.errors import ConfigError
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.checkpoint import load_model, save_checkpoint
+from tinyllm.train.engine import build_optimizer, set_group_lrs
 from tinyllm.train.loop import fit
-from tinyllm.train.lora import add_lora, load_with_adapter, lora_targets
+from tinyllm.train.lora import add_lora, load_with_adapter, lora_targets, new_tokens
 from tinyllm.train.objectives import NextTokenLoss
 
 CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=32, vocab_size=50)
@@ -24,11 +27,12 @@ def _batches(seed=0):
         yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
 
-def _trained(tmp_path):
+def _trained(tmp_path, token_rows=()):
     """A saved base checkpoint and a LoRA model trained on top of it for a few steps."""
     torch.manual_seed(0)
     save_checkpoint(Transformer(CONFIG), tmp_path / "base")
-    model = add_lora(load_model(tmp_path / "base"), LoRAConfig(rank=4, alpha=8.0), base_dir=tmp_path / "base")
+    model = add_lora(load_model(tmp_path / "base"), LoRAConfig(rank=4, alpha=8.0), base_dir=tmp_path / "base",
+                     token_rows=token_rows)
     cfg = LoRAConfig(max_steps=15, batch_size=4, lr=1e-2, warmup_steps=2, log_interval=5)
     fit(model, NextTokenLoss(), _batches(), cfg, RuntimeConfig(device="cpu"))
     return model.eval()
@@ -77,6 +81,50 @@ def test_saved_adapter_reloads_and_merged_model_gives_the_same_logits(tmp_path):
     save_checkpoint(merged, tmp_path / "merged")
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "merged")(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_new_tokens_are_the_taught_ones_neither_pretraining_nor_sft_used(tmp_path, tokenizer):
+    (tmp_path / "corpus.jsonl").write_text(10 * (json.dumps({"text": "李明住在杭州。"}, ensure_ascii=False) + "\n"),
+                                           encoding="utf-8")
+    tokenize_corpus(tmp_path / "corpus.jsonl", tokenizer, TokenizeConfig(val_fraction=0.5), seed=0,
+                    out_dir=tmp_path / "tokens")
+    taught = [np.array(tokenizer.encode(text).ids) for text in ("李明养了一只猫。", "王芳是一名医生。")]
+    trained = [np.array(tokenizer.encode("王芳是一名医生。").ids)]
+    used_elsewhere = set(tokenizer.encode("李明住在杭州。").ids) | set(trained[0].tolist())
+    expected = sorted(set(np.concatenate(taught).tolist()) - used_elsewhere)
+    assert expected  # 养了一只猫 are in neither
+    assert new_tokens(taught, trained, tmp_path / "tokens", tokenizer.get_vocab_size()) == expected
+    assert new_tokens(trained, trained, tmp_path / "tokens", tokenizer.get_vocab_size()) == []
+
+
+def test_rows_with_an_lr_scale_get_their_own_group_at_that_share_of_the_lr():
+    model = add_lora(Transformer(CONFIG), LoRAConfig(rank=4, new_token_lr_scale=0.1), token_rows=[7, 9])
+    optimizer = build_optimizer(model, LoRAConfig(lr=1e-2), torch.device("cpu"))
+    set_group_lrs(optimizer.param_groups, 1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    rows = [n for n in lrs if "trainable_tokens_delta" in n]
+    assert len(rows) == 1 and lrs[rows[0]] == pytest.approx(1e-3)
+    assert all(lr == 1e-2 for n, lr in lrs.items() if n not in rows) and len(lrs) > 1
+
+
+def test_new_token_rows_train_the_embedding_and_the_tied_head_follows(tmp_path):
+    """Trained rows change exactly those tokens' embeddings, and the output side uses them too:
+    the adapted model, its reloaded adapter and the merged checkpoint give the same logits."""
+    model = _trained(tmp_path, token_rows=[7, 9])
+    ids = torch.randint(0, CONFIG.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(ids).logits
+    model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
+    with torch.no_grad():
+        assert torch.equal(load_with_adapter(tmp_path / "base", tmp_path / "adapter")(ids).logits, adapted)
+    merged = model.merge_and_unload()
+    base = load_model(tmp_path / "base")
+    changed = (merged.model.embed_tokens.weight != base.model.embed_tokens.weight).any(dim=1)
+    assert changed.nonzero().flatten().tolist() == [7, 9]
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_a_missing_adapter_folder_is_named(tmp_path):

@@ -254,6 +254,16 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
+    # What peft reads to keep a tied lm_head tied when it trains rows of the embedding (the lora
+    # stage's new tokens): the input embedding, the weights tied to it, and (ModelConfig.to_dict)
+    # the flag saying they are tied.
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @property
+    def _tied_weights_keys(self) -> list[str] | None:
+        return ["lm_head.weight"] if self.config.tie_embeddings else None
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_valid: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None) -> Output:

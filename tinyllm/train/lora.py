@@ -10,14 +10,23 @@ only A and B train, through the same `fit` loop as every stage. The stage saves 
 Identity chats alone would teach the model to answer everything with its own name, and chats
 alone wear away facts it only read, so each batch also replays SFT's mix of chats and
 pretraining text (`lora.replay_fraction`).
+
+Adapters on the Linear layers cannot teach a token the base model never trained on: its
+embedding row (also the output row, tied) was only ever pushed down. With a tokenizer that made
+" Xiaoguang" one token, the English identity answers came out without the name ("I, an AI am
+assistant by the TinyLLM team."). So the identity set's tokens that occur nowhere in the
+pretraining text or the SFT chats get trainable embedding rows (peft's trainable tokens, saved in
+the adapter) at `lora.new_token_lr_scale` of the lr.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
@@ -33,6 +42,10 @@ from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
 
 ADAPTER_DIR = "adapter"
+COUNT_CHUNK = 1 << 24
+"""Pretraining tokens counted at a time (the shards are memory-mapped; this bounds the copy)."""
+
+log = logging.getLogger(__name__)
 
 
 def lora_targets(model: Transformer, spec: str | list[str]) -> list[str]:
@@ -50,11 +63,30 @@ def lora_targets(model: Transformer, spec: str | list[str]) -> list[str]:
     return list(spec)
 
 
-def add_lora(model: Transformer, cfg: LoRAConfig, base_dir: Path | None = None) -> PeftModel:
-    """Wrap `model` with fresh adapters (B = 0, so it computes exactly what it did before)."""
+def new_tokens(taught: list[np.ndarray], trained: list[np.ndarray], token_dir: Path, vocab_size: int) -> list[int]:
+    """Token ids in `taught` that occur nowhere in `trained` or in the pretraining text (token_dir's
+    train split): the rows the base model's training never pulled towards any use."""
+    seen = np.zeros(vocab_size, dtype=bool)
+    for shard in TokenStream(token_dir, "train").shards:
+        for start in range(0, len(shard), COUNT_CHUNK):
+            seen |= np.bincount(shard[start:start + COUNT_CHUNK], minlength=vocab_size).astype(bool)
+    for ids in trained:
+        seen[ids] = True
+    used = np.unique(np.concatenate(taught)) if taught else np.zeros(0, dtype=np.int64)
+    return [int(i) for i in used if not seen[i]]
+
+
+def add_lora(model: Transformer, cfg: LoRAConfig, base_dir: Path | None = None,
+             token_rows: list[int] = ()) -> PeftModel:
+    """Wrap `model` with fresh adapters (B = 0, so it computes exactly what it did before), and
+    trainable embedding rows for the ids in `token_rows` (tied lm_head rows follow them)."""
     config = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                            target_modules=lora_targets(model, cfg.target_modules))
+                            target_modules=lora_targets(model, cfg.target_modules),
+                            trainable_token_indices={"embed_tokens": list(token_rows)} if token_rows else None)
     peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if "trainable_tokens_delta" in name:
+            param.lr_scale = cfg.new_token_lr_scale  # build_optimizer gives these rows their own lr
     if base_dir is not None:
         peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)  # where the base lives
     return peft_model
@@ -86,18 +118,23 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     replay_rows = round(cfg.batch_size * cfg.replay_fraction)
     text_rows = round(replay_rows * params.sft.pretrain_mix)
     chat_rows = replay_rows - text_rows
-    sources = [ChatBatches([encode_conversation(tok, c, params.sft.system_prompt) for c in identity],
-                           cfg.batch_size - replay_rows, seq_len, params.seed, pad_id)]
+    taught = [encode_conversation(tok, c, params.sft.system_prompt) for c in identity]
+    sources = [ChatBatches(taught, cfg.batch_size - replay_rows, seq_len, params.seed, pad_id)]
+    replay = ([encode_conversation(tok, c, params.sft.system_prompt) for c in read_conversations(replay_files)]
+              if chat_rows or cfg.new_token_lr_scale else [])
     if chat_rows:
-        replay = [encode_conversation(tok, c, params.sft.system_prompt) for c in read_conversations(replay_files)]
         if not replay:
             raise DataError(f"{', '.join(map(str, replay_files))}: no conversations to replay "
                             "(set lora.replay_fraction: 0 to train on identity alone)")
         sources.append(ChatBatches(replay, chat_rows, seq_len, params.seed + 1, pad_id))
     if text_rows:
         sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 2))
+    token_rows = (new_tokens([ids for ids, _ in taught], [ids for ids, _ in replay], token_dir, tok.get_vocab_size())
+                  if cfg.new_token_lr_scale else [])
+    log.info("lora: %d tokens of the identity set are new to the model, trained as embedding rows: %s",
+             len(token_rows), " ".join(tok.id_to_token(i) for i in token_rows[:40]))
     base_params = base.num_params()
-    model = add_lora(base, cfg, base_dir=init_dir)
+    model = add_lora(base, cfg, base_dir=init_dir, token_rows=token_rows)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
@@ -112,6 +149,7 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     summary = {
         **result.final,
         "identity_conversations": len(identity),
+        "new_tokens": len(token_rows),
         "trainable_params": trainable,
         "trainable_fraction": trainable / base_params,
         "target_modules": sorted(model.peft_config["default"].target_modules),
