@@ -58,11 +58,10 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 def test_post_training_sections_are_checked():
     with pytest.raises(ConfigError) as err:
-        parse_params({"lora": {"batch_size": 2, "replay_fraction": 0.75, "rank": 0, "target_modules": "attn",
-                               "new_token_lr_scale": -1}, "dpo": {"beta": 0}})
+        parse_params({"lora": {"batch_size": 2, "replay_fraction": 0.75, "rank": 0, "target_modules": "attn"},
+                      "dpo": {"beta": 0}})
     text = str(err.value)
     assert "leaves no row for the identity chats" in text and "lora.rank=0 must be > 0" in text
-    assert "lora.new_token_lr_scale=-1" in text
     assert "lora.target_modules='attn'" in text and "dpo.beta=0.0 must be > 0" in text
     assert parse_params({"lora": {"target_modules": ["q_proj", "v_proj"]}}).lora.target_modules == ["q_proj", "v_proj"]
 

@@ -11,7 +11,6 @@ from tinyllm.data.tokens import tokenize_corpus
 from tinyllm.errors import ConfigError
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.checkpoint import load_model, save_checkpoint
-from tinyllm.train.engine import build_optimizer, set_group_lrs
 from tinyllm.train.loop import fit
 from tinyllm.train.lora import add_lora, load_with_adapter, lora_targets, new_tokens
 from tinyllm.train.objectives import NextTokenLoss
@@ -95,17 +94,6 @@ def test_new_tokens_are_the_taught_ones_neither_pretraining_nor_sft_used(tmp_pat
     assert expected  # 养了一只猫 are in neither
     assert new_tokens(taught, trained, tmp_path / "tokens", tokenizer.get_vocab_size()) == expected
     assert new_tokens(trained, trained, tmp_path / "tokens", tokenizer.get_vocab_size()) == []
-
-
-def test_rows_with_an_lr_scale_get_their_own_group_at_that_share_of_the_lr():
-    model = add_lora(Transformer(CONFIG), LoRAConfig(rank=4, new_token_lr_scale=0.1), token_rows=[7, 9])
-    optimizer = build_optimizer(model, LoRAConfig(lr=1e-2), torch.device("cpu"))
-    set_group_lrs(optimizer.param_groups, 1e-2)
-    names = {id(p): n for n, p in model.named_parameters()}
-    lrs = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
-    rows = [n for n in lrs if "trainable_tokens_delta" in n]
-    assert len(rows) == 1 and lrs[rows[0]] == pytest.approx(1e-3)
-    assert all(lr == 1e-2 for n, lr in lrs.items() if n not in rows) and len(lrs) > 1
 
 
 def test_new_token_rows_train_the_embedding_and_the_tied_head_follows(tmp_path):

@@ -291,10 +291,9 @@ class LoRAConfig(TrainConfig):
     replay_fraction: float = 0.625
     """Share of each batch's rows taken from the SFT chats, so learning who it is does not make
     the model answer every question with its name."""
-    new_token_lr_scale: float = 0.1
-    """The lr share of trainable embedding rows for the identity set's tokens that neither
-    pretraining nor SFT ever used (0: embeddings stay frozen). At the full lr those rows grew until
-    they won every position ("IIII…")."""
+    train_new_tokens: bool = True
+    """Also train the embedding rows of the identity set's tokens that neither pretraining nor SFT
+    ever used (tinyllm/train/lora.py says why)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -529,8 +528,6 @@ def _check_post_training(p: Params) -> list[str]:
     e += _positive({"lora.rank": lora.rank, "lora.alpha": lora.alpha, "dpo.beta": p.dpo.beta})
     if p.dpo.nll_coef < 0:
         e.append(f"dpo.nll_coef={p.dpo.nll_coef} must be >= 0 (0: plain DPO)")
-    if lora.new_token_lr_scale < 0:
-        e.append(f"lora.new_token_lr_scale={lora.new_token_lr_scale} must be >= 0 (0: embeddings stay frozen)")
     e += _check_grpo(p)
     if 0 <= lora.replay_fraction < 1 and lora.batch_size - round(lora.batch_size * lora.replay_fraction) < 1:
         e.append(f"lora.batch_size={lora.batch_size} with lora.replay_fraction={lora.replay_fraction} "

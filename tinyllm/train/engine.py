@@ -34,22 +34,12 @@ ZERO_CONFIGS = Path(__file__).with_name("zero")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm gains and biases are not decayed). A parameter
-    with an `lr_scale` attribute (the lora stage's new token rows) trains at that share of the lr,
-    in a group of its own."""
-    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups.setdefault((p.dim() >= 2, getattr(p, "lr_scale", 1.0)), []).append(p)
-    return torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
-                              for (decay, scale), params in groups.items()],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
-def set_group_lrs(param_groups: list[dict], lr: float) -> None:
-    """The schedule's lr for this step, times each group's lr_scale."""
-    for group in param_groups:
-        group["lr"] = lr * group["lr_scale"]
+    """AdamW; weight decay on matrices only (norm gains and biases are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
 def persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,7 +70,8 @@ class TorchEngine:
         self.optimizer = build_optimizer(model, cfg, device)
 
     def set_lr(self, lr: float) -> None:
-        set_group_lrs(self.optimizer.param_groups, lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def forward_backward(self, objective, batch: dict, last_micro: bool):
         sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
@@ -183,7 +174,8 @@ class DeepSpeedEngine:
         self._set_fp32_weights(fp32_start)  # masters start exact, not rounded through bf16
 
     def set_lr(self, lr: float) -> None:
-        set_group_lrs(self.engine.optimizer.param_groups, lr)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
 
     def forward_backward(self, objective, batch: dict, last_micro: bool):
         loss, extras = objective(self.engine, batch)

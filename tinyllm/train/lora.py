@@ -15,8 +15,8 @@ Adapters on the Linear layers cannot teach a token the base model never trained 
 embedding row (also the output row, tied) was only ever pushed down. With a tokenizer that made
 " Xiaoguang" one token, the English identity answers came out without the name ("I, an AI am
 assistant by the TinyLLM team."). So the identity set's tokens that occur nowhere in the
-pretraining text or the SFT chats get trainable embedding rows (peft's trainable tokens, saved in
-the adapter) at `lora.new_token_lr_scale` of the lr.
+pretraining text or the SFT chats get trainable embedding rows too (peft's trainable tokens,
+saved in the adapter; `lora.train_new_tokens`).
 """
 
 from __future__ import annotations
@@ -84,9 +84,6 @@ def add_lora(model: Transformer, cfg: LoRAConfig, base_dir: Path | None = None,
                             target_modules=lora_targets(model, cfg.target_modules),
                             trainable_token_indices={"embed_tokens": list(token_rows)} if token_rows else None)
     peft_model = get_peft_model(model, config)
-    for name, param in peft_model.named_parameters():
-        if "trainable_tokens_delta" in name:
-            param.lr_scale = cfg.new_token_lr_scale  # build_optimizer gives these rows their own lr
     if base_dir is not None:
         peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)  # where the base lives
     return peft_model
@@ -121,7 +118,7 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     taught = [encode_conversation(tok, c, params.sft.system_prompt) for c in identity]
     sources = [ChatBatches(taught, cfg.batch_size - replay_rows, seq_len, params.seed, pad_id)]
     replay = ([encode_conversation(tok, c, params.sft.system_prompt) for c in read_conversations(replay_files)]
-              if chat_rows or cfg.new_token_lr_scale else [])
+              if chat_rows or cfg.train_new_tokens else [])
     if chat_rows:
         if not replay:
             raise DataError(f"{', '.join(map(str, replay_files))}: no conversations to replay "
@@ -130,7 +127,7 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     if text_rows:
         sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 2))
     token_rows = (new_tokens([ids for ids, _ in taught], [ids for ids, _ in replay], token_dir, tok.get_vocab_size())
-                  if cfg.new_token_lr_scale else [])
+                  if cfg.train_new_tokens else [])
     log.info("lora: %d tokens of the identity set are new to the model, trained as embedding rows: %s",
              len(token_rows), " ".join(tok.id_to_token(i) for i in token_rows[:40]))
     base_params = base.num_params()
