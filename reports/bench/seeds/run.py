@@ -29,8 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 METRICS = ("qa_seen", "qa_heldout", "qa_heldout_zh", "qa_heldout_en", "multi_turn", "identity", "facts",
-           "heldout_loss", "preference", "pref_margin", "bench_world", "unknown_abstain", "known_false_abstain")
-STAGES = ("sft", "dpo")
+           "heldout_loss", "preference", "pref_margin", "bench_world", "unknown_abstain", "known_false_abstain",
+           "arith_heldout", "arith_pass8")
+STAGES = ("sft", "dpo", "grpo")
 
 
 def sh(*cmd: str, cwd: Path = ROOT) -> str:
