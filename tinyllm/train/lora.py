@@ -72,8 +72,7 @@ def new_tokens(taught: list[np.ndarray], trained: list[np.ndarray], token_dir: P
             seen |= np.bincount(shard[start:start + COUNT_CHUNK], minlength=vocab_size).astype(bool)
     for ids in trained:
         seen[ids] = True
-    used = np.unique(np.concatenate(taught)) if taught else np.zeros(0, dtype=np.int64)
-    return [int(i) for i in used if not seen[i]]
+    return [int(i) for i in np.unique(np.concatenate(taught)) if not seen[i]]
 
 
 def add_lora(model: Transformer, cfg: LoRAConfig, base_dir: Path | None = None,
@@ -126,10 +125,11 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
         sources.append(ChatBatches(replay, chat_rows, seq_len, params.seed + 1, pad_id))
     if text_rows:
         sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 2))
-    token_rows = (new_tokens([ids for ids, _ in taught], [ids for ids, _ in replay], token_dir, tok.get_vocab_size())
-                  if cfg.train_new_tokens else [])
-    log.info("lora: %d tokens of the identity set are new to the model, trained as embedding rows: %s",
-             len(token_rows), " ".join(tok.id_to_token(i) for i in token_rows[:40]))
+    token_rows = []
+    if cfg.train_new_tokens:
+        token_rows = new_tokens([ids for ids, _ in taught], [ids for ids, _ in replay], token_dir, tok.get_vocab_size())
+        log.info("lora: %d tokens of the identity set are new to the model, trained as embedding rows: %s",
+                 len(token_rows), " ".join(tok.id_to_token(i) for i in token_rows[:40]))
     base_params = base.num_params()
     model = add_lora(base, cfg, base_dir=init_dir, token_rows=token_rows)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

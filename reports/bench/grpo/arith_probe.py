@@ -22,17 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from tinyllm.config import ModelConfig
+from tinyllm.data.world import _arithmetic_problems as problems
 from tinyllm.data.world import arithmetic_result
 from tinyllm.model.transformer import Transformer
 
 PLUS, MINUS, EQUALS, COLON, EOS, PAD = range(41, 47)  # numbers 0..40 are their own token ids
 VOCAB = 48
-
-
-def problems() -> list[tuple[str, int, int]]:
-    plus = [("+", a, b) for a in range(1, 20) for b in range(1, 21 - a)]
-    minus = [("-", a, b) for a in range(1, 21) for b in range(1, a + 1)]
-    return plus + minus
 
 
 def encode(problem: tuple[str, int, int], counting: bool) -> tuple[list[int], list[int]]:
