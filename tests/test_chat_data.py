@@ -207,8 +207,20 @@ def test_sft_asks_only_the_arithmetic_the_corpus_writes_and_answers_it_rightly(w
         question, answer = (m["content"] for m in record["conversations"])
         if ARITHMETIC.search(question):
             problem = _problem(question)
-            assert problem in arithmetic_seen(world) and _problem(answer) == problem
+            assert problem in arithmetic_seen(world)
             assert final_number(answer) == (problem[1] + problem[2] if problem[0] == "+" else problem[1] - problem[2])
+
+
+def test_sft_answers_a_sum_in_the_form_params_name(world):
+    problem = ("+", 12, 7)
+    assert chat_data._arithmetic_answer(problem, "zh") == "7 12 6 13 5 14 4 15 3 16 2 17 1 18 0 19。"
+    assert chat_data._arithmetic_answer(problem, "en", "direct") == "12 plus 7 equals 19."
+    direct = chat_files(world, SEED, arithmetic_answer="direct")["sft_single.jsonl"]
+    steps = chat_files(world, SEED)["sft_single.jsonl"]
+    changed = [(d, s) for d, s in zip(direct, steps) if d != s]
+    assert changed and all(ARITHMETIC.search(d["conversations"][0]["content"]) for d, _ in changed)
+    assert all(final_number(d["conversations"][1]["content"]) == final_number(s["conversations"][1]["content"])
+               for d, s in changed)
 
 
 def test_grpo_prompts_share_nothing_with_any_eval_prompt(world, files):

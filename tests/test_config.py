@@ -28,6 +28,7 @@ def test_defaults_derive_head_and_ffn_dims():
         ({"data": {"format": "csv"}}, "data.format='csv' must be auto or one of minimind_sft, sharegpt"),
         ({"data": {"min_chars": 10, "max_chars": 5}}, "need 0 <= min_chars <= max_chars"),
         ({"data": {"sft": ["chats.jsonl"]}}, "data.sft is read only when data.source is 'files'"),
+        ({"data": {"world": {"arithmetic_answer": "cot"}}}, "data.world.arithmetic_answer='cot' must be 'steps'"),
         ({"runtime": {"dtype": "fp8"}}, "runtime.dtype='fp8'"),
         ({"model": {"dropout": 1.5}}, "model.dropout=1.5"),
     ],

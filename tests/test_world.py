@@ -1,5 +1,6 @@
 """The fictional world: deterministic, learnable (eval phrasings occur in the corpus), held-out parts held out."""
 
+import itertools
 import json
 import random
 import re
@@ -9,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from tinyllm.config import WorldConfig
-from tinyllm.data.world import World, arithmetic_seen, build_world, fact_prompts, load_world, pretrain_documents
+from tinyllm.data.world import (
+    World,
+    _arithmetic_problems,
+    arithmetic_result,
+    arithmetic_seen,
+    arithmetic_steps,
+    build_world,
+    fact_prompts,
+    load_world,
+    pretrain_documents,
+)
 from tinyllm.errors import ConfigError, DataError
 
 LEXICON = Path(__file__).resolve().parents[1] / "data" / "world" / "lexicon.json"
@@ -110,6 +121,16 @@ def test_arithmetic_sentences_are_correct(docs):
         for a, op, b, r in re.findall(r"(\d+) ?(加|减|plus|minus) ?(\d+) ?(?:等于|equals) ?(\d+)", d):
             assert int(r) == (int(a) + int(b) if op in ("加", "plus") else int(a) - int(b))
             assert max(int(a), int(b), int(r)) <= 20
+
+
+def test_arithmetic_steps_count_one_at_a_time_to_the_result():
+    assert arithmetic_steps("+", 12, 3) == "3 12 2 13 1 14 0 15"
+    assert arithmetic_steps("-", 5, 5) == "5 5 4 4 3 3 2 2 1 1 0 0"
+    for op, a, b in _arithmetic_problems():
+        numbers = [int(n) for n in arithmetic_steps(op, a, b).split()]
+        left, values = numbers[0::2], numbers[1::2]
+        assert values[0] == a and [abs(v - u) for u, v in itertools.pairwise(values)] == [1] * b  # one at a time
+        assert values[-1] == arithmetic_result(op, a, b) and left == list(range(b, -1, -1))
 
 
 def test_english_share_is_close_to_english_fraction(world, docs):

@@ -32,6 +32,7 @@ small share) and in the identity sets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 
 from tinyllm.data.world import (
@@ -43,6 +44,7 @@ from tinyllm.data.world import (
     arithmetic_cloze,
     arithmetic_result,
     arithmetic_seen,
+    arithmetic_steps,
     fact_fields,
     render_template,
     subject_fields,
@@ -274,9 +276,15 @@ def _arithmetic_question(problem: tuple[str, int, int], lang: str, template: str
     return template.format(a=a, b=b, op=OPERATORS[lang][op])
 
 
-def _arithmetic_answer(problem: tuple[str, int, int], lang: str) -> str:
-    """The corpus sentence, restating the problem: "12加7等于19。" / "12 plus 7 equals 19."."""
-    return "".join(arithmetic_cloze(*problem, lang)) + ("。" if lang == "zh" else ".")
+def _arithmetic_answer(problem: tuple[str, int, int], lang: str, form: str = "steps") -> str:
+    """"direct": the corpus sentence, "12加7等于19。" / "12 plus 7 equals 19.". "steps": the count
+    to the result (`arithmetic_steps`), "7 12 6 13 … 0 19。", whose last number is the answer. A
+    direct answer is a lookup of one of 320 memorised cells and stays wrong on the held-out ones;
+    the count is one procedure that RL can sharpen. It restates nothing: a restated problem or a
+    closing "等于19" drew the memorised cell of a similar problem instead of the count's result."""
+    if form == "direct":
+        return "".join(arithmetic_cloze(*problem, lang)) + ("。" if lang == "zh" else ".")
+    return arithmetic_steps(*problem) + ("。" if lang == "zh" else ".")
 
 
 def _arithmetic_item(problem: tuple[str, int, int], lang: str, template: str, split: str) -> dict:
@@ -321,9 +329,9 @@ def _dialogue(p: Person, attributes: list[str], rng: random.Random) -> list[dict
 # --- training files ---
 
 
-def sft_single(world: World, rng: random.Random) -> list[dict]:
+def sft_single(world: World, rng: random.Random, arithmetic_answer: str = "steps") -> list[dict]:
     """Single-turn QA about every sft person (each attribute, plus repeats), city → country, and
-    the arithmetic problems the corpus writes."""
+    the arithmetic problems the corpus writes, answered in the form `arithmetic_answer` names."""
     convs = []
     for p in _people(world, "sft"):
         extra = set(rng.sample(ATTRIBUTES, SFT_EXTRA_QUESTIONS))
@@ -342,7 +350,8 @@ def sft_single(world: World, rng: random.Random) -> list[dict]:
         for lang in _languages(world):
             if lang == "zh" or rng.random() < SFT_ARITHMETIC_ENGLISH_FRACTION:
                 question = _arithmetic_question(problem, lang, rng.choice(ARITHMETIC_QUESTIONS[lang]))
-                convs.append([_msg("user", question), _msg("assistant", _arithmetic_answer(problem, lang))])
+                answer = _arithmetic_answer(problem, lang, arithmetic_answer)
+                convs.append([_msg("user", question), _msg("assistant", answer)])
     rng.shuffle(convs)
     return [{"conversations": c} for c in convs]
 
@@ -564,16 +573,18 @@ BUILDERS = {"sft_single.jsonl": sft_single, "sft_multi.jsonl": sft_multi, "ident
             "eval_arith.jsonl": eval_arith, "bench_world.jsonl": bench_world}
 
 
-def chat_files(world: World, seed: int) -> dict[str, list[dict]]:
+def chat_files(world: World, seed: int, arithmetic_answer: str = "steps") -> dict[str, list[dict]]:
     """Every chat, identity, preference and eval file's records, keyed by file name.
 
     Args:
         world: From `build_world` or `load_world` (the same world gives the same files).
         seed: Seeds one private `random.Random(f"{seed}/{name}")` per file.
+        arithmetic_answer: How SFT answers a sum: "steps" or "direct" (`_arithmetic_answer`).
 
     Returns:
         {name: records} for each name in CHAT_OUTPUTS, in that order.
     """
-    files = {name: BUILDERS[name](world, random.Random(f"{seed}/{name}")) for name in CHAT_OUTPUTS if name in BUILDERS}
+    builders = {**BUILDERS, "sft_single.jsonl": functools.partial(sft_single, arithmetic_answer=arithmetic_answer)}
+    files = {name: builders[name](world, random.Random(f"{seed}/{name}")) for name in CHAT_OUTPUTS if name in builders}
     files["grpo.jsonl"] = grpo_prompts(world, random.Random(f"{seed}/grpo.jsonl"), files["eval_qa.jsonl"])
     return {name: files[name] for name in CHAT_OUTPUTS}

@@ -108,7 +108,7 @@ def _prepare_world(params: Params, staging: Path, lexicon_path: Path) -> dict:
     (staging / "world.json").write_text(json.dumps(world.to_json(), ensure_ascii=False, indent=1) + "\n",
                                         encoding="utf-8")
     chat = {name: write_jsonl(staging / data_path(name), records)
-            for name, records in chat_files(world, params.seed).items()}
+            for name, records in chat_files(world, params.seed, cfg.arithmetic_answer).items()}
     return {"documents": len(docs), "characters": sum(map(len, docs)), "bad_lines_skipped": 0,
             "duplicates_removed": 0, "filtered_by_length": 0, "people": len(world.people), "eval_facts": len(facts),
             **_chat_stats(chat)}

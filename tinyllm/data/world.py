@@ -422,6 +422,16 @@ def arithmetic_cloze(op: str, a: int, b: int, lang: str) -> tuple[str, str]:
     return f"{a} {'plus' if op == '+' else 'minus'} {b} equals", f" {result}"
 
 
+def arithmetic_steps(op: str, a: int, b: int) -> str:
+    """The count from a to the result one step at a time, each value after the steps still to go:
+    12+7 → "7 12 6 13 5 14 4 15 3 16 2 17 1 18 0 19", 12-3 → "3 12 2 11 1 10 0 9". The first pair
+    copies the problem; every later one needs only the numbers next to the last two, which every
+    problem practises, so the count also reaches results the corpus never wrote. The last number
+    is the result (reports/grpo.md)."""
+    step = 1 if op == "+" else -1
+    return " ".join(f"{b - i} {a + step * i}" for i in range(b + 1))
+
+
 def _arithmetic_documents(world: World, cfg: WorldConfig, rng: random.Random) -> list[str]:
     """`n_arithmetic` sentences over the problems not kept out, ARITHMETIC_PER_DOC per document."""
     seen = arithmetic_seen(world)

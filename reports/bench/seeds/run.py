@@ -11,6 +11,12 @@ checkout`). With more jobs each run gets its own copy of the workspace (git's fi
 cache) under a temporary folder, so several run at once on a machine with the cores or a GPU for
 it. A variant is `name:key=value,key=value` (the params every seed of it runs with; `name:` alone
 is the committed params). Not part of CI.
+
+With `--paired` (and more jobs) every seed runs the whole pipeline once, with the first variant;
+each other variant starts from a copy of that run and reruns only `prepare` and the stages from
+`sft` on. Variants that change the chat data then share the seed's tokenizer and pretraining. A
+full run cannot compare them fairly: the tokenizer reads the chat data, so any change to it
+reorders the token ids, and pretraining becomes another draw (reports/grpo.md, "Counting walks").
 """
 
 from __future__ import annotations
@@ -52,10 +58,14 @@ def copy_workspace(dest: Path) -> Path:
     return dest
 
 
-def run_one(seed: int, settings: list[str], workdir: Path) -> dict:
+def set_flags(seed: int, settings: list[str]) -> list[str]:
+    return [arg for s in [f"seed={seed}", *settings] for arg in ("-S", s)]
+
+
+def run_one(seed: int, settings: list[str], workdir: Path, command: tuple[str, ...] = ()) -> dict:
+    """`dvc exp run` of the whole pipeline with these settings (or the dvc `command` given) → its metrics."""
     start = time.perf_counter()
-    flags = [arg for s in [f"seed={seed}", *settings] for arg in ("-S", s)]
-    sh(sys.executable, "-m", "dvc", "exp", "run", *flags, cwd=workdir)
+    sh(sys.executable, "-m", "dvc", *(command or ("exp", "run", *set_flags(seed, settings))), cwd=workdir)
     metrics = json.loads((workdir / "reports/eval/metrics.json").read_text())
     summary = {f"{stage}.{key}": round(value, 3) for stage in ("sft", "lora", "dpo", "grpo")
                for key, value in metrics.get(stage, {}).items() if key in METRICS}
@@ -64,7 +74,26 @@ def run_one(seed: int, settings: list[str], workdir: Path) -> dict:
     return metrics
 
 
-def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int) -> dict[tuple[str, int], dict]:
+def run_chat_stages(seed: int, settings: list[str], base: Path, workdir: Path) -> dict:
+    """The run in `base` (a whole pipeline of this seed), redone from prepare with `settings`,
+    keeping base's tokenizer and pretraining."""
+    shutil.copytree(base, workdir, symlinks=True)
+    sh(sys.executable, "-m", "dvc", "exp", "run", *set_flags(seed, settings), "--single-item", "prepare", cwd=workdir)
+    return run_one(seed, settings, workdir, ("repro", "--downstream", "sft"))
+
+
+def run_paired(variants: dict[str, list[str]], seeds: list[int], jobs: int, tmp: Path) -> dict[tuple[str, int], dict]:
+    first, *others = variants
+    dirs = {seed: copy_workspace(tmp / f"{first}-{seed}") for seed in seeds}
+    with ThreadPoolExecutor(jobs) as pool:
+        runs = dict(zip([(first, s) for s in seeds],
+                        pool.map(lambda s: run_one(s, variants[first], dirs[s]), seeds)))
+        pending = {(name, s): pool.submit(run_chat_stages, s, variants[name], dirs[s], tmp / f"{name}-{s}")
+                   for name in others for s in seeds}
+        return runs | {run: future.result() for run, future in pending.items()}
+
+
+def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int, paired: bool) -> dict[tuple[str, int], dict]:
     runs = [(name, seed) for name in variants for seed in seeds]
     if jobs == 1:
         try:
@@ -73,6 +102,8 @@ def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int) -> dict
             sh("git", "checkout", "--", "params.yaml", "dvc.lock", "reports")
             sh(sys.executable, "-m", "dvc", "checkout", "-f")
     with tempfile.TemporaryDirectory(prefix="tinyllm-seeds-") as tmp:
+        if paired:
+            return run_paired(variants, seeds, jobs, Path(tmp))
         dirs = {run: copy_workspace(Path(tmp) / f"{run[0]}-{run[1]}") for run in runs}
         with ThreadPoolExecutor(jobs) as pool:
             futures = {run: pool.submit(run_one, run[1], variants[run[0]], dirs[run]) for run in runs}
@@ -106,6 +137,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="name:key=value,key=value (repeatable; default: the committed params)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own copy of the workspace")
+    parser.add_argument("--paired", action="store_true",
+                        help="other variants rerun prepare and sft on from the first variant's run of each seed")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/seeds.md")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -114,7 +147,7 @@ def main() -> None:
         name, _, settings = spec.partition(":")
         variants[name] = [s for s in settings.split(",") if s]
     start = time.perf_counter()
-    runs = run_all(variants, seeds, args.jobs)
+    runs = run_all(variants, seeds, args.jobs, args.paired)
     lines = ["# The default pipeline over several seeds", "",
              (f"{platform.machine()} ({platform.node()}), {time.strftime('%Y-%m-%d')}, commit "
               f"{sh('git', 'rev-parse', '--short', 'HEAD').strip()}; seeds {', '.join(map(str, seeds))}; "
