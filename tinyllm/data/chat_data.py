@@ -102,9 +102,6 @@ UNKNOWN_QUESTIONS = 2
 """Questions per unknown person, in DPO pairs and in eval_unknown."""
 UNKNOWN_ENGLISH_FRACTION = 0.2
 """Share of those questions asked in English."""
-SFT_ARITHMETIC_ENGLISH_FRACTION = 0.2
-"""Share of the seen arithmetic problems also asked in English in single-turn SFT (each is asked
-once in Chinese): SFT teaches the chat form of a sum; grpo then practises computing."""
 GRPO_FACT_PROMPTS = 120
 """Fact questions among grpo's prompts (about sft people, none of eval_qa's person × attribute ×
 language): the reward for facts keeps RL from trading knowledge for arithmetic."""
@@ -331,7 +328,8 @@ def _dialogue(p: Person, attributes: list[str], rng: random.Random) -> list[dict
 
 def sft_single(world: World, rng: random.Random, arithmetic_answer: str = "steps") -> list[dict]:
     """Single-turn QA about every sft person (each attribute, plus repeats), city → country, and
-    the arithmetic problems the corpus writes, answered in the form `arithmetic_answer` names."""
+    the arithmetic problems the corpus writes, each asked once in every language and answered in
+    the form `arithmetic_answer` names."""
     convs = []
     for p in _people(world, "sft"):
         extra = set(rng.sample(ATTRIBUTES, SFT_EXTRA_QUESTIONS))
@@ -347,11 +345,10 @@ def sft_single(world: World, rng: random.Random, arithmetic_answer: str = "steps
             for template in rng.sample(COUNTRY_QUESTIONS_TEXT[lang], COUNTRY_QUESTIONS[lang]):
                 convs.append(_country_pair(city, lang, template))
     for problem in arithmetic_seen(world):
-        for lang in _languages(world):
-            if lang == "zh" or rng.random() < SFT_ARITHMETIC_ENGLISH_FRACTION:
-                question = _arithmetic_question(problem, lang, rng.choice(ARITHMETIC_QUESTIONS[lang]))
-                answer = _arithmetic_answer(problem, lang, arithmetic_answer)
-                convs.append([_msg("user", question), _msg("assistant", answer)])
+        for lang in _languages(world):  # every language: with a fifth asked in English, 5% of English sums were right
+            question = _arithmetic_question(problem, lang, rng.choice(ARITHMETIC_QUESTIONS[lang]))
+            answer = _arithmetic_answer(problem, lang, arithmetic_answer)
+            convs.append([_msg("user", question), _msg("assistant", answer)])
     rng.shuffle(convs)
     return [{"conversations": c} for c in convs]
 
