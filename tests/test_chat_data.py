@@ -216,14 +216,17 @@ def test_sft_asks_only_the_arithmetic_the_corpus_writes_and_answers_it_rightly(w
     assert asked == Counter({(problem, lang): 1 for problem in arithmetic_seen(world) for lang in ("zh", "en")})
 
 
-def test_sft_answers_a_sum_in_the_form_params_name(world):
+def test_sft_answers_every_sum_and_only_sums_in_the_form_asked(world):
     problem = ("+", 12, 7)
     assert chat_data._arithmetic_answer(problem, "zh") == "7 12 6 13 5 14 4 15 3 16 2 17 1 18 0 19。"
     assert chat_data._arithmetic_answer(problem, "en", "direct") == "12 plus 7 equals 19."
+    with pytest.raises(ValueError, match="'cot'"):
+        chat_data._arithmetic_answer(problem, "zh", "cot")
     direct = chat_files(world, SEED, arithmetic_answer="direct")["sft_single.jsonl"]
     steps = chat_files(world, SEED)["sft_single.jsonl"]
     changed = [(d, s) for d, s in zip(direct, steps) if d != s]
-    assert changed and all(ARITHMETIC.search(d["conversations"][0]["content"]) for d, _ in changed)
+    assert len(changed) == 2 * len(arithmetic_seen(world))  # every sum, in both languages
+    assert all(ARITHMETIC.search(d["conversations"][0]["content"]) for d, _ in changed)
     assert all(final_number(d["conversations"][1]["content"]) == final_number(s["conversations"][1]["content"])
                for d, s in changed)
 

@@ -38,6 +38,15 @@ def test_world_mode_writes_corpus_eval_facts_and_world(tmp_path):
     assert stats["bad_lines_skipped"] == 0
 
 
+@pytest.mark.parametrize("form, reply", [("steps", r"(\d+ \d+ )+\d+ \d+。"), ("direct", r"\d+[加减]\d+等于\d+。")])
+def test_sft_sums_take_the_answer_form_params_name(tmp_path, form, reply):
+    params = parse_params({"data": {"world": {**SMALL_WORLD, "arithmetic_answer": form}}})
+    prepare(params, tmp_path, LEXICON)
+    answers = [r["conversations"][1]["content"] for r in read_jsonl(tmp_path / "chat/sft_single.jsonl", lambda r: None)
+               if re.search(r"\d+(加|减)\d+", r["conversations"][0]["content"])]
+    assert answers and all(re.fullmatch(reply, answer) for answer in answers)
+
+
 def test_files_mode_bad_line_errors_and_leaves_existing_outputs_untouched(tmp_path):
     out = tmp_path / "out"
     prepare(parse_params({"data": {"world": SMALL_WORLD}}), out, LEXICON)

@@ -25,8 +25,9 @@ of having to resolve 他 → 李明 silently inside one token. One style everywh
 
 Held-out people (split "heldout") never appear in sft_single, sft_multi, dpo or identity; their
 facts were only read in pretraining. eval_multi and eval_dpo are about them only; eval_qa has
-both. English appears only for people with English biographies (single-turn SFT and eval_qa, a
-small share) and in the identity sets.
+both. English appears for people with English biographies (single-turn SFT and eval_qa, a
+small share), in the identity sets, and in SFT's sums: every sum the corpus writes is asked once
+in Chinese and once in English.
 """
 
 from __future__ import annotations
@@ -279,9 +280,12 @@ def _arithmetic_answer(problem: tuple[str, int, int], lang: str, form: str = "st
     direct answer is a lookup of one of 320 memorised cells and stays wrong on the held-out ones;
     the count is one procedure that RL can sharpen. It restates nothing: a restated problem or a
     closing "等于19" drew the memorised cell of a similar problem instead of the count's result."""
+    end = "。" if lang == "zh" else "."
     if form == "direct":
-        return "".join(arithmetic_cloze(*problem, lang)) + ("。" if lang == "zh" else ".")
-    return arithmetic_steps(*problem) + ("。" if lang == "zh" else ".")
+        return "".join(arithmetic_cloze(*problem, lang)) + end
+    if form == "steps":
+        return arithmetic_steps(*problem) + end
+    raise ValueError(f"arithmetic answer form {form!r}: expected 'steps' or 'direct'")
 
 
 def _arithmetic_item(problem: tuple[str, int, int], lang: str, template: str, split: str) -> dict:

@@ -74,23 +74,39 @@ def run_one(seed: int, settings: list[str], workdir: Path, command: tuple[str, .
     return metrics
 
 
+PRETRAINING_DATA = ("artifacts/data/pretrain.jsonl", "artifacts/data/world.json")
+
+
 def run_chat_stages(seed: int, settings: list[str], base: Path, workdir: Path) -> dict:
     """The run in `base` (a whole pipeline of this seed), redone from prepare with `settings`,
-    keeping base's tokenizer and pretraining."""
+    keeping base's tokenizer and pretraining. A variant that changes what pretraining read is
+    refused: its tokenizer and pretraining would not be the ones its settings name."""
     shutil.copytree(base, workdir, symlinks=True)
+    shutil.copy2(ROOT / "params.yaml", workdir / "params.yaml")  # this workspace's params, not the base variant's
     sh(sys.executable, "-m", "dvc", "exp", "run", *set_flags(seed, settings), "--single-item", "prepare", cwd=workdir)
+    changed = [name for name in PRETRAINING_DATA if (workdir / name).read_bytes() != (base / name).read_bytes()]
+    if changed:
+        raise RuntimeError(f"--paired: {' '.join(settings)} changes {', '.join(changed)}; "
+                           "a paired variant may change only the chat data and the stages from sft on")
     return run_one(seed, settings, workdir, ("repro", "--downstream", "sft"))
 
 
 def run_paired(variants: dict[str, list[str]], seeds: list[int], jobs: int, tmp: Path) -> dict[tuple[str, int], dict]:
     first, *others = variants
-    dirs = {seed: copy_workspace(tmp / f"{first}-{seed}") for seed in seeds}
     with ThreadPoolExecutor(jobs) as pool:
-        runs = dict(zip([(first, s) for s in seeds],
-                        pool.map(lambda s: run_one(s, variants[first], dirs[s]), seeds)))
-        pending = {(name, s): pool.submit(run_chat_stages, s, variants[name], dirs[s], tmp / f"{name}-{s}")
-                   for name in others for s in seeds}
-        return runs | {run: future.result() for run, future in pending.items()}
+
+        def base_then_variants(seed: int):
+            """The seed's whole pipeline, then its variants queued (they start as workers free up)."""
+            base = copy_workspace(tmp / f"{first}-{seed}")
+            metrics = run_one(seed, variants[first], base)
+            return metrics, {name: pool.submit(run_chat_stages, seed, variants[name], base, tmp / f"{name}-{seed}")
+                             for name in others}
+
+        runs = {}
+        for seed, future in [(s, pool.submit(base_then_variants, s)) for s in seeds]:
+            runs[first, seed], pending = future.result()
+            runs |= {(name, seed): variant.result() for name, variant in pending.items()}
+        return runs
 
 
 def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int, paired: bool) -> dict[tuple[str, int], dict]:
@@ -141,6 +157,8 @@ def main() -> None:
                         help="other variants rerun prepare and sft on from the first variant's run of each seed")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/seeds.md")
     args = parser.parse_args()
+    if args.paired and args.jobs < 2:
+        parser.error("--paired runs variants in copies of the workspace: give --jobs 2 or more")
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = {}
     for spec in args.variant or ["committed:"]:
@@ -150,7 +168,7 @@ def main() -> None:
     runs = run_all(variants, seeds, args.jobs, args.paired)
     lines = ["# The default pipeline over several seeds", "",
              (f"{platform.machine()} ({platform.node()}), {time.strftime('%Y-%m-%d')}, commit "
-              f"{sh('git', 'rev-parse', '--short', 'HEAD').strip()}; seeds {', '.join(map(str, seeds))}; "
+              f"{sh('git', 'describe', '--always', '--dirty').strip()}; seeds {', '.join(map(str, seeds))}; "
               f"{args.jobs} at once, {time.perf_counter() - start:.0f} s in all. "
               f"Command: `python reports/bench/seeds/run.py {' '.join(sys.argv[1:])}`."), ""]
     lines += [f"- {name}: {', '.join(settings) or 'the committed params'}" for name, settings in variants.items()]
