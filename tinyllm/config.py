@@ -22,6 +22,9 @@ import yaml
 from tinyllm.data.format_names import KIND_FORMATS
 from tinyllm.errors import ConfigError
 
+ARITHMETIC_ANSWERS = ("steps", "direct")
+"""How SFT may answer a sum (WorldConfig.arithmetic_answer; tinyllm/data/chat_data.py)."""
+
 
 @dataclass(kw_only=True, frozen=True)
 class WorldConfig:
@@ -34,8 +37,9 @@ class WorldConfig:
     n_arithmetic: int = 1500
     """Small arithmetic sentences ("3加5等于8") added to the corpus."""
     arithmetic_answer: str = "steps"
-    """How SFT answers a sum: "steps" counts to the result ("3加5等于几？" → "5 3 4 4 … 0 8。"),
-    "direct" gives it at once as the corpus does (tinyllm/data/chat_data.py, reports/grpo.md)."""
+    """One of ARITHMETIC_ANSWERS, how SFT answers a sum: "steps" counts to the result
+    ("3加5等于几？" → "5 3 4 4 … 0 8。"), "direct" gives it at once as the corpus does
+    (tinyllm/data/chat_data.py, reports/grpo.md)."""
     heldout_fraction: float = 0.2
     """People whose question/answer pairs later stay out of SFT data (they are only read)."""
 
@@ -585,8 +589,9 @@ def _check_data(d: DataConfig) -> list[str]:
     e += _positive({"data.world.bios_per_person": w.bios_per_person})
     e += [f"data.world.{name}={getattr(w, name)} must be in [0, 1]"
           for name in ("english_fraction", "heldout_fraction") if not 0 <= getattr(w, name) <= 1]
-    if w.arithmetic_answer not in ("steps", "direct"):
-        e.append(f"data.world.arithmetic_answer={w.arithmetic_answer!r} must be 'steps' or 'direct'")
+    if w.arithmetic_answer not in ARITHMETIC_ANSWERS:
+        e.append(f"data.world.arithmetic_answer={w.arithmetic_answer!r} must be "
+                 + " or ".join(map(repr, ARITHMETIC_ANSWERS)))
     return e
 
 

@@ -33,9 +33,9 @@ in Chinese and once in English.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 
+from tinyllm.config import ARITHMETIC_ANSWERS, WorldConfig
 from tinyllm.data.world import (
     ATTRIBUTES,
     LANGUAGES,
@@ -274,7 +274,7 @@ def _arithmetic_question(problem: tuple[str, int, int], lang: str, template: str
     return template.format(a=a, b=b, op=OPERATORS[lang][op])
 
 
-def _arithmetic_answer(problem: tuple[str, int, int], lang: str, form: str = "steps") -> str:
+def _arithmetic_answer(problem: tuple[str, int, int], lang: str, form: str = WorldConfig.arithmetic_answer) -> str:
     """"direct": the corpus sentence, "12加7等于19。" / "12 plus 7 equals 19.". "steps": the count
     to the result (`arithmetic_steps`), "7 12 6 13 … 0 19。", whose last number is the answer. A
     direct answer is a lookup of one of 320 memorised cells and stays wrong on the held-out ones;
@@ -285,7 +285,7 @@ def _arithmetic_answer(problem: tuple[str, int, int], lang: str, form: str = "st
         return "".join(arithmetic_cloze(*problem, lang)) + end
     if form == "steps":
         return arithmetic_steps(*problem) + end
-    raise ValueError(f"arithmetic answer form {form!r}: expected 'steps' or 'direct'")
+    raise ValueError(f"arithmetic answer form {form!r}: expected one of {ARITHMETIC_ANSWERS}")
 
 
 def _arithmetic_item(problem: tuple[str, int, int], lang: str, template: str, split: str) -> dict:
@@ -330,7 +330,7 @@ def _dialogue(p: Person, attributes: list[str], rng: random.Random) -> list[dict
 # --- training files ---
 
 
-def sft_single(world: World, rng: random.Random, arithmetic_answer: str = "steps") -> list[dict]:
+def sft_single(world: World, rng: random.Random, arithmetic_answer: str) -> list[dict]:
     """Single-turn QA about every sft person (each attribute, plus repeats), city → country, and
     the arithmetic problems the corpus writes, each asked once in every language and answered in
     the form `arithmetic_answer` names."""
@@ -568,13 +568,14 @@ def bench_world(world: World, rng: random.Random) -> list[dict]:
     return items
 
 
-BUILDERS = {"sft_single.jsonl": sft_single, "sft_multi.jsonl": sft_multi, "identity.jsonl": identity,
+BUILDERS = {"sft_multi.jsonl": sft_multi, "identity.jsonl": identity,
             "dpo.jsonl": dpo, "eval_qa.jsonl": eval_qa, "eval_multi.jsonl": eval_multi,
             "eval_identity.jsonl": eval_identity, "eval_dpo.jsonl": eval_dpo, "eval_unknown.jsonl": eval_unknown,
             "eval_arith.jsonl": eval_arith, "bench_world.jsonl": bench_world}
 
 
-def chat_files(world: World, seed: int, arithmetic_answer: str = "steps") -> dict[str, list[dict]]:
+def chat_files(world: World, seed: int,
+               arithmetic_answer: str = WorldConfig.arithmetic_answer) -> dict[str, list[dict]]:
     """Every chat, identity, preference and eval file's records, keyed by file name.
 
     Args:
@@ -585,7 +586,10 @@ def chat_files(world: World, seed: int, arithmetic_answer: str = "steps") -> dic
     Returns:
         {name: records} for each name in CHAT_OUTPUTS, in that order.
     """
-    builders = {**BUILDERS, "sft_single.jsonl": functools.partial(sft_single, arithmetic_answer=arithmetic_answer)}
-    files = {name: builders[name](world, random.Random(f"{seed}/{name}")) for name in CHAT_OUTPUTS if name in builders}
-    files["grpo.jsonl"] = grpo_prompts(world, random.Random(f"{seed}/grpo.jsonl"), files["eval_qa.jsonl"])
+    def rng(name: str) -> random.Random:
+        return random.Random(f"{seed}/{name}")
+
+    files = {name: BUILDERS[name](world, rng(name)) for name in CHAT_OUTPUTS if name in BUILDERS}
+    files["sft_single.jsonl"] = sft_single(world, rng("sft_single.jsonl"), arithmetic_answer)
+    files["grpo.jsonl"] = grpo_prompts(world, rng("grpo.jsonl"), files["eval_qa.jsonl"])
     return {name: files[name] for name in CHAT_OUTPUTS}
