@@ -15,6 +15,16 @@ SAMPLE_TEXTS = [
 ] * 50
 
 
+@pytest.fixture(autouse=True)
+def float32_on_the_cpu(monkeypatch):
+    """runtime.dtype auto picks bf16 on a CPU with native bf16 (tinyllm/train/runtime.py). Tests run
+    in float32 unless they ask otherwise: their exact equalities and tolerances are float32's, and
+    their results must not depend on which CPU runs them. (Stages run as subprocesses still detect.)"""
+    from tinyllm.train import runtime
+
+    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer(SAMPLE_TEXTS, TokenizerConfig(vocab_size=400))

@@ -11,8 +11,8 @@ import torch
 from conftest import make_chat_checkpoint, vary_weights
 
 from tinyllm.config import MoEConfig
-from tinyllm.infer.batcher import Batcher, Finish, QueueFull, Request, token_keys, uniform_noise
-from tinyllm.infer.generate import generate
+from tinyllm.infer.batcher import Batcher, Finish, QueueFull, Request, row_uniform
+from tinyllm.infer.generate import generate, inverse_cdf
 from tinyllm.serve.models import load_served_models
 
 
@@ -214,20 +214,22 @@ def test_an_moe_model_batches_too(tmp_path, tokenizer):
         batcher.close()
 
 
-def test_each_row_draws_its_own_noise_and_samples_follow_the_distribution():
+def test_each_row_draws_its_own_number_and_samples_follow_the_distribution():
     seeds, steps = torch.tensor([5, 5, 6, 2**62 + 5]), torch.tensor([0, 1, 0, 0])
-    noise = uniform_noise(seeds, steps, token_keys(1000))
-    assert noise.shape == (4, 1000) and 0 < noise.min() and noise.max() < 1
-    assert torch.equal(noise[1:2], uniform_noise(seeds[1:2], steps[1:2], token_keys(1000)))  # alone = in a batch
-    assert len({tuple(row.tolist()) for row in noise}) == 4  # seed, step and the high bits all matter
-    assert abs(noise.mean().item() - 0.5) < 0.02
-    # the exponential race over many steps: frequencies follow the probabilities
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    u = row_uniform(seeds, steps)
+    assert u.shape == (4,) and 0 < u.min() and u.max() < 1
+    assert torch.equal(u[1:2], row_uniform(seeds[1:2], steps[1:2]))  # alone = in a batch
+    assert len(set(u.tolist())) == 4  # seed, step and the high bits all matter
+    # inverse CDF over many steps: frequencies follow the probabilities; a zero is never drawn
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
     draws = 20000
-    u = uniform_noise(torch.full((draws,), 7), torch.arange(draws), token_keys(4))
-    picked = (probs / -torch.log(u)).argmax(-1)
-    freq = torch.bincount(picked, minlength=4) / draws
+    picked = inverse_cdf(probs.expand(draws, -1), row_uniform(torch.full((draws,), 7), torch.arange(draws)))
+    freq = torch.bincount(picked, minlength=6) / draws
     assert torch.allclose(freq, probs, atol=0.015), freq
+    assert freq[1] == freq[5] == 0
+    # the edges of (0, 1): the first and the last token of positive probability
+    edges = inverse_cdf(probs.expand(2, -1), torch.tensor([0.0, 1 - 2**-33], dtype=torch.float64))
+    assert edges.tolist() == [0, 4]
 
 
 def test_waiting_requests_that_leave_end_at_once_and_closing_ends_the_rest(served):

@@ -22,6 +22,7 @@ from tinyllm.data.tokens import tokenize_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {
+    "runtime": {"dtype": "float32"},  # the comparisons below hold float32's tolerances on any CPU
     "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 64, "max_seq_len": 32},
     "pretrain": {"max_steps": 20, "batch_size": 4, "grad_accum": 2, "warmup_steps": 2, "log_interval": 5,
                  "eval_interval": 10, "eval_batches": 2},

@@ -213,14 +213,18 @@ def test_the_stage_trains_under_torchrun_on_two_cpu_processes(tokenizer, tmp_pat
     resumable state (written every step here) gathers both processes' pending rollouts."""
     root = Path(__file__).resolve().parents[1]
     work = tmp_path / "work"
-    start = make_chat_checkpoint(tmp_path / "init", tokenizer, max_seq_len=32)
+    start = make_chat_checkpoint(tmp_path / "init", tokenizer, max_seq_len=48)
     (work / "artifacts/data").mkdir(parents=True)
     shutil.copytree(start, work / "artifacts/dpo")
-    (work / "artifacts/data/grpo.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PROMPTS))
+    # rewarded: a reply holding an "i", as about half the random model's 16-token replies do (the
+    # digit 8: 5%), so that groups differ in reward and every round gives a gradient
+    prompts = [{**p, "answer": "i"} for p in PROMPTS]
+    (work / "artifacts/data/grpo.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
     (work / "params.yaml").write_text(yaml.safe_dump({
-        "model": {"max_seq_len": 32},
+        "model": {"max_seq_len": 48},
+        "runtime": {"dtype": "float32"},  # as in the tests above, whatever the CPU
         "checkpoint": {"interval": 1},
-        "grpo": {"max_steps": 4, "batch_size": 4, "group_size": 4, "max_new_tokens": 6, "lr": 1e-2, "min_lr": 1e-2,
+        "grpo": {"max_steps": 4, "batch_size": 4, "group_size": 4, "max_new_tokens": 16, "lr": 1e-2, "min_lr": 1e-2,
                  "warmup_steps": 1, "log_interval": 1}}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinyllm import cpu_threads
-from tinyllm.infer.generate import keep_top_k, nucleus, penalise_repeats
+from tinyllm.infer.generate import inverse_cdf, keep_top_k, nucleus, penalise_repeats
 from tinyllm.infer.slots import SlotKVCache
 from tinyllm.infer.text import TextStream
 from tinyllm.infer.utf8 import Utf8Guard
@@ -207,7 +207,6 @@ class Batcher:
         self.top_k, self.seed, self.steps = zeros(torch.long), zeros(torch.long), zeros(torch.long)
         self.utf8_state = zeros(torch.long)
         self.seen = torch.zeros(slots, cfg.vocab_size, dtype=torch.bool, device=self.device)
-        self.token_keys = token_keys(cfg.vocab_size, self.device)
 
         self.live: list[_Live | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
@@ -500,9 +499,7 @@ class Batcher:
         probs = torch.softmax(scaled, -1)
         if options.top_p:
             probs = nucleus(probs, self.top_p[rows, None])
-        # the exponential race: argmax p / E with E ~ Exp(1) draws from p, with each row's own noise
-        noise = -torch.log(uniform_noise(self.seed[rows], self.steps[rows], self.token_keys))
-        sampled = (probs / noise).argmax(-1)
+        sampled = inverse_cdf(probs, row_uniform(self.seed[rows], self.steps[rows]))
         return torch.where(temperature > 0, sampled, greedy)
 
     def _advance(self, rows, tokens: torch.Tensor, live: torch.Tensor, options: _Options) -> None:
@@ -611,18 +608,11 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def token_keys(vocab: int, device=None) -> torch.Tensor:
-    """(vocab,) a hash of each vocabulary id, mixed into `uniform_noise` (computed once, outside any
-    compiled graph: Triton would add the constant to an int32 index)."""
-    return _mix(torch.arange(vocab, device=device) + 0x3C6EF372)
-
-
-def uniform_noise(seed: torch.Tensor, step: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(B, vocab) numbers in (0, 1), a function of (seed, step, vocabulary id) only: a row's random
-    draw does not depend on which other rows share its batch. `keys`: `token_keys(vocab)`."""
+def row_uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 numbers in (0, 1), a function of each row's (seed, step) only: a row's random
+    draw does not depend on which other rows share its batch."""
     key = _mix((seed & _MASK32) ^ _mix((seed >> 32) ^ _mix(step)))
-    bits = _mix(key[:, None] ^ keys[None, :]) >> 8  # 24 bits: exact in float32
-    return (bits.float() + 0.5) / 2**24
+    return (key.double() + 0.5) / 2**32
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):

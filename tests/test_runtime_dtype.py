@@ -1,0 +1,35 @@
+"""runtime.dtype auto: bf16 where the hardware multiplies bf16 natively, float32 elsewhere."""
+
+import torch
+
+from tinyllm.config import RuntimeConfig
+from tinyllm.train import runtime
+from tinyllm.train.runtime import resolve_dtype
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_is_bf16_on_cuda_and_on_a_cpu_with_native_bf16(monkeypatch):
+    assert resolve_dtype(RuntimeConfig(), CUDA) == torch.bfloat16
+    assert resolve_dtype(RuntimeConfig(), CPU) == torch.float32  # conftest: a CPU without it
+    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: True)
+    assert resolve_dtype(RuntimeConfig(), CPU) == torch.bfloat16
+    assert resolve_dtype(RuntimeConfig(dtype="float32"), CPU) == torch.float32  # asked for: kept
+    assert resolve_dtype(RuntimeConfig(dtype="bfloat16"), CUDA) == torch.bfloat16
+
+
+def test_the_cpu_check_reads_the_instruction_flags(monkeypatch, tmp_path):
+    monkeypatch.undo()  # conftest's stand-in
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
+    for text, native in [("flags\t\t: fpu sse avx2 avx512f avx512bw", False),  # bf16 would be emulated
+                         ("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni", True),
+                         ("flags\t\t: fpu amx_bf16 amx_tile", True),
+                         (None, False)]:  # not Linux
+        if text is None:
+            cpuinfo.unlink()
+        else:
+            cpuinfo.write_text(text + "\n")
+        runtime.cpu_multiplies_bf16.cache_clear()
+        assert runtime.cpu_multiplies_bf16() is native, text
+    runtime.cpu_multiplies_bf16.cache_clear()
