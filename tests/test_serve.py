@@ -4,6 +4,7 @@
 import concurrent.futures
 import dataclasses
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -386,3 +387,14 @@ def test_bench_serve_runs_the_real_server_for_each_setting_and_checks_greedy_rep
     assert all(r["completion_tokens_per_sec"] > 0 and 0 < r["ttft_p50_ms"] <= r["latency_p99_ms"] for r in rows)
     assert table["note"] == ("Greedy replies to 3 concurrent requests equal to their solo replies (4 slots): 3/3.")
     assert (tmp_path / "serve_slots4.log").read_text().count("up to 4 requests at once") == 1
+
+
+def test_a_cpu_engine_takes_half_the_cores_unless_told(capsys):
+    from tinyllm.cli import main
+    from tinyllm.serve.engine import engine_threads
+
+    cores = os.cpu_count()
+    assert engine_threads() == max(1, cores // 2) and engine_threads(3) == 3
+    with pytest.raises(SystemExit):
+        main(["serve", "--threads", "-1"])
+    assert "'-1' must be a whole number >= 0" in capsys.readouterr().err

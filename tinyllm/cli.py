@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most prompt + max_tokens over the requests in slots (default: every slot's context)")
     serve.add_argument("--decode-steps", type=positive, default=None,
                        help="tokens per request per decode launch (default: 8 on CUDA graphs, else 4)")
+    serve.add_argument("--threads", type=_checked(int, lambda n: n >= 0, "a whole number >= 0"), default=0,
+                       help="torch threads of each engine on a CPU (0: half the cores, leaving the rest to HTTP)")
     web = sub.add_parser("web", help="Streamlit chat page over the pipeline's checkpoints",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     web.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where the pipeline's checkpoints are")
@@ -224,7 +226,7 @@ def serve(args) -> None:
         print(f"serving {m.description} as model {m.name!r} ({m.context}-token context)", flush=True)
     app = create_app(models, args.api_key, max_queue=args.max_queue, slots=args.slots,
                      prefill_tokens=args.prefill_tokens, max_live_tokens=args.max_live_tokens,
-                     decode_steps=args.decode_steps, device=args.device, dtype=args.dtype)
+                     decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, threads=args.threads)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}, up to {args.slots} requests at once", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -28,6 +28,8 @@ import time
 import weakref
 from dataclasses import dataclass
 
+import torch
+
 from tinyllm.errors import UserError
 from tinyllm.infer.batcher import Batcher, QueueFull, Request, check_request
 from tinyllm.serve.models import ServedModel
@@ -49,12 +51,25 @@ class Counters:
     cancelled_requests: int = 0
 
 
+def engine_threads(requested: int = 0) -> int:
+    """Torch threads of an engine on a CPU: `requested`, or for 0 half of this machine's cores (at
+    least one). The engine shares the CPU with the API process, which streams every token as JSON,
+    and often with the clients. On the 2-core VM one thread instead of two made 8 streaming clients
+    1.5x faster, and one client no slower (reports/serving.md): a decode step of a small model is
+    too short to gain from a second thread that the HTTP side needed."""
+    if requested:
+        return requested
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
 class EngineProcess:
     def __init__(self, served: ServedModel, device: str = "cpu", dtype: str = "auto", slots: int = 32,
-                 max_queue: int = 64, max_live_tokens: int | None = None, start_timeout: float = 900, **batching):
-        """Start the engine and wait until its model is loaded (and on a GPU, compiled). `batching`:
-        the other `Batcher` settings (prefill_tokens, decode_steps). At most `slots` + `max_queue`
-        requests are in the engine at once; more raise QueueFull."""
+                 max_queue: int = 64, max_live_tokens: int | None = None, start_timeout: float = 900,
+                 threads: int = 0, **batching):
+        """Start the engine and wait until its model is loaded (and on a GPU, compiled). `threads`:
+        torch threads on a CPU (`engine_threads`). `batching`: the other `Batcher` settings
+        (prefill_tokens, decode_steps). At most `slots` + `max_queue` requests are in the engine at
+        once; more raise QueueFull."""
         self.name, self.slots, self.max_queue, self.context = served.name, slots, max_queue, served.context
         self.max_live_tokens = max_live_tokens or slots * served.context
         self.counters = Counters()
@@ -65,7 +80,7 @@ class EngineProcess:
         spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self.conn, child = spawn.Pipe()
         settings = dict(slots=slots, max_queue=max_queue + slots, max_live_tokens=self.max_live_tokens, **batching)
-        self.process = spawn.Process(target=_engine_main, args=(child, served, device, dtype, settings),
+        self.process = spawn.Process(target=_engine_main, args=(child, served, device, dtype, threads, settings),
                                      name=f"tinyllm-engine-{served.name}")
         self.process.start()
         child.close()
@@ -196,12 +211,14 @@ def _deliver(request: Request, kind: str, value) -> None:
         request.cancel()
 
 
-def _engine_main(conn, served: ServedModel, device: str, dtype: str, settings: dict) -> None:
+def _engine_main(conn, served: ServedModel, device: str, dtype: str, threads: int, settings: dict) -> None:
     """The engine process: load the model, run its batcher, and relay requests in and events out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the API process, which closes the engine
     sending = threading.Lock()  # the scheduler thread's sends and the final one at close
     try:
         model, utf8 = served.load(device, dtype)
+        if next(model.parameters()).device.type == "cpu":
+            torch.set_num_threads(engine_threads(threads))
         outgoing: list[tuple] = []
         requests: dict[int, Request] = {}
         last_sent: list[tuple] = [()]
