@@ -278,14 +278,14 @@ def run_infer(models: list[str], batch_sizes: list[int], out_dir: Path, name: st
 
 
 def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int], requests: int, max_tokens: int,
-                device: str, slots: list[int], log_dir: Path) -> tuple[list[dict], str]:
+                device: str, slots: list[int], log_dir: Path, dtype: str = "auto") -> tuple[list[dict], str]:
     """`tinyllm serve` in a process of its own, once per `slots` setting (1 = one request at a time,
     as the server was before continuous batching), driven by streaming clients (the official openai
     client, one process each): for each number of concurrent clients, aggregate completion tokens/s
     and time-to-first-token / latency percentiles. Every reply runs to max_tokens (ignore_eos), so
     all rows generate the same work. Also checks that greedy replies to max(clients) concurrent
     requests equal their solo replies. `preset` serves random weights of that shape (with the
-    checkpoint's tokenizer) instead of the checkpoint's."""
+    checkpoint's tokenizer) instead of the checkpoint's; `dtype` is the server's `--dtype`."""
     import multiprocessing
     import tempfile
 
@@ -298,7 +298,7 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
         target = _random_checkpoint(preset, source, Path(tmp)) if preset else source
         pool.map(loadgen.ready, range(most), chunksize=1)
         for n_slots in slots:
-            with _served_process(target, device, n_slots, log_dir / f"serve_slots{n_slots}.log") as (url, name):
+            with _served_process(target, device, dtype, n_slots, log_dir / f"serve_slots{n_slots}.log") as (url, name):
                 warm_up = [(url, name, i, 1, max_tokens, 0) for i in range(most)]
                 pool.map(loadgen.client, warm_up, chunksize=1)
                 for n_clients in clients:
@@ -342,7 +342,7 @@ def _random_checkpoint(preset: str, source: Path, folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _served_process(checkpoint: Path, device: str, slots: int, log: Path, timeout: float = 600):
+def _served_process(checkpoint: Path, device: str, dtype: str, slots: int, log: Path, timeout: float = 600):
     """`tinyllm serve` on a free 127.0.0.1 port until the block ends: yields (base url, model name)."""
     import subprocess
     import sys
@@ -354,7 +354,7 @@ def _served_process(checkpoint: Path, device: str, slots: int, log: Path, timeou
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "tinyllm.cli", "serve", str(checkpoint), "--port", str(port),
-                                   "--device", device, "--slots", str(slots), "--max-queue", "1024"],
+                                   "--device", device, "--dtype", dtype, "--slots", str(slots), "--max-queue", "1024"],
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + timeout
@@ -375,7 +375,8 @@ def _served_process(checkpoint: Path, device: str, slots: int, log: Path, timeou
 def run_serve(checkpoint: str | None, out_dir: Path, **kwargs) -> str:
     rows, check = bench_serve(checkpoint, log_dir=out_dir, **kwargs)
     return write_table(rows, out_dir, f"serve_{kwargs['preset'] or 'checkpoint'}",
-                       resolve_device(RuntimeConfig(device=kwargs["device"])), title="API under load", note=check)
+                       resolve_device(RuntimeConfig(device=kwargs["device"])), title="API under load",
+                       note=f"{check} Server weights: --dtype {kwargs.get('dtype', 'auto')}.")
 
 
 def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device,

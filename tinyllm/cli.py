@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--requests", type=int, default=4, help="requests per client")
     serve_bench.add_argument("--max-tokens", type=int, default=64, help="tokens of each reply (end tokens ignored)")
     serve_bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    serve_bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                             help="the server's weights (auto: bf16 on a GPU, fp32 on the CPU)")
     serve_bench.add_argument("--out", type=Path, default=Path("reports/serving"), help="folder for the table")
     infer.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     return parser
@@ -303,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                         profile_dir=args.profile, log_interval=args.log_interval))
     elif args.command == "bench" and args.what == "serve":
         print(bench.run_serve(args.checkpoint, args.out, preset=args.model, clients=args.clients, slots=args.slots,
-                              requests=args.requests, max_tokens=args.max_tokens, device=args.device))
+                              requests=args.requests, max_tokens=args.max_tokens, device=args.device,
+                              dtype=args.dtype))
     elif args.command == "bench" and args.what == "infer":
         print(bench.run_infer(args.models, args.batch_sizes, args.out, name=args.name, prompt_len=args.prompt_len,
                               new_tokens=args.new_tokens, vocab_size=args.vocab_size, device=args.device,
