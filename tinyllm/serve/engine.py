@@ -28,8 +28,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
-import torch
-
+from tinyllm import cpu_threads
 from tinyllm.errors import UserError
 from tinyllm.infer.batcher import Batcher, QueueFull, Request, check_request
 from tinyllm.serve.models import ServedModel
@@ -217,8 +216,7 @@ def _engine_main(conn, served: ServedModel, device: str, dtype: str, threads: in
     sending = threading.Lock()  # the scheduler thread's sends and the final one at close
     try:
         model, utf8 = served.load(device, dtype)
-        if next(model.parameters()).device.type == "cpu":
-            torch.set_num_threads(engine_threads(threads))
+        cpu_threads.configure(engine_threads(threads), next(model.parameters()).device)  # nothing on a GPU
         outgoing: list[tuple] = []
         requests: dict[int, Request] = {}
         last_sent: list[tuple] = [()]

@@ -12,14 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 
+from tinyllm.config import RuntimeConfig
 from tinyllm.data.tokenizer import load_tokenizer, reply_stop_ids
 from tinyllm.errors import UserError
 from tinyllm.infer.chat import chat_checkpoint, load_chat_model
 from tinyllm.infer.utf8 import Utf8Guard
 from tinyllm.train.checkpoint import read_config
+from tinyllm.train.runtime import resolve_dtype
 
 
 @dataclass
@@ -41,8 +42,10 @@ class ServedModel:
         on a GPU, float32 on a CPU: the batcher's greedy replies equal their solo ones there, which
         tests/test_batcher.py checks in float32). The guard keeps sampled replies valid UTF-8."""
         model, _, _ = load_chat_model(self.checkpoint, self.adapter, device)
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        model = model.to(torch.bfloat16 if dtype == "bfloat16" or (dtype == "auto" and on_gpu) else torch.float32)
+        placed = next(model.parameters()).device
+        if dtype == "auto" and placed.type == "cpu":
+            dtype = "float32"  # training's auto would take bf16 on a CPU that has it
+        model = model.to(resolve_dtype(RuntimeConfig(dtype=dtype), placed))
         return model, Utf8Guard.for_model(self.tok, model)
 
 
