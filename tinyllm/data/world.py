@@ -108,6 +108,11 @@ class World:
         """Whether the corpus has English text (English city and arithmetic text follows bios)."""
         return any(p.bios_en for p in self.people)
 
+    @property
+    def english_share(self) -> float:
+        """The share of biographies written in English (about data.world.english_fraction)."""
+        return sum(p.bios_en for p in self.people) / max(1, sum(p.bios_en + p.bios_zh for p in self.people))
+
     def to_json(self) -> dict:
         """Plain data for `world.json`; `World.from_json` reverses it."""
         return dataclasses.asdict(self)

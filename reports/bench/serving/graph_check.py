@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--model", choices=list(PRESETS), default=None, help="random weights of this shape instead")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--one-bucket", action="store_true", help="decode every step over all 32 slots")
     args = parser.parse_args()
     import tempfile
 
@@ -69,6 +70,8 @@ def main() -> None:
                  "ignore_eos": True, **({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})}
                 for i, q in enumerate(QUESTIONS * 4)]
     graph = Batcher(model, served.tok, served.stop_ids, utf8, compile=args.device.startswith("cuda"))
+    if args.one_bucket:
+        graph.buckets = [graph.slots]
     graph.warm_up()
     eager = Batcher(model, served.tok, served.stop_ids, utf8, compile=False)
     single = Batcher(model, served.tok, served.stop_ids, utf8, compile=graph.compile, decode_steps=1)
