@@ -5,9 +5,11 @@ the tolerance you measure and why").
 
 For 32 mixed requests (greedy and seeded sampling, prompts of different lengths) it counts how
 many replies are token for token the same
-- alone and among the other 31, on the CUDA-graph path, and
+- alone and among the other 31, on the CUDA-graph path,
+- alone twice, and among 32 twice (is the path deterministic at all?),
 - on the CUDA-graph path and on the eager path (same batches),
 - with 8 tokens per graph launch and with 1 (same batches; should be identical),
+(`--one-bucket` decodes every step over all 32 slots),
 and, for the first position where a greedy reply differs, the gap between the two best logits
 there (a near tie that bf16 rounding can flip).
 """
@@ -76,18 +78,23 @@ def main() -> None:
     eager = Batcher(model, served.tok, served.stop_ids, utf8, compile=False)
     single = Batcher(model, served.tok, served.stop_ids, utf8, compile=graph.compile, decode_steps=1)
     alone, together = replies(graph, requests, False), replies(graph, requests, True)
+    alone_again, together_again = replies(graph, requests, False), replies(graph, requests, True)
     eager_together, single_together = replies(eager, requests, True), replies(single, requests, True)
     for batcher in (graph, eager, single):
         batcher.close()
     print(f"model {args.model or args.checkpoint}, {next(model.parameters()).dtype}, "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
     for name, a, b in (("graph alone vs graph among 32", alone, together),
+                       ("graph alone, twice", alone, alone_again),
+                       ("graph among 32, twice", together, together_again),
                        ("graph vs eager, among 32", together, eager_together),
                        (f"{graph.decode_steps} vs 1 tokens per launch, among 32", together, single_together)):
         same = sum(x == y for x, y in zip(a, b))
         first = [next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), None) for x, y in zip(a, b)]
         differing = [(i, j) for i, j in enumerate(first) if j is not None]
-        print(f"{name}: {same}/{len(a)} replies identical; first differing position per differing reply: "
+        greedy = sum(x == y for x, y, r in zip(a, b, requests) if r["temperature"] == 0)
+        print(f"{name}: {same}/{len(a)} replies identical ({greedy} of the {len(a) // 2} greedy ones); "
+              "first differing position per differing reply: "
               f"{[j for _, j in differing]}")
         for i, j in differing:
             if requests[i].get("temperature") == 0:
