@@ -377,6 +377,10 @@ def _person(lex: Lexicon, k: int, rng: random.Random, **rest) -> Person:
 
 
 def _biographies(p: Person, lang: str, n: int, rng: random.Random) -> list[str]:
+    """n biographies of p, every other one written one sentence per line. A chat reply starts on a
+    line of its own, and byte-level BPE gives a word there another token than after a space
+    ("Cao" against " Cao"): without lines, pretraining never tied the line-start form of an English
+    name to a fact (reports/quality.md, "English held-out QA, measured on 54 questions")."""
     language = LANGUAGES[lang]
     facts = fact_fields(p, lang)
     canonical = {a: _canonical_slots(rng, n) for a in ATTRIBUTES}
@@ -391,7 +395,7 @@ def _biographies(p: Person, lang: str, n: int, rng: random.Random) -> list[str]:
             sentences.append(render_template(template, {**facts, **subject_fields(p, lang, use_name)}))
         rng.shuffle(sentences)
         opening = render_template(rng.choice(language.openings), {"name": getattr(p.name, lang)})
-        bios.append(language.sep.join([opening, *sentences]))
+        bios.append(("\n" if j % 2 else language.sep).join([opening, *sentences]))
     return bios
 
 
