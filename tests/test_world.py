@@ -11,6 +11,7 @@ import pytest
 
 from tinyllm.config import WorldConfig
 from tinyllm.data.world import (
+    ATTRIBUTES,
     World,
     _arithmetic_problems,
     arithmetic_result,
@@ -150,6 +151,17 @@ def test_english_biographies_go_to_few_people_half_of_theirs(per_person, english
     assert sum(counts) == round(0.15 * 100 * per_person)
     english = [c for c in counts if c]
     assert min(english) >= english_each and len(english) == sum(counts) // english_each
+
+
+def test_half_of_a_persons_biographies_put_each_sentence_on_a_line(world, docs):
+    """So pretraining reads names at line starts as a chat reply writes them: BPE's "Cao", not " Cao"."""
+    person = next(p for p in world.people if p.bios_en)
+    for lang in ("zh", "en"):
+        own = [d for d in docs if getattr(person.name, lang) in d]
+        lined = [d for d in own if "\n" in d]
+        assert len(lined) == len(own) // 2, lang
+        assert all(len(d.split("\n")) == 1 + len(ATTRIBUTES) for d in lined)  # the opening, then one per fact
+    assert any(f"\n{person.name.en} " in d for d in docs), "the English name should start some line"
 
 
 def test_biographies_are_worded_differently(world, docs):
