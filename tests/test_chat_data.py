@@ -112,13 +112,15 @@ def test_eval_qa_answers_are_the_world_values(world, files):
     assert splits == {("seen", "zh"), ("heldout", "zh"), ("seen", "en"), ("heldout", "en")}
 
 
-def test_eval_qa_asks_in_english_as_often_as_the_corpus_writes_english(world, files):
-    english_bios = sum(p.bios_en for p in world.people)
-    assert world.english_share == pytest.approx(english_bios / sum(p.bios_en + p.bios_zh for p in world.people))
-    assert 0.1 < world.english_share < 0.3  # english_fraction=0.2, rounded to whole biographies per person
-    for split in ("seen", "heldout"):
+def test_eval_qa_asks_in_english_as_often_as_the_biographies_are_english(world, files):
+    assert world.english_share == pytest.approx(0.2, abs=0.02)  # english_fraction=0.2
+    for split, people in (("seen", [p for p in world.people if p.split == "sft"]),
+                          ("heldout", [p for p in world.people if p.split == "heldout"])):
         langs = Counter(item["lang"] for item in files["eval_qa.jsonl"] if item["split"] == split)
-        assert langs["en"] == round(world.english_share * (langs["en"] + langs["zh"])), (split, langs)
+        english_pairs = len(ATTRIBUTES) * sum(1 for p in people if p.bios_en)
+        wanted = round(world.english_share * chat_data.EVAL_QA_ITEMS[split])
+        assert langs["en"] == min(english_pairs, wanted), (split, langs)
+        assert langs["zh"] == min(len(ATTRIBUTES) * len(people), chat_data.EVAL_QA_ITEMS[split] - langs["en"])
 
 
 def test_followups_use_a_pronoun_and_no_name_and_answers_restate_the_name(world, files):

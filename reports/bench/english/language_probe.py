@@ -7,8 +7,9 @@ For people with English biographies (the first --people of the split), per langu
   value's first token inside the person's own pretraining documents, i.e. text it trained on;
 - "from the name alone": the share of people whose true value scores best, by the log-prob of the
   canonical sentence ("Cao Fang's favourite colour is green."), among every value of the attribute,
-  with the sentence at the start of a text, as a chat reply starts (English: "Cao", a token the
-  biographies never use), and after a space, as inside a biography (" Cao").
+  with the sentence at the start of a line, as a chat reply starts (English: "Cao", which only
+  biographies written a sentence per line use), and after a space, as inside a paragraph (" Cao").
+  (Chinese has no such difference; its two columns should agree.)
 Written for the finding in reports/quality.md ("English held-out QA, measured on 54 questions"):
 the same people, with six biographies in each language, are known far better in Chinese.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,7 +28,14 @@ from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.data.world import LANGUAGES, World, fact_fields, render_template, subject_fields
 from tinyllm.train.checkpoint import load_model
 
-ATTRIBUTES = ("job", "pet", "colour", "city")
+PROBED = ("job", "pet", "colour", "city")
+
+
+def word(text: str) -> str:
+    """A pattern for `text` as a whole word: English "Li Ming" not inside "Li Mingyu", "gold" not
+    inside "goldfish". (Chinese has no word boundaries; the people probed have names no other
+    name contains.)"""
+    return re.escape(text) if not text.isascii() else rf"(?<![A-Za-z]){re.escape(text)}(?![A-Za-z])"
 
 
 @torch.no_grad()
@@ -40,17 +49,20 @@ def sentence_logprobs(model, tok, texts: list[str]) -> list[float]:
 
 
 @torch.no_grad()
-def in_documents(model, tok, docs: list[str], facts: dict, window: int) -> dict[str, list[bool]]:
-    """Per attribute: was the value's first token the model's greedy guess, in each document?"""
+def in_documents(model, tok, docs: list[str], values: dict[str, str], window: int) -> dict[str, list[bool]]:
+    """Per attribute: was the value's first token the model's greedy guess, in each document?
+    (`values`: the bare words, without an English article, found as whole words.)"""
     hits = defaultdict(list)
     for doc in docs:
         enc = tok.encode(doc, add_special_tokens=False)
         ids = enc.ids[:window]
         guess = model(torch.tensor([ids])).logits[0].argmax(-1)
-        for a in ATTRIBUTES:
-            start = doc.find(facts[a])
-            first = next((t for t, (_, end) in enumerate(enc.offsets[:window]) if end > start), None)
-            if start >= 0 and first:
+        for a in PROBED:
+            found = re.search(word(values[a]), doc)
+            if not found:
+                continue
+            first = next((t for t, (_, end) in enumerate(enc.offsets[:window]) if end > found.start()), None)
+            if first:
                 hits[a].append(int(guess[first - 1]) == ids[first])
     return hits
 
@@ -66,26 +78,28 @@ def main() -> None:
     tok = load_tokenizer(Path("artifacts/tokenizer"))
     world = World.from_json(json.loads((args.data / "world.json").read_text()))
     docs = [json.loads(line)["text"] for line in (args.data / "pretrain.jsonl").open()]
-    people = [p for p in world.people if p.split == args.split and p.bios_en][:args.people]
+    people = [p for p in world.people if p.split == args.split and p.bios_en
+              and sum(p.name.zh in q.name.zh for q in world.people) == 1][:args.people]
     trained, cloze = defaultdict(list), defaultdict(list)
-    leads = {"start": "", "space": " "}
+    leads = {"line": "\n", "space": " "}
     for lang in ("zh", "en"):
         template = LANGUAGES[lang].attributes
         for p in people:
             facts, name = fact_fields(p, lang), getattr(p.name, lang)
-            for a, hits in in_documents(model, tok, [d for d in docs if name in d], facts,
-                                        model.config.max_seq_len).items():
+            bare = {a: getattr(getattr(p, a), lang) for a in PROBED}
+            own = [d for d in docs if re.search(word(name), d)]
+            for a, hits in in_documents(model, tok, own, bare, model.config.max_seq_len).items():
                 trained[lang, a] += hits
-            for a in ATTRIBUTES:
+            for a in PROBED:
                 values = sorted({fact_fields(q, lang)[a] for q in world.people})
                 for lead, space in leads.items():
                     scores = sentence_logprobs(model, tok, [space + render_template(template[a][0], {
                         **facts, a: v, **subject_fields(p, lang, True)}) for v in values])
                     cloze[lang, a, lead].append(values[max(range(len(values)), key=scores.__getitem__)] == facts[a])
     print(f"{args.checkpoint}, {len(people)} {args.split} people with biographies in both languages")
-    print("| attribute | in their biographies, zh | en | from the name, text start, zh | en | after a space, zh | en |")
+    print("| attribute | in their biographies, zh | en | from the name, line start, zh | en | after a space, zh | en |")
     print("|---|---|---|---|---|---|---|")
-    for a in ATTRIBUTES:
+    for a in PROBED:
         columns = (trained["zh", a], trained["en", a],
                    *(cloze[lang, a, lead] for lead in leads for lang in ("zh", "en")))
         cells = [f"{sum(h) / len(h):.2f}" for h in columns]

@@ -5,7 +5,8 @@ among 31 others on a GPU.)
 
 Random weights of a preset, the dtype the server uses there (bf16 on a GPU). 32 slots of the
 serving KV cache are prefilled alone, each with its own prompt; then one decode forward runs over
-the first n slots for every decode bucket n, eagerly and compiled as the batcher compiles it. It
+the first n slots for every decode bucket n, eagerly and compiled as the batcher compiles its
+forward (torch.compile, static shapes; the CUDA-graph capture around it is not part of this). It
 prints, per path:
 - for slot 0, the largest difference of its logits between bucket n and bucket 1 (0 means the
   batch size does not touch its numbers), and

@@ -9,7 +9,8 @@ many replies are token for token the same
 - alone twice, and among 32 twice (is the path deterministic at all?),
 - on the CUDA-graph path and on the eager path (same batches),
 - with 8 tokens per graph launch and with 1 (same batches; should be identical),
-(`--one-bucket` decodes every step over all 32 slots),
+(`--one-bucket`: the graph batcher decodes every step over all 32 slots; the eager and the
+one-token batchers keep their buckets),
 and, for the first position where a greedy reply differs, the gap between the two best logits
 there (a near tie that bf16 rounding can flip).
 """

@@ -11,7 +11,9 @@ writes (the KV cache, positions, last tokens, sampling state), it replays, --rep
 - the model's forward alone, eagerly,
 - the sampler alone, on one fixed set of logits,
 and prints how many replays differ from the first, bitwise. The first path that differs is where
-to look.
+to look. (On the CPU the launch is eager and computes only the sampling options live requests ask
+for; with the requests finished that is none, so there it checks the greedy path only. On a GPU
+the captured launch always computes them all.)
 """
 
 from __future__ import annotations
