@@ -6,11 +6,11 @@
 
 Each run is a `dvc exp run -S seed=N [-S key=value ...]` of the whole pipeline (the world, the
 tokenizer, every stage), and its reports/eval/metrics.json is read. With `--jobs 1` the runs take
-turns in this workspace, which then goes back to the committed run (`git checkout` + `dvc
-checkout`). With more jobs each run gets its own copy of the workspace (git's files only, no DVC
-cache) under a temporary folder, so several run at once on a machine with the cores or a GPU for
-it. A variant is `name:key=value,key=value` (the params every seed of it runs with; `name:` alone
-is the committed params). Not part of CI.
+turns in this workspace, which then goes back to the committed run (`git checkout` of params.yaml,
+dvc.lock and the pipeline's reports, then `dvc checkout`). With more jobs each run gets its
+own copy of the workspace (git's files only, no DVC cache) under a temporary folder, so several
+run at once on a machine with the cores or a GPU for it. A variant is `name:key=value,key=value`
+(the params every seed of it runs with; `name:` alone is the committed params). Not part of CI.
 
 With `--paired` (and more jobs) every seed runs the whole pipeline once, with the first variant;
 each other variant starts from a copy of that run and reruns only `prepare` and the stages from
@@ -75,6 +75,9 @@ def run_one(seed: int, settings: list[str], workdir: Path, command: tuple[str, .
 
 
 PRETRAINING_DATA = ("artifacts/data/pretrain.jsonl", "artifacts/data/world.json")
+PIPELINE_REPORTS = ("reports/eval", "reports/live", "reports/metrics")
+"""What the pipeline writes under reports/ (dvc.yaml's metrics and plots): a run in this workspace
+puts them back, and leaves hand-written reports and their uncommitted edits alone."""
 
 
 def run_chat_stages(seed: int, settings: list[str], base: Path, workdir: Path) -> dict:
@@ -115,7 +118,7 @@ def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int, paired:
         try:
             return {(name, seed): run_one(seed, variants[name], ROOT) for name, seed in runs}
         finally:
-            sh("git", "checkout", "--", "params.yaml", "dvc.lock", "reports")
+            sh("git", "checkout", "--", "params.yaml", "dvc.lock", *PIPELINE_REPORTS)
             sh(sys.executable, "-m", "dvc", "checkout", "-f")
     with tempfile.TemporaryDirectory(prefix="tinyllm-seeds-") as tmp:
         if paired:
