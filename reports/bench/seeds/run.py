@@ -4,8 +4,9 @@
     python reports/bench/seeds/run.py --jobs 9 --variant base: \\
         --variant bios12:data.world.bios_per_person=12 --out reports/bench/seeds/sweep.md   # a GPU box
 
-Each run is a `dvc exp run -S seed=N [-S key=value ...]` of the whole pipeline (the world, the
-tokenizer, every stage), and its reports/eval/metrics.json is read. With `--jobs 1` the runs take
+Each run is a `dvc exp run -S seed=N [-S key=value ...] eval` of the pipeline (the world, the
+tokenizer, every stage up to eval; not export), and its reports/eval/metrics.json is read. A run
+that fails is reported and left out of the table. With `--jobs 1` the runs take
 turns in this workspace, which then goes back to the committed run (`git checkout` of params.yaml,
 dvc.lock and the pipeline's reports, then `dvc checkout`). With more jobs each run gets its
 own copy of the workspace (git's files only, no DVC cache) under a temporary folder, so several
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -63,9 +64,11 @@ def set_flags(seed: int, settings: list[str]) -> list[str]:
 
 
 def run_one(seed: int, settings: list[str], workdir: Path, command: tuple[str, ...] = ()) -> dict:
-    """`dvc exp run` of the whole pipeline with these settings (or the dvc `command` given) → its metrics."""
+    """`dvc exp run` of the pipeline up to `eval` with these settings (or the dvc `command` given) →
+    its metrics. (`export` is left out: the table does not need it, and a GPU box without the
+    `gguf` wheel failed there after every other stage had run.)"""
     start = time.perf_counter()
-    sh(sys.executable, "-m", "dvc", *(command or ("exp", "run", *set_flags(seed, settings))), cwd=workdir)
+    sh(sys.executable, "-m", "dvc", *(command or ("exp", "run", *set_flags(seed, settings), "eval")), cwd=workdir)
     metrics = json.loads((workdir / "reports/eval/metrics.json").read_text())
     summary = {f"{stage}.{key}": round(value, 3) for stage in ("sft", "lora", "dpo", "grpo")
                for key, value in metrics.get(stage, {}).items() if key in METRICS}
@@ -112,11 +115,24 @@ def run_paired(variants: dict[str, list[str]], seeds: list[int], jobs: int, tmp:
         return runs
 
 
+def finished(futures: dict[tuple[str, int], Future]) -> dict[tuple[str, int], dict]:
+    """The metrics of the runs that finished; a failed run is reported and left out of the table,
+    so one failure does not lose the others."""
+    results = {}
+    for run, future in futures.items():
+        try:
+            results[run] = future.result()
+        except RuntimeError as error:
+            print(f"{run[0]} seed {run[1]} failed: {error}", file=sys.stderr, flush=True)
+    return results
+
+
 def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int, paired: bool) -> dict[tuple[str, int], dict]:
     runs = [(name, seed) for name in variants for seed in seeds]
     if jobs == 1:
         try:
-            return {(name, seed): run_one(seed, variants[name], ROOT) for name, seed in runs}
+            with ThreadPoolExecutor(1) as pool:  # one at a time, in this workspace
+                return finished({(name, seed): pool.submit(run_one, seed, variants[name], ROOT) for name, seed in runs})
         finally:
             sh("git", "checkout", "--", "params.yaml", "dvc.lock", *PIPELINE_REPORTS)
             sh(sys.executable, "-m", "dvc", "checkout", "-f")
@@ -125,8 +141,7 @@ def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int, paired:
             return run_paired(variants, seeds, jobs, Path(tmp))
         dirs = {run: copy_workspace(Path(tmp) / f"{run[0]}-{run[1]}") for run in runs}
         with ThreadPoolExecutor(jobs) as pool:
-            futures = {run: pool.submit(run_one, run[1], variants[run[0]], dirs[run]) for run in runs}
-            return {run: future.result() for run, future in futures.items()}
+            return finished({run: pool.submit(run_one, run[1], variants[run[0]], dirs[run]) for run in runs})
 
 
 def table(variants: dict[str, list[str]], seeds: list[int], runs: dict[tuple[str, int], dict]) -> list[str]:
@@ -141,10 +156,11 @@ def table(variants: dict[str, list[str]], seeds: list[int], runs: dict[tuple[str
     for key in METRICS:
         cells = []
         for name, stage in cols:
-            values = [runs[name, seed][stage][key] for seed in seeds if key in runs[name, seed][stage]]
+            values = [runs[name, seed][stage][key] for seed in seeds
+                      if (name, seed) in runs and key in runs[name, seed][stage]]
             cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1
                          else f"{values[0]:.3f}" if values else "–")
-        cells += [f"{runs[only, seed][stage][key]:.3f}" if key in runs[only, seed][stage] else "–"
+        cells += [f"{runs[only, seed][stage][key]:.3f}" if key in runs.get((only, seed), {}).get(stage, {}) else "–"
                   for seed, stage in per_seed]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
