@@ -18,6 +18,7 @@ there (a near tie that bf16 rounding can flip).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import threading
 from pathlib import Path
 
@@ -55,6 +56,23 @@ def replies(batcher: Batcher, requests: list[dict], together: bool) -> list[list
     return out
 
 
+def served_model(checkpoint: Path, preset: str | None, device: str):
+    """(served model entry, model, UTF-8 guard): the checkpoint, or random weights of `preset` with
+    its tokenizer, loaded as the server loads it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = _random_checkpoint(preset, checkpoint, Path(tmp)) if preset else checkpoint
+        served = load_served_models([str(target)])[0]
+        return (served, *served.load(device))
+
+
+def mixed_requests(tok, max_tokens: int) -> list[dict]:
+    """32 requests, prompts of different lengths, even ones greedy, odd ones seeded at 0.8, each
+    generating exactly max_tokens."""
+    return [{"prompt_ids": tok.encode(q + f"（第{i}题）" * (1 + i % 3)).ids, "max_tokens": max_tokens,
+             "ignore_eos": True, **({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})}
+            for i, q in enumerate(QUESTIONS * 4)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
@@ -63,15 +81,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--one-bucket", action="store_true", help="decode every step over all 32 slots")
     args = parser.parse_args()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        target = _random_checkpoint(args.model, args.checkpoint, Path(tmp)) if args.model else args.checkpoint
-        served = load_served_models([str(target)])[0]
-        model, utf8 = served.load(args.device)
-    requests = [{"prompt_ids": served.tok.encode(q + f"（第{i}题）" * (1 + i % 3)).ids, "max_tokens": args.max_tokens,
-                 "ignore_eos": True, **({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})}
-                for i, q in enumerate(QUESTIONS * 4)]
+    served, model, utf8 = served_model(args.checkpoint, args.model, args.device)
+    requests = mixed_requests(served.tok, args.max_tokens)
     graph = Batcher(model, served.tok, served.stop_ids, utf8, compile=args.device.startswith("cuda"))
     if args.one_bucket:
         graph.buckets = [graph.slots]

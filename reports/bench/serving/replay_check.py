@@ -19,26 +19,15 @@ the captured launch always computes them all.)
 from __future__ import annotations
 
 import argparse
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
+from graph_check import mixed_requests, replies, served_model  # this folder's script, beside this one
 
-from tinyllm.bench import PRESETS, _random_checkpoint
-from tinyllm.infer.batcher import Batcher, Request, _Options
-from tinyllm.serve.loadgen import QUESTIONS
-from tinyllm.serve.models import load_served_models
+from tinyllm.bench import PRESETS
+from tinyllm.infer.batcher import Batcher, _Options
 
 STATE = ("last", "temperature", "top_p", "penalty", "top_k", "seed", "steps", "utf8_state", "seen")
-
-
-def run_to_the_end(batcher: Batcher, requests: list[dict]) -> None:
-    done = [threading.Event() for _ in requests]
-    batcher.submit(*[Request(emit=lambda kind, value, e=e: kind == "end" and e.set(), **r)
-                     for r, e in zip(requests, done)])
-    for event in done:
-        event.wait(600)
 
 
 def snapshot(batcher: Batcher) -> list[torch.Tensor]:
@@ -67,16 +56,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        target = _random_checkpoint(args.model, args.checkpoint, Path(tmp)) if args.model else args.checkpoint
-        served = load_served_models([str(target)])[0]
-        model, utf8 = served.load(args.device)
+    served, model, utf8 = served_model(args.checkpoint, args.model, args.device)
     batcher = Batcher(model, served.tok, served.stop_ids, utf8, compile=args.device.startswith("cuda"))
     batcher.warm_up()
-    requests = [{"prompt_ids": served.tok.encode(q + f"（第{i}题）" * (1 + i % 3)).ids, "max_tokens": 96,
-                 "ignore_eos": True, **({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})}
-                for i, q in enumerate(QUESTIONS * 4)]
-    run_to_the_end(batcher, requests)  # the scheduler is idle from here on: this thread drives
+    replies(batcher, mixed_requests(served.tok, 96), together=True)
+    # the scheduler is idle from here on: this thread drives
     batcher.cache.live[:] = True
     saved = snapshot(batcher)
     rows = slice(0, batcher.slots)
