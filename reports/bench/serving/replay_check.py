@@ -11,9 +11,12 @@ writes (the KV cache, positions, last tokens, sampling state), it replays, --rep
 - the model's forward alone, eagerly,
 - the sampler alone, on one fixed set of logits,
 and prints how many replays differ from the first, bitwise. The first path that differs is where
-to look. (On the CPU the launch is eager and computes only the sampling options live requests ask
-for; with the requests finished that is none, so there it checks the greedy path only. On a GPU
-the captured launch always computes them all.)
+to look. Then it replays the eager forward with every module's inputs and outputs recorded and
+names the first module (in the order calls return, so the innermost first) whose output varies
+while its inputs do not: the op to blame is in that module's own code. (On the CPU the launch is
+eager and computes only the sampling options live requests ask for; with the requests finished
+that is none, so there it checks the greedy path only. On a GPU the captured launch always
+computes them all.)
 """
 
 from __future__ import annotations
@@ -47,6 +50,40 @@ def differing(outputs: list[tuple[torch.Tensor, ...]]) -> int:
     """Replays whose outputs are not bitwise equal to the first's."""
     first = outputs[0]
     return sum(any(not torch.equal(a, b) for a, b in zip(first, out)) for out in outputs[1:])
+
+
+def module_calls(model, run) -> list[tuple[str, list[torch.Tensor], list[torch.Tensor]]]:
+    """Every module call of one `run()`, in the order the calls return: (name, tensor inputs, tensor outputs)."""
+    calls = []
+
+    def tensors(values) -> list[torch.Tensor]:
+        return [v.detach().clone() for v in values if isinstance(v, torch.Tensor)]
+
+    def recorder(name: str):
+        def record(module, args, output):
+            calls.append((name, tensors(args), tensors(output if isinstance(output, tuple) else (output,))))
+        return record
+
+    handles = [module.register_forward_hook(recorder(name or "model")) for name, module in model.named_modules()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def first_varying_module(runs: list[list[tuple[str, list[torch.Tensor], list[torch.Tensor]]]]) -> str:
+    """The first call whose inputs are bitwise the same in a replay as in the first run but whose
+    outputs are not, and in how many replays that happens."""
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    for i, (name, inputs, outputs) in enumerate(runs[0]):
+        varying = sum(same(inputs, other[i][1]) and not same(outputs, other[i][2]) for other in runs[1:])
+        if varying:
+            return f"{name} ({varying} of {len(runs) - 1} replays)"
+    return "none"
 
 
 def main() -> None:
@@ -88,6 +125,13 @@ def main() -> None:
           f"{args.repeats} replays from one state")
     for path, run in paths.items():
         print(f"{path}: {differing(replay(run))} of {args.repeats - 1} replays differ from the first")
+    forward = paths["model forward alone, eager"]
+    runs = []
+    for _ in range(args.repeats):
+        restore(batcher, saved)
+        with torch.no_grad():
+            runs.append(module_calls(model, forward))
+    print(f"first module whose output varies with the same inputs: {first_varying_module(runs)}")
     batcher.close()
 
 
