@@ -73,12 +73,20 @@ def encode_conversation(tok: Tokenizer, messages: list[dict], system_prompt: str
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
 
 
+PACK_WINDOW = 256
+"""Conversations packed together (`ChatBatches`): enough that the rows of the window fill up, few
+enough that a batch still mixes conversations from all over the epoch's shuffle."""
+
+
 class ChatBatches:
     """Endless packed SFT batches: whole conversations laid end to end in rows of seq_len+1.
 
-    A conversation that does not fit the rest of a row starts the next row; the row's tail is
-    padded with <|endoftext|> that carries no loss. A conversation longer than a row is cut,
-    and the labelled tokens lost are counted in `truncated_labels` (reported, never silent).
+    Each epoch shuffles the conversations and packs every PACK_WINDOW of them into rows by
+    first-fit-decreasing; a row's tail is padded with <|endoftext|> that carries no loss. (Laying
+    them in the shuffled order, a conversation that did not fit the rest of a row starting the
+    next, left 23% of the positions padding on conversations of MiniMind's lengths, hundreds of
+    tokens: reports/gpu_speed.md.) A conversation longer than a row is cut, and the labelled
+    tokens lost are counted in `truncated_labels` (reported, never silent).
     Labels at position i are the target for input i: ids[i+1] where mask[i+1], else IGNORE_INDEX.
     """
 
@@ -103,17 +111,13 @@ class ChatBatches:
     def _rows(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         width = self.seq_len + 1
         while True:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
-            members, used = [], 0
-            for i in order:
-                n = len(self.examples[i][0])
-                if used + n > width:
-                    yield self._row(members)
-                    members, used = [], 0
-                members.append(i)
-                used += n
-            if members:
-                yield self._row(members)
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = rng.permutation(len(self.examples))
+            for start in range(0, len(order), PACK_WINDOW):
+                window = order[start:start + PACK_WINDOW]
+                rows = first_fit_decreasing([len(self.examples[i][0]) for i in window], width)
+                for r in rng.permutation(len(rows)):  # not longest first
+                    yield self._row([window[j] for j in rows[r]])
             self.epoch += 1
 
     def _row(self, members: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,21 +156,26 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[
             "padding": torch.arange(width - 1) >= lengths[:, None]}
 
 
-def pack_rows(sequences: list[tuple[np.ndarray, np.ndarray]], width: int) -> list[list[int]]:
-    """Which sequences share each row of `width` positions (their indices), first-fit-decreasing
-    on the positions each takes: n - 1 for n tokens, at most `width`."""
-    need = [min(len(ids) - 1, width) for ids, _ in sequences]
+def first_fit_decreasing(sizes: list[int], width: int) -> list[list[int]]:
+    """Items of these sizes (each at most `width`) in rows of `width`: the indices in each row.
+    Longest first, each into the first row with room for it."""
     rows: list[list[int]] = []
     free: list[int] = []
-    for i in sorted(range(len(need)), key=lambda i: -need[i]):
-        row = next((r for r, room in enumerate(free) if room >= need[i]), None)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        row = next((r for r, room in enumerate(free) if room >= sizes[i]), None)
         if row is None:
             rows.append([])
             free.append(width)
             row = len(rows) - 1
         rows[row].append(i)
-        free[row] -= need[i]
+        free[row] -= sizes[i]
     return rows
+
+
+def pack_rows(sequences: list[tuple[np.ndarray, np.ndarray]], width: int) -> list[list[int]]:
+    """Which sequences share each row of `width` positions (their indices), first-fit-decreasing
+    on the positions each takes: n - 1 for n tokens, at most `width`."""
+    return first_fit_decreasing([min(len(ids) - 1, width) for ids, _ in sequences], width)
 
 
 def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int,
