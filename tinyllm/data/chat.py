@@ -74,19 +74,19 @@ def encode_conversation(tok: Tokenizer, messages: list[dict], system_prompt: str
 
 
 PACK_WINDOW = 256
-"""Conversations packed together (`ChatBatches`): enough that the rows of the window fill up, few
-enough that a batch still mixes conversations from all over the epoch's shuffle."""
+"""Conversations packed together (`ChatBatches`): enough for the rows to fill up. Each window is a
+random draw of the epoch's shuffle, so its rows still mix unrelated conversations."""
 
 
 class ChatBatches:
     """Endless packed SFT batches: whole conversations laid end to end in rows of seq_len+1.
 
     Each epoch shuffles the conversations and packs every PACK_WINDOW of them into rows by
-    first-fit-decreasing; a row's tail is padded with <|endoftext|> that carries no loss. (Laying
-    them in the shuffled order, a conversation that did not fit the rest of a row starting the
-    next, left 23% of the positions padding on conversations of MiniMind's lengths, hundreds of
-    tokens: reports/gpu_speed.md.) A conversation longer than a row is cut, and the labelled
-    tokens lost are counted in `truncated_labels` (reported, never silent).
+    first-fit-decreasing; a row's tail is padded with <|endoftext|> that carries no loss. (Before,
+    conversations went into rows in the shuffled order, a new row whenever the next did not fit:
+    on conversations of MiniMind's lengths 23% of the positions were padding, reports/gpu_speed.md.)
+    A conversation longer than a row is cut, and the labelled tokens lost are counted in
+    `truncated_labels` (reported, never silent).
     Labels at position i are the target for input i: ids[i+1] where mask[i+1], else IGNORE_INDEX.
     """
 
