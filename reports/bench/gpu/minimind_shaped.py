@@ -2,21 +2,23 @@
 carry on them (issue 22: "a table for all stages ... on chat data of realistic lengths").
 
     python reports/bench/gpu/minimind_shaped.py                      # the padding table, here
-    python reports/bench/gpu/minimind_shaped.py --write /tmp/long    # + /tmp/long/sft.jsonl
+    python reports/bench/gpu/minimind_shaped.py --write data/long    # + a corpus for data.source files
 
 The world's own SFT data is short question-and-answer (a few dozen tokens), so 32 × 512 rows
 pack many conversations each. MiniMind's sft_mini_512 keeps conversations under 512 tokens, most of
 them hundreds long. These conversations ask about one to six people of the world at a time
 ("介绍一下A和B。", "Tell me about A and B."); the reply gives every fact of each, and a third of them
 have a follow-up turn. Their token lengths are printed beside the padding, so the shape is
-measured, not assumed. `--write` saves them as MiniMind-format lines
-(`{"conversations": [...]}`), for `data.source: files` with `data.sft` pointing at them.
+measured, not assumed. `--write DIR` saves them as MiniMind-format lines (`DIR/sft.jsonl`), beside
+the world's own pretraining text, identity conversations, preference pairs and grpo prompts, and
+prints the `dvc exp run` flags that train on that folder (`data.source: files`).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -59,6 +61,22 @@ def padding(examples, batch_size: int, seq_len: int, pad_id: int, batches: int) 
     return padded / total, 1000 * (time.perf_counter() - start) / batches
 
 
+WORLD_FILES = {"pretrain": "pretrain.jsonl", "identity": "chat/identity.jsonl", "dpo": "dpo.jsonl",
+               "grpo": "grpo.jsonl"}
+"""The prepared world's files a corpus of long conversations keeps, by the data.* list they go in."""
+
+
+def write_corpus(out: Path, conversations: list[list[dict]], world_data: Path) -> None:
+    """`out`/sft.jsonl (the conversations) and copies of the world's other files, then the flags."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "sft.jsonl", ({"conversations": c} for c in conversations))
+    flags = ["-S data.source=files", f"-S 'data.sft=[{out / 'sft.jsonl'}]'"]
+    for kind, name in WORLD_FILES.items():
+        shutil.copy2(world_data / name, out / Path(name).name)
+        flags.append(f"-S 'data.{kind}=[{out / Path(name).name}]'")
+    print("dvc exp run " + " ".join(flags))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("artifacts/data"), help="a prepared world")
@@ -73,8 +91,7 @@ def main() -> None:
     rng = random.Random(0)
     long = [long_conversation(world.people, rng) for _ in range(args.conversations)]
     if args.write:
-        args.write.mkdir(parents=True, exist_ok=True)
-        write_jsonl(args.write / "sft.jsonl", ({"conversations": c} for c in long))
+        write_corpus(args.write, long, args.data)
     world_sft = read_conversations([args.data / "chat/sft_single.jsonl", args.data / "chat/sft_multi.jsonl"])
     pad = tok.token_to_id(ENDOFTEXT)
     print(f"| SFT data | conversations | tokens p10 / p50 / p90 / max | padding share at {args.batch_size} × "
