@@ -1,5 +1,5 @@
 """Is a device gap in the quality metrics the training's or the eval's? (issue 18: English held-out QA
-is about 10 points lower in H200 runs than in CPU runs of the same seeds.)
+is 7 points lower over 18 H200 runs than over 6 CPU runs, reports/quality.md.)
 
     python reports/bench/seeds/cross_eval.py artifacts/sft --device cuda --dtype bfloat16 float32
 
