@@ -45,6 +45,7 @@ class FitResult:
     """The last interval's train/* metrics, the last val loss, and the speed of the run:
     tokens_per_sec, padding_share and recompiles after the first interval (`MetricsWindow`),
     startup_seconds (stage start to the end of the first step: imports, loading, compiling),
+    setup_seconds (the part of it before `fit` was called: imports, data, loading the checkpoint),
     first_step_seconds (the first step, and on a resume the skipping of used batches) and mfu."""
 
 
@@ -301,6 +302,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         NonFiniteLossError: the loss became NaN or infinite (the message names the step and the
             last good resumable checkpoint, which is kept).
     """
+    setup_seconds = process_seconds()  # the stage's own work before training: imports, data, loading
     run = run or TrainingRun()
     dist, logger = run.dist, run.logger or NullLogger()
     device = resolve_device(runtime, dist)
@@ -332,7 +334,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         grad_norm = engine.complete_step()
         window.end_step(step, step_loss)
         if step == start_step:
-            speed = _first_step(device, window, dist)
+            speed = _first_step(device, window, dist, setup_seconds)
 
         last = step == cfg.max_steps - 1
         if (step + 1) % cfg.log_interval != 0 and not last:
@@ -376,14 +378,17 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     return result
 
 
-def _first_step(device: torch.device, window: MetricsWindow, dist) -> dict:
-    """Start-up as a user sees it: from the process start to the first step done (one host sync)."""
+def _first_step(device: torch.device, window: MetricsWindow, dist, setup_seconds: float) -> dict:
+    """Start-up as a user sees it: from the process start to the first step done (one host sync),
+    and the part of it the stage spent before calling `fit` (`setup_seconds`); the rest is the
+    engine's start (moving the model, DDP, resuming) and the first step."""
     if device.type == "cuda":
         torch.cuda.synchronize(device if device.index is not None else None)  # "cuda" names no index
-    speed = {"startup_seconds": process_seconds(), "first_step_seconds": time.perf_counter() - window.start}
+    speed = {"startup_seconds": process_seconds(), "setup_seconds": setup_seconds,
+             "first_step_seconds": time.perf_counter() - window.start}
     if dist.is_main:
-        log.info("first step done %.1f s after the process started (the step itself: %.1f s)",
-                 speed["startup_seconds"], speed["first_step_seconds"])
+        log.info("first step done %.1f s after the process started (the stage's setup: %.1f s; the step itself: "
+                 "%.1f s)", speed["startup_seconds"], setup_seconds, speed["first_step_seconds"])
     return speed
 
 
