@@ -80,3 +80,24 @@ def test_an_epoch_packs_every_conversation_once_into_nearly_full_rows(tokenizer)
     assert labelled == sum(int(mask.sum()) for _ids, mask in examples)  # each one once, whole
     padding = sum(int(pad.sum()) for _ids, _mask, pad in rows) / sum(len(ids) for ids, _mask, _pad in rows)
     assert padding < 0.05, padding
+
+
+def test_the_packed_stream_depends_on_the_seed_alone(tokenizer):
+    """What exact resume rests on: a new ChatBatches with the same seed yields the same batches, so
+    skipping the ones an interrupted run used lands where it stopped; another seed differs."""
+    examples = [encode_conversation(tokenizer, [{"role": "user", "content": "介绍一下李明。"},
+                                                {"role": "assistant", "content": "李明住在杭州。" * n}])
+                for n in range(1, 40)]
+
+    def stream(seed):
+        return iter(ChatBatches(examples, batch_size=4, seq_len=127, seed=seed, pad_id=0))
+
+    first, again = stream(0), stream(0)
+    for _ in range(30):  # several epochs
+        a, b = next(first), next(again)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = stream(0)
+    for _ in range(30):
+        next(resumed)
+    assert torch.equal(next(resumed)["input_ids"], next(first)["input_ids"])
+    assert not torch.equal(next(stream(1))["input_ids"], next(stream(0))["input_ids"])

@@ -1,9 +1,9 @@
 """Pool the runs of several seed sweeps into one comparison (issue 18: is a device's quality within
 3 points of the CPU's?). Each group is a list of sources; a run is one (seed, metrics) of a source.
 
-    python reports/bench/seeds/pool.py \\
-        cpu=reports/bench/seeds/cpu_bf16_seeds_1_2_lines_log.txt,reports/eval/metrics.json#1337 \\
-        h200=reports/bench/seeds/gpu/sweep15_log.txt,reports/bench/seeds/gpu/sweep16_log.txt
+    cd reports/bench/seeds
+    python pool.py cpu=cpu_bf16_seeds_1_2_lines_log.txt,cpu_bf16_seed_1337_lines_metrics.json#1337 \\
+        h200=gpu/sweep15_log.txt,gpu/sweep16_log.txt
 
 A source is a log of `run.py` (its lines `<settings> seed N: S s {metrics}`; `log@text` keeps the
 lines whose settings contain `text`), a table `run.py` wrote for one variant (its per-seed columns),

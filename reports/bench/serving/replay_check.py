@@ -53,18 +53,21 @@ def differing(outputs: list[tuple[torch.Tensor, ...]]) -> int:
 
 
 def module_calls(model, run) -> list[tuple[str, list[torch.Tensor], list[torch.Tensor]]]:
-    """Every module call of one `run()`, in the order the calls return: (name, tensor inputs, tensor outputs)."""
+    """Every module call of one `run()`, in the order the calls return: (name, tensor inputs, tensor outputs).
+    Inputs that are not tensors (the KV cache) are not compared: each replay restores them first."""
     calls = []
 
     def tensors(values) -> list[torch.Tensor]:
         return [v.detach().clone() for v in values if isinstance(v, torch.Tensor)]
 
     def recorder(name: str):
-        def record(module, args, output):
-            calls.append((name, tensors(args), tensors(output if isinstance(output, tuple) else (output,))))
+        def record(module, args, kwargs, output):
+            calls.append((name, tensors([*args, *kwargs.values()]),
+                          tensors(output if isinstance(output, tuple) else (output,))))
         return record
 
-    handles = [module.register_forward_hook(recorder(name or "model")) for name, module in model.named_modules()]
+    handles = [module.register_forward_hook(recorder(name or "(the whole model)"), with_kwargs=True)
+               for name, module in model.named_modules()]
     try:
         run()
     finally:
