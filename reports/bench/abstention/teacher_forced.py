@@ -22,7 +22,7 @@ import torch
 
 from tinyllm.data.chat import encode_conversation
 from tinyllm.data.chat_data import answer_sentence, attribute_value
-from tinyllm.data.world import ATTRIBUTES, World
+from tinyllm.data.world import ATTRIBUTES, load_world
 from tinyllm.infer.chat import load_chat_model
 
 DATA = Path("artifacts/data")
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     args = parser.parse_args()
     model, tok, _ = load_chat_model(args.checkpoint)
-    world = World.from_json(json.loads((DATA / "world.json").read_text()))
+    world = load_world(DATA / "world.json")
     people = [*world.people, *world.unknown]
 
     def asked(item: dict):

@@ -22,10 +22,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tinyllm.data.tokenizer import load_tokenizer
-from tinyllm.data.world import LANGUAGES, World, fact_fields, render_template, subject_fields
+from tinyllm.data.world import LANGUAGES, fact_fields, load_world, render_template, subject_fields
+from tinyllm.eval.chat_eval import scored_rows
 from tinyllm.train.checkpoint import load_model
 
 PROBED = ("job", "pet", "colour", "city")
@@ -38,14 +40,10 @@ def word(text: str) -> str:
     return re.escape(text) if not text.isascii() else rf"(?<![A-Za-z]){re.escape(text)}(?![A-Za-z])"
 
 
-@torch.no_grad()
 def sentence_logprobs(model, tok, texts: list[str]) -> list[float]:
-    ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]
-    batch = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
-    for i, row in enumerate(ids):
-        batch[i, :len(row)] = torch.tensor(row)
-    logprobs = torch.log_softmax(model(batch).logits.float(), -1)
-    return [sum(logprobs[i, j - 1, row[j]].item() for j in range(1, len(row))) for i, row in enumerate(ids)]
+    """The summed log-prob of each text's tokens after its first."""
+    ids = [np.array(tok.encode(t, add_special_tokens=False).ids) for t in texts]
+    return scored_rows(model, tok, [(row, np.ones(len(row), dtype=bool)) for row in ids])[0].tolist()
 
 
 @torch.no_grad()
@@ -76,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.checkpoint, torch.device("cpu")).eval()
     tok = load_tokenizer(Path("artifacts/tokenizer"))
-    world = World.from_json(json.loads((args.data / "world.json").read_text()))
+    world = load_world(args.data / "world.json")
     docs = [json.loads(line)["text"] for line in (args.data / "pretrain.jsonl").open()]
     people = [p for p in world.people if p.split == args.split and p.bios_en
               and sum(p.name.zh in q.name.zh for q in world.people) == 1][:args.people]
