@@ -8,7 +8,8 @@
 A source is a log of `run.py` (its lines `<settings> seed N: S s {metrics}`; `log@text` keeps the
 lines whose settings contain `text`), a table `run.py` wrote for one variant (its per-seed columns),
 or an eval `metrics.json` with its seed after `#`. The table gives each group's mean ± std (runs)
-and the difference of each later group's mean from the first's, in points.
+and the difference of each later group's mean from the first's (in points; pretraining's kept step
+and best validation loss as they are).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from run import METRICS, STAGES  # this folder's script, beside this one
+from run import METRICS, PRETRAIN, STAGES  # this folder's script, beside this one
 
 LOG_LINE = re.compile(r"(?P<settings>.*) seed (?P<seed>\d+): \d+ s (?P<metrics>\{.*\})$")
 SEED_COLUMN = re.compile(r"seed (?P<seed>\d+) \((?P<stage>\w+)\)")
@@ -64,17 +65,16 @@ def main() -> None:
     print("| metric | " + " | ".join(f"{name}: seeds {', '.join(str(s) for s, _ in groups[name])}" for name in names)
           + "".join(f" | {name} − {names[0]}" for name in names[1:]) + " |")
     print("|---|" + "---|" * (2 * len(names) - 1))
-    for stage in STAGES:
-        for metric in METRICS:
-            key = f"{stage}.{metric}"
-            values = {name: [run[key] for _, run in groups[name] if key in run] for name in names}
-            if not all(values.values()):
-                continue
-            cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f} ({len(v)})"
-                     for v in values.values()]
-            first = statistics.mean(values[names[0]])
-            cells += [f"{100 * (statistics.mean(values[name]) - first):+.1f}" for name in names[1:]]
-            print(f"| {key} | " + " | ".join(cells) + " |")
+    for key in [f"pretrain.{k}" for k in PRETRAIN] + [f"{stage}.{m}" for stage in STAGES for m in METRICS]:
+        values = {name: [run[key] for _, run in groups[name] if key in run] for name in names}
+        if not all(values.values()):
+            continue
+        cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f} ({len(v)})"
+                 for v in values.values()]
+        first = statistics.mean(values[names[0]])
+        scale = 1 if key.startswith("pretrain.") else 100  # a step or a loss as it is; a share in points
+        cells += [f"{scale * (statistics.mean(values[name]) - first):+.{3 if scale == 1 else 1}f}" for name in names[1:]]
+        print(f"| {key} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ METRICS = ("qa_seen", "qa_heldout", "qa_heldout_zh", "qa_heldout_en", "multi_tur
            "heldout_loss", "preference", "pref_margin", "bench_world", "unknown_abstain", "known_false_abstain",
            "arith_heldout", "arith_pass8")
 STAGES = ("sft", "dpo", "grpo")
+PRETRAIN = ("kept_step", "val/best_loss")
+"""From pretraining's summary: which step `keep: best` kept decides much of what the chat stages know
+(reports/quality.md, "Which pretraining step knows the most"), so every run's log line names it."""
 
 
 def sh(*cmd: str, cwd: Path = ROOT) -> str:
@@ -70,8 +73,10 @@ def run_one(seed: int, settings: list[str], workdir: Path, command: tuple[str, .
     start = time.perf_counter()
     sh(sys.executable, "-m", "dvc", *(command or ("exp", "run", *set_flags(seed, settings), "eval")), cwd=workdir)
     metrics = json.loads((workdir / "reports/eval/metrics.json").read_text())
-    summary = {f"{stage}.{key}": round(value, 3) for stage in ("sft", "lora", "dpo", "grpo")
-               for key, value in metrics.get(stage, {}).items() if key in METRICS}
+    pretrain = json.loads((workdir / "reports/metrics/pretrain.json").read_text())
+    metrics["pretrain"] = {key: pretrain[key] for key in PRETRAIN if key in pretrain}
+    summary = {f"{stage}.{key}": round(value, 3) for stage in ("pretrain", "sft", "lora", "dpo", "grpo")
+               for key, value in metrics.get(stage, {}).items() if key in METRICS + PRETRAIN}
     seconds = time.perf_counter() - start
     print(f"{' '.join(settings) or 'committed params'} seed {seed}: {seconds:.0f} s {summary}", flush=True)
     return metrics
