@@ -390,6 +390,15 @@ def test_bench_serve_runs_the_real_server_for_each_setting_and_checks_greedy_rep
     assert (tmp_path / "serve_slots4.log").read_text().count("up to 4 requests at once") == 1
 
 
+def test_the_bench_names_where_a_batched_greedy_reply_parts_from_its_solo_run():
+    from tinyllm.serve.loadgen import parting
+
+    solo = [("我", 2.5), ("是", 0.8), ("小", 0.012), ("光", 3.0)]
+    assert parting(solo, [("我", 2.5), ("是", 0.8), ("大", 0.02), ("光", 1.0)]) == (2, 0.012)
+    assert parting(solo, solo) is None
+    assert parting(solo, solo[:2]) is None  # a prefix: one reply ended sooner
+
+
 def test_a_cpu_engine_takes_half_the_cores_unless_told(capsys):
     from tinyllm.cli import main
     from tinyllm.serve.engine import engine_threads

@@ -46,12 +46,25 @@ def client(args: tuple) -> list[dict]:
     return out
 
 
-def greedy_reply(args: tuple) -> str:
-    """One greedy reply (for the check that batched replies equal solo ones)."""
+def greedy_reply(args: tuple) -> tuple[str, list[tuple[str, float]]]:
+    """One greedy reply, and per token (token, how far its log-prob is above the runner-up's):
+    where a batched reply parts from its solo run, that margin tells a near-tie (a bf16 rounding
+    step) from a real difference."""
     import openai
 
     url, model, question, max_tokens = args
     api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                        temperature=0, max_tokens=max_tokens)
-    return reply.choices[0].message.content
+                                        temperature=0, max_tokens=max_tokens, logprobs=True, top_logprobs=2)
+    choice = reply.choices[0]
+    steps = [(t.token, t.top_logprobs[0].logprob - t.top_logprobs[1].logprob) for t in choice.logprobs.content]
+    return choice.message.content, steps
+
+
+def parting(solo: list[tuple[str, float]], together: list[tuple[str, float]]) -> tuple[int, float] | None:
+    """Where two greedy replies (`greedy_reply`'s steps) first differ: (token index, the solo run's
+    top-2 log-prob margin there); None if one is the other or a prefix of it."""
+    for i, ((a, margin), (b, _)) in enumerate(zip(solo, together)):
+        if a != b:
+            return i, margin
+    return None
