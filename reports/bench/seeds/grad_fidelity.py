@@ -62,22 +62,25 @@ VARIANTS = {  # name → (device, dtype, what else is switched during the step)
 }
 
 
+def backward(model, batch: dict, device: str, dtype: torch.dtype, switch, scale: float = 1.0) -> float:
+    """Forward and backward of one batch on `device`, in bf16 autocast or in the weights' own dtype;
+    the gradient (times `scale`) accumulates in the weights. Returns the loss."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    precision = torch.autocast(device_type=device, dtype=dtype) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    with switch(), precision:
+        loss, _ = NextTokenLoss()(model, batch)
+    (loss * scale).backward()
+    return loss.item()
+
+
 def gradients(model, batches, device: str, dtype: torch.dtype, switch=contextlib.nullcontext
               ) -> tuple[float, dict[str, torch.Tensor]]:
-    """(mean loss, mean gradient per weight, float64 on the CPU) of `model` copied to `device`."""
+    """(mean loss, mean gradient per weight, float64 on the CPU) of `model` moved to `device`."""
     model = model.to(device)
-    total = 0.0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        precision = (torch.autocast(device_type=device, dtype=dtype) if dtype == torch.bfloat16
-                     else contextlib.nullcontext())
-        with switch(), precision:
-            loss, _ = NextTokenLoss()(model, batch)
-        (loss / len(batches)).backward()
-        total += loss.item() / len(batches)
+    total = sum(backward(model, batch, device, dtype, switch, 1 / len(batches)) for batch in batches)
     grads = {n: p.grad.detach().to("cpu", torch.float64) for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    return total, grads
+    return total / len(batches), grads
 
 
 def train(model, batches, device: str, dtype: torch.dtype, switch, cfg, fused: bool) -> dict[str, torch.Tensor]:
@@ -85,12 +88,7 @@ def train(model, batches, device: str, dtype: torch.dtype, switch, cfg, fused: b
     model = copy.deepcopy(model).to(device)
     optimizer = build_optimizer(model, cfg, torch.device(device if fused else "cpu"))  # the device picks fused
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        precision = (torch.autocast(device_type=device, dtype=dtype) if dtype == torch.bfloat16
-                     else contextlib.nullcontext())
-        with switch(), precision:
-            loss, _ = NextTokenLoss()(model, batch)
-        loss.backward()
+        backward(model, batch, device, dtype, switch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -72,8 +72,9 @@ def main() -> None:
         cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f} ({len(v)})"
                  for v in values.values()]
         first = statistics.mean(values[names[0]])
-        scale = 1 if key.startswith("pretrain.") else 100  # a step or a loss as it is; a share in points
-        cells += [f"{scale * (statistics.mean(values[name]) - first):+.{3 if scale == 1 else 1}f}" for name in names[1:]]
+        as_is = key.startswith("pretrain.")  # a step or a loss as it is; a share in points
+        cells += [f"{statistics.mean(values[name]) - first:+.3f}" if as_is
+                  else f"{100 * (statistics.mean(values[name]) - first):+.1f}" for name in names[1:]]
         print(f"| {key} | " + " | ".join(cells) + " |")
 
 

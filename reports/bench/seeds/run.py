@@ -190,6 +190,8 @@ def main() -> None:
         variants[name] = [s for s in settings.split(",") if s]
     start = time.perf_counter()
     runs = run_all(variants, seeds, args.jobs, args.paired)
+    if not runs:
+        sys.exit("every run failed (above); no table written")
     lines = ["# The default pipeline over several seeds", "",
              (f"{platform.machine()} ({platform.node()}), {time.strftime('%Y-%m-%d')}, commit "
               f"{sh('git', 'describe', '--always', '--dirty').strip()}; seeds {', '.join(map(str, seeds))}; "
