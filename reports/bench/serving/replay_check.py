@@ -17,11 +17,17 @@ while its inputs do not: the op to blame is in that module's own code. (On the C
 eager and computes only the sampling options live requests ask for; with the requests finished
 that is none, so there it checks the greedy path only. On a GPU the captured launch always
 computes them all.)
+
+Switches, to find the setting that makes the replays equal (one at a time, each its own run):
+--deterministic (torch's deterministic algorithms, cuBLAS's fixed workspace) and --blas cublas /
+cublaslt (the matmul library torch calls: a decode step's matmuls have few rows, the shapes where
+a library may split the inner sum across blocks).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -95,7 +101,16 @@ def main() -> None:
     parser.add_argument("--model", choices=list(PRESETS), default=None, help="random weights of this shape instead")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8")
+    parser.add_argument("--blas", choices=["auto", "cublas", "cublaslt"], default="auto",
+                        help="torch.backends.cuda.preferred_blas_library")
     args = parser.parse_args()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts: not yet
+        torch.use_deterministic_algorithms(True)
+    if args.blas != "auto":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     served, model, utf8 = served_model(args.checkpoint, args.model, args.device)
     batcher = Batcher(model, served.tok, served.stop_ids, utf8, compile=args.device.startswith("cuda"))
     batcher.warm_up()
@@ -124,8 +139,9 @@ def main() -> None:
         "sampler alone, fixed logits": lambda: batcher._pick(logits, rows, _Options.ALL),
     }
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    switches = [f"deterministic: {args.deterministic}", f"blas: {args.blas}"]
     print(f"model {args.model or args.checkpoint}, {next(model.parameters()).dtype}, {name}, "
-          f"{args.repeats} replays from one state")
+          f"{args.repeats} replays from one state ({', '.join(switches)})")
     for path, run in paths.items():
         print(f"{path}: {differing(replay(run))} of {args.repeats - 1} replays differ from the first")
     forward = paths["model forward alone, eager"]
