@@ -30,6 +30,8 @@ def test_defaults_derive_head_and_ffn_dims():
         ({"data": {"sft": ["chats.jsonl"]}}, "data.sft is read only when data.source is 'files'"),
         ({"data": {"world": {"arithmetic_answer": "cot"}}}, "data.world.arithmetic_answer='cot' must be 'steps'"),
         ({"runtime": {"dtype": "fp8"}}, "runtime.dtype='fp8'"),
+        ({"runtime": {"threads": 0}}, "runtime.threads=0 must be auto, follow or a number of threads >= 1"),
+        ({"runtime": {"threads": "all"}}, "runtime.threads='all' must be auto, follow"),
         ({"model": {"dropout": 1.5}}, "model.dropout=1.5"),
     ],
 )

@@ -47,15 +47,15 @@ def test_a_busy_program_takes_a_thread_and_gives_it_back(monkeypatch):
     torch.set_num_threads(before)
 
 
-def _train_and_hash(threads: int) -> str:
+def _train_and_hash(threads: int | str, dim: int = 64) -> str:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64,
+    model = Transformer(ModelConfig(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=2 * dim, max_seq_len=64,
                                     vocab_size=256))
     generator = torch.Generator().manual_seed(0)
 
     def batches():
         while True:
-            rows = torch.randint(0, 256, (8, 65), generator=generator)
+            rows = torch.randint(0, 256, (16, 65), generator=generator)
             yield {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
     fit(model, NextTokenLoss(), batches(), TrainConfig(max_steps=6, warmup_steps=1, log_interval=3),
@@ -63,9 +63,37 @@ def _train_and_hash(threads: int) -> str:
     return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 
 
-def test_the_thread_count_does_not_change_the_trained_weights():
+def test_the_same_thread_count_gives_the_same_weights_and_another_need_not():
+    """Why `runtime.threads` is fixed by default: at the default model's width, 1 and 2 threads
+    train different weights (a weight's gradient sums over the batch in per-thread parts)."""
     before = torch.get_num_threads()
     try:
-        assert _train_and_hash(threads=1) == _train_and_hash(threads=2)
+        assert _train_and_hash(threads=2, dim=192) == _train_and_hash(threads=2, dim=192)
+        if (os.cpu_count() or 1) >= 2:
+            assert _train_and_hash(threads=1, dim=192) != _train_and_hash(threads=2, dim=192)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not cpu_threads.PROC_STAT.exists() or (os.cpu_count() or 1) < 2, reason="needs Linux, 2+ cores")
+def test_auto_keeps_its_threads_beside_a_busy_program_and_follow_gives_one_up(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "CHECK_EVERY", 0.5)
+    before = torch.get_num_threads()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 2) - 1)]
+    try:
+        seen = {}
+        for mode in ("auto", "follow"):
+            cpu_threads.configure(mode, torch.device("cpu"))
+            start = torch.get_num_threads()
+            for _ in range(3):
+                time.sleep(0.6)
+                cpu_threads.follow()
+            seen[mode] = (start, torch.get_num_threads())
+        assert seen["auto"][0] == seen["auto"][1] >= 2
+        assert seen["follow"][1] == 1  # only this core is free
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+        cpu_threads.configure(before, torch.device("cpu"))

@@ -393,8 +393,9 @@ def test_bench_serve_runs_the_real_server_for_each_setting_and_checks_greedy_rep
 def test_the_bench_names_where_a_batched_greedy_reply_parts_from_its_solo_run():
     from tinyllm.serve.loadgen import parting
 
-    solo = [("我", 2.5), ("是", 0.8), ("小", 0.012), ("光", 3.0)]
-    assert parting(solo, [("我", 2.5), ("是", 0.8), ("大", 0.02), ("光", 1.0)]) == (2, 0.012)
+    solo = [("我".encode(), 2.5), (b"\xe6", 0.8), (b"\x98", 0.012), ("光".encode(), 3.0)]
+    # the third tokens are both halves of a character (text "�" for each), but not the same bytes
+    assert parting(solo, [("我".encode(), 2.5), (b"\xe6", 0.8), (b"\x9c", 0.02), ("光".encode(), 1.0)]) == (2, 0.012)
     assert parting(solo, solo) is None
     assert parting(solo, solo[:2]) is None  # a prefix: one reply ended sooner
 

@@ -150,7 +150,8 @@ def start_profiler(out_dir: Path, name: str, rank: int, skip: int, active: int =
 
 def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, steps: int, warmup: int,
                 compile: bool, device: str, dtype: str, tokens: Path | None = None, strategy: str = "ddp",
-                dist: Dist | None = None, profile_dir: Path | None = None, log_interval: int = 10) -> dict:
+                dist: Dist | None = None, profile_dir: Path | None = None, log_interval: int = 10,
+                threads: int | str = "auto") -> dict:
     """One timed training run; returns a table row (and the loss curve, kept out of the table).
 
     tokens: the pipeline's token folder (artifacts/tokens) to train on instead of random tokens;
@@ -160,6 +161,7 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         Writing the trace happens inside a timed window, so a profiled run's tokens/s is not comparable.
     log_interval: steps per log point; each one reads the loss, a host sync (warmup and steps are
     rounded up to a multiple of it).
+    threads: `runtime.threads` on a CPU (auto, follow or a number).
     """
     dist = dist or Dist()
     rows_per_rank = batch_size // dist.world_size
@@ -174,7 +176,7 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
     else:
         batches = random_batches(vocab_size, rows_per_rank, seq_len, seed=dist.rank)
     model_cfg = ModelConfig(**PRESETS[preset], max_seq_len=seq_len, vocab_size=vocab_size)
-    runtime = RuntimeConfig(device=device, dtype=dtype, compile=compile)
+    runtime = RuntimeConfig(device=device, dtype=dtype, compile=compile, threads=threads)
     train_cfg = TrainConfig(max_steps=warmup + steps, batch_size=batch_size, warmup_steps=1, lr=3e-4, min_lr=3e-5,
                             log_interval=log_interval, eval_interval=10**9)
     dev = resolve_device(runtime, dist)
@@ -319,7 +321,7 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
                               if text_a != text_b]
                     if differ:
                         check += " Where the others part: " + ", ".join(
-                            f"token {p[0]} (solo's two best {p[1]:.3f} apart in log-prob)" if p
+                            f"at token #{p[0]} (the solo run's two best {p[1]:.3f} apart in log-prob)" if p
                             else "one ends sooner" for p in differ) + "."
     return rows, check
 

@@ -57,6 +57,13 @@ def _names_from(known: dict, what: str):
     return parse
 
 
+def _cpu_threads(text: str) -> int | str:
+    """`runtime.threads` on the command line: auto, follow or a number >= 1."""
+    if text in ("auto", "follow"):
+        return text
+    return _checked(int, lambda n: n >= 1, "auto, follow or a number >= 1")(text)
+
+
 def _model_args(parser: argparse.ArgumentParser, dtype_help: str) -> None:
     """The model-preset flags `bench train` and `bench infer` share."""
     parser.add_argument("--models", type=_names_from(bench.PRESETS, "model preset(s)"), default=["tiny"],
@@ -145,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on this token folder (e.g. artifacts/tokens) instead of random tokens")
     train.add_argument("--strategy", type=_names_from(bench.STRATEGIES, "strategy"), default=["ddp"],
                        help=f"comma list of {', '.join(bench.STRATEGIES)} (several processes: run under torchrun)")
+    train.add_argument("--threads", type=_cpu_threads, default="auto",
+                       help="CPU threads: auto (torch's own, fixed), follow (one per free core) or a number")
     train.add_argument("--log-interval", type=_checked(int, lambda v: v > 0, "> 0"), default=10,
                        help="steps per log point (each reads the loss: one host sync)")
     train.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
                         dtype=args.dtype, tokens=args.tokens, strategies=args.strategy, name=args.name,
-                        profile_dir=args.profile, log_interval=args.log_interval))
+                        profile_dir=args.profile, log_interval=args.log_interval, threads=args.threads))
     elif args.command == "bench" and args.what == "serve":
         print(bench.run_serve(args.checkpoint, args.out, preset=args.model, clients=args.clients, slots=args.slots,
                               requests=args.requests, max_tokens=args.max_tokens, device=args.device,

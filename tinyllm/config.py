@@ -196,9 +196,12 @@ class RuntimeConfig:
     compile: bool | str = "auto"
     """Wrap the training model in torch.compile: `auto` compiles on a GPU (2-3x there) and not on
     the CPU (no speed-up on 2 cores, and a minute of compiling); true or false force it."""
-    threads: int = 0
-    """CPU threads for training and eval. 0: one per core that other programs leave free,
-    re-checked every 2 s (tinyllm/cpu_threads.py); N: always N. Ignored on a GPU."""
+    threads: int | str = "auto"
+    """CPU threads for training and eval. `auto`: torch's own count (one per core), fixed for the
+    run; `follow`: one per core that other programs leave free, re-checked every 2 s
+    (tinyllm/cpu_threads.py: faster beside a busy program, but the weights then depend on the
+    machine's load, since the weight gradients sum over the batch in a thread-dependent order);
+    N: always N. Ignored on a GPU."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -620,8 +623,9 @@ def _check_machine(p: Params) -> list[str]:
     e = _positive({"distributed.nproc": p.distributed.nproc, "checkpoint.keep": p.checkpoint.keep})
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", p.runtime.device):
         e.append(f"runtime.device={p.runtime.device!r} must be auto, cpu, cuda or cuda:N")
-    if p.runtime.threads < 0:
-        e.append(f"runtime.threads={p.runtime.threads} must be >= 0 (0: follow the free cores)")
+    threads = p.runtime.threads
+    if threads not in ("auto", "follow") and not (isinstance(threads, int) and threads >= 1):
+        e.append(f"runtime.threads={threads!r} must be auto, follow or a number of threads >= 1")
     if isinstance(p.runtime.compile, str) and p.runtime.compile != "auto":
         e.append(f"runtime.compile={p.runtime.compile!r} must be auto, true or false")
     if p.runtime.dtype not in ("auto", "float32", "bfloat16"):

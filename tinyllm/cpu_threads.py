@@ -1,19 +1,23 @@
-"""Share the CPU with other programs: torch's thread count follows the cores they leave free.
+"""How many CPU threads torch uses in a stage: fixed (the default), or following the free cores.
 
-PyTorch's CPU kernels run on OpenMP threads that spin while they wait for each other. When another
-program holds one of the cores, the thread on that core runs in bursts and the others spin for
-it: on 2 cores, with one busy program beside it, pretraining ran 3.1× slower than alone, where
-fair sharing costs 2× (reports/cpu_sharing.md). OpenMP's passive wait policy fixes that but costs
-25% on an idle machine. So a stage that trains or evaluates on the CPU calls `follow()` as it
-goes (every step: it is a clock read between checks): every 2 s it reads how much CPU other
-programs used (Linux's /proc/stat, minus this process's own time) and sets torch to one thread
-per core they left free, back up to torch's own default when they stop.
+The thread count changes the trained weights: a weight's gradient sums over every position of the
+batch, and torch splits that sum between its threads, so 1 and 2 threads round differently (the
+default model's weights after 20 steps differ bitwise, fp32 and bf16, while the forward is
+identical). A fixed count (`runtime.threads: auto` or N) gives the same weights on every run on
+this machine, whatever else runs beside it.
+
+`follow` trades that for speed when the CPU is shared. PyTorch's CPU kernels run on OpenMP threads
+that spin while they wait for each other. When another program holds one of the cores, the
+thread on that core runs in bursts and the others spin for it: on 2 cores, with one busy program
+beside it, pretraining ran 3.1× slower than alone, where fair sharing costs 2×
+(reports/cpu_sharing.md). OpenMP's passive wait policy fixes that but costs 25% on an idle
+machine. So with `follow` a stage that trains or evaluates on the CPU calls `follow()` as it goes
+(every step: it is a clock read between checks): every 2 s it reads how much CPU other programs
+used (Linux's /proc/stat, minus this process's own time) and sets torch to one thread per core
+they left free, back up to torch's own default when they stop.
 
     cpu_threads.configure(runtime.threads, device)   # once, at the start of a stage
-    cpu_threads.follow()                             # often
-
-The thread count does not change results here: a training run gives bit-identical weights on 1 and
-2 threads (tests/test_cpu_threads.py).
+    cpu_threads.follow()                             # often (does nothing unless following)
 """
 
 from __future__ import annotations
@@ -76,20 +80,21 @@ class FreeCoreFollower:
             torch.set_num_threads(threads)
 
 
-def configure(threads: int, device: torch.device) -> None:
-    """`threads` > 0: use exactly that many. 0: follow the free cores (on the CPU, on Linux, and
-    unless OMP_NUM_THREADS says how many); on a GPU nothing changes."""
+def configure(threads: int | str, device: torch.device) -> None:
+    """`threads` N: exactly N. `auto`: torch's own count. `follow`: start there and follow the free
+    cores (on Linux, and unless OMP_NUM_THREADS says how many). On a GPU nothing changes."""
     global _follower, _torch_default_threads
     _follower = None
     if device.type != "cpu":
         return
     _torch_default_threads = _torch_default_threads or torch.get_num_threads()
-    if threads > 0:
+    if isinstance(threads, int):
         torch.set_num_threads(threads)
         return
     torch.set_num_threads(_torch_default_threads)
-    if "OMP_NUM_THREADS" not in os.environ and _busy_seconds() is not None and _torch_default_threads > 1:
-        _follower = FreeCoreFollower(most=_torch_default_threads)
+    if (threads == "follow" and "OMP_NUM_THREADS" not in os.environ and _busy_seconds() is not None
+            and _torch_default_threads > 1):
+        _follower = FreeCoreFollower(most=_torch_default_threads, every=CHECK_EVERY)
 
 
 def follow() -> None:

@@ -46,8 +46,8 @@ def client(args: tuple) -> list[dict]:
     return out
 
 
-def greedy_reply(args: tuple) -> tuple[str, list[tuple[str, float]]]:
-    """One greedy reply, and per token (token, how far its log-prob is above the runner-up's):
+def greedy_reply(args: tuple) -> tuple[str, list[tuple[bytes, float]]]:
+    """One greedy reply, and per token (its bytes, how far its log-prob is above the runner-up's):
     where a batched reply parts from its solo run, that margin tells a near-tie (a bf16 rounding
     step) from a real difference."""
     import openai
@@ -57,11 +57,12 @@ def greedy_reply(args: tuple) -> tuple[str, list[tuple[str, float]]]:
     reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                         temperature=0, max_tokens=max_tokens, logprobs=True, top_logprobs=2)
     choice = reply.choices[0]
-    steps = [(t.token, t.top_logprobs[0].logprob - t.top_logprobs[1].logprob) for t in choice.logprobs.content]
+    # bytes, not the token's text: a token holding part of a UTF-8 character reads as "�" whatever it is
+    steps = [(bytes(t.bytes), t.top_logprobs[0].logprob - t.top_logprobs[1].logprob) for t in choice.logprobs.content]
     return choice.message.content, steps
 
 
-def parting(solo: list[tuple[str, float]], together: list[tuple[str, float]]) -> tuple[int, float] | None:
+def parting(solo: list[tuple[bytes, float]], together: list[tuple[bytes, float]]) -> tuple[int, float] | None:
     """Where two greedy replies (`greedy_reply`'s steps) first differ: (token index, the solo run's
     top-2 log-prob margin there); None if one is the other or a prefix of it."""
     for i, ((a, margin), (b, _)) in enumerate(zip(solo, together)):

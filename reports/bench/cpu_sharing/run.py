@@ -5,10 +5,12 @@
 
 1. The default pretraining shape (192×4, seq 128, batch 16, vocab 1024, `tinyllm bench train`)
    under four thread policies, alone and beside `python -c "while True: pass"`:
-   torch's default (one thread per core), the same with OMP_WAIT_POLICY=PASSIVE, one thread, and
-   the project's default (follow the free cores, tinyllm/cpu_threads.py).
-2. The whole default `dvc repro -f` with the project's default, beside the busy program and then
-   alone (so the outputs left in the workspace are those of the run alone).
+   torch's default (one thread per core, `runtime.threads: auto`), the same with
+   OMP_WAIT_POLICY=PASSIVE, one thread, and `runtime.threads: follow` (one per free core,
+   tinyllm/cpu_threads.py).
+2. The whole `dvc repro -f` with params.yaml's `runtime.threads` (set it to follow to measure
+   that), beside the busy program and then alone (so the outputs left in the workspace are those
+   of the run alone).
 
 Run it on an otherwise idle machine: every figure is a ratio within this one run.
 """
@@ -31,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[3]
 OUT = ROOT / "reports/cpu_sharing.md"
 BENCH = [sys.executable, "-m", "tinyllm.cli", "bench", "train", "--models", "tiny", "--seq-len", "128",
          "--batch-size", "16", "--vocab-size", "1024", "--device", "cpu", "--steps", "40", "--warmup", "10"]
-POLICIES = {
-    "torch's default (a thread per core)": {"OMP_NUM_THREADS": str(os.cpu_count())},
-    "the same, OMP_WAIT_POLICY=PASSIVE": {"OMP_NUM_THREADS": str(os.cpu_count()), "OMP_WAIT_POLICY": "PASSIVE"},
-    "one thread": {"OMP_NUM_THREADS": "1"},
-    "follow the free cores (default)": {},
+POLICIES = {  # name → (environment, `bench train` flags)
+    "torch's default (a thread per core; auto)": ({"OMP_NUM_THREADS": str(os.cpu_count())}, []),
+    "the same, OMP_WAIT_POLICY=PASSIVE": ({"OMP_NUM_THREADS": str(os.cpu_count()), "OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "one thread": ({"OMP_NUM_THREADS": "1"}, []),
+    "follow the free cores (follow)": ({}, ["--threads", "follow"]),
 }
 STAGES = ("pretrain", "sft", "lora", "dpo")
 
@@ -52,9 +54,9 @@ def busy_program(on: bool):
             proc.wait()
 
 
-def bench_tokens_per_sec(env: dict, out_dir: Path) -> float:
+def bench_tokens_per_sec(env: dict, flags: list[str], out_dir: Path) -> float:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    subprocess.run([*BENCH, "--out", str(out_dir)], env={**clean, **env}, cwd=ROOT, check=True,
+    subprocess.run([*BENCH, *flags, "--out", str(out_dir)], env={**clean, **env}, cwd=ROOT, check=True,
                    capture_output=True, text=True)
     return json.loads((out_dir / "train_cpu.json").read_text())["rows"][0]["tokens_per_sec"]
 
@@ -62,11 +64,11 @@ def bench_tokens_per_sec(env: dict, out_dir: Path) -> float:
 def policies_table(tmp: Path) -> list[str]:
     lines = ["| threads | alone, tokens/s | beside a busy program, tokens/s | slowdown (fair sharing: 2×) |",
              "|---|---|---|---|"]
-    for name, env in POLICIES.items():
+    for name, (env, flags) in POLICIES.items():
         rates = []
         for busy in (False, True):
             with busy_program(busy):
-                rates.append(bench_tokens_per_sec(env, tmp))
+                rates.append(bench_tokens_per_sec(env, flags, tmp))
         lines.append(f"| {name} | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f}× |")
         print(lines[-1], flush=True)
     return lines

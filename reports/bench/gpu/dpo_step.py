@@ -6,7 +6,8 @@ pretraining's tokens/s, reports/gpu_speed.md.)
 
 The pipeline's own preference pairs (`artifacts/data/dpo.jsonl`, encoded with the run's tokenizer),
 packed as the dpo stage packs them, on random weights of a preset (the tokenizer's vocabulary),
-bf16 autocast, AdamW, compiled as the training engine compiles (the model only). Three objectives
+bf16 autocast, AdamW, compiled as the training engine compiles (the model only); DPO's beta 0.1,
+no NLL term, no system prompt. Three objectives
 on the same rows, so each difference is one cause:
 - dpo: the stage's `DPOLoss`: each sequence sees only itself (a mask over the packed row), and the
   per-token log-probs are taken from the logits outside the model, so outside the compiled graph;
@@ -106,6 +107,9 @@ def main() -> None:
     stream = PreferenceBatches(pairs, zeros, args.pairs, args.seq_len, seed=0, pad_id=special_id(tok, ENDOFTEXT))
     batches = [{k: v.to(device) for k, v in b.items() if k != "padding"}
                for b, _ in zip(stream, range(len(pairs) // args.pairs))]
+    for batch in batches:  # the row count varies: one graph for all, whichever objective runs first
+        for key in ("input_ids", "labels", "segments"):
+            torch._dynamo.maybe_mark_dynamic(batch[key], 0)
     rows = statistics.mean(b["input_ids"].shape[0] for b in batches)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{args.model} on {name}, bf16, {'compiled' if args.compile else 'eager'}; {args.pairs} pairs a step "

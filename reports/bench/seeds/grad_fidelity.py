@@ -5,11 +5,14 @@ points behind CPU bf16 runs on English QA, facts and sums, while H200 fp32 runs 
 
 A seed sweep needs dozens of runs to see a 7-point gap through the seed noise. This asks the
 question one step deep instead: the same weights and batches, the gradient in float64 as the
-reference, then the gradient of each variant (device × dtype × attention kernel), and per group
-of weights the relative error |g - g64| / |g64| and the share of weights whose gradient has the
-wrong sign (which Adam, dividing by the gradient's size, turns into a full-size wrong step). If
-CUDA's bf16 is further from the truth than the CPU's in some group, that group's kernel is where
-the device gap starts. Variants a machine cannot run (cuda on the CPU box) are skipped.
+reference (the model's norms and loss still compute in fp32 there, so fp32 rows partly measure
+the reference's own rounding), then the gradient of each variant (device × dtype × a kernel
+switch, held through the forward and the backward), and per group of weights the relative error
+|g - g64| / |g64| and the share of weights whose gradient has the wrong sign or is 0 where the
+exact one is not (on a first Adam step, whose update is about the gradient's sign, those move
+the wrong way at full size). If CUDA's bf16 is further from the truth than the CPU's in some
+group, that group's kernel is where the device gap starts. Variants a machine cannot run (cuda
+on the CPU box) are skipped.
 
 With `--steps K` each variant also trains K steps from the checkpoint (one new batch a step, the
 pretrain stage's AdamW settings at a constant learning rate, gradient clipping) and the table
@@ -67,9 +70,10 @@ def backward(model, batch: dict, device: str, dtype: torch.dtype, switch, scale:
     the gradient (times `scale`) accumulates in the weights. Returns the loss."""
     batch = {k: v.to(device) for k, v in batch.items()}
     precision = torch.autocast(device_type=device, dtype=dtype) if dtype == torch.bfloat16 else contextlib.nullcontext()
-    with switch(), precision:
-        loss, _ = NextTokenLoss()(model, batch)
-    (loss * scale).backward()
+    with switch():
+        with precision:
+            loss, _ = NextTokenLoss()(model, batch)
+        (loss * scale).backward()
     return loss.item()
 
 

@@ -73,8 +73,9 @@ def run_one(seed: int, settings: list[str], workdir: Path, command: tuple[str, .
     start = time.perf_counter()
     sh(sys.executable, "-m", "dvc", *(command or ("exp", "run", *set_flags(seed, settings), "eval")), cwd=workdir)
     metrics = json.loads((workdir / "reports/eval/metrics.json").read_text())
-    pretrain = json.loads((workdir / "reports/metrics/pretrain.json").read_text())
-    metrics["pretrain"] = {key: pretrain[key] for key in PRETRAIN if key in pretrain}
+    summary_file = workdir / "reports/metrics/pretrain.json"
+    pretrain = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    metrics.setdefault("pretrain", {}).update({key: pretrain[key] for key in PRETRAIN if key in pretrain})
     summary = {f"{stage}.{key}": round(value, 3) for stage in ("pretrain", "sft", "lora", "dpo", "grpo")
                for key, value in metrics.get(stage, {}).items() if key in METRICS + PRETRAIN}
     seconds = time.perf_counter() - start
