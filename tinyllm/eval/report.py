@@ -248,8 +248,8 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
               if summary.get("params_active", summary.get("params")) != summary.get("params") else "")
     lines = ["# Evaluation report", "",
              (f"Pretrained model: {summary.get('params', 0) / 1e6:.2f}M parameters{active}, {meta.get('steps')} steps, "
-             f"{summary.get('tokens_seen', 0) / 1e6:.2f}M tokens ({summary.get('epochs', 0):.1f} epochs) "
-             f"in {summary.get('train_seconds', 0)} s.{_kept_note(summary)}"), "",
+             f"{summary.get('tokens_seen', 0) / 1e6:.2f}M tokens ({summary.get('epochs', 0):.1f} epochs)."
+             f"{_kept_note(summary)}"), "",
              "## What each stage bought", "",
              "| metric | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
     for key, label in ROW_NAMES.items():

@@ -11,6 +11,7 @@ unpickled.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -29,12 +30,19 @@ CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
+WALL_CLOCK = re.compile(r"seconds|per_sec|mfu")
+"""Summary keys that time a run (seconds, rates, MFU): they differ on every rerun."""
+
+
 def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
                     tokenizer_dir: Path | None = None, subdirs: dict[str, Path] | None = None) -> None:
     """Write weights, model config and `meta` (stage, step, metrics) to `out_dir` atomically.
 
     The tokenizer's files are copied in from `tokenizer_dir`, so the folder is all a user needs;
     `subdirs` ({name: folder}) are moved in under those names (e.g. a LoRA adapter).
+    The summary in `meta` is kept without its wall-clock figures (they are in the stage's
+    reports/metrics file): a rerun that trains the same weights then writes the same folder, and
+    `dvc repro` has nothing to rerun after it.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -44,7 +52,10 @@ def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # the same tensor as embed_tokens; safetensors refuses shared storage
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    config = {"model": to_dict(model.config), **(meta or {})}
+    meta = dict(meta or {})
+    if "summary" in meta:
+        meta["summary"] = {k: v for k, v in meta["summary"].items() if not WALL_CLOCK.search(k)}
+    config = {"model": to_dict(model.config), **meta}
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
     for name in TOKENIZER_FILES if tokenizer_dir else ():
         if (Path(tokenizer_dir) / name).exists():
