@@ -63,14 +63,13 @@ def _train_and_hash(threads: int | str, dim: int = 64) -> str:
     return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 
 
-def test_the_same_thread_count_gives_the_same_weights_and_another_need_not():
-    """Why `runtime.threads` is fixed by default: at the default model's width, 1 and 2 threads
-    train different weights (a weight's gradient sums over the batch in per-thread parts)."""
+def test_the_same_thread_count_gives_the_same_weights_at_the_default_width():
+    """What a fixed `runtime.threads` buys. (Another count need not: at this width 1 and 2 threads
+    train bitwise different weights on the dev VM, reports/quality.md, a property of the CPU's
+    kernels that this test does not pin.)"""
     before = torch.get_num_threads()
     try:
         assert _train_and_hash(threads=2, dim=192) == _train_and_hash(threads=2, dim=192)
-        if (os.cpu_count() or 1) >= 2:
-            assert _train_and_hash(threads=1, dim=192) != _train_and_hash(threads=2, dim=192)
     finally:
         torch.set_num_threads(before)
 
