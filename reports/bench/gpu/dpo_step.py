@@ -116,14 +116,12 @@ def main() -> None:
           f"from {args.data} packed into {rows:.1f} rows of {args.seq_len} on average ({len(batches)} batches)\n")
     print("| objective | ms a step | positions/s | of causal rows' |")
     print("|---|---|---|---|")
-    results, tables = {}, {}
-    for label, objective in OBJECTIVES.items():
-        ms, rate, tables[label] = time_steps(objective, batches, args, device, profile=args.profile and label == "dpo")
-        results[label] = (ms, rate)
-    for label, (ms, rate) in results.items():
+    results = {label: time_steps(objective, batches, args, device, profile=args.profile and label == "dpo")
+               for label, objective in OBJECTIVES.items()}
+    for label, (ms, rate, _) in results.items():
         print(f"| {label} | {ms:.1f} | {rate:,.0f} | {rate / results['causal rows'][1]:.0%} |")
     if args.profile:
-        print(f"\nTop kernels in one dpo step:\n{tables['dpo']}")
+        print(f"\nTop kernels in one dpo step:\n{results['dpo'][2]}")
 
 
 if __name__ == "__main__":

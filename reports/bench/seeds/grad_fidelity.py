@@ -26,7 +26,9 @@ import argparse
 import contextlib
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -54,14 +56,23 @@ def exact_bf16_reductions():
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
 
 
-VARIANTS = {  # name → (device, dtype, what else is switched during the step)
-    "cpu fp32": ("cpu", torch.float32, contextlib.nullcontext),
-    "cpu bf16": ("cpu", torch.bfloat16, contextlib.nullcontext),
-    "cuda fp32": ("cuda", torch.float32, contextlib.nullcontext),
-    "cuda bf16": ("cuda", torch.bfloat16, contextlib.nullcontext),
-    "cuda bf16, math attention": ("cuda", torch.bfloat16, lambda: sdpa_kernel([SDPBackend.MATH])),
-    "cuda bf16, exact matmul reductions": ("cuda", torch.bfloat16, exact_bf16_reductions),
-    "cuda bf16, AdamW unfused": ("cuda", torch.bfloat16, contextlib.nullcontext),
+class Variant(NamedTuple):
+    device: str
+    dtype: torch.dtype
+    switch: Callable = contextlib.nullcontext
+    """A context held through each forward and backward (a kernel switched)."""
+    fused: bool = True
+    """AdamW fused where the device has it (the engine's choice), in `--steps`."""
+
+
+VARIANTS = {
+    "cpu fp32": Variant("cpu", torch.float32),
+    "cpu bf16": Variant("cpu", torch.bfloat16),
+    "cuda fp32": Variant("cuda", torch.float32),
+    "cuda bf16": Variant("cuda", torch.bfloat16),
+    "cuda bf16, math attention": Variant("cuda", torch.bfloat16, lambda: sdpa_kernel([SDPBackend.MATH])),
+    "cuda bf16, exact matmul reductions": Variant("cuda", torch.bfloat16, exact_bf16_reductions),
+    "cuda bf16, AdamW unfused": Variant("cuda", torch.bfloat16, fused=False),
 }
 
 
@@ -148,13 +159,13 @@ def main() -> None:
     print(f"| variant | loss − exact | {header} |{trained}")
     print("|---" * (2 + 2 * len(GROUPS) + bool(steps)) + "|")
     for name in args.variants:
-        device, dtype, switch = VARIANTS[name]
-        if device == "cuda" and not torch.cuda.is_available():
+        v = VARIANTS[name]
+        if v.device == "cuda" and not torch.cuda.is_available():
             continue
-        loss, grads = gradients(model, batches, device, dtype, switch)
+        loss, grads = gradients(model, batches, v.device, v.dtype, v.switch)
         cells = " | ".join(f"{err:.2e} | {flip:.2%}" for err, flip in compare(grads, exact).values())
         if steps:
-            weights = train(model, steps, device, dtype, switch, cfg, fused="unfused" not in name)
+            weights = train(model, steps, v.device, v.dtype, v.switch, cfg, fused=v.fused)
             cells += f" | {drift(weights, exact_weights, start):.2%}"
         print(f"| {name} | {loss - exact_loss:+.2e} | {cells} |", flush=True)
 
