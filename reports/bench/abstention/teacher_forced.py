@@ -41,9 +41,27 @@ def value_confidence(model, tok, item: dict, person) -> float:
     return torch.softmax(logits, -1).max().item()
 
 
+def name_confidence(model, tok, item: dict, person) -> float:
+    """Log-probability of the canonical reply's start up to the first token after the asked name
+    (the model's sense of the whole name: an unknown one is often swapped for a known name that
+    shares its surname, or continued into one, 孙红 → 孙红梅)."""
+    lang = item.get("lang", "zh")
+    sentence, name = answer_sentence(person, item["kind"], lang), getattr(person.name, lang)
+    ids, _ = encode_conversation(tok, item["messages"] + [{"role": "assistant", "content": sentence}])
+    ids, own = list(ids), tok.encode(sentence, add_special_tokens=False).ids
+    start = max(i for i in range(len(ids) - len(own) + 1) if ids[i:i + len(own)] == own)
+    n = len(tok.encode(name, add_special_tokens=False).ids) + 1
+    x = torch.tensor(ids[:start + n])[None]
+    with torch.no_grad():
+        logps = torch.log_softmax(model(x[:, :-1]).logits[0].float(), -1)
+    return logps[-n:].gather(-1, x[0, -n:, None]).sum().item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--at", choices=["value", "name"], default="value",
+                        help="value: top-1 probability at the value; name: log-prob of the asked name")
     args = parser.parse_args()
     model, tok, _ = load_chat_model(args.checkpoint)
     world = load_world(DATA / "world.json")
@@ -54,12 +72,13 @@ def main() -> None:
         lang, question = item.get("lang", "zh"), item["messages"][-1]["content"]
         return max((p for p in people if getattr(p.name, lang) in question), key=lambda p: len(getattr(p.name, lang)))
 
+    score = value_confidence if args.at == "value" else name_confidence
     groups: dict[str, list[float]] = {"seen": [], "heldout": [], "unknown": []}
     for name in ("eval_qa.jsonl", "eval_unknown.jsonl"):
         for line in (DATA / "eval" / name).open():
             item = json.loads(line)
             if item["kind"] in ATTRIBUTES:
-                groups[item["split"]].append(value_confidence(model, tok, item, asked(item)))
+                groups[item["split"]].append(score(model, tok, item, asked(item)))
     unknown = sorted(groups.pop("unknown"))
     threshold = unknown[int(0.85 * len(unknown))]
     print(f"{args.checkpoint}: unknown people {len(unknown)} questions, mean top-1 probability "
