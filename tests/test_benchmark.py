@@ -53,6 +53,12 @@ def test_bad_benchmark_files_name_file_and_line(tmp_path, content, message):
         read_benchmark(tmp_path / "x.csv")
 
 
+def test_a_gbk_encoded_csv_is_named_and_not_a_decode_traceback(tmp_path):
+    (tmp_path / "x.csv").write_bytes("id,question,A,B,C,D,answer\n0,问题,甲,乙,丙,丁,A\n".encode("gbk"))
+    with pytest.raises(DataError, match=r"x.csv: not valid UTF-8 .* re-save the file as UTF-8"):
+        read_benchmark(tmp_path / "x.csv")
+
+
 def _by_hand(model, tok, prefix_ids: list[int], choice_ids: list[int]) -> float:
     """Mean log p(choice token | everything before it), straight from the logits."""
     ids = torch.tensor([prefix_ids + choice_ids])

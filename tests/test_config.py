@@ -33,12 +33,24 @@ def test_defaults_derive_head_and_ffn_dims():
         ({"runtime": {"threads": 0}}, "runtime.threads=0 must be auto, follow or a number of threads >= 1"),
         ({"runtime": {"threads": "all"}}, "runtime.threads='all' must be auto, follow"),
         ({"model": {"dropout": 1.5}}, "model.dropout=1.5"),
+        ({"sft": {"batch_size": 2, "pretrain_mix": 0.75}}, "sft.batch_size=2 with sft.pretrain_mix=0.75 leaves no row"),
+        ({"eval": {"max_new_tokens": 128}}, "eval.max_new_tokens=128 must be below model.max_seq_len=128"),
+        ({"dpo": {"eval_interval": 50}}, "dpo.eval_interval: dpo measures no validation loss"),
+        ({"grpo": {"patience": 2}}, "grpo.patience: grpo measures no validation loss"),
+        ({"grpo": {"seq_len": 64}}, "grpo.seq_len=64: grpo's rows are a prompt"),
+        ({"sft": {"eval_interval": 50, "log_interval": 20}}, "sft.eval_interval=50 must be a multiple"),
     ],
 )
 def test_impossible_params_name_the_param(override, fragment):
     with pytest.raises(ConfigError, match="problem") as err:
         parse_params(override)
     assert fragment in str(err.value)
+
+
+def test_a_stage_without_validation_takes_any_log_interval():
+    """lora, dpo and grpo measure no validation loss, so their log interval need not divide one."""
+    params = parse_params({"lora": {"log_interval": 30}, "grpo": {"log_interval": 3}})
+    assert (params.lora.log_interval, params.grpo.log_interval) == (30, 3)
 
 
 def test_every_problem_is_reported_at_once():

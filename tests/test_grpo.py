@@ -123,6 +123,9 @@ def test_prompt_lines_are_validated_and_named_by_line(tmp_path):
         {"role": "assistant", "content": "8"}]})
     assert "answer" in validate_prompt({**good, "answer": ""})
     assert "whole-number" in validate_prompt({**good, "answer": "eight"})
+    assert "role" in validate_prompt({**good, "messages": [{"content": "ctx"}, *good["messages"]]})
+    assert "role" in validate_prompt({**good, "messages": [{"role": "tool", "content": "ctx"}, *good["messages"]]})
+    assert "messages" in validate_prompt(["not", "an", "object"])
     path = tmp_path / "grpo.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": []}) + "\n")
     with pytest.raises(DataError, match=r"grpo.jsonl:2"):

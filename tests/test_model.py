@@ -1,4 +1,8 @@
 import dataclasses
+import hashlib
+import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,6 +36,20 @@ def test_rope_preserves_norm_and_relative_positions():
     dot = lambda m, n: (rotated[0, 0, m] * kr[0, 0, n]).sum()
     assert torch.allclose(dot(5, 2), dot(20, 17), atol=1e-5)
     assert not torch.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
+
+
+def test_rope_tables_are_the_correctly_rounded_values_in_every_process():
+    """torch's first parallel cos sometimes left half the table 7e-9 off in a fresh process, so the
+    same params trained other weights; the tables must be the exact float32 roundings, every time."""
+    inv_freq = [1.0 / 10000.0 ** (i / 48) for i in range(0, 48, 2)] * 2
+    expected = torch.tensor([[math.cos(p * f) for f in inv_freq] for p in range(128)], dtype=torch.float64).float()
+    cos, _ = rope_tables(head_dim=48, max_len=128, theta=10000.0)  # the default model's shape
+    assert torch.equal(cos, expected)
+    script = ("import hashlib; from tinyllm.model.transformer import rope_tables; "
+              "print(hashlib.sha256(rope_tables(48, 128, 10000.0)[0].numpy().tobytes()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+               for _ in range(4)}
+    assert digests == {hashlib.sha256(expected.numpy().tobytes()).hexdigest() + "\n"}
 
 
 def test_causality_future_tokens_never_change_past_logits(tiny_config):

@@ -5,6 +5,7 @@ DeepSpeed, is in test_distributed.py.)"""
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from tinyllm.config import CheckpointConfig, ModelConfig, RuntimeConfig, TrainConfig
 from tinyllm.errors import NonFiniteLossError
 from tinyllm.model.transformer import Transformer
+from tinyllm.train import resume
 from tinyllm.train.distributed import TrainingRun
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import NextTokenLoss
@@ -119,3 +121,17 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
         result = fit(model, NextTokenLoss(), _batches(), CFG, CPU, run=_run(tmp_path))
     assert "step-00000012 (step 12 of 24" in caplog.text
     assert result.history[-1]["step"] == 24 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_training_code_is_part_of_a_runs_identity(tmp_path):
+    """A run resumed after the packing or the model changed would match neither version: an edit
+    under data/, model/, train/ or config.py makes another run; one elsewhere (serving) does not."""
+    package = tmp_path / "tinyllm"
+    shutil.copytree(resume.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = resume.code_digest.__wrapped__(package)
+    serving = package / "serve" / "api.py"
+    serving.write_text(serving.read_text() + "\n# a comment\n")
+    assert resume.code_digest.__wrapped__(package) == before
+    packing = package / "data" / "chat.py"
+    packing.write_text(packing.read_text() + "\n# a comment\n")
+    assert resume.code_digest.__wrapped__(package) != before

@@ -55,3 +55,17 @@ def test_missing_input_says_which_stage_to_run(tmp_path):
     proc = run_stage(tmp_path, "tokenize_corpus")
     assert proc.returncode == 2
     assert "dvc repro train_tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_prompts_that_are_not_objects_are_named_by_line(tmp_path):
+    from tinyllm.errors import DataError
+    from tinyllm.eval.report import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "你是谁？"}\n"hi"\n')
+    try:
+        read_prompts(str(path))
+    except DataError as err:
+        assert str(err).startswith(f"{path}:2:") and "object" in str(err)
+    else:
+        raise AssertionError("a JSON string line was accepted as a prompt")

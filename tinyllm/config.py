@@ -157,7 +157,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     dropout: float = 0.0
-    """Dropout on attention output and MLP output during training."""
+    """Dropout during training: on the attention probabilities, and on the attention and MLP outputs."""
     tie_embeddings: bool = True
     """Share embed_tokens and lm_head weights."""
     vocab_size: int = 0
@@ -267,7 +267,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class SFTConfig(TrainConfig):
-    """Fine-tuning defaults: fewer steps and a lower learning rate than pretraining."""
+    """Fine-tuning defaults: fewer steps and a shorter warmup than pretraining, at its learning rate."""
 
     max_steps: int = 400
     lr: float = 2e-3
@@ -309,7 +309,8 @@ class LoRAConfig(TrainConfig):
 
 @dataclass(kw_only=True, frozen=True)
 class DPOConfig(TrainConfig):
-    """Direct preference optimisation from the SFT model against a frozen copy of it."""
+    """Direct preference optimisation from the chat model before it (lora merged, else sft) against
+    a frozen copy of it."""
 
     max_steps: int = 150
     batch_size: int = 8
@@ -456,11 +457,34 @@ def _build(cls, raw: dict, prefix: str, errors: list[str]):
     return cls(**kwargs)
 
 
+VALIDATED_SECTIONS = ("pretrain", "sft")
+"""The training sections that measure a validation loss; the others have no use for VALIDATION_FIELDS."""
+VALIDATION_FIELDS = ("eval_interval", "eval_batches", "keep", "patience")
+
+
 def _check_train(section: str, t: TrainConfig, max_seq_len: int) -> list[str]:
     """Rules every training section (pretrain, sft, ...) obeys."""
+    if section not in VALIDATED_SECTIONS:
+        default = TrainConfig()
+        return [f"{section}.{name}: {section} measures no validation loss (only {' and '.join(VALIDATED_SECTIONS)} "
+                "do); remove it" for name in VALIDATION_FIELDS if getattr(t, name) != getattr(default, name)
+                ] + _check_train_steps(section, t, max_seq_len)
     e = [f"{section}.{name}={getattr(t, name)} must be > 0"
-         for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_batches")
-         if getattr(t, name) <= 0]
+         for name in ("eval_interval", "eval_batches") if getattr(t, name) <= 0]
+    if t.log_interval > 0 and t.eval_interval % t.log_interval:
+        e.append(f"{section}.eval_interval={t.eval_interval} must be a multiple of {section}.log_interval="
+                 f"{t.log_interval} (validation runs at log points)")
+    if t.keep not in ("best", "last"):
+        e.append(f"{section}.keep={t.keep!r} must be 'best' or 'last'")
+    if t.patience < 0:
+        e.append(f"{section}.patience={t.patience} must be >= 0 (0: run every step)")
+    return e + _check_train_steps(section, t, max_seq_len)
+
+
+def _check_train_steps(section: str, t: TrainConfig, max_seq_len: int) -> list[str]:
+    """The optimizer, schedule and batch rules of every training section."""
+    e = [f"{section}.{name}={getattr(t, name)} must be > 0"
+         for name in ("max_steps", "batch_size", "grad_accum", "log_interval") if getattr(t, name) <= 0]
     if t.seq_len < 0 or t.seq_len > max_seq_len:
         e.append(f"{section}.seq_len={t.seq_len} must be in [0, model.max_seq_len={max_seq_len}]")
     if t.warmup_steps >= t.max_steps:
@@ -471,13 +495,6 @@ def _check_train(section: str, t: TrainConfig, max_seq_len: int) -> list[str]:
           for name in ("beta1", "beta2") if not 0 <= getattr(t, name) < 1]
     if not 0 <= t.min_lr <= t.lr:
         e.append(f"{section}.min_lr={t.min_lr} must be in [0, {section}.lr={t.lr}]")
-    if t.log_interval > 0 and t.eval_interval % t.log_interval:
-        e.append(f"{section}.eval_interval={t.eval_interval} must be a multiple of {section}.log_interval="
-                 f"{t.log_interval} (validation runs at log points)")
-    if t.keep not in ("best", "last"):
-        e.append(f"{section}.keep={t.keep!r} must be 'best' or 'last'")
-    if t.patience < 0:
-        e.append(f"{section}.patience={t.patience} must be >= 0 (0: run every step)")
     return e
 
 
@@ -532,7 +549,7 @@ def _check_moe(moe: MoEConfig, n_layers: int) -> list[str]:
 
 
 def _check_post_training(p: Params) -> list[str]:
-    """The knobs only SFT, LoRA and DPO have (their shared training rules are `_check_train`)."""
+    """The knobs only SFT, LoRA, DPO and GRPO have (their shared training rules are `_check_train`)."""
     lora = p.lora
     e = _in_unit_interval({"sft.pretrain_mix": p.sft.pretrain_mix, "lora.dropout": lora.dropout,
                            "lora.replay_fraction": lora.replay_fraction})
@@ -540,6 +557,9 @@ def _check_post_training(p: Params) -> list[str]:
     if p.dpo.nll_coef < 0:
         e.append(f"dpo.nll_coef={p.dpo.nll_coef} must be >= 0 (0: plain DPO)")
     e += _check_grpo(p)
+    if 0 <= p.sft.pretrain_mix < 1 and p.sft.batch_size - round(p.sft.batch_size * p.sft.pretrain_mix) < 1:
+        e.append(f"sft.batch_size={p.sft.batch_size} with sft.pretrain_mix={p.sft.pretrain_mix} "
+                 "leaves no row for the chats; raise the batch size or lower the mix")
     if 0 <= lora.replay_fraction < 1 and lora.batch_size - round(lora.batch_size * lora.replay_fraction) < 1:
         e.append(f"lora.batch_size={lora.batch_size} with lora.replay_fraction={lora.replay_fraction} "
                  "leaves no row for the identity chats; raise the batch size or lower the fraction")
@@ -562,6 +582,8 @@ def _check_grpo(p: Params) -> list[str]:
         e.append(f"grpo.kl_coef={g.kl_coef} must be >= 0 (0: no KL penalty)")
     if g.loss_norm not in GRPO_LOSS_NORMS:
         e.append(f"grpo.loss_norm={g.loss_norm!r} must be one of {', '.join(GRPO_LOSS_NORMS)}")
+    if g.seq_len:
+        e.append(f"grpo.seq_len={g.seq_len}: grpo's rows are a prompt and at most grpo.max_new_tokens; remove it")
     if g.max_new_tokens >= p.model.max_seq_len:
         e.append(f"grpo.max_new_tokens={g.max_new_tokens} must be below model.max_seq_len={p.model.max_seq_len} "
                  "(the prompt needs room)")
@@ -603,6 +625,9 @@ def _check_tokens_and_eval(p: Params) -> list[str]:
     e = _positive({"tokenize.batch_docs": p.tokenize.batch_docs, "tokenize.shard_tokens": p.tokenize.shard_tokens,
                    **{f"eval.{name}": getattr(p.eval, name) for name in
                       ("max_new_tokens", "max_fact_prompts", "max_chat_prompts", "val_max_tokens", "max_bench_items")}})
+    if p.eval.max_new_tokens >= p.model.max_seq_len:
+        e.append(f"eval.max_new_tokens={p.eval.max_new_tokens} must be below model.max_seq_len={p.model.max_seq_len} "
+                 "(the prompt needs room)")
     if p.eval.shots < 0:
         e.append(f"eval.shots={p.eval.shots} must be >= 0")
     if not all(isinstance(x, str) and x for x in p.eval.benchmarks):

@@ -22,6 +22,7 @@ they left free, back up to torch's own default when they stop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -29,12 +30,16 @@ from pathlib import Path
 
 import torch
 
+from tinyllm.model.transformer import Transformer
+
 log = logging.getLogger(__name__)
 
 PROC_STAT = Path("/proc/stat")
 CHECK_EVERY = 2.0
 """Seconds between looks at the machine's load (each look is two small reads)."""
 
+_warmed_up: set[torch.dtype] = set()
+"""The autocast dtypes `warm_up` has run in, in this process."""
 _follower: FreeCoreFollower | None = None
 _torch_default_threads: int | None = None
 """torch's own thread count, read before this module first changed it."""
@@ -101,3 +106,38 @@ def follow() -> None:
     """Adjust the thread count if `configure` asked to follow the free cores and it is time to look."""
     if _follower is not None:
         _follower.follow()
+
+
+def warm_up(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Before a CPU stage's real work, run a small model of `model`'s architecture once on one thread.
+
+    torch's first call of some vectorized CPU kernels in a process, when two threads make it at
+    once, sometimes computes part of its result wrong: a float64 cos came out 7e-9 off in the
+    second thread's half of a table in 1 process of 7, and pretraining's weights after 20 steps
+    differed between runs of the same params in 2 of 12 (reports/quality.md). Once a kernel has
+    run on one thread, later calls agree (20 runs of 20). So this runs a copy of the architecture
+    with one decoder layer of each kind — forward and backward on causal and on packed rows, and
+    an AdamW step — in fp32 and under `dtype` autocast, keeping torch's random state. It costs a
+    fraction of a second, once per dtype and process; on a GPU it does nothing."""
+    base = next((m for m in model.modules() if isinstance(m, Transformer)), None)
+    if base is None or device.type != "cpu" or dtype in _warmed_up:
+        return
+    cfg = base.config
+    layers = cfg.moe.first_dense_layers + 1 if cfg.moe.enabled else 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            tiny = Transformer(dataclasses.replace(cfg, n_layers=layers))
+            optimizer = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
+            ids = torch.randint(0, cfg.vocab_size, (2, min(cfg.max_seq_len, 64) + 1))
+            segments = torch.arange(ids.shape[1] - 1).expand(2, -1) // 16
+            for autocast in (torch.float32,) if dtype == torch.float32 else (torch.float32, dtype):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == torch.bfloat16):
+                    loss = tiny(ids[:, :-1], labels=ids[:, 1:]).loss
+                    loss = loss + tiny(ids[:, :-1], segments=segments).logits.float().mean()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    _warmed_up.add(dtype)

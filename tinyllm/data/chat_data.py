@@ -58,7 +58,6 @@ CHAT_OUTPUTS = ("sft_single.jsonl", "sft_multi.jsonl", "identity.jsonl", "dpo.js
 
 ASSISTANT_NAME = {"zh": "小光", "en": "Xiaoguang"}
 """The assistant's name: every identity answer contains it, so eval_identity checks it by substring."""
-ASSISTANT_MAKER = {"zh": "TinyLLM 团队", "en": "the TinyLLM team"}
 
 # --- counts (at the default 300 people with 20% held out: 240 sft people, 60 held-out people) ---
 

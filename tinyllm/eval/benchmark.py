@@ -76,6 +76,14 @@ def _bad_answer(answer, n_choices: int) -> str:
 
 
 def _read_csv(path: Path) -> list[Question]:
+    try:
+        return _parse_csv(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 (byte {err.object[err.start]:#04x}); re-save the file as "
+                        "UTF-8 (a GBK-encoded C-Eval/CMMLU copy needs converting)") from None
+
+
+def _parse_csv(path: Path) -> list[Question]:
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         first = next(reader, None)

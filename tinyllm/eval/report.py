@@ -101,7 +101,9 @@ def read_prompts(path: str) -> list[list[dict]]:
     """eval.prompts as conversations that end with a user turn."""
     if not path:
         return []
-    def problem(obj: dict) -> str | None:
+    def problem(obj) -> str | None:
+        if not isinstance(obj, dict):
+            return 'expected an object with a "prompt" string or a "messages" list'
         if isinstance(obj.get("prompt"), str) and obj["prompt"]:
             return None
         messages = obj.get("messages")
@@ -123,6 +125,7 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
     dtype = resolve_dtype(params.runtime, device)
     cpu_threads.configure(params.runtime.threads, device)
     model = load_model(ckpt_dir, device)
+    cpu_threads.warm_up(model, device, dtype)
     tok = load_tokenizer(ckpt_dir)
     config = read_config(ckpt_dir)
     chat = config["stage"] != "pretrain"
@@ -206,7 +209,7 @@ def _cell(text: str) -> str:
     return text.strip().replace("|", "\\|").replace("\n", " ") or "∅"
 
 
-def _unknown_table(rows: dict[str, dict], stages: list[str], n: int = 6) -> list[str]:
+def _unknown_table(rows: dict[str, dict], n: int = 6) -> list[str]:
     """A few questions about people who are not in the world, answered before and after DPO."""
     shown = [s for s in ("sft", "dpo") if "unknown" in rows.get(s, {})]
     if not shown:
@@ -259,7 +262,7 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
             lines.append(f"| {label} | " + " | ".join("–" if v is None else fmt.format(v) for v in values) + " |")
     lines += _benchmark_rows(results, stages)
     lines += ["", "![pretraining loss curves](loss.png)", ""]
-    lines += _unknown_table(rows, stages)
+    lines += _unknown_table(rows)
     lines += _prompt_table(rows, stages)
     fact_rows = rows.get(stages[0], {}).get("facts", [])
     if fact_rows:

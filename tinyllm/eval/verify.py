@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from tinyllm.data.chat import ROLES
+
 ANSWER_AFTER = re.compile(r"(?:等于|equals|is|=)\s*(\d+)", re.IGNORECASE)
 NUMBER = re.compile(r"\d+")
 
@@ -41,13 +43,13 @@ def score(reply: str, item: dict) -> float:
     return float(is_correct(reply, item))
 
 
-def validate_prompt(obj: dict) -> str | None:
+def validate_prompt(obj) -> str | None:
     """What is wrong with a prompt line ({"messages": [..., user turn], "answer": str, "kind"?}),
     or None. An "arithmetic" item's answer must be a whole number."""
-    messages = obj.get("messages")
+    messages = obj.get("messages") if isinstance(obj, dict) else None
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-        return 'needs "messages": a non-empty list of {"role", "content"}'
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+        return f'needs "messages": a non-empty list of {{"role": one of {ROLES}, "content": string}}'
     if messages[-1].get("role") != "user" or not messages[-1]["content"].strip():
         return "the last message must be the user's, with text (the policy writes the reply)"
     if not isinstance(obj.get("answer"), str) or not obj["answer"].strip():

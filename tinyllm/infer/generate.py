@@ -148,7 +148,7 @@ def stream_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
         top_p: sample only among the most likely tokens whose probabilities sum to top_p.
         seed: seeds sampling, so the same call gives the same text.
         repetition_penalty: > 1 discourages tokens already in the prompt or the reply.
-        static: decode with static shapes (see `decoder`); None decides by device and model.
+        static: decode with static shapes (see `decoding`); None decides by device and model.
         utf8: keep the reply valid UTF-8 (`Utf8Guard`: no token that breaks a character).
     """
     budget = _budget(model, len(prompt_ids), max_new_tokens)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,11 +39,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (max_len, head_dim) in the rotate-half layout (halves repeat)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    """cos/sin of shape (max_len, head_dim) in the rotate-half layout (halves repeat).
+
+    Computed with NumPy in float64, not torch: torch's first call of a vectorized cos or sin in a
+    process, split between two CPU threads, sometimes gave one thread's half of the table 7e-9
+    off (1 process in 7 on the 2-core VM), so the same params trained other weights. NumPy's
+    tables equal the correctly rounded ones (tests/test_model.py)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    angles = np.outer(np.arange(max_len), inv_freq)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return torch.from_numpy(np.cos(angles)).float(), torch.from_numpy(np.sin(angles)).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The training loop. Pretrain, SFT, LoRA and DPO all run through `fit`; they differ only in
+"""The training loop. Pretrain, SFT, LoRA, DPO and GRPO all run through `fit`; they differ only in
 the batches they pass and the objective, never in loop code.
 
 The loop owns: the learning-rate schedule (warmup + cosine), gradient accumulation, the
@@ -308,6 +308,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     device = resolve_device(runtime, dist)
     dtype = resolve_dtype(runtime, device)
     cpu_threads.configure(runtime.threads, device)
+    cpu_threads.warm_up(model, device, dtype)
     checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
     start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
     result = FitResult(history=history)

@@ -19,6 +19,7 @@ The learning-rate schedule is a function of the step (`loop.lr_at`), so the step
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +33,9 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
+PACKAGE = Path(__file__).resolve().parents[1]
+TRAINING_CODE = ("config.py", "data", "model", "train")
+"""The source that decides what a training step computes: params, data packing, the model, the loop."""
 STATE = "state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 BEST = "best.safetensors"
@@ -51,15 +55,30 @@ class ResumePoint:
 
 
 def run_fingerprint(model: torch.nn.Module, parts: dict, inputs=()) -> str:
-    """What makes two runs the same run: the starting weights, the batch geometry (`parts`) and the
-    content of the input files. Learning rate and step count are not part of
-    it, so a run can be resumed with a lower lr after a divergence or extended to more steps."""
+    """What makes two runs the same run: the starting weights, the batch geometry (`parts`), the
+    content of the input files and the training code (`code_digest`: a run resumed after the
+    packing or the model changed would be neither the old run nor the new one). Learning rate and
+    step count are not part of it, so a run can be resumed with a lower lr after a divergence or
+    extended to more steps."""
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    digest.update(code_digest().encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     for path in inputs:
         digest.update(_sha256(Path(path)).encode())
+    return digest.hexdigest()
+
+
+@functools.cache
+def code_digest(root: Path = PACKAGE) -> str:
+    """sha256 over the Python files of `TRAINING_CODE` under `root`, by relative path."""
+    digest = hashlib.sha256()
+    for part in TRAINING_CODE:
+        files = [root / part] if part.endswith(".py") else sorted((root / part).rglob("*.py"))
+        for path in files:
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(_sha256(path).encode())
     return digest.hexdigest()
 
 
@@ -121,7 +140,7 @@ def _read_state(path: Path, fingerprint: str) -> tuple[dict, str | None]:
     except (OSError, ValueError):
         return {}, f"{STATE} is missing or unreadable (the write did not finish)"
     if state.get("fingerprint") != fingerprint:
-        return {}, "written by a different run (other starting weights, batch geometry or data)"
+        return {}, "written by a different run (other starting weights, batch geometry, data or training code)"
     for name in sorted({*FILES, *state["sha256"]}):  # the best weights, when the state lists them
         if not (path / name).exists() or _sha256(path / name) != state["sha256"].get(name):
             return {}, f"{name} is truncated or corrupted (sha256 differs from {STATE})"

@@ -32,6 +32,8 @@ def resolve_device(cfg: RuntimeConfig, dist=None) -> torch.device:
     without it is an error."""
     if cfg.device == "auto" or (cfg.device == "cuda" and dist is not None and dist.enabled):
         if not torch.cuda.is_available():
+            if cfg.device == "cuda":
+                raise ConfigError("runtime.device='cuda' but this machine has no CUDA GPU; use auto or cpu")
             return torch.device("cpu")
         return torch.device("cuda", dist.local_rank if dist is not None else torch.cuda.current_device())
     if cfg.device.startswith("cuda"):
