@@ -12,7 +12,7 @@ from tinyllm.errors import ConfigError
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.checkpoint import load_model, save_checkpoint
 from tinyllm.train.loop import fit
-from tinyllm.train.lora import add_lora, load_with_adapter, lora_targets, new_tokens
+from tinyllm.train.lora import _sort_target_modules, add_lora, load_with_adapter, lora_targets, new_tokens
 from tinyllm.train.objectives import NextTokenLoss
 
 CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=32, vocab_size=50)
@@ -66,10 +66,11 @@ def test_saved_adapter_reloads_and_merged_model_gives_the_same_logits(tmp_path):
     assert not torch.allclose(adapted, base_only, atol=1e-3)  # training moved the adapters
 
     model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
+    _sort_target_modules(tmp_path / "adapter/adapter_config.json")  # as run_lora does
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert "adapter_config.json" in files and "adapter_model.safetensors" in files
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == LINEAR and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["target_modules"] == sorted(LINEAR) and config["r"] == 4 and config["lora_alpha"] == 8
 
     reloaded = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
     with torch.no_grad():

@@ -40,10 +40,15 @@ def test_rope_preserves_norm_and_relative_positions():
 
 def test_rope_tables_are_the_correctly_rounded_values_in_every_process():
     """torch's first parallel cos sometimes left half the table 7e-9 off in a fresh process, so the
-    same params trained other weights; the tables must be the exact float32 roundings, every time."""
+    same params trained other weights; the tables come from NumPy, equal to `math.cos` rounded to
+    float32 at the default shape, in every process."""
     inv_freq = [1.0 / 10000.0 ** (i / 48) for i in range(0, 48, 2)] * 2
     expected = torch.tensor([[math.cos(p * f) for f in inv_freq] for p in range(128)], dtype=torch.float64).float()
-    cos, _ = rope_tables(head_dim=48, max_len=128, theta=10000.0)  # the default model's shape
+    with pytest.MonkeyPatch.context() as patch:  # torch's own cos/sin are what went wrong
+        for name in ("cos", "sin"):
+            patch.setattr(torch.Tensor, name, lambda *a: pytest.fail("rope_tables used torch's trig"))
+            patch.setattr(torch, name, lambda *a: pytest.fail("rope_tables used torch's trig"))
+        cos, _ = rope_tables(head_dim=48, max_len=128, theta=10000.0)  # the default model's shape
     assert torch.equal(cos, expected)
     script = ("import hashlib; from tinyllm.model.transformer import rope_tables; "
               "print(hashlib.sha256(rope_tables(48, 128, 10000.0)[0].numpy().tobytes()).hexdigest())")

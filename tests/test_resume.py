@@ -123,7 +123,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
     assert result.history[-1]["step"] == 24 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_the_training_code_is_part_of_a_runs_identity(tmp_path):
+def test_the_training_code_is_part_of_a_runs_identity(tmp_path, monkeypatch):
     """A run resumed after the packing or the model changed would match neither version: an edit
     under data/, model/, train/ or config.py makes another run; one elsewhere (serving) does not."""
     package = tmp_path / "tinyllm"
@@ -135,3 +135,7 @@ def test_the_training_code_is_part_of_a_runs_identity(tmp_path):
     packing = package / "data" / "chat.py"
     packing.write_text(packing.read_text() + "\n# a comment\n")
     assert resume.code_digest.__wrapped__(package) != before
+    model = _model()
+    fingerprint = resume.run_fingerprint(model, {"batch_size": 4})
+    monkeypatch.setattr(resume, "code_digest", lambda: "other code")
+    assert resume.run_fingerprint(model, {"batch_size": 4}) != fingerprint

@@ -1,9 +1,12 @@
 """runtime.dtype auto: bf16 where the hardware multiplies bf16 natively, float32 elsewhere."""
 
+import pytest
 import torch
 
 from tinyllm.config import RuntimeConfig
+from tinyllm.errors import ConfigError
 from tinyllm.train import runtime
+from tinyllm.train.distributed import Dist
 from tinyllm.train.runtime import resolve_dtype
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -33,3 +36,11 @@ def test_the_cpu_check_reads_the_instruction_flags(monkeypatch, tmp_path):
         runtime.cpu_multiplies_bf16.cache_clear()
         assert runtime.cpu_multiplies_bf16() is native, text
     runtime.cpu_multiplies_bf16.cache_clear()
+
+
+def test_cuda_under_torchrun_on_a_machine_without_it_is_named():
+    """Under torchrun, runtime.device: cuda used to fall back to the CPU without a word."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="runtime.device='cuda' but this machine has no CUDA GPU"):
+        runtime.resolve_device(RuntimeConfig(device="cuda"), Dist(rank=0, world_size=2, local_rank=0))

@@ -22,7 +22,6 @@ they left free, back up to torch's own default when they stop.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -30,16 +29,17 @@ from pathlib import Path
 
 import torch
 
-from tinyllm.model.transformer import Transformer
-
 log = logging.getLogger(__name__)
 
 PROC_STAT = Path("/proc/stat")
 CHECK_EVERY = 2.0
 """Seconds between looks at the machine's load (each look is two small reads)."""
 
-_warmed_up: set[torch.dtype] = set()
-"""The autocast dtypes `warm_up` has run in, in this process."""
+MATH_FUNCTIONS = ("abs", "acos", "asin", "atan", "ceil", "cos", "cosh", "erf", "erfc", "erfinv", "exp", "expm1",
+                  "floor", "lgamma", "log", "log10", "log1p", "log2", "neg", "reciprocal", "round", "rsqrt",
+                  "sigmoid", "sin", "sinh", "sqrt", "tan", "tanh", "trunc")
+"""Unary float functions torch may route to oneMKL's vector math (a superset does no harm)."""
+_math_warm = False
 _follower: FreeCoreFollower | None = None
 _torch_default_threads: int | None = None
 """torch's own thread count, read before this module first changed it."""
@@ -92,6 +92,7 @@ def configure(threads: int | str, device: torch.device) -> None:
     _follower = None
     if device.type != "cpu":
         return
+    warm_up_math_kernels()
     _torch_default_threads = _torch_default_threads or torch.get_num_threads()
     if isinstance(threads, int):
         torch.set_num_threads(threads)
@@ -108,36 +109,26 @@ def follow() -> None:
         _follower.follow()
 
 
-def warm_up(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Before a CPU stage's real work, run a small model of `model`'s architecture once on one thread.
+def warm_up_math_kernels() -> None:
+    """Call each of torch's vectorized float math functions once, on one thread, before real work.
 
-    torch's first call of some vectorized CPU kernels in a process, when two threads make it at
-    once, sometimes computes part of its result wrong: a float64 cos came out 7e-9 off in the
-    second thread's half of a table in 1 process of 7, and pretraining's weights after 20 steps
-    differed between runs of the same params in 2 of 12 (reports/quality.md). Once a kernel has
-    run on one thread, later calls agree (20 runs of 20). So this runs a copy of the architecture
-    with one decoder layer of each kind — forward and backward on causal and on packed rows, and
-    an AdamW step — in fp32 and under `dtype` autocast, keeping torch's random state. It costs a
-    fraction of a second, once per dtype and process; on a GPU it does nothing."""
-    base = next((m for m in model.modules() if isinstance(m, Transformer)), None)
-    if base is None or device.type != "cpu" or dtype in _warmed_up:
+    torch hands contiguous float32/float64 unary ops (exp, log, sqrt, sin, cos, ...) to oneMKL's
+    vector math, which picks its kernel on a function's first call in the process. When two
+    threads make that first call at once, one of them can run a low-accuracy kernel on its chunk
+    (pytorch/pytorch#188792, oneMKL 2024.2 as bundled with these wheels): here a float64 cos came
+    out 7e-9 off in half a table in 3 fresh processes of 40, and pretraining's weights after 20
+    steps differed between runs of the same params in 2 of 12 (reports/quality.md). One call on
+    one thread settles the choice for good. Once per process, about 20 ms."""
+    global _math_warm
+    if _math_warm:
         return
-    cfg = base.config
-    layers = cfg.moe.first_dense_layers + 1 if cfg.moe.enabled else 1
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng():
-            tiny = Transformer(dataclasses.replace(cfg, n_layers=layers))
-            optimizer = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
-            ids = torch.randint(0, cfg.vocab_size, (2, min(cfg.max_seq_len, 64) + 1))
-            segments = torch.arange(ids.shape[1] - 1).expand(2, -1) // 16
-            for autocast in (torch.float32,) if dtype == torch.float32 else (torch.float32, dtype):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == torch.bfloat16):
-                    loss = tiny(ids[:, :-1], labels=ids[:, 1:]).loss
-                    loss = loss + tiny(ids[:, :-1], segments=segments).logits.float().mean()
-                loss.backward()
-                optimizer.step()
+        for dtype in (torch.float32, torch.float64):
+            x = torch.linspace(0.1, 0.9, 64, dtype=dtype)
+            for name in MATH_FUNCTIONS:
+                getattr(torch, name)(x)
     finally:
         torch.set_num_threads(threads)
-    _warmed_up.add(dtype)
+    _math_warm = True

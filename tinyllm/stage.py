@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from tinyllm import cpu_threads
 from tinyllm.config import load_params
 from tinyllm.errors import UserError
 
@@ -48,6 +49,7 @@ def stage_main(fn):
     @functools.wraps(fn)
     def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        cpu_threads.warm_up_math_kernels()  # before any tensor work: data, reference log-probs, the model
         try:
             fn(load_params("params.yaml"))
         except USER_ERRORS as err:

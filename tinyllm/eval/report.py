@@ -125,7 +125,6 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
     dtype = resolve_dtype(params.runtime, device)
     cpu_threads.configure(params.runtime.threads, device)
     model = load_model(ckpt_dir, device)
-    cpu_threads.warm_up(model, device, dtype)
     tok = load_tokenizer(ckpt_dir)
     config = read_config(ckpt_dir)
     chat = config["stage"] != "pretrain"

@@ -41,10 +41,11 @@ class RMSNorm(nn.Module):
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (max_len, head_dim) in the rotate-half layout (halves repeat).
 
-    Computed with NumPy in float64, not torch: torch's first call of a vectorized cos or sin in a
-    process, split between two CPU threads, sometimes gave one thread's half of the table 7e-9
-    off (1 process in 7 on the 2-core VM), so the same params trained other weights. NumPy's
-    tables equal the correctly rounded ones (tests/test_model.py)."""
+    Computed with NumPy in float64, not torch: the model is built before a stage settles torch's
+    math kernels (`cpu_threads.warm_up_math_kernels`), and torch's first cos or sin in a process,
+    split between two CPU threads, sometimes gave one thread's half of the table 7e-9 off (3
+    fresh processes of 40 on the 2-core VM), so the same params trained other weights. NumPy
+    computes it on one thread, the same in every process (tests/test_model.py)."""
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
     angles = np.outer(np.arange(max_len), inv_freq)
     angles = np.concatenate([angles, angles], axis=-1)

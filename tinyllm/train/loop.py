@@ -308,7 +308,6 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     device = resolve_device(runtime, dist)
     dtype = resolve_dtype(runtime, device)
     cpu_threads.configure(runtime.threads, device)
-    cpu_threads.warm_up(model, device, dtype)
     checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
     start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
     result = FitResult(history=history)

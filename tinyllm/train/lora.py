@@ -21,6 +21,7 @@ saved in the adapter; `lora.train_new_tokens`).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -88,6 +89,16 @@ def add_lora(model: Transformer, cfg: LoRAConfig, base_dir: Path | None = None,
     return peft_model
 
 
+def _sort_target_modules(config_file: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes with Python's string
+    hashing from run to run; sorted, a retrain of the same weights writes the same folder (and
+    DVC reruns nothing after it)."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def load_with_adapter(base_dir: Path, adapter_dir: Path, device: str | torch.device = "cpu") -> PeftModel:
     """A checkpoint with a saved peft adapter on top (weights read with safetensors)."""
     if not (Path(adapter_dir) / "adapter_config.json").exists():
@@ -143,6 +154,7 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     adapter_tmp = out_dir.with_name(out_dir.name + ".adapter.tmp")
     shutil.rmtree(adapter_tmp, ignore_errors=True)
     model.save_pretrained(str(adapter_tmp), save_embedding_layers=False)  # embeddings are not adapted
+    _sort_target_modules(adapter_tmp / "adapter_config.json")
     summary = {
         **result.final,
         "identity_conversations": len(identity),

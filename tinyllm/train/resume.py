@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parents[1]
-TRAINING_CODE = ("config.py", "data", "model", "train")
-"""The source that decides what a training step computes: params, data packing, the model, the loop."""
+TRAINING_CODE = ("config.py", "data", "model", "train", "infer", "eval/verify.py")
+"""The source that decides what a training step computes: params, data packing, the model, the
+loop, and for grpo the rollouts' sampling and the reward."""
 STATE = "state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 BEST = "best.safetensors"
