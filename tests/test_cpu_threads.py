@@ -110,7 +110,7 @@ def test_configure_settles_the_math_kernels_on_one_thread_and_keeps_the_count(mo
         counts.append(torch.get_num_threads())
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(cpu_threads, "_math_warm", False)
+    cpu_threads.warm_up_math_kernels.cache_clear()
     monkeypatch.setattr(torch, "exp", exp)
     torch.set_num_threads(2)
     cpu_threads.configure(2, torch.device("cpu"))

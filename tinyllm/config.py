@@ -557,17 +557,22 @@ def _check_post_training(p: Params) -> list[str]:
     if p.dpo.nll_coef < 0:
         e.append(f"dpo.nll_coef={p.dpo.nll_coef} must be >= 0 (0: plain DPO)")
     e += _check_grpo(p)
-    if 0 <= p.sft.pretrain_mix < 1 and p.sft.batch_size - round(p.sft.batch_size * p.sft.pretrain_mix) < 1:
-        e.append(f"sft.batch_size={p.sft.batch_size} with sft.pretrain_mix={p.sft.pretrain_mix} "
-                 "leaves no row for the chats; raise the batch size or lower the mix")
-    if 0 <= lora.replay_fraction < 1 and lora.batch_size - round(lora.batch_size * lora.replay_fraction) < 1:
-        e.append(f"lora.batch_size={lora.batch_size} with lora.replay_fraction={lora.replay_fraction} "
-                 "leaves no row for the identity chats; raise the batch size or lower the fraction")
+    e += _rows_left("sft", p.sft.batch_size, "sft.pretrain_mix", p.sft.pretrain_mix, "the chats", "mix")
+    e += _rows_left("lora", lora.batch_size, "lora.replay_fraction", lora.replay_fraction, "the identity chats",
+                    "fraction")
     targets = lora.target_modules
     names_ok = isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
     if targets != "all-linear" and not names_ok:
         e.append(f"lora.target_modules={targets!r} must be 'all-linear' or a non-empty list of module names")
     return e
+
+
+def _rows_left(section: str, batch_size: int, share_name: str, share: float, what: str, noun: str) -> list[str]:
+    """The error when the rows a batch gives to mixed-in data (`share` of `batch_size`) leave none for `what`."""
+    if 0 <= share < 1 and batch_size - round(batch_size * share) < 1:
+        return [(f"{section}.batch_size={batch_size} with {share_name}={share} leaves no row for {what}; "
+                 f"raise the batch size or lower the {noun}")]
+    return []
 
 
 def _check_grpo(p: Params) -> list[str]:

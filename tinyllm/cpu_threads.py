@@ -22,6 +22,7 @@ they left free, back up to torch's own default when they stop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -39,7 +40,6 @@ MATH_FUNCTIONS = ("abs", "acos", "asin", "atan", "ceil", "cos", "cosh", "erf", "
                   "floor", "lgamma", "log", "log10", "log1p", "log2", "neg", "reciprocal", "round", "rsqrt",
                   "sigmoid", "sin", "sinh", "sqrt", "tan", "tanh", "trunc")
 """Unary float functions torch may route to oneMKL's vector math (a superset does no harm)."""
-_math_warm = False
 _follower: FreeCoreFollower | None = None
 _torch_default_threads: int | None = None
 """torch's own thread count, read before this module first changed it."""
@@ -109,6 +109,7 @@ def follow() -> None:
         _follower.follow()
 
 
+@functools.cache
 def warm_up_math_kernels() -> None:
     """Call each of torch's vectorized float math functions once, on one thread, before real work.
 
@@ -118,10 +119,7 @@ def warm_up_math_kernels() -> None:
     (pytorch/pytorch#188792, oneMKL 2024.2 as bundled with these wheels): here a float64 cos came
     out 7e-9 off in half a table in 3 fresh processes of 40, and pretraining's weights after 20
     steps differed between runs of the same params in 2 of 12 (reports/quality.md). One call on
-    one thread settles the choice for good. Once per process, about 20 ms."""
-    global _math_warm
-    if _math_warm:
-        return
+    one thread settles the choice for good. Once per process (cached), about 20 ms."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -131,4 +129,3 @@ def warm_up_math_kernels() -> None:
                 getattr(torch, name)(x)
     finally:
         torch.set_num_threads(threads)
-    _math_warm = True

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 
 
+def is_message(m) -> bool:
+    """A chat message: {"role": one of ROLES, "content": string}."""
+    return isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+
+
 def validate_conversation(obj) -> str | None:
     """Why a `{"conversations": [...]}` record is unusable, or None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
@@ -37,7 +42,7 @@ def validate_conversation(obj) -> str | None:
     if not messages:
         return '"conversations" is empty'
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        if not is_message(m):
             return f'message {i}: expected {{"role": one of {ROLES}, "content": string}}'
     if messages[-1]["role"] != "assistant":
         return "the last message must be the assistant's (nothing to learn otherwise)"

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 
 from tinyllm import cpu_threads
 from tinyllm.config import Params
-from tinyllm.data.chat import ROLES
+from tinyllm.data.chat import is_message
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.errors import ConfigError
@@ -107,8 +107,7 @@ def read_prompts(path: str) -> list[list[dict]]:
         if isinstance(obj.get("prompt"), str) and obj["prompt"]:
             return None
         messages = obj.get("messages")
-        well_formed = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages)
+        well_formed = isinstance(messages, list) and messages and all(map(is_message, messages))
         if well_formed and messages[-1]["role"] == "user":
             return None
         return 'needs a "prompt" string, or "messages" (role/content) that end with a user turn'

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from tinyllm.data.chat import ROLES
+from tinyllm.data.chat import ROLES, is_message
 
 ANSWER_AFTER = re.compile(r"(?:等于|equals|is|=)\s*(\d+)", re.IGNORECASE)
 NUMBER = re.compile(r"\d+")
@@ -47,8 +47,7 @@ def validate_prompt(obj) -> str | None:
     """What is wrong with a prompt line ({"messages": [..., user turn], "answer": str, "kind"?}),
     or None. An "arithmetic" item's answer must be a whole number."""
     messages = obj.get("messages") if isinstance(obj, dict) else None
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+    if not isinstance(messages, list) or not messages or not all(map(is_message, messages)):
         return f'needs "messages": a non-empty list of {{"role": one of {ROLES}, "content": string}}'
     if messages[-1].get("role") != "user" or not messages[-1]["content"].strip():
         return "the last message must be the user's, with text (the policy writes the reply)"
