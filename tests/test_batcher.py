@@ -11,7 +11,7 @@ import torch
 from conftest import make_chat_checkpoint, vary_weights
 
 from tinyllm.config import MoEConfig
-from tinyllm.infer.batcher import Batcher, Finish, QueueFull, Request, row_uniform
+from tinyllm.infer.batcher import Batcher, Finish, InvalidRequest, QueueFull, Request, row_uniform
 from tinyllm.infer.generate import generate, inverse_cdf
 from tinyllm.serve.models import load_served_models
 
@@ -257,5 +257,14 @@ def test_out_of_range_settings_are_safe(served):
         assert huge.finish.completion_tokens == 5 and huge.text == off.text
         with pytest.raises(ValueError, match="max_tokens"):
             batcher.submit(Request(prompt, 0, Outcome().emit))
+        # settings no float32 row can hold are refused at submit; they used to fail the whole batch's step
+        for name, value in (("top_k", 2**63), ("repetition_penalty", 1e300), ("repetition_penalty", 1e-300),
+                            ("top_p", 0.0), ("temperature", float("nan")), ("seed", -1)):
+            with pytest.raises(InvalidRequest, match=f"{name} must be") as err:
+                batcher.submit(Request(prompt, 5, Outcome().emit, **{name: value}))
+            assert err.value.param == name
+        tiny = run(batcher, {"prompt_ids": prompt, "max_tokens": 5, "temperature": 1.0, "seed": 3, "top_p": 1e-50})[0]
+        greedy = run(batcher, {"prompt_ids": prompt, "max_tokens": 5})[0]
+        assert tiny.text == greedy.text  # the nucleus keeps the most likely token however small top_p is
     finally:
         batcher.close()

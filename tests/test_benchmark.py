@@ -46,6 +46,7 @@ def test_c_eval_cmmlu_and_jsonl_layouts(tmp_path):
     ("id,question,A,B,C,D,answer\n0,q,a,b,c,d,E\n", "x.csv:2: answer 'E' is not one of the 4 choices"),
     ("id,question,A,B,C,D,answer\n0,q,a,b\n", "x.csv:2: 4 fields, the header has 7"),
     ("id,prompt,A,B\n", "x.csv:1: header"),
+    ("id,question,A,B,C,D,answer\n0,q,a, ,c,d,A\n", "x.csv:2: choice B is empty"),  # it would always win
 ])
 def test_bad_benchmark_files_name_file_and_line(tmp_path, content, message):
     (tmp_path / "x.csv").write_text(content)

@@ -116,3 +116,22 @@ def test_chat_rejects_bad_sampling_flags(capsys):
     with pytest.raises(SystemExit):
         main(["chat", "--top-p", "1.5"])
     assert "'1.5' must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_commands_name_bad_input_in_one_line(tmp_path, tokenizer, capsys):
+    """A missing checkpoint for the serving bench, a metrics file that is not JSON: `error: …`, no traceback."""
+    with pytest.raises(SystemExit, match=f"error: .*{tmp_path / 'nothing'}"):
+        main(["bench", "serve", str(tmp_path / "nothing"), "--out", str(tmp_path / "bench")])
+    ckpt = make_chat_checkpoint(tmp_path, tokenizer)
+    (tmp_path / "metrics.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"error: --metrics .*metrics.json: not a JSON object"):
+        main(["export", str(ckpt), str(tmp_path / "hf"), "--metrics", str(tmp_path / "metrics.json")])
+
+
+def test_served_names_end_at_the_first_equals_sign_and_paths_may_hold_one(tmp_path, tokenizer):
+    from tinyllm.serve.models import load_served_models
+
+    ckpt = make_chat_checkpoint(tmp_path / "lr=0.1", tokenizer)
+    named, unnamed = load_served_models([f"base={ckpt}"]), load_served_models([str(ckpt)])
+    assert (named[0].name, named[0].checkpoint) == ("base", ckpt)
+    assert unnamed[0].checkpoint == ckpt

@@ -36,8 +36,10 @@ def test_defaults_derive_head_and_ffn_dims():
         ({"sft": {"batch_size": 2, "pretrain_mix": 0.75}}, "sft.batch_size=2 with sft.pretrain_mix=0.75 leaves no row"),
         ({"eval": {"max_new_tokens": 128}}, "eval.max_new_tokens=128 must be below model.max_seq_len=128"),
         ({"dpo": {"eval_interval": 50}}, "dpo.eval_interval: dpo measures no validation loss"),
+        ({"dpo": {"eval_interval": 200}}, "dpo.eval_interval: dpo measures no validation loss"),  # the default, named
+        ({"lora": {"keep": "best"}}, "lora.keep: lora measures no validation loss"),
         ({"grpo": {"patience": 2}}, "grpo.patience: grpo measures no validation loss"),
-        ({"grpo": {"seq_len": 64}}, "grpo.seq_len=64: grpo's rows are a prompt"),
+        ({"grpo": {"seq_len": 0}}, "grpo.seq_len: grpo trains on rows of a prompt"),
         ({"sft": {"eval_interval": 50, "log_interval": 20}}, "sft.eval_interval=50 must be a multiple"),
     ],
 )

@@ -114,3 +114,19 @@ def test_import_refuses_a_folder_that_is_not_a_llama(tmp_path):
     (tmp_path / "gpt2/config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(SystemExit, match="only LlamaForCausalLM and"):
         main(["import", str(tmp_path / "gpt2"), str(tmp_path / "out")])
+
+
+def test_export_and_import_refuse_to_delete_a_folder_that_is_not_a_model(tmp_path, tokenizer):
+    """The output folder is replaced whole: an earlier export may go, anything else stays."""
+    ckpt = make_chat_checkpoint(tmp_path / "src", tokenizer, max_seq_len=64)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("keep me")
+    for args in (["export", str(ckpt), str(tmp_path / "mine")],
+                 ["export", str(ckpt), str(ckpt)],        # the source itself
+                 ["export", str(ckpt), str(tmp_path)],     # a folder holding the source
+                 ["import", str(ckpt), str(tmp_path / "mine")]):
+        with pytest.raises(SystemExit, match="would delete"):
+            main(args)
+    assert (tmp_path / "mine/notes.txt").read_text() == "keep me" and (ckpt / "model.safetensors").is_file()
+    export_hf(ckpt, tmp_path / "hf")
+    assert export_hf(ckpt, tmp_path / "hf") == tmp_path / "hf"  # an earlier export is replaced

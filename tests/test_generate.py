@@ -1,6 +1,6 @@
 import torch
 
-from tinyllm.infer.generate import generate, generate_batch, stream_tokens
+from tinyllm.infer.generate import generate, generate_batch, next_tokens, stream_tokens
 from tinyllm.model.transformer import Transformer
 
 
@@ -109,3 +109,12 @@ def test_two_static_generations_at_once_use_their_own_caches(tiny_config):
     together = [(next(a), next(b)) for _ in range(12)]
     assert [x for x, _ in together] == generate(model, [5, 9, 2, 7], 12, static=False)
     assert [y for _, y in together] == generate(model, [1, 2], 12, static=False)
+
+
+def test_a_vanishing_temperature_or_top_p_samples_the_most_likely_token():
+    """1e-50 overflowed the scaled logits (NaN probabilities) or emptied the nucleus, and the draw
+    fell past the vocabulary; the most likely token always stays."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [4.0, -2.0, 0.0, 1.0]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((1e-50, None), (1.0, 1e-50), (1e-50, 1e-50)):
+        assert next_tokens(logits, temperature, None, top_p, generator).tolist() == [1, 0]

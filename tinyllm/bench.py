@@ -291,10 +291,10 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
     import multiprocessing
     import tempfile
 
-    from tinyllm.infer.chat import newest_chat_checkpoint
+    from tinyllm.infer.chat import chat_checkpoint
     from tinyllm.serve import loadgen
 
-    source = Path(checkpoint) if checkpoint else newest_chat_checkpoint()
+    source = chat_checkpoint(Path(checkpoint) if checkpoint else None)  # named here, not in the server's log
     rows, most = [], max(clients)
     with tempfile.TemporaryDirectory() as tmp, multiprocessing.get_context("spawn").Pool(most) as pool:
         target = _random_checkpoint(preset, source, Path(tmp)) if preset else source

@@ -274,7 +274,10 @@ def convert(args) -> str:
         return (f"exported {args.checkpoint} to {out} "
                 f"(llama-cli -m {out}; ollama create NAME -f {out.parent / 'Modelfile'})")
     stage = read_config(args.checkpoint).get("stage") if (args.checkpoint / "config.json").exists() else None
-    metrics = json.loads(args.metrics.read_text()).get(stage) if args.metrics.exists() else None
+    try:
+        metrics = json.loads(args.metrics.read_text()).get(stage) if args.metrics.exists() else None
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise UserError(f"--metrics {args.metrics}: not a JSON object of stages' metrics ({err})") from None
     out = export_hf(args.checkpoint, args.out, adapter=args.adapter, metrics=metrics)
     return f"exported {args.checkpoint} to {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))"
 
@@ -282,31 +285,25 @@ def convert(args) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        run_command(args)
+    except (UserError, FileNotFoundError) as err:  # bad input: one line naming it, no traceback
+        sys.exit(f"error: {err}")
+
+
+def run_command(args) -> None:
     if args.command == "preset":
         from tinyllm.presets import preset_flags
 
-        try:
-            print(preset_flags(args.name))
-        except UserError as err:
-            sys.exit(f"error: {err}")
-        return
-    if args.command == "chat":
-        try:
-            chat_repl(args)
-        except (UserError, FileNotFoundError) as err:
-            sys.exit(f"error: {err}")
+        print(preset_flags(args.name))
+    elif args.command == "chat":
+        chat_repl(args)
     elif args.command == "serve":
-        try:
-            serve(args)
-        except (UserError, FileNotFoundError) as err:
-            sys.exit(f"error: {err}")
+        serve(args)
     elif args.command == "web":
         web_page(args)
     elif args.command in ("export", "import"):
-        try:
-            print(convert(args))
-        except (UserError, FileNotFoundError) as err:
-            sys.exit(f"error: {err}")
+        print(convert(args))
     elif args.command == "bench" and args.what == "train":
         print(bench.run(args.models, args.compile, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                         vocab_size=args.vocab_size, steps=args.steps, warmup=args.warmup, device=args.device,
@@ -320,7 +317,6 @@ def main(argv: list[str] | None = None) -> None:
         print(bench.run_infer(args.models, args.batch_sizes, args.out, name=args.name, prompt_len=args.prompt_len,
                               new_tokens=args.new_tokens, vocab_size=args.vocab_size, device=args.device,
                               dtype=args.dtype))
-
 
 if __name__ == "__main__":
     main()

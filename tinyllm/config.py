@@ -264,6 +264,16 @@ class TrainConfig:
     (0: run every step). The learning-rate schedule still spans max_steps, so the weights kept
     are the ones the full run would keep; only the discarded tail is skipped."""
 
+    unused: typing.ClassVar[dict[str, str]] = {}
+    """Inherited params this section never reads, each with why: naming one in params is an error
+    even at its default value, so a user does not tune a knob that does nothing."""
+
+
+VALIDATION_FIELDS = ("eval_interval", "eval_batches", "keep", "patience")
+"""The params of measuring a validation loss, which only pretrain and sft do."""
+NO_VALIDATION = {name: "measures no validation loss (only pretrain and sft do); remove it"
+                 for name in VALIDATION_FIELDS}
+
 
 @dataclass(kw_only=True, frozen=True)
 class SFTConfig(TrainConfig):
@@ -283,6 +293,8 @@ class SFTConfig(TrainConfig):
 @dataclass(kw_only=True, frozen=True)
 class LoRAConfig(TrainConfig):
     """LoRA (peft) on the SFT model, teaching the identity set; the base weights stay frozen."""
+
+    unused: typing.ClassVar[dict[str, str]] = NO_VALIDATION
 
     enabled: bool = True
     """False makes the lora stage write only a note, and eval and chat skip it."""
@@ -312,6 +324,8 @@ class DPOConfig(TrainConfig):
     """Direct preference optimisation from the chat model before it (lora merged, else sft) against
     a frozen copy of it."""
 
+    unused: typing.ClassVar[dict[str, str]] = NO_VALIDATION
+
     max_steps: int = 150
     batch_size: int = 8
     """Preference pairs per micro-batch (2 × batch_size sequences)."""
@@ -334,6 +348,9 @@ reply then over replies (the original GRPO), or summed over rows × max_new_toke
 @dataclass(kw_only=True, frozen=True)
 class GRPOConfig(TrainConfig):
     """Reinforcement learning with verifiable rewards from the DPO model (tinyllm/train/grpo.py)."""
+
+    unused: typing.ClassVar[dict[str, str]] = {
+        **NO_VALIDATION, "seq_len": "trains on rows of a prompt and at most grpo.max_new_tokens; remove it"}
 
     enabled: bool = True
     """False makes the grpo stage write only a note; eval, chat and export then take dpo."""
@@ -445,6 +462,9 @@ def _build(cls, raw: dict, prefix: str, errors: list[str]):
         if key not in fields:
             errors.append(f"{name}: unknown param (known: {', '.join(sorted(fields))})")
             continue
+        if key in getattr(cls, "unused", {}):
+            errors.append(f"{name}: {prefix[:-1]} {cls.unused[key]}")
+            continue
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{name}.", errors)
@@ -457,18 +477,10 @@ def _build(cls, raw: dict, prefix: str, errors: list[str]):
     return cls(**kwargs)
 
 
-VALIDATED_SECTIONS = ("pretrain", "sft")
-"""The training sections that measure a validation loss; the others have no use for VALIDATION_FIELDS."""
-VALIDATION_FIELDS = ("eval_interval", "eval_batches", "keep", "patience")
-
-
 def _check_train(section: str, t: TrainConfig, max_seq_len: int) -> list[str]:
     """Rules every training section (pretrain, sft, ...) obeys."""
-    if section not in VALIDATED_SECTIONS:
-        default = TrainConfig()
-        return [f"{section}.{name}: {section} measures no validation loss (only {' and '.join(VALIDATED_SECTIONS)} "
-                "do); remove it" for name in VALIDATION_FIELDS if getattr(t, name) != getattr(default, name)
-                ] + _check_train_steps(section, t, max_seq_len)
+    if "eval_interval" in type(t).unused:  # lora, dpo, grpo: no validation, so none of its rules
+        return _check_train_steps(section, t, max_seq_len)
     e = [f"{section}.{name}={getattr(t, name)} must be > 0"
          for name in ("eval_interval", "eval_batches") if getattr(t, name) <= 0]
     if t.log_interval > 0 and t.eval_interval % t.log_interval:
@@ -587,8 +599,6 @@ def _check_grpo(p: Params) -> list[str]:
         e.append(f"grpo.kl_coef={g.kl_coef} must be >= 0 (0: no KL penalty)")
     if g.loss_norm not in GRPO_LOSS_NORMS:
         e.append(f"grpo.loss_norm={g.loss_norm!r} must be one of {', '.join(GRPO_LOSS_NORMS)}")
-    if g.seq_len:
-        e.append(f"grpo.seq_len={g.seq_len}: grpo's rows are a prompt and at most grpo.max_new_tokens; remove it")
     if g.max_new_tokens >= p.model.max_seq_len:
         e.append(f"grpo.max_new_tokens={g.max_new_tokens} must be below model.max_seq_len={p.model.max_seq_len} "
                  "(the prompt needs room)")

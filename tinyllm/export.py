@@ -121,13 +121,30 @@ def qwen2_to_moe(state: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def check_replaceable(out_dir: Path, source: Path) -> None:
+    """UserError unless writing a model to `out_dir` may delete what is there: it must be new, empty
+    or a model folder (config.json and safetensors weights, as an earlier export leaves), and
+    neither `source` nor a folder holding it."""
+    out, src = out_dir.resolve(), source.resolve()
+    if out == src or out in src.parents:
+        raise UserError(f"{out_dir}: writing there would delete {source}, which it is made from; choose another folder")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (
+            (out / "config.json").exists() and any(out.glob("*.safetensors"))))):
+        raise UserError(f"{out_dir}: exists and is not a model folder, and writing there would delete it; "
+                        "choose a new or empty folder")
+
+
 def export_hf(ckpt_dir: Path, out_dir: Path, adapter: Path | None = None, metrics: dict | None = None) -> Path:
-    """Write `out_dir` as a transformers model folder (and `out_dir/adapter` for a peft adapter)."""
+    """Write `out_dir` as a transformers model folder (and `out_dir/adapter` for a peft adapter),
+    replacing an earlier export there (`check_replaceable`)."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not is_checkpoint(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint folder (expected config.json and model.safetensors)")
+    check_replaceable(out_dir, ckpt_dir)
+    if adapter is not None:
+        check_replaceable(out_dir, Path(adapter))
     model = load_model(ckpt_dir)
     cfg = model.config
     tok = load_tokenizer(ckpt_dir)
@@ -230,6 +247,7 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     config_file = hf_dir / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: not a transformers model folder")
+    check_replaceable(out_dir, hf_dir)
     hf = json.loads(config_file.read_text())
     if not {"LlamaForCausalLM", "Qwen2MoeForCausalLM"} & set(hf.get("architectures") or []):
         raise UserError(f"{config_file}: architectures {hf.get('architectures')}; only LlamaForCausalLM and "

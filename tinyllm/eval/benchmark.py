@@ -106,6 +106,8 @@ def _parse_csv(path: Path) -> list[Question]:
             answer = _answer_index(row[col["answer"]], len(choices))
             if answer is None:
                 raise DataError(f"{where}: {_bad_answer(row[col['answer']], len(choices))}")
+            if blank := _blank_choice(choices):
+                raise DataError(f"{where}: {blank}")
             questions.append(Question(row[col["question"]], choices, answer, _subject(path)))
     return questions
 
@@ -118,7 +120,13 @@ def _jsonl_problem(obj) -> str | None:
         return "needs at least two choices"
     if _answer_index(obj.get("answer"), len(obj["choices"])) is None:
         return _bad_answer(obj.get("answer"), len(obj["choices"]))
-    return None
+    return _blank_choice([str(c) for c in obj["choices"]])
+
+
+def _blank_choice(choices) -> str | None:
+    """An empty choice would have no token to score, and its mean log-prob (0) would beat every other."""
+    blank = [LETTERS[i] if i < len(LETTERS) else str(i) for i, c in enumerate(choices) if not c.strip()]
+    return f"choice {', '.join(blank)} is empty" if blank else None
 
 
 def _read_jsonl(path: Path) -> list[Question]:

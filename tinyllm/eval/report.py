@@ -267,8 +267,8 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
         lines += [f"## Fact completion after {stages[0]} (greedy)", "", "| prompt | answer | model | ok |",
                   "|---|---|---|---|"]
         shown = [r for r in fact_rows if not r["correct"]][:8] + [r for r in fact_rows if r["correct"]][:8]
-        lines += [f"| {r['prompt']} | {r['answer']} | {r['output'].strip() or '∅'} | {'✓' if r['correct'] else '✗'} |"
-                  for r in shown]
+        lines += [f"| {_cell(r['prompt'])} | {_cell(r['answer'])} | {_cell(r['output'])} | "
+                  f"{'✓' if r['correct'] else '✗'} |" for r in shown]
     dialogue_sets = [name for name in (*CHAT_SETS, "arith", "style")  # unknown people: their own table above
                      if name != "unknown" and any(name in rows[s] for s in stages)]
     if dialogue_sets:
@@ -278,8 +278,8 @@ def _markdown(results: dict[str, dict], rows: dict[str, dict], meta: dict) -> st
         best = max((s for s in stages if name in rows[s]), key=lambda s: results[s].get(key) or 0)
         lines.append(f"**{name}**, {best} model:")
         for r in rows[best][name][:4]:
-            turns = " / ".join(f"{m['role']}: {m['content']}" for m in r["messages"])
-            lines.append(f"- {turns} → **{r['reply'].strip() or '∅'}** {'✓' if r['correct'] else '✗'}"
+            turns = " / ".join(f"{m['role']}: {_cell(m['content'])}" for m in r["messages"])
+            lines.append(f"- {turns} → **{_cell(r['reply'])}** {'✓' if r['correct'] else '✗'}"
                          f" (expects “{r['answer']}”)")
         lines.append("")
     return "\n".join(lines).replace("\r", " ") + "\n"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinyllm import cpu_threads
-from tinyllm.infer.generate import inverse_cdf, keep_top_k, nucleus, penalise_repeats
+from tinyllm.infer.generate import MIN_TEMPERATURE, inverse_cdf, keep_top_k, nucleus, penalise_repeats
 from tinyllm.infer.slots import SlotKVCache
 from tinyllm.infer.text import TextStream
 from tinyllm.infer.utf8 import Utf8Guard
@@ -107,17 +108,41 @@ SETTINGS = ("prompt_ids", "max_tokens", "temperature", "top_p", "top_k", "repeti
 """The fields of a `Request` that say what to generate."""
 
 
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+"""The repetition penalties a request may ask for: beyond them a logit becomes 0 or infinite in
+float32, and the row's sampling breaks."""
+
+
+class InvalidRequest(ValueError):
+    """A request that could never run; `param` names the setting at fault."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def check_request(request: Request, context: int, max_live_tokens: int) -> None:
-    """ValueError if the request could never run: no prompt, no room for a reply in the context,
-    or more prompt + max_tokens than the live requests may hold at once."""
+    """InvalidRequest if the request could never run: sampling settings outside their range (they
+    would break the whole batch's step, not only this row), no prompt, no room for a reply in the
+    context, or more prompt + max_tokens than the live requests may hold at once."""
+    low, high = REPETITION_PENALTY_RANGE
+    r = request
+    for name, ok, allowed in (
+            ("temperature", math.isfinite(r.temperature) and r.temperature >= 0, ">= 0"),
+            ("top_p", r.top_p is None or 0 < r.top_p <= 1, "in (0, 1]"),
+            ("top_k", r.top_k is None or 0 <= r.top_k < 2**63, "in [0, 2**63)"),
+            ("repetition_penalty", low <= r.repetition_penalty <= high, f"in [{low}, {high}]"),
+            ("seed", r.seed is None or 0 <= r.seed < 2**63, "in [0, 2**63)")):
+        if not ok:
+            raise InvalidRequest(name, f"{name} must be {allowed}, not {getattr(r, name)!r}")
     if request.max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, not {request.max_tokens}")
+        raise InvalidRequest("max_tokens", f"max_tokens must be at least 1, not {request.max_tokens}")
     if not request.prompt_ids or len(request.prompt_ids) >= context:
-        raise ValueError(f"a prompt needs 1 to {context - 1} tokens, not {len(request.prompt_ids)}")
+        raise InvalidRequest("prompt", f"a prompt needs 1 to {context - 1} tokens, not {len(request.prompt_ids)}")
     need = len(request.prompt_ids) + min(request.max_tokens, context - len(request.prompt_ids))
     if need > max_live_tokens:
-        raise ValueError(f"prompt + max_tokens is {need} tokens, more than the server holds at once "
-                         f"({max_live_tokens}); ask for fewer max_tokens")
+        raise InvalidRequest("max_tokens", f"prompt + max_tokens is {need} tokens, more than the server holds "
+                                           f"at once ({max_live_tokens}); ask for fewer max_tokens")
 
 
 class QueueFull(Exception):
@@ -493,7 +518,7 @@ class Batcher:
         if not options.sampling:
             return greedy
         temperature = self.temperature[rows]
-        scaled = logits.float() / temperature.clamp(min=1e-6)[:, None]
+        scaled = logits.float() / temperature.clamp(min=MIN_TEMPERATURE)[:, None]
         if options.top_k:
             scaled = keep_top_k(scaled, self.top_k[rows])
         probs = torch.softmax(scaled, -1)

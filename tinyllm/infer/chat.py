@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
 from tinyllm.data.tokenizer import load_tokenizer, render_chat, reply_stop_ids
@@ -71,7 +72,7 @@ def load_chat_model(checkpoint: Path | None = None, adapter: Path | None = None,
             description = f"{checkpoint} + adapter {adapter}"
         else:
             model, description = load_model(checkpoint, device).eval(), str(checkpoint)
-    except (ValueError, TypeError, KeyError, RuntimeError) as err:  # damaged or mismatched files
+    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as err:  # damaged or mismatched files
         raise UserError(f"{adapter or checkpoint}: cannot load ({type(err).__name__}: {err})") from None
     return model, load_tokenizer(checkpoint), description
 

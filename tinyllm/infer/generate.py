@@ -68,6 +68,10 @@ def _static_decoder(model: Transformer, batch_size: int, device, dtype):
     return cache, run
 
 
+MIN_TEMPERATURE = 1e-6
+"""Temperatures below it sample as at it: logits divided by less can overflow float32."""
+
+
 def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator, repetition_penalty: float = 1.0, seen: torch.Tensor | None = None,
                 allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,7 +87,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
         logits = penalise_repeats(logits, seen, repetition_penalty)
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     if top_k:
         logits = keep_top_k(logits, top_k)
     probs = torch.softmax(logits, -1)
@@ -122,6 +126,7 @@ def nucleus(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     number or (B, 1) per row); the result is not renormalised (sampling does not need it)."""
     sorted_probs, order = probs.sort(-1, descending=True)
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
+    outside[..., 0] = False  # the most likely token always stays, however small top_p is
     return probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
 
 

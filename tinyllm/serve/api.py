@@ -37,8 +37,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tinyllm.data.tokenizer import render_chat
-from tinyllm.infer.batcher import Finish, Piece, QueueFull, Request, TokenLogprob
+from tinyllm.data.tokenizer import SPECIAL_TOKENS, render_chat
+from tinyllm.infer.batcher import (
+    REPETITION_PENALTY_RANGE,
+    Finish,
+    InvalidRequest,
+    Piece,
+    QueueFull,
+    Request,
+    TokenLogprob,
+)
 from tinyllm.infer.utf8 import token_bytes
 from tinyllm.serve.engine import EngineProcess, EngineStopped
 from tinyllm.serve.metrics import ServerMetrics
@@ -59,15 +67,21 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")  # image_url and other kinds of part: read past
+    type: str
+    text: str = ""
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict] | None = ""
+    content: str | list[ContentPart] | None = ""
 
     def text(self) -> str:
         """Content as text; OpenAI's list form keeps its text parts."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text for part in self.content if part.type == "text")
         return self.content or ""
 
 
@@ -82,8 +96,8 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)  # OpenAI clients may send null: the default
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, gt=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, gt=0, lt=2**63)
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=4)  # OpenAI: up to 4
     stream: bool | None = None
@@ -184,9 +198,12 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": [m.name for m in models],
-                "queued": sum(b.queued for b in batchers.values()),
-                "live": sum(b.live_requests for b in batchers.values())}
+        """200 while every model's engine runs; 503 naming the stopped ones (nothing restarts them)."""
+        stopped = [name for name, engine in batchers.items() if engine.stopped]
+        state = {"status": "engine_stopped" if stopped else "ok", "models": [m.name for m in models],
+                 "queued": sum(b.queued for b in batchers.values()),
+                 "live": sum(b.live_requests for b in batchers.values())}
+        return JSONResponse({**state, "stopped": stopped}, status_code=503) if stopped else state
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -217,7 +234,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         prompt_ids = served.tok.encode(prompt, add_special_tokens=False).ids
         if not prompt_ids:
             raise APIError(400, "prompt: must not be empty", param="prompt")
-        check_fits(served, len(prompt_ids))
+        check_fits(served, len(prompt_ids), param="prompt")
         return await respond(request, served, body, prompt_ids, chat=False, dropped=0, prompt_chars=len(prompt))
 
     async def respond(http: HTTPRequest, served: ServedModel, body: SamplingFields, prompt_ids: list[int], chat: bool,
@@ -250,8 +267,9 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
                                     seed=None if body.seed is None else (body.seed + index) % 2**63))
         try:
             batchers[served.name].submit(*requests)
-        except ValueError as err:
-            raise APIError(400, f"max_tokens: {err}", param="max_tokens") from None
+        except InvalidRequest as err:
+            param = "messages" if chat and err.param == "prompt" else err.param
+            raise APIError(400, f"{param}: {err}", param=param) from None
         except QueueFull:
             raise APIError(503, f"the server is busy ({max_queue} requests waiting); try again shortly",
                            kind="server_error", code="server_busy") from None
@@ -280,21 +298,21 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
     return app
 
 
-CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-
-
 def without_markers(text: str) -> str:
-    """Message text with the chat format's special tokens removed, so no message can forge a turn."""
-    for marker in CHAT_MARKERS:
-        text = text.replace(marker, "")
+    """Message text with the chat format's special tokens removed, so no message can forge a turn.
+    Until none is left: removing one can join the pieces around it into another
+    (`<|im_<|im_end|>end|>`)."""
+    while any(marker in text for marker in SPECIAL_TOKENS):
+        for marker in SPECIAL_TOKENS:
+            text = text.replace(marker, "")
     return text
 
 
-def check_fits(served: ServedModel, prompt_tokens: int) -> None:
+def check_fits(served: ServedModel, prompt_tokens: int, param: str = "messages") -> None:
     if prompt_tokens >= served.context:
         raise APIError(400, f"This model's maximum context length is {served.context} tokens; the prompt has "
                             f"{prompt_tokens} and leaves no room for a reply", code="context_length_exceeded",
-                       param="messages")
+                       param=param)
 
 
 def chat_prompt(served: ServedModel, body: ChatRequest) -> tuple[list[int], int]:

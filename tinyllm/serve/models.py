@@ -50,13 +50,14 @@ class ServedModel:
 
 
 def load_served_models(specs: list[str], adapter: Path | None = None) -> list[ServedModel]:
-    """Each `path` or `name=path` (the name defaults to the folder's); none means the newest chat
-    checkpoint of the pipeline. `adapter` (a peft folder) applies to a single model."""
+    """Each `path` or `name=path` (the name defaults to the folder's; a spec that is an existing
+    folder is a path, and a name ends at its first `=`, so paths may hold `=`); none means the
+    newest chat checkpoint of the pipeline. `adapter` (a peft folder) applies to a single model."""
     if adapter and len(specs) > 1:
         raise UserError("--adapter applies to one model; serve one checkpoint with it")
     served = []
     for spec in specs or [""]:
-        name, _, path = spec.rpartition("=")
+        name, _, path = ("", "", spec) if Path(spec).is_dir() or "=" not in spec else spec.partition("=")
         checkpoint = chat_checkpoint(Path(path) if path else None, adapter)
         tok = load_tokenizer(checkpoint)
         try:
