@@ -43,7 +43,8 @@ def test_exported_model_loads_as_a_stock_architecture_with_the_same_logits(check
     assert type(hf).__name__ == ("Qwen2MoeForCausalLM" if ours.config.moe.enabled else "LlamaForCausalLM")
     ids = torch.randint(0, ours.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     assert (hf(ids).logits - ours(ids).logits).abs().max() <= 1e-4
-    assert "| dim | 32 |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| dim | 32 |" in card and f"Loads as a stock `{type(hf).__name__}`" in card  # the card names what loads
 
 
 @torch.no_grad()

@@ -212,7 +212,8 @@ def model_card(ckpt_dir: Path, cfg: ModelConfig, metrics: dict | None) -> str:
         "---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
         f"# TinyLLM ({meta.get('stage', 'model')})", "",
         ("A small Llama-style model trained from scratch with the TinyLLM pipeline "
-        "(pretrain → SFT → LoRA → DPO). Loads as a stock `LlamaForCausalLM`:"), "",
+         "(pretrain → SFT → LoRA → DPO → GRPO). Loads as a stock "
+         f"`{'Qwen2MoeForCausalLM' if cfg.moe.enabled else 'LlamaForCausalLM'}`:"), "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained(path)",

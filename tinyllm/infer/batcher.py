@@ -345,7 +345,7 @@ class Batcher:
             self.waiting.remove(request)
             self.cancelled_requests += 1
             request.finished_at = time.perf_counter()
-            _send(request, "end", Finish("cancelled", len(request.prompt_ids), 0))
+            deliver(request, "end", Finish("cancelled", len(request.prompt_ids), 0))
 
     def _admit(self) -> None:
         self._drop_cancelled()
@@ -570,7 +570,7 @@ class Batcher:
                     end = "length"
                     break
             if text:
-                _send(request, "text", Piece(text, live.logprobs))
+                deliver(request, "text", Piece(text, live.logprobs))
                 live.logprobs = []
             if end:
                 self._retire(live, end)
@@ -583,15 +583,15 @@ class Batcher:
         if reason == "cancelled":
             self.cancelled_requests += 1
         if error is not None:
-            _send(request, "error", error)
+            deliver(request, "error", error)
             return
         rest = live.stream.finish()
         if rest or live.logprobs:
-            _send(request, "text", Piece(rest, live.logprobs))
-        _send(request, "end", Finish(reason, len(request.prompt_ids), live.generated))
+            deliver(request, "text", Piece(rest, live.logprobs))
+        deliver(request, "end", Finish(reason, len(request.prompt_ids), live.generated))
 
 
-def _send(request: Request, kind: str, value) -> None:
+def deliver(request: Request, kind: str, value) -> None:
     """request.emit, and if nobody can hear it any more (the event loop is closing), cancel the
     request instead of failing the whole batch."""
     try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from tinyllm import cpu_threads
 from tinyllm.errors import UserError
-from tinyllm.infer.batcher import Batcher, QueueFull, Request, check_request
+from tinyllm.infer.batcher import Batcher, QueueFull, Request, check_request, deliver
 from tinyllm.serve.models import ServedModel
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class EngineProcess:
                         first, end = timings
                         request.first_token_at = None if first is None else request.submitted + first
                         request.finished_at = request.submitted + end
-                    _deliver(request, kind, value)
+                    deliver(request, kind, value)
         finally:
             self._end_orphans()
 
@@ -179,7 +179,7 @@ class EngineProcess:
             orphans, self.inflight = list(self.inflight.values()), {}
         self.counters = Counters()
         for request in orphans:
-            _deliver(request, "error", self.stopped)
+            deliver(request, "error", self.stopped)
 
     def close(self) -> None:
         """Stop the engine; live and waiting requests end as cancelled."""
@@ -200,14 +200,6 @@ def _stop_process(conn, process, timeout: float = 30) -> None:
     if process.is_alive():
         process.kill()
         process.join()
-
-
-def _deliver(request: Request, kind: str, value) -> None:
-    try:
-        request.emit(kind, value)
-    except Exception:  # noqa: BLE001  (the event loop is closing: nobody can hear it any more)
-        log.warning("could not deliver a %s event; cancelling the request", kind)
-        request.cancel()
 
 
 def _engine_main(conn, served: ServedModel, device: str, dtype: str, threads: int, settings: dict) -> None:
