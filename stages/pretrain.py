@@ -1,6 +1,4 @@
-"""Stage pretrain: train from scratch on the token shards → artifacts/pretrain/ (safetensors),
-keeping the weights that complete the world's fact probes best (or, on a user's corpus, that
-predict its held-out text best).
+"""Stage pretrain: train from scratch on the token shards → artifacts/pretrain/ (safetensors).
 
 Several processes: `distributed.nproc` in params (or `torchrun --nproc_per_node N -m stages.pretrain`).
 """
@@ -16,8 +14,7 @@ from tinyllm.train.pretrain import run_pretrain
 def main(params):
     with training_run("pretrain", params) as run:
         summary = run_pretrain(params, Path("artifacts/tokens"), Path("artifacts/tokenizer"),
-                               Path("artifacts/pretrain"), run,
-                               probes_file=Path("artifacts/data/probes/fact_probes.jsonl"))
+                               Path("artifacts/pretrain"), run)
         if run.dist.is_main:
             write_json(Path("reports/metrics/pretrain.json"), summary)
 

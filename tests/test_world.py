@@ -21,7 +21,6 @@ from tinyllm.data.world import (
     fact_prompts,
     load_world,
     pretrain_documents,
-    split_fact_probes,
 )
 from tinyllm.errors import ConfigError, DataError
 
@@ -86,17 +85,6 @@ def test_every_fact_prompt_occurs_at_least_twice_in_the_corpus(world, corpus):
     assert {i["lang"] for i in items} == {"zh", "en"}
     rare = [i for i in items if corpus.count(i["prompt"] + i["answer"]) < 2]
     assert not rare, rare[:3]
-
-
-def test_half_the_fact_prompts_about_people_become_pretraining_probes_that_eval_never_scores(world):
-    items = fact_prompts(world)
-    kept, probes = split_fact_probes(items, 7)
-    assert sorted(map(json.dumps, kept + probes)) == sorted(map(json.dumps, items))
-    assert not {json.dumps(i) for i in kept} & {json.dumps(i) for i in probes}
-    people = [i for i in items if i["person"] != "-"]
-    assert len(probes) == len(people) // 2 and all(i["person"] != "-" for i in probes)
-    assert {i["attribute"] for i in probes} == set(ATTRIBUTES) and {i["lang"] for i in probes} == {"zh", "en"}
-    assert split_fact_probes(items, 7) == (kept, probes) and split_fact_probes(items, 8)[1] != probes
 
 
 def test_fact_prompts_cover_every_person_and_attribute_in_chinese(world):

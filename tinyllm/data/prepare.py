@@ -16,11 +16,8 @@ Either way out_dir gets the same files (OUTPUTS), in three places:
     eval/   the world's eval sets (eval_facts, eval_qa, eval_multi, eval_identity, bench_world),
             empty for a user's corpus, and eval_dpo: held-out preference pairs (the world's,
             or a held-out share of the user's)
-    probes/ fact_probes: half of the world's cloze items about people, on whose answers
-            pretraining validates, so eval_facts holds the other half (empty for a user's corpus:
-            pretraining then validates on held-out text)
 
-Stages depend on the chat/, eval/ and probes/ folders rather than on their files, because DVC warns about
+Stages depend on the chat/ and eval/ folders rather than on their files, because DVC warns about
 every empty file declared on its own, and some are empty by design (a user's corpus has no world
 eval sets, and often no identity set). `data.heldout_share` of the SFT conversations (single- and
 multi-turn apart) and of a user's preference pairs, at least `data.heldout_min` of each when
@@ -47,7 +44,7 @@ from tinyllm.data.chat_data import CHAT_OUTPUTS, chat_files
 from tinyllm.data.format_names import KIND_FORMATS
 from tinyllm.data.formats import convert, detect, record_text
 from tinyllm.data.jsonl import read_jsonl, write_jsonl
-from tinyllm.data.world import build_world, fact_prompts, pretrain_documents, split_fact_probes
+from tinyllm.data.world import build_world, fact_prompts, pretrain_documents
 from tinyllm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -59,13 +56,11 @@ def data_path(name: str) -> str:
     """Where file `name` lives under artifacts/data/ ("chat/sft_single.jsonl", "eval/eval_qa.jsonl")."""
     if name in CHAT_FOLDER:
         return f"chat/{name}"
-    if name == "fact_probes.jsonl":
-        return f"probes/{name}"
     return f"eval/{name}" if name.startswith(("eval_", "bench_")) else name
 
 
-OUTPUTS = tuple(data_path(name) for name in ("pretrain.jsonl", "world.json", "eval_facts.jsonl", "fact_probes.jsonl",
-                                               *CHAT_OUTPUTS, "heldout_single.jsonl", "heldout_multi.jsonl"))
+OUTPUTS = tuple(data_path(name) for name in ("pretrain.jsonl", "world.json", "eval_facts.jsonl", *CHAT_OUTPUTS,
+                                               "heldout_single.jsonl", "heldout_multi.jsonl"))
 
 
 def prepare(params: Params, out_dir: Path, lexicon_path: Path) -> dict:
@@ -107,10 +102,9 @@ def _prepare_world(params: Params, staging: Path, lexicon_path: Path) -> dict:
     cfg = params.data.world
     world = build_world(cfg, params.seed, lexicon_path)
     docs = pretrain_documents(world, cfg, params.seed)
-    facts, probes = split_fact_probes(fact_prompts(world), params.seed)
+    facts = fact_prompts(world)
     write_jsonl(staging / "pretrain.jsonl", ({"text": d} for d in docs))
     write_jsonl(staging / data_path("eval_facts.jsonl"), facts)
-    write_jsonl(staging / data_path("fact_probes.jsonl"), probes)  # pretraining's validation
     (staging / "world.json").write_text(json.dumps(world.to_json(), ensure_ascii=False, indent=1) + "\n",
                                         encoding="utf-8")
     chat = {name: write_jsonl(staging / data_path(name), records)
@@ -143,8 +137,8 @@ def _prepare_files(data: DataConfig, staging: Path, seed: int) -> dict:
     write_jsonl(staging / "grpo.jsonl", _records(data, "grpo", counts))
     chat["grpo.jsonl"], chat["eval_arith.jsonl"] = hold_out(staging / "grpo.jsonl", staging / "eval/eval_arith.jsonl",
                                                             data, f"{seed}/heldout_grpo")
-    for name in ("eval_facts.jsonl", "fact_probes.jsonl", *CHAT_OUTPUTS):
-        if not (staging / data_path(name)).exists():  # the world's sets: none for a user's corpus
+    for name in ("eval_facts.jsonl", *CHAT_OUTPUTS):
+        if not (staging / data_path(name)).exists():  # the world's eval sets: none for a user's corpus
             write_jsonl(staging / data_path(name), [])
     (staging / "world.json").write_text("null\n", encoding="utf-8")
     for kind, stage in (("sft", "sft"), ("identity", "lora (unless lora.enabled is false)"), ("dpo", "dpo")):

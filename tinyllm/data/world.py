@@ -485,15 +485,6 @@ def _item(prompt: str, answer: str, attribute: str, person: str, lang: str, spli
             "split": split}
 
 
-def split_fact_probes(items: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
-    """(eval's items, probes): a seeded half of the `fact_prompts` items about people becomes
-    pretraining's validation (`keep: best` keeps the weights that complete them best), so the
-    fact eval never scores an item that chose the weights. Other items stay with eval."""
-    about_people = [i for i, item in enumerate(items) if item["person"] != "-"]
-    probes = set(random.Random(f"{seed}/fact_probes").sample(about_people, len(about_people) // 2))
-    return [x for i, x in enumerate(items) if i not in probes], [x for i, x in enumerate(items) if i in probes]
-
-
 def fact_prompts(world: World) -> list[dict]:
     """Cloze items for the fact-completion eval, in the canonical phrasings the corpus uses.
 

@@ -14,9 +14,6 @@ from pathlib import Path
 import torch
 
 from tinyllm.config import Params, to_dict
-from tinyllm.data.cloze import cloze_batches, validate_cloze
-from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.checkpoint import save_checkpoint
@@ -27,10 +24,6 @@ from tinyllm.train.runtime import device_name, resolve_device
 
 log = logging.getLogger(__name__)
 
-PROBES_PER_BATCH = 64
-"""Cloze items per validation batch: pretrain.eval_batches of them make one measurement."""
-
-
 def build_model(params: Params, vocab_size: int) -> Transformer:
     """A freshly initialised model, seeded so the same params give the same weights."""
     torch.manual_seed(params.seed)
@@ -38,15 +31,11 @@ def build_model(params: Params, vocab_size: int) -> Transformer:
 
 
 def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: Path,
-                 run: TrainingRun | None = None, probes_file: Path | None = None) -> dict:
+                 run: TrainingRun | None = None) -> dict:
     """Train from scratch on the token shards; save the final checkpoint to `out_dir` (rank 0).
 
     Under torchrun each of the N processes takes pretrain.batch_size / N rows of every batch, so
     the global batch, and the losses, are the same for any N.
-
-    Validation (`val/loss`, which `keep: best` and `patience` go by) is the loss on the answers of
-    the cloze items in `probes_file` when it has any (half of the embedded world's fact prompts,
-    which eval then never scores: `world.split_fact_probes`), else on the held-out token shard.
 
     Returns:
         Summary metrics (final losses, tokens seen, parameter counts, throughput).
@@ -61,27 +50,17 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
     model = build_model(params, train.index["vocab_size"])
     batches = PackedBatches(train, cfg.batch_size // dist.world_size, seq_len, params.seed,
                             rank=dist.rank, world_size=dist.world_size)
-    probes = list(read_jsonl(probes_file, validate_cloze)) if probes_file else []
-    if probes:
-        probe_batches = cloze_batches(load_tokenizer(tokenizer_dir), probes, PROBES_PER_BATCH, params.seed)
-        log.info("validation: the answers of %d of %d fact probes (%s)",
-                 min(len(probes), cfg.eval_batches * PROBES_PER_BATCH), len(probes), probes_file)
+    val_seq = min(seq_len, len(val) - 1)
 
-        def val_batches():
-            return probe_batches
-    else:
-        val_seq = min(seq_len, len(val) - 1)
-
-        def val_batches():
-            return PackedBatches(val, 1, val_seq, params.seed)  # a seeded spread of windows, not the first ones
+    def val_batches():
+        return PackedBatches(val, 1, val_seq, params.seed)  # a seeded spread of windows, not the first ones
 
     log.info("model: %.2fM parameters (%.2fM non-embedding, %.2fM active per token), device %s",
              model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6, model.num_params(active=True) / 1e6,
              device_name(resolve_device(params.runtime, dist)))
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), batches, cfg, params.runtime, val_batches=val_batches,
-                 run=run, flops_per_token=model.flops_per_token(seq_len),
-                 inputs=[token_dir / "index.json", *([probes_file] if probes else [])])  # probes choose the weights
+                 run=run, flops_per_token=model.flops_per_token(seq_len), inputs=[token_dir / "index.json"])
     seconds = time.perf_counter() - start
     tokens = cfg.max_steps * cfg.grad_accum * cfg.batch_size * seq_len
     summary = {
