@@ -126,12 +126,20 @@ def test_commands_name_bad_input_in_one_line(tmp_path, tokenizer, capsys):
     (tmp_path / "metrics.json").write_text("{not json")
     with pytest.raises(SystemExit, match=r"error: --metrics .*metrics.json: not a JSON object"):
         main(["export", str(ckpt), str(tmp_path / "hf"), "--metrics", str(tmp_path / "metrics.json")])
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "stage": "sft"}))
+    (tmp_path / "metrics.json").write_text('{"sft": 1}')  # the stage's entry is not a mapping
+    with pytest.raises(SystemExit, match=r"error: --metrics .*holds int"):
+        main(["export", str(ckpt), str(tmp_path / "hf"), "--metrics", str(tmp_path / "metrics.json")])
 
 
 def test_served_names_end_at_the_first_equals_sign_and_paths_may_hold_one(tmp_path, tokenizer):
+    from tinyllm.errors import UserError
     from tinyllm.serve.models import load_served_models
 
     ckpt = make_chat_checkpoint(tmp_path / "lr=0.1", tokenizer)
     named, unnamed = load_served_models([f"base={ckpt}"]), load_served_models([str(ckpt)])
     assert (named[0].name, named[0].checkpoint) == ("base", ckpt)
     assert unnamed[0].checkpoint == ckpt
+    with pytest.raises(UserError, match="NAME=PATH needs a path"):  # `base=$CKPT` with CKPT unset
+        load_served_models(["base="])

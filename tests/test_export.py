@@ -117,17 +117,29 @@ def test_import_refuses_a_folder_that_is_not_a_llama(tmp_path):
         main(["import", str(tmp_path / "gpt2"), str(tmp_path / "out")])
 
 
-def test_export_and_import_refuse_to_delete_a_folder_that_is_not_a_model(tmp_path, tokenizer):
-    """The output folder is replaced whole: an earlier export may go, anything else stays."""
+def test_export_and_import_refuse_to_delete_what_they_did_not_write(tmp_path, tokenizer):
+    """The output folder is replaced whole: an earlier output of the same command may go, anything
+    else stays, and so does the source (and the .tmp folder the write goes through)."""
+    import shutil
+
     ckpt = make_chat_checkpoint(tmp_path / "src", tokenizer, max_seq_len=64)
+    other = make_chat_checkpoint(tmp_path / "other", tokenizer, max_seq_len=64)  # another stage's checkpoint
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine/notes.txt").write_text("keep me")
-    for args in (["export", str(ckpt), str(tmp_path / "mine")],
-                 ["export", str(ckpt), str(ckpt)],        # the source itself
-                 ["export", str(ckpt), str(tmp_path)],     # a folder holding the source
-                 ["import", str(ckpt), str(tmp_path / "mine")]):
-        with pytest.raises(SystemExit, match="would delete"):
+    for args, message in ((["export", str(ckpt), str(tmp_path / "mine")], "not an earlier output"),
+                          (["export", str(ckpt), str(other)], "not an earlier output"),
+                          (["export", str(ckpt), str(ckpt)], "which it is made from")):
+        with pytest.raises(SystemExit, match=message):
             main(args)
+    hf = export_hf(ckpt, tmp_path / "hf")
+    assert export_hf(ckpt, hf) == hf  # an earlier export is replaced
+    shutil.copytree(ckpt, hf / "inside")
+    shutil.copytree(ckpt, tmp_path / "hf.tmp")
+    for source in (hf / "inside", tmp_path / "hf.tmp"):  # the output holds it, or the write goes through it
+        with pytest.raises(SystemExit, match="which it is made from"):
+            main(["export", str(source), str(hf)])
+    with pytest.raises(SystemExit, match="not an earlier output"):  # import replaces native checkpoints only
+        main(["import", str(hf), str(tmp_path / "mine")])
     assert (tmp_path / "mine/notes.txt").read_text() == "keep me" and (ckpt / "model.safetensors").is_file()
-    export_hf(ckpt, tmp_path / "hf")
-    assert export_hf(ckpt, tmp_path / "hf") == tmp_path / "hf"  # an earlier export is replaced
+    main(["import", str(hf), str(other)])
+    assert load_model(other).config == load_model(ckpt).config

@@ -128,7 +128,7 @@ def test_bad_requests_get_openai_errors_with_the_right_status(server, checkpoint
         assert status == 400 and error["error"]["param"] == field, error
     status, error = _raw(f"{server.url}/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode())
-    assert status == 400 and error["error"]["param"].startswith("messages.0.content"), error
+    assert status == 400 and error["error"]["param"] == "messages.0.content.0.text", error
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="x", prompt="很长" * 200)
     assert err.value.code == "context_length_exceeded" and err.value.param == "prompt"
@@ -151,6 +151,13 @@ def test_bad_requests_get_openai_errors_with_the_right_status(server, checkpoint
         assert reply.model == "b"
     finally:
         two.stop()
+
+
+def test_markers_nested_deep_go_in_one_pass():
+    from tinyllm.serve.api import without_markers
+
+    assert without_markers("<|im_" * 50 + "end|>" * 50) == ""  # each removal joins the next marker
+    assert without_markers("a > b<|endoftext|> <|im_start|") == "a > b <|im_start|"
 
 
 def test_a_message_cannot_forge_turns_with_chat_markers(server):
@@ -248,7 +255,7 @@ def test_a_checkpoint_that_cannot_load_is_named_and_leaves_no_engine(tmp_path, t
     ckpt = make_chat_checkpoint(tmp_path, tokenizer)
     (ckpt / "model.safetensors").write_bytes(b"not weights")
     before = set(multiprocessing.active_children())  # (other tests' servers may still run)
-    with pytest.raises(UserError, match=f"{ckpt}: cannot serve it: SafetensorError"):
+    with pytest.raises(UserError, match=f"^{ckpt}: cannot load \\(SafetensorError"):
         create_app(load_served_models([str(ckpt)]))
     assert set(multiprocessing.active_children()) <= before
 

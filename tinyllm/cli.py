@@ -275,9 +275,11 @@ def convert(args) -> str:
                 f"(llama-cli -m {out}; ollama create NAME -f {out.parent / 'Modelfile'})")
     stage = read_config(args.checkpoint).get("stage") if (args.checkpoint / "config.json").exists() else None
     try:
-        metrics = json.loads(args.metrics.read_text()).get(stage) if args.metrics.exists() else None
-    except (json.JSONDecodeError, AttributeError) as err:
+        metrics = json.loads(args.metrics.read_text(encoding="utf-8")).get(stage) if args.metrics.exists() else None
+    except (ValueError, OSError, AttributeError) as err:
         raise UserError(f"--metrics {args.metrics}: not a JSON object of stages' metrics ({err})") from None
+    if not isinstance(metrics, (dict, type(None))):
+        raise UserError(f"--metrics {args.metrics}: {stage!r} holds {type(metrics).__name__}, not its metrics")
     out = export_hf(args.checkpoint, args.out, adapter=args.adapter, metrics=metrics)
     return f"exported {args.checkpoint} to {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))"
 
@@ -317,6 +319,7 @@ def run_command(args) -> None:
         print(bench.run_infer(args.models, args.batch_sizes, args.out, name=args.name, prompt_len=args.prompt_len,
                               new_tokens=args.new_tokens, vocab_size=args.vocab_size, device=args.device,
                               dtype=args.dtype))
+
 
 if __name__ == "__main__":
     main()

@@ -121,30 +121,47 @@ def qwen2_to_moe(state: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def check_replaceable(out_dir: Path, source: Path) -> None:
+def check_replaceable(out_dir: Path, source: Path, earlier_output) -> None:
     """UserError unless writing a model to `out_dir` may delete what is there: it must be new, empty
-    or a model folder (config.json and safetensors weights, as an earlier export leaves), and
-    neither `source` nor a folder holding it."""
+    or what this command wrote before (`earlier_output(folder)`), not a symbolic link, and neither
+    `source`, a folder holding it, nor the `.tmp`/`.old` siblings the write goes through."""
     out, src = out_dir.resolve(), source.resolve()
-    if out == src or out in src.parents:
+    scratch = [out.with_name(out.name + suffix) for suffix in (".tmp", ".old")]
+    if any(folder == src or folder in src.parents for folder in (out, *scratch)):
         raise UserError(f"{out_dir}: writing there would delete {source}, which it is made from; choose another folder")
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (
-            (out / "config.json").exists() and any(out.glob("*.safetensors"))))):
-        raise UserError(f"{out_dir}: exists and is not a model folder, and writing there would delete it; "
-                        "choose a new or empty folder")
+    if out_dir.is_symlink():
+        raise UserError(f"{out_dir}: a symbolic link; name the folder itself")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or earlier_output(out))):
+        raise UserError(f"{out_dir}: exists and is not an earlier output of this command, and writing there "
+                        "would delete it; choose a new or empty folder")
+
+
+def _config_has(folder: Path, key: str) -> bool:
+    try:
+        return key in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _is_hf_export(folder: Path) -> bool:
+    return _config_has(folder, "architectures")
+
+
+def _is_native_checkpoint(folder: Path) -> bool:
+    return is_checkpoint(folder) and _config_has(folder, "model")
 
 
 def export_hf(ckpt_dir: Path, out_dir: Path, adapter: Path | None = None, metrics: dict | None = None) -> Path:
     """Write `out_dir` as a transformers model folder (and `out_dir/adapter` for a peft adapter),
-    replacing an earlier export there (`check_replaceable`)."""
+    replacing an earlier export there, and nothing else (`check_replaceable`)."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not is_checkpoint(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint folder (expected config.json and model.safetensors)")
-    check_replaceable(out_dir, ckpt_dir)
+    check_replaceable(out_dir, ckpt_dir, _is_hf_export)
     if adapter is not None:
-        check_replaceable(out_dir, Path(adapter))
+        check_replaceable(out_dir, Path(adapter), _is_hf_export)
     model = load_model(ckpt_dir)
     cfg = model.config
     tok = load_tokenizer(ckpt_dir)
@@ -248,7 +265,7 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     config_file = hf_dir / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: not a transformers model folder")
-    check_replaceable(out_dir, hf_dir)
+    check_replaceable(out_dir, hf_dir, _is_native_checkpoint)
     hf = json.loads(config_file.read_text())
     if not {"LlamaForCausalLM", "Qwen2MoeForCausalLM"} & set(hf.get("architectures") or []):
         raise UserError(f"{config_file}: architectures {hf.get('architectures')}; only LlamaForCausalLM and "

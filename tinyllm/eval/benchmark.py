@@ -124,7 +124,8 @@ def _jsonl_problem(obj) -> str | None:
 
 
 def _blank_choice(choices) -> str | None:
-    """An empty choice would have no token to score, and its mean log-prob (0) would beat every other."""
+    """An empty choice has no token to score (its mean log-prob, 0, would beat every other) and a
+    blank one nothing but a space: either is a broken line, refused in test and dev files alike."""
     blank = [LETTERS[i] if i < len(LETTERS) else str(i) for i, c in enumerate(choices) if not c.strip()]
     return f"choice {', '.join(blank)} is empty" if blank else None
 

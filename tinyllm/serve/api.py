@@ -25,6 +25,7 @@ import collections
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class Message(BaseModel):
             return "".join(part.text for part in self.content if part.type == "text")
         return self.content or ""
 
+
+UNION_BRANCH = re.compile(r"str|int|float|bool|none|list\[.*\]|dict\[.*\]")
+"""How pydantic names the branch of a union in an error's location (not a field of the request)."""
 
 MAX_N = 16
 """Most samples per request (`n`); they share the batch."""
@@ -177,8 +181,10 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, err: RequestValidationError):
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        # the deepest error names the field at fault: a list of content parts with a bad part fails
+        # both union branches, and the string branch's error comes first
+        first = max(err.errors(), key=lambda e: len(e["loc"]))
+        where = ".".join(str(p) for p in first["loc"] if p != "body" and not UNION_BRANCH.fullmatch(str(p)))
         if first["type"] == "json_invalid":
             return error_response(400, f"the request body is not valid JSON: {first['msg']}")
         return error_response(400, f"{where or 'body'}: {first['msg']}", param=where or None)
@@ -299,13 +305,19 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
 
 
 def without_markers(text: str) -> str:
-    """Message text with the chat format's special tokens removed, so no message can forge a turn.
-    Until none is left: removing one can join the pieces around it into another
-    (`<|im_<|im_end|>end|>`)."""
-    while any(marker in text for marker in SPECIAL_TOKENS):
-        for marker in SPECIAL_TOKENS:
-            text = text.replace(marker, "")
-    return text
+    """Message text with the chat format's special tokens removed, so no message can forge a turn,
+    also where removing one joins the pieces around it into another (`<|im_<|im_end|>end|>`): a
+    marker is dropped as soon as the text kept so far ends with one, in one pass (a loop of
+    `replace` until nothing changes took quadratic time on deeply nested input)."""
+    kept: list[str] = []
+    for char in text:
+        kept.append(char)
+        if char == ">":
+            for marker in SPECIAL_TOKENS:
+                if len(kept) >= len(marker) and "".join(kept[-len(marker):]) == marker:
+                    del kept[-len(marker):]
+                    break
+    return "".join(kept)
 
 
 def check_fits(served: ServedModel, prompt_tokens: int, param: str = "messages") -> None:

@@ -121,7 +121,7 @@ class EngineProcess:
         return self.counters.cancelled_requests
 
     def submit(self, *requests: Request) -> None:
-        """Send requests to the engine (all or none: ValueError if one could never run, QueueFull
+        """Send requests to the engine (all or none: InvalidRequest if one could never run, QueueFull
         if they would be more than slots + max_queue in the engine)."""
         for request in requests:
             check_request(request, self.context, self.max_live_tokens)
@@ -227,7 +227,8 @@ def _engine_main(conn, served: ServedModel, device: str, dtype: str, threads: in
         batcher = Batcher(model, served.tok, served.stop_ids, utf8, on_step=send_step, **settings)
         batcher.warm_up()
     except UserError as err:
-        conn.send(("failed", f"{served.description}: {err}"))
+        named = str(err).startswith(str(served.checkpoint))  # loading errors name the checkpoint already
+        conn.send(("failed", str(err) if named else f"{served.description}: {err}"))
         return
     except Exception as err:  # noqa: BLE001  (reported to the API process, which names the checkpoint)
         conn.send(("failed", f"{served.description}: cannot serve it: {type(err).__name__}: {err}"))

@@ -58,6 +58,8 @@ def load_served_models(specs: list[str], adapter: Path | None = None) -> list[Se
     served = []
     for spec in specs or [""]:
         name, _, path = ("", "", spec) if Path(spec).is_dir() or "=" not in spec else spec.partition("=")
+        if "=" in spec and not path:
+            raise UserError(f"{spec!r}: NAME=PATH needs a path after '='")
         checkpoint = chat_checkpoint(Path(path) if path else None, adapter)
         tok = load_tokenizer(checkpoint)
         try:

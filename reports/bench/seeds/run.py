@@ -5,15 +5,17 @@
         --variant bios12:data.world.bios_per_person=12 --out reports/bench/seeds/sweep.md   # a GPU box
 
 Each run is a `dvc exp run -S seed=N [-S key=value ...] eval` of the pipeline (the world, the
-tokenizer, every stage up to eval; not export), and its reports/eval/metrics.json is read. A run
-that fails is reported and left out of the table. With `--jobs 1` the runs take
-turns in this workspace, which then goes back to the committed run (`git checkout` of params.yaml,
-dvc.lock and the pipeline's reports, then `dvc checkout`). With more jobs each run gets its
-own copy of the workspace (git's files only, no DVC cache) under a temporary folder, so several
-run at once on a machine with the cores or a GPU for it. A variant is `name:key=value,key=value`
-(the params every seed of it runs with; `name:` alone is the committed params). Not part of CI.
+tokenizer, every stage up to eval; not export) in its own copy of the workspace (git's files,
+uncommitted ones too, and no DVC cache) under a temporary folder, and its reports/eval/metrics.json
+is read; this workspace is never touched. A run that fails is reported and left out of the table.
+`--jobs N` runs N at once: on a GPU box, or on a CPU box with the cores for it. Each CPU run takes
+`runtime.threads: auto` (every core), so on the 2-core VM two at once took 10× longer than one
+after the other (reports/quality.md, "Keeping the pretraining step…"); giving each run fewer
+threads (`-S runtime.threads=1`) trains other weights than the default's. A variant is
+`name:key=value,key=value` (the params every seed of it runs with; `name:` alone is the committed
+params). Not part of CI.
 
-With `--paired` (and more jobs) every seed runs the whole pipeline once, with the first variant;
+With `--paired` every seed runs the whole pipeline once, with the first variant;
 each other variant starts from a copy of that run and reruns only `prepare` and the stages from
 `sft` on. Variants that change the chat data then share the seed's tokenizer and pretraining. A
 full run cannot compare them fairly: the tokenizer reads the chat data, so any change to it
@@ -84,9 +86,6 @@ def run_one(seed: int, settings: list[str], workdir: Path, command: tuple[str, .
 
 
 PRETRAINING_DATA = ("artifacts/data/pretrain.jsonl", "artifacts/data/world.json")
-PIPELINE_REPORTS = ("reports/eval", "reports/live", "reports/metrics")
-"""What the pipeline writes under reports/ (dvc.yaml's metrics and plots): a run in this workspace
-puts them back, and leaves hand-written reports and their uncommitted edits alone."""
 
 
 def run_chat_stages(seed: int, settings: list[str], base: Path, workdir: Path) -> dict:
@@ -135,13 +134,6 @@ def finished(futures: dict[tuple[str, int], Future]) -> dict[tuple[str, int], di
 
 def run_all(variants: dict[str, list[str]], seeds: list[int], jobs: int, paired: bool) -> dict[tuple[str, int], dict]:
     runs = [(name, seed) for name in variants for seed in seeds]
-    if jobs == 1:
-        try:
-            with ThreadPoolExecutor(1) as pool:  # one at a time, in this workspace
-                return finished({(name, seed): pool.submit(run_one, seed, variants[name], ROOT) for name, seed in runs})
-        finally:
-            sh("git", "checkout", "--", "params.yaml", "dvc.lock", *PIPELINE_REPORTS)
-            sh(sys.executable, "-m", "dvc", "checkout", "-f")
     with tempfile.TemporaryDirectory(prefix="tinyllm-seeds-") as tmp:
         if paired:
             return run_paired(variants, seeds, jobs, Path(tmp))
@@ -177,13 +169,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="1337,1,2")
     parser.add_argument("--variant", action="append", default=[],
                         help="name:key=value,key=value (repeatable; default: the committed params)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own copy of the workspace")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own copy of the workspace)")
     parser.add_argument("--paired", action="store_true",
                         help="other variants rerun prepare and sft on from the first variant's run of each seed")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/seeds.md")
     args = parser.parse_args()
-    if args.paired and args.jobs < 2:
-        parser.error("--paired runs variants in copies of the workspace: give --jobs 2 or more")
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = {}
     for spec in args.variant or ["committed:"]:
