@@ -19,9 +19,10 @@ that is none, so there it checks the greedy path only. On a GPU the captured lau
 computes them all.)
 
 Switches, to find the setting that makes the replays equal (one at a time, each its own run):
---deterministic (torch's deterministic algorithms, cuBLAS's fixed workspace) and --blas cublas /
+--deterministic (torch's deterministic algorithms, cuBLAS's fixed workspace), --blas cublas /
 cublaslt (the matmul library torch calls: a decode step's matmuls have few rows, the shapes where
-a library may split the inner sum across blocks).
+a library may split the inner sum across blocks) and --sdpa math (attention without the fused
+kernels, some of which split a long cache across blocks).
 """
 
 from __future__ import annotations
@@ -105,7 +106,13 @@ def main() -> None:
                         help="torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8")
     parser.add_argument("--blas", choices=["auto", "cublas", "cublaslt"], default="auto",
                         help="torch.backends.cuda.preferred_blas_library")
+    parser.add_argument("--sdpa", choices=["auto", "math"], default="auto",
+                        help="math: torch's reference attention only (no flash, memory-efficient or cuDNN kernel)")
     args = parser.parse_args()
+    if args.sdpa == "math":
+        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                       torch.backends.cuda.enable_cudnn_sdp):
+            enable(False)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts: not yet
         torch.use_deterministic_algorithms(True)
