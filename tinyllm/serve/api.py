@@ -39,15 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllm.data.tokenizer import SPECIAL_TOKENS, render_chat
-from tinyllm.infer.batcher import (
-    REPETITION_PENALTY_RANGE,
-    Finish,
-    InvalidRequest,
-    Piece,
-    QueueFull,
-    Request,
-    TokenLogprob,
-)
+from tinyllm.infer.batcher import Finish, InvalidRequest, Piece, QueueFull, Request, TokenLogprob
 from tinyllm.infer.utf8 import token_bytes
 from tinyllm.serve.engine import EngineProcess, EngineStopped
 from tinyllm.serve.metrics import ServerMetrics
@@ -100,8 +92,8 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)  # OpenAI clients may send null: the default
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, gt=0, lt=2**63)
-    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
+    top_k: int | None = Field(None, gt=0)  # the upper bounds: `check_request`, one rule for every caller
+    repetition_penalty: float | None = Field(None, gt=0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=4)  # OpenAI: up to 4
     stream: bool | None = None
@@ -309,6 +301,8 @@ def without_markers(text: str) -> str:
     also where removing one joins the pieces around it into another (`<|im_<|im_end|>end|>`): a
     marker is dropped as soon as the text kept so far ends with one, in one pass (a loop of
     `replace` until nothing changes took quadratic time on deeply nested input)."""
+    if "<|" not in text:  # every message without a marker's start: no per-character pass
+        return text
     kept: list[str] = []
     for char in text:
         kept.append(char)

@@ -226,9 +226,8 @@ def _engine_main(conn, served: ServedModel, device: str, dtype: str, threads: in
 
         batcher = Batcher(model, served.tok, served.stop_ids, utf8, on_step=send_step, **settings)
         batcher.warm_up()
-    except UserError as err:
-        named = str(err).startswith(str(served.checkpoint))  # loading errors name the checkpoint already
-        conn.send(("failed", str(err) if named else f"{served.description}: {err}"))
+    except UserError as err:  # written for the user already, naming the checkpoint or flag at fault
+        conn.send(("failed", str(err)))
         return
     except Exception as err:  # noqa: BLE001  (reported to the API process, which names the checkpoint)
         conn.send(("failed", f"{served.description}: cannot serve it: {type(err).__name__}: {err}"))
