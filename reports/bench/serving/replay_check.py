@@ -21,8 +21,10 @@ computes them all.)
 Switches, to find the setting that makes the replays equal (one at a time, each its own run):
 --deterministic (torch's deterministic algorithms, cuBLAS's fixed workspace), --blas cublas /
 cublaslt (the matmul library torch calls: a decode step's matmuls have few rows, the shapes where
-a library may split the inner sum across blocks) and --sdpa math (attention without the fused
-kernels, some of which split a long cache across blocks).
+a library may split the inner sum across blocks), --sdpa math (attention without the fused
+kernels, some of which split a long cache across blocks) or no-cudnn (every kernel but cuDNN's),
+--no-inductor (the launch's CUDA graph holds the eager model: is it Inductor's kernels or the graph
+that varies?) and --inductor-deterministic (torch._inductor.config.deterministic).
 """
 
 from __future__ import annotations
@@ -106,13 +108,23 @@ def main() -> None:
                         help="torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8")
     parser.add_argument("--blas", choices=["auto", "cublas", "cublaslt"], default="auto",
                         help="torch.backends.cuda.preferred_blas_library")
-    parser.add_argument("--sdpa", choices=["auto", "math"], default="auto",
-                        help="math: torch's reference attention only (no flash, memory-efficient or cuDNN kernel)")
+    parser.add_argument("--sdpa", choices=["auto", "math", "no-cudnn"], default="auto",
+                        help="math: torch's reference attention only (no flash, memory-efficient or cuDNN kernel); "
+                             "no-cudnn: all but cuDNN's")
+    parser.add_argument("--inductor-deterministic", action="store_true", help="torch._inductor.config.deterministic")
+    parser.add_argument("--no-inductor", action="store_true",
+                        help="capture the decode launch without torch.compile (the eager model in the CUDA graph)")
     args = parser.parse_args()
+    if args.no_inductor:
+        torch.compile = lambda run, **_: run
+    if args.sdpa != "auto":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.sdpa == "math":
-        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
-                       torch.backends.cuda.enable_cudnn_sdp):
-            enable(False)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+    if args.inductor_deterministic:
+        import torch._inductor.config as inductor
+        inductor.deterministic = True
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts: not yet
         torch.use_deterministic_algorithms(True)
@@ -146,7 +158,9 @@ def main() -> None:
         "sampler alone, fixed logits": lambda: batcher._pick(logits, rows, _Options.ALL),
     }
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    switches = [f"deterministic: {args.deterministic}", f"blas: {args.blas}"]
+    switches = [f"deterministic: {args.deterministic}", f"blas: {args.blas}", f"sdpa: {args.sdpa}",
+                f"inductor: {not args.no_inductor}",
+                f"inductor deterministic: {args.inductor_deterministic}"]
     print(f"model {args.model or args.checkpoint}, {next(model.parameters()).dtype}, {name}, "
           f"{args.repeats} replays from one state ({', '.join(switches)})")
     for path, run in paths.items():
