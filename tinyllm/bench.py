@@ -280,8 +280,7 @@ def run_infer(models: list[str], batch_sizes: list[int], out_dir: Path, name: st
 
 
 def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int], requests: int, max_tokens: int,
-                device: str, slots: list[int], log_dir: Path, dtype: str = "auto", deterministic: bool = False
-                ) -> tuple[list[dict], str]:
+                device: str, slots: list[int], log_dir: Path, dtype: str = "auto") -> tuple[list[dict], str]:
     """`tinyllm serve` in a process of its own, once per `slots` setting (1 = one request at a time,
     as the server was before continuous batching), driven by streaming clients (the official openai
     client, one process each): for each number of concurrent clients, aggregate completion tokens/s
@@ -301,8 +300,7 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
         target = _random_checkpoint(preset, source, Path(tmp)) if preset else source
         pool.map(loadgen.ready, range(most), chunksize=1)
         for n_slots in slots:
-            with _served_process(target, device, dtype, n_slots, log_dir / f"serve_slots{n_slots}.log",
-                                 deterministic) as (url, name):
+            with _served_process(target, device, dtype, n_slots, log_dir / f"serve_slots{n_slots}.log") as (url, name):
                 warm_up = [(url, name, i, 1, max_tokens, 0) for i in range(most)]
                 pool.map(loadgen.client, warm_up, chunksize=1)
                 for n_clients in clients:
@@ -319,8 +317,7 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
                     differ = [loadgen.parting(a, b) for (text_a, a), (text_b, b) in zip(solo, together)
                               if text_a != text_b]
                     check = (f"Greedy replies to {most} concurrent requests equal to their solo replies "
-                             f"({n_slots} slots{', deterministic' if deterministic else ''}): "
-                             f"{most - len(differ)}/{most}.")
+                             f"({n_slots} slots): {most - len(differ)}/{most}.")
                     if differ:
                         check += " Where the others part: " + ", ".join(
                             f"at token #{p[0]} (the solo run's two best {p[1]:.3f} apart in log-prob)" if p
@@ -352,8 +349,7 @@ def _random_checkpoint(preset: str, source: Path, folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _served_process(checkpoint: Path, device: str, dtype: str, slots: int, log: Path, deterministic: bool = False,
-                    timeout: float = 600):
+def _served_process(checkpoint: Path, device: str, dtype: str, slots: int, log: Path, timeout: float = 600):
     """`tinyllm serve` on a free 127.0.0.1 port until the block ends: yields (base url, model name)."""
     import subprocess
     import sys
@@ -365,8 +361,7 @@ def _served_process(checkpoint: Path, device: str, dtype: str, slots: int, log: 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "tinyllm.cli", "serve", str(checkpoint), "--port", str(port),
-                                   "--device", device, "--dtype", dtype, "--slots", str(slots), "--max-queue", "1024",
-                                   *(["--deterministic"] if deterministic else [])],
+                                   "--device", device, "--dtype", dtype, "--slots", str(slots), "--max-queue", "1024"],
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + timeout

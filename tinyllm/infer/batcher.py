@@ -26,7 +26,6 @@ shared by the batch. The same request therefore gives the same tokens alone or a
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import queue
@@ -37,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tinyllm import cpu_threads
 from tinyllm.infer.generate import MIN_TEMPERATURE, inverse_cdf, keep_top_k, nucleus, penalise_repeats
@@ -46,11 +44,6 @@ from tinyllm.infer.text import TextStream
 from tinyllm.infer.utf8 import Utf8Guard
 
 log = logging.getLogger(__name__)
-
-DETERMINISTIC_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-"""The attention kernels a deterministic batcher may use: every one but cuDNN's, whose forward is
-not deterministic (on an H200 the same decode step from bitwise the same state gave different
-logits in 8 of 19 replays; without it, 0 of 19; reports/serving.md)."""
 
 
 @dataclass
@@ -193,7 +186,7 @@ class Batcher:
     def __init__(self, model, tok, stop_ids: set[int], utf8: Utf8Guard | None = None, slots: int = 32,
                  max_live_tokens: int | None = None, prefill_tokens: int = 256, max_queue: int = 64,
                  compile: bool | None = None, decode_steps: int | None = None, prefill_chunk: int | None = None,
-                 on_step: Callable[[], None] | None = None, deterministic: bool = False):
+                 on_step: Callable[[], None] | None = None):
         """slots: most requests decoding together. max_live_tokens: most prompt + max_tokens over
         the live requests (default: every slot full). prefill_tokens: prompt tokens per step.
         max_queue: most requests waiting for a slot (more: `submit` raises QueueFull).
@@ -216,8 +209,7 @@ class Batcher:
         self.slots, self.prefill_tokens, self.max_queue = slots, prefill_tokens, max_queue
         self.max_live_tokens = max_live_tokens or slots * cfg.max_seq_len
         self.cache = SlotKVCache(cfg, slots, self.device, param.dtype)
-        self.deterministic = deterministic  # one decode shape (all slots), no cuDNN attention
-        self.buckets = [slots] if deterministic else _buckets(slots)
+        self.buckets = _buckets(slots)
         if compile is None:
             compile = self.device.type == "cuda" and not cfg.moe.enabled
         self.compile = compile
@@ -301,8 +293,7 @@ class Batcher:
             raise
 
     def _loop(self) -> None:
-        attention = sdpa_kernel(DETERMINISTIC_ATTENTION) if self.deterministic else contextlib.nullcontext()
-        with torch.no_grad(), attention:
+        with torch.no_grad():
             while self._take_incoming():
                 try:
                     self._step()

@@ -123,7 +123,7 @@ class CompletionRequest(SamplingFields):
 
 def create_app(models: list[ServedModel], api_key: str | None = None, max_queue: int = 64, slots: int = 32,
                prefill_tokens: int = 256, max_live_tokens: int | None = None, decode_steps: int | None = None,
-               device: str = "cpu", dtype: str = "auto", threads: int = 0, deterministic: bool = False) -> FastAPI:
+               device: str = "cpu", dtype: str = "auto", threads: int = 0) -> FastAPI:
     """The API over `models` (the first is the default), each with its own batcher of
     `slots` live requests holding at most `max_live_tokens` (prompt + max_tokens; default: every
     slot's context), `prefill_tokens` prompt tokens per step and `decode_steps` tokens per
@@ -137,7 +137,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         for m in models:
             batchers[m.name] = EngineProcess(m, device, dtype, slots=slots, max_queue=max_queue,
                                              max_live_tokens=max_live_tokens, prefill_tokens=prefill_tokens,
-                                             decode_steps=decode_steps, threads=threads, deterministic=deterministic)
+                                             decode_steps=decode_steps, threads=threads)
     except BaseException:
         for engine in batchers.values():
             engine.close()
