@@ -14,7 +14,8 @@ ways to train the same rows, so each difference is one cause:
   (`lora.train_new_tokens`, the stage's default).
 For each: seconds of the first step (compilation), milliseconds a step (median after the warm-up),
 positions a second; with --profile, the ten kernels that take the most time in one more step of
-the last.
+the last. --cuda-graphs compiles with mode="reduce-overhead" (forward and backward replayed as
+CUDA graphs): on the H200 the LoRA step waits on the host's kernel launches (reports/gpu_speed.md).
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def time_steps(kind: str, cfg: ModelConfig, batches: list[dict], args, device: t
     """(first step s, median ms a step, positions a second, the top kernels if `profile`)."""
     model = build(kind, cfg, device).train()
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), device)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else model
     objective = NextTokenLoss()
 
     def step(batch: dict) -> None:
+        if args.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss, _ = objective(step_model, batch)
         loss.backward()
@@ -92,6 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--cuda-graphs", action="store_true", help='torch.compile(mode="reduce-overhead")')
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -103,7 +107,8 @@ def main() -> None:
         batches.append({"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device)})
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{args.model} on {name}, bf16, {'compiled' if args.compile else 'eager'}, "
-          f"{args.batch_size} rows of {args.seq_len}, torch {torch.__version__}\n")
+          f"{args.batch_size} rows of {args.seq_len}, torch {torch.__version__}"
+          f"{', CUDA graphs' if args.cuda_graphs else ''}\n")
     print("| training | first step (s) | ms a step | positions/s | of full's |")
     print("|---|---|---|---|---|")
     kinds = ["full", "frozen base", "lora", "lora + new tokens"]

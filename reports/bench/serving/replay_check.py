@@ -13,10 +13,12 @@ writes (the KV cache, positions, last tokens, sampling state), it replays, --rep
 and prints how many replays differ from the first, bitwise. The first path that differs is where
 to look. Then it replays the eager forward with every module's inputs and outputs recorded and
 names the first module (in the order calls return, so the innermost first) whose output varies
-while its inputs do not: the op to blame is in that module's own code. (On the CPU the launch is
-eager and computes only the sampling options live requests ask for; with the requests finished
-that is none, so there it checks the greedy path only. On a GPU the captured launch always
-computes them all.)
+while its inputs do not: the op to blame is in that module's own code. Last, batch invariance:
+one request's state copied into every slot and decoded in one launch (do the other slots' logits
+equal slot 0's?), and slot 0 decoded in a launch of one slot (the shape a lone request runs at).
+(On the CPU the launch is eager and computes only the sampling options live requests ask for;
+with the requests finished that is none, so there it checks the greedy path only. On a GPU the
+captured launch always computes them all.)
 
 Switches, to find the setting that makes the replays equal (one at a time, each its own run):
 --deterministic (torch's deterministic algorithms, cuBLAS's fixed workspace), --blas cublas /
@@ -172,6 +174,26 @@ def main() -> None:
         with torch.no_grad():
             runs.append(module_calls(model, forward))
     print(f"first module whose output varies with the same inputs: {first_varying_module(runs)}")
+
+    # Batch invariance: slot 0's request copied into every slot. Kernels whose rounding depends on
+    # neither the row a request sits in nor the batch's shape give every row slot 0's logits, and
+    # slot 0 the same logits when it decodes alone (the one-slot shape a lone request runs at).
+    restore(batcher, saved)
+    cache = batcher.cache
+    for state in (*(getattr(batcher, name) for name in STATE), *cache.keys, *cache.values, cache.positions):
+        state.copy_(state[:1].expand_as(state))
+    copies = snapshot(batcher)
+    with torch.no_grad():
+        _, together = (t.clone() for t in launch())
+    differ = sum(not torch.equal(together[:, i], together[:, 0]) for i in range(1, batcher.slots))
+    gap = (together - together[:, :1]).abs().max().item()
+    print(f"one request in all {batcher.slots} slots, one launch: the logits of {differ} of {batcher.slots - 1} "
+          f"other slots differ from slot 0's (by at most {gap:.3g})")
+    restore(batcher, copies)
+    with torch.no_grad():
+        _, alone = (t.clone() for t in batcher._decoder(1)())
+    gap = (alone[:, 0] - together[:, 0]).abs().max().item()
+    print(f"slot 0 decoding in a launch of 1 slot vs of {batcher.slots}: the logits differ by at most {gap:.3g}")
     batcher.close()
 
 
