@@ -50,6 +50,16 @@ def causal_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 OBJECTIVES = {"dpo": DPOLoss(beta=0.1), "in-model loss": in_model_loss, "causal rows": causal_loss}
 
 
+def top_kernels(run, device: torch.device) -> str:
+    """The ten CUDA (or CPU) kernels that take the most time in one `run()`, as the profiler's table."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=10, max_name_column_width=60)
+
+
 def time_steps(objective, batches: list[dict], args, device: torch.device, profile: bool = False
                ) -> tuple[float, float, str]:
     """(median ms a step, positions a second, the top kernels if `profile`) over args.steps steps
@@ -75,14 +85,8 @@ def time_steps(objective, batches: list[dict], args, device: torch.device, profi
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
             positions.append(batch["input_ids"].numel())
-    table = ""
-    if profile:  # one more step, apart from the timed ones (the profiler slows what it watches)
-        cuda = device.type == "cuda"
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            step(batches[0])
-        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                          row_limit=10, max_name_column_width=60)
+    # one more step, apart from the timed ones (the profiler slows what it watches)
+    table = top_kernels(lambda: step(batches[0]), device) if profile else ""
     return 1000 * statistics.median(seconds), sum(positions) / sum(seconds), table
 
 

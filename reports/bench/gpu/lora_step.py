@@ -25,6 +25,7 @@ import statistics
 import time
 
 import torch
+from dpo_step import top_kernels  # this folder's script, beside this one
 
 from tinyllm.bench import PRESETS
 from tinyllm.config import LoRAConfig, ModelConfig, TrainConfig
@@ -73,14 +74,7 @@ def time_steps(kind: str, cfg: ModelConfig, batches: list[dict], args, device: t
         step(batches[i % len(batches)])
         seconds.append(time.perf_counter() - start)
     timed = seconds[args.warmup:]
-    table = ""
-    if profile:
-        cuda = device.type == "cuda"
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            step(batches[0])
-        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                          row_limit=10, max_name_column_width=60)
+    table = top_kernels(lambda: step(batches[0]), device) if profile else ""
     positions = batches[0]["input_ids"].numel()
     return seconds[0], 1000 * statistics.median(timed), positions * len(timed) / sum(timed), table
 
