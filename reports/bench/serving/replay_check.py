@@ -26,7 +26,9 @@ cublaslt (the matmul library torch calls: a decode step's matmuls have few rows,
 a library may split the inner sum across blocks), --sdpa math (attention without the fused
 kernels, some of which split a long cache across blocks) or no-cudnn (every kernel but cuDNN's),
 --no-inductor (the launch's CUDA graph holds the eager model: is it Inductor's kernels or the graph
-that varies?) and --inductor-deterministic (torch._inductor.config.deterministic).
+that varies?), --inductor-deterministic (torch._inductor.config.deterministic), --cublas-workspace
+(CUBLAS_WORKSPACE_CONFIG=:4096:8 alone: the cuBLAS part of --deterministic) and
+--no-reduced-precision (cuBLAS may not round bf16 partial sums to bf16 when it splits a sum).
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def main() -> None:
                         help="math: torch's reference attention only (no flash, memory-efficient or cuDNN kernel); "
                              "no-cudnn: all but cuDNN's")
     parser.add_argument("--inductor-deterministic", action="store_true", help="torch._inductor.config.deterministic")
+    parser.add_argument("--cublas-workspace", action="store_true", help="CUBLAS_WORKSPACE_CONFIG=:4096:8")
+    parser.add_argument("--no-reduced-precision", action="store_true",
+                        help="torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False")
     parser.add_argument("--no-inductor", action="store_true",
                         help="capture the decode launch without torch.compile (the eager model in the CUDA graph)")
     args = parser.parse_args()
@@ -127,8 +132,11 @@ def main() -> None:
     if args.inductor_deterministic:
         import torch._inductor.config as inductor
         inductor.deterministic = True
-    if args.deterministic:
+    if args.deterministic or args.cublas_workspace:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts: not yet
+    if args.no_reduced_precision:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    if args.deterministic:
         torch.use_deterministic_algorithms(True)
     if args.blas != "auto":
         torch.backends.cuda.preferred_blas_library(args.blas)
@@ -162,7 +170,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     switches = [f"deterministic: {args.deterministic}", f"blas: {args.blas}", f"sdpa: {args.sdpa}",
                 f"inductor: {not args.no_inductor}",
-                f"inductor deterministic: {args.inductor_deterministic}"]
+                f"inductor deterministic: {args.inductor_deterministic}",
+                f"cublas workspace: {args.cublas_workspace}", f"reduced precision: {not args.no_reduced_precision}"]
     print(f"model {args.model or args.checkpoint}, {next(model.parameters()).dtype}, {name}, "
           f"{args.repeats} replays from one state ({', '.join(switches)})")
     for path, run in paths.items():
