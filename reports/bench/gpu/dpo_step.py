@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from profiling import profile_table  # this folder's module, beside this script
 
 from tinyllm.bench import PRESETS
 from tinyllm.config import ModelConfig, TrainConfig
@@ -50,19 +51,9 @@ def causal_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 OBJECTIVES = {"dpo": DPOLoss(beta=0.1), "in-model loss": in_model_loss, "causal rows": causal_loss}
 
 
-def top_kernels(run, device: torch.device) -> str:
-    """The ten CUDA (or CPU) kernels that take the most time in one `run()`, as the profiler's table."""
-    cuda = device.type == "cuda"
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        run()
-    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                     row_limit=10, max_name_column_width=60)
-
-
 def time_steps(objective, batches: list[dict], args, device: torch.device, profile: bool = False
                ) -> tuple[float, float, str]:
-    """(median ms a step, positions a second, the top kernels if `profile`) over args.steps steps
+    """(median ms a step, positions a second, the profile table if `profile`) over args.steps steps
     after args.warmup, cycling through `batches`, on fresh random weights."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**PRESETS[args.model], max_seq_len=args.seq_len, vocab_size=args.vocab)).to(device)
@@ -85,8 +76,7 @@ def time_steps(objective, batches: list[dict], args, device: torch.device, profi
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
             positions.append(batch["input_ids"].numel())
-    # one more step, apart from the timed ones (the profiler slows what it watches)
-    table = top_kernels(lambda: step(batches[0]), device) if profile else ""
+    table = profile_table(lambda: step(batches[0]), device) if profile else ""
     return 1000 * statistics.median(seconds), sum(positions) / sum(seconds), table
 
 

@@ -12,10 +12,11 @@ ways to train the same rows, so each difference is one cause:
 - lora: peft adapters on every Linear, as the lora stage adds them (`add_lora`, params' rank);
 - lora + new tokens: the same with peft's trainable embedding rows for 32 token ids
   (`lora.train_new_tokens`, the stage's default).
-For each: seconds of the first step (compilation), milliseconds a step (median after the warm-up),
-positions a second; with --profile, the ten kernels that take the most time in one more step of
-the last. --cuda-graphs compiles with mode="reduce-overhead" (forward and backward replayed as
-CUDA graphs): on the H200 the LoRA step waits on the host's kernel launches (reports/gpu_speed.md).
+For each: seconds of the first step (compilation), milliseconds a step and positions a second (both
+from the median step after the warm-up); with --profile, the profiler's top ten events in one more
+step of the last kind (lora + new tokens). --cuda-graphs compiles with mode="reduce-overhead"
+(forward and backward replayed as CUDA graphs): on the H200 the LoRA step waits on the host's
+kernel launches (reports/gpu_speed.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import statistics
 import time
 
 import torch
-from dpo_step import top_kernels  # this folder's script, beside this one
+from profiling import profile_table  # this folder's module, beside this script
 
 from tinyllm.bench import PRESETS
 from tinyllm.config import LoRAConfig, ModelConfig, TrainConfig
@@ -50,7 +51,7 @@ def build(kind: str, cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
 
 def time_steps(kind: str, cfg: ModelConfig, batches: list[dict], args, device: torch.device, profile: bool
                ) -> tuple[float, float, float, str]:
-    """(first step s, median ms a step, positions a second, the top kernels if `profile`)."""
+    """(first step s, median ms a step, positions a second at that step, the profile table if `profile`)."""
     model = build(kind, cfg, device).train()
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), device)
     step_model = torch.compile(model, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else model
@@ -74,9 +75,9 @@ def time_steps(kind: str, cfg: ModelConfig, batches: list[dict], args, device: t
         step(batches[i % len(batches)])
         seconds.append(time.perf_counter() - start)
     timed = seconds[args.warmup:]
-    table = top_kernels(lambda: step(batches[0]), device) if profile else ""
-    positions = batches[0]["input_ids"].numel()
-    return seconds[0], 1000 * statistics.median(timed), positions * len(timed) / sum(timed), table
+    table = profile_table(lambda: step(batches[0]), device) if profile else ""
+    median = statistics.median(timed)
+    return seconds[0], 1000 * median, batches[0]["input_ids"].numel() / median, table
 
 
 def main() -> None:

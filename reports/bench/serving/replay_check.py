@@ -28,7 +28,8 @@ kernels, some of which split a long cache across blocks) or no-cudnn (every kern
 --no-inductor (the launch's CUDA graph holds the eager model: is it Inductor's kernels or the graph
 that varies?), --inductor-deterministic (torch._inductor.config.deterministic), --cublas-workspace
 (CUBLAS_WORKSPACE_CONFIG=:4096:8 alone: the cuBLAS part of --deterministic) and
---no-reduced-precision (cuBLAS may not round bf16 partial sums to bf16 when it splits a sum).
+--no-reduced-precision (when cuBLAS splits a sum, it keeps the partial sums in fp32 instead of
+rounding them to bf16).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def main() -> None:
     parser.add_argument("--inductor-deterministic", action="store_true", help="torch._inductor.config.deterministic")
     parser.add_argument("--cublas-workspace", action="store_true", help="CUBLAS_WORKSPACE_CONFIG=:4096:8")
     parser.add_argument("--no-reduced-precision", action="store_true",
-                        help="torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False")
+                        help="torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False: "
+                             "split sums keep fp32 partial sums")
     parser.add_argument("--no-inductor", action="store_true",
                         help="capture the decode launch without torch.compile (the eager model in the CUDA graph)")
     args = parser.parse_args()
@@ -133,7 +135,7 @@ def main() -> None:
         import torch._inductor.config as inductor
         inductor.deterministic = True
     if args.deterministic or args.cublas_workspace:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts: not yet
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # read when CUDA starts: not yet
     if args.no_reduced_precision:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     if args.deterministic:
@@ -187,22 +189,24 @@ def main() -> None:
     # Batch invariance: slot 0's request copied into every slot. Kernels whose rounding depends on
     # neither the row a request sits in nor the batch's shape give every row slot 0's logits, and
     # slot 0 the same logits when it decodes alone (the one-slot shape a lone request runs at).
+    # Compared at the launch's first token: after a token differs, the rows' inputs differ too.
     restore(batcher, saved)
     cache = batcher.cache
-    for state in (*(getattr(batcher, name) for name in STATE), *cache.keys, *cache.values, cache.positions):
-        state.copy_(state[:1].expand_as(state))
+    for state in (*(getattr(batcher, field) for field in STATE), *cache.keys, *cache.values, cache.positions):
+        state[1:].copy_(state[:1].expand_as(state[1:]))
     copies = snapshot(batcher)
     with torch.no_grad():
-        _, together = (t.clone() for t in launch())
-    differ = sum(not torch.equal(together[:, i], together[:, 0]) for i in range(1, batcher.slots))
-    gap = (together - together[:, :1]).abs().max().item()
-    print(f"one request in all {batcher.slots} slots, one launch: the logits of {differ} of {batcher.slots - 1} "
-          f"other slots differ from slot 0's (by at most {gap:.3g})")
+        together = launch()[1][0].clone()  # (slots, vocab)
+    differ = sum(not torch.equal(together[i], together[0]) for i in range(1, batcher.slots))
+    gap = (together - together[:1]).abs().max().item()
+    print(f"one request in all {batcher.slots} slots, one launch: the first token's logits of {differ} of "
+          f"{batcher.slots - 1} other slots differ from slot 0's (by at most {gap:.3g})")
     restore(batcher, copies)
     with torch.no_grad():
-        _, alone = (t.clone() for t in batcher._decoder(1)())
-    gap = (alone[:, 0] - together[:, 0]).abs().max().item()
-    print(f"slot 0 decoding in a launch of 1 slot vs of {batcher.slots}: the logits differ by at most {gap:.3g}")
+        alone = batcher._decoder(1)()[1][0, 0].clone()
+    gap = (alone - together[0]).abs().max().item()
+    print(f"slot 0 decoding in a launch of 1 slot vs of {batcher.slots}: the first token's logits differ by at most "
+          f"{gap:.3g}")
     batcher.close()
 
 

@@ -2,8 +2,9 @@
 # Issue 20, 2026-12-05, H200 call 1 of 2 (log: call1_variants.log). Run from the repository root as
 #   bash reports/serving/determinism_12-05/call1.sh   (with $OUT set, .whl and artifacts/grpo present)
 # The batcher then ran its scheduler loop inside sdpa_kernel(every backend but cuDNN) always, with
-# its usual decode buckets ("nocudnn": 6b0f288's attention context without its one bucket); sitecustomize adds torch's deterministic mode (DET=1) or one decode
-# bucket (ONEBUCKET=1) inside the server's spawned engine process. The lora_step part is issue 22's.
+# its usual decode buckets ("nocudnn"; `git apply reports/serving/determinism_12-05/nocudnn_scheduler.patch`);
+# sitecustomize adds torch's deterministic mode (DET=1, warn_only) or one decode bucket (ONEBUCKET=1)
+# inside the server's spawned engine process. The lora_step part is issue 22's.
 cd "$(dirname "$0")/../../.."
 (python3 -m pip install -q --no-index --find-links .whl dvc==3.67.1 dvclive==3.49.1 peft==0.21.2 deepspeed==0.19.8 gguf fastapi uvicorn openai && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .) >$OUT/install.log 2>&1
 export PYTHONPATH=$PWD
