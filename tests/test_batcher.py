@@ -33,12 +33,13 @@ def served(tmp_path_factory, tokenizer):
 class Outcome:
     def __init__(self):
         self.text, self.finish, self.done, self.ended_at = "", None, threading.Event(), None
-        self.logprobs = []
+        self.logprobs, self.exact = [], []  # exact: (token, log-prob) unrounded
 
     def emit(self, kind, value):
         if kind == "text":
             self.text += value.text
             self.logprobs += [(e.token, round(e.logprob, 4), [t for t, _ in e.top]) for e in value.logprobs]
+            self.exact += [(e.token, e.logprob) for e in value.logprobs]
         else:
             self.finish, self.ended_at = value, time.perf_counter()
             self.done.set()
@@ -90,25 +91,11 @@ def test_at_one_decode_shape_a_request_is_bitwise_the_same_alone_and_among_other
     buckets the matmuls' shapes change with the batch, and on the CPU so do the last bits of the
     log-probs: only closeness holds there."""
     def replies(batcher: Batcher, specs: list[dict], together: bool) -> list[list[tuple[int, float]]]:
-        out = [[] for _ in specs]
-        ended, endings = [threading.Event() for _ in specs], [None] * len(specs)
+        outcomes = run(batcher, *specs) if together else [run(batcher, spec)[0] for spec in specs]
+        assert all(isinstance(o.finish, Finish) for o in outcomes)  # none ended in an error
+        return [o.exact for o in outcomes]
 
-        def emit(i, kind, value):
-            if kind == "text":
-                out[i] += [(entry.token, entry.logprob) for entry in value.logprobs]
-            else:
-                endings[i] = kind  # "end", or "error" with a message
-                ended[i].set()
-        requests = [Request(emit=lambda kind, value, i=i: emit(i, kind, value), logprobs=0, **spec)
-                    for i, spec in enumerate(specs)]
-        groups = [list(range(len(specs)))] if together else [[i] for i in range(len(specs))]
-        for group in groups:
-            batcher.submit(*(requests[i] for i in group))
-            assert all(ended[i].wait(60) for i in group)
-        assert endings == ["end"] * len(specs)
-        return out
-
-    specs = [{**spec, "temperature": 0} for spec in _mixed_requests(served.tok, 32)]
+    specs = [{**spec, "temperature": 0, "logprobs": 0} for spec in _mixed_requests(served.tok, 32)]
     for one_shape in (True, False):
         batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, prefill_chunk=16, decode_steps=4)
         if one_shape:

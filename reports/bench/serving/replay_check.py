@@ -47,16 +47,18 @@ from tinyllm.infer.batcher import Batcher, _Options
 STATE = ("last", "temperature", "top_p", "penalty", "top_k", "seed", "steps", "utf8_state", "seen")
 
 
-def snapshot(batcher: Batcher) -> list[torch.Tensor]:
+def state(batcher: Batcher) -> list[torch.Tensor]:
+    """Everything a decode launch reads and writes, each tensor with one row per slot."""
     cache = batcher.cache
-    return [t.clone() for t in (*(getattr(batcher, name) for name in STATE), *cache.keys, *cache.values,
-                                cache.positions, cache.live)]
+    return [*(getattr(batcher, name) for name in STATE), *cache.keys, *cache.values, cache.positions, cache.live]
+
+
+def snapshot(batcher: Batcher) -> list[torch.Tensor]:
+    return [t.clone() for t in state(batcher)]
 
 
 def restore(batcher: Batcher, saved: list[torch.Tensor]) -> None:
-    cache = batcher.cache
-    for target, value in zip((*(getattr(batcher, name) for name in STATE), *cache.keys, *cache.values,
-                              cache.positions, cache.live), saved):
+    for target, value in zip(state(batcher), saved):
         target.copy_(value)
 
 
@@ -191,9 +193,8 @@ def main() -> None:
     # slot 0 the same logits when it decodes alone (the one-slot shape a lone request runs at).
     # Compared at the launch's first token: after a token differs, the rows' inputs differ too.
     restore(batcher, saved)
-    cache = batcher.cache
-    for state in (*(getattr(batcher, field) for field in STATE), *cache.keys, *cache.values, cache.positions):
-        state[1:].copy_(state[:1].expand_as(state[1:]))
+    for rows in state(batcher):  # (every slot is live already)
+        rows[1:].copy_(rows[:1].expand_as(rows[1:]))
     copies = snapshot(batcher)
     with torch.no_grad():
         together = launch()[1][0].clone()  # (slots, vocab)
