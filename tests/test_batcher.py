@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import make_chat_checkpoint, vary_weights
 
-from tinyllm.config import MoEConfig
+from tinyllm.config import ModelConfig, MoEConfig
 from tinyllm.infer.batcher import Batcher, Finish, InvalidRequest, QueueFull, Request, row_uniform
 from tinyllm.infer.generate import generate, inverse_cdf
+from tinyllm.model.transformer import Transformer
 from tinyllm.serve.models import load_served_models
 
 
@@ -154,6 +155,31 @@ def test_fixed_shape_prefill_gives_the_replies_of_batched_prefill(served):
     finally:
         together.close()
         fixed.close()
+
+
+def test_in_bf16_seeded_requests_get_the_same_replies_alone_and_among_others(served):
+    """bf16 weights (the GPU's serving dtype; `--dtype bfloat16` on a CPU) keep 8 significant bits,
+    so a last bit that depends on the batch's shapes can change a sample. With bf16 weights each
+    prompt is prefilled alone in one fixed shape, so its cache holds the same bits whatever else is
+    prefilled beside it. (Prefilled together in one right-padded forward, as fp32 weights are on a
+    CPU, 2 of these 32 replies parted from their solo runs on the dev VM.) The model is 512 wide
+    with its initial weights: long sums, and near-uniform next-token probabilities that any change
+    of a last bit can move."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96,
+                      vocab_size=served.tok.get_vocab_size())
+    model = Transformer(cfg).to(torch.bfloat16).eval()
+    specs = [{**spec, "temperature": 1.0, "seed": i, "max_tokens": 16}
+             for i, spec in enumerate(_mixed_requests(served.tok, 32))]
+    batcher = Batcher(model, served.tok, set(), served.utf8)
+    try:
+        assert batcher.prefill_chunk is not None
+        alone = [run(batcher, spec)[0] for spec in specs]
+        together = run(batcher, *specs)
+    finally:
+        batcher.close()
+    assert len({o.text for o in alone}) == 32  # the requests really differ
+    assert [o.text for o in together] == [o.text for o in alone]
 
 
 def test_long_prompts_prefill_in_chunks_beside_running_requests(served):

@@ -310,8 +310,7 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
                                for r in rs]
                     rows.append(_serve_row(preset or str(source), n_slots, n_clients, results))
                 if n_slots == max(slots):
-                    asks = [(url, name, q + f"（第{i}题）", max_tokens) for i, q in
-                            enumerate(loadgen.QUESTIONS * (most // len(loadgen.QUESTIONS) + 1))][:most]
+                    asks = [(url, name, q, max_tokens) for q in loadgen.numbered_questions(most)]
                     solo = [loadgen.greedy_reply(a) for a in asks]
                     together = pool.map(loadgen.greedy_reply, asks, chunksize=1)
                     differ = [loadgen.parting(a, b) for (text_a, a), (text_b, b) in zip(solo, together)

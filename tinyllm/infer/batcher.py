@@ -170,8 +170,9 @@ class _Live:
 
 
 PREFILL_CHUNK = 64
-"""Prompt tokens per fixed-shape prefill forward on a GPU: one CUDA graph covers any prompt, 64 at a
-time. (Eager prefills of ever-new shapes took 45 ms to 1.2 s each on an H200, inside the server.)"""
+"""Prompt tokens per fixed-shape prefill forward (with CUDA graphs or bf16 weights): on a GPU one CUDA
+graph covers any prompt, 64 at a time (eager prefills of ever-new shapes took 45 ms to 1.2 s each
+on an H200, inside the server)."""
 
 
 def _buckets(most: int) -> list[int]:
@@ -197,8 +198,11 @@ class Batcher:
         chunks per token: the limit on a GPU, and a share of the CPU's cores. A request that ends
         inside a launch drops the rest of its tokens; its slot is free at the next launch.
         prefill_chunk: prefill each prompt alone, in forwards of one fixed shape (1, prefill_chunk)
-        (default: 64 with CUDA graphs, where that shape is one graph; else none: a step's prompt
-        chunks go together in one right-padded forward, whose shapes vary).
+        (default: 64 with CUDA graphs, where that shape is one graph, or with weights narrower than
+        fp32; else none: a step's prompt chunks go together in one right-padded forward). Together,
+        the shapes vary with the batch and so do the last bits of a prompt's cache: fp32 keeps that
+        out of the tokens, bf16 does not (seeded replies parted on the CPU; reports/serving.md,
+        2026-12-05). Alone costs about a fifth of the 2-core CPU's throughput, which fp32 is spared.
         on_step: called on the scheduler thread after every step (the engine process sends a
         step's events in one message)."""
         self.model, self.tok, self.stop_ids, self.utf8 = model.eval(), tok, set(stop_ids), utf8
@@ -213,7 +217,8 @@ class Batcher:
         if compile is None:
             compile = self.device.type == "cuda" and not cfg.moe.enabled
         self.compile = compile
-        self.prefill_chunk = prefill_chunk or (min(PREFILL_CHUNK, prefill_tokens) if compile else None)
+        fixed = compile or param.dtype != torch.float32
+        self.prefill_chunk = prefill_chunk or (min(PREFILL_CHUNK, prefill_tokens) if fixed else None)
         self._prefill_inputs = (torch.zeros(1, self.prefill_chunk or 1, dtype=torch.long, device=self.device),
                                 torch.zeros(1, dtype=torch.long, device=self.device),
                                 torch.zeros(1, dtype=torch.long, device=self.device))  # ids, slot, start

@@ -13,6 +13,11 @@ QUESTIONS = ["李明住在哪里？", "你是谁？", "王芳是做什么工作�
              "张伟养了什么宠物？", "What is Wang Fang's job?", "讲一个关于李明的故事。"]
 
 
+def numbered_questions(count: int) -> list[str]:
+    """`count` questions, QUESTIONS in turn, each numbered so that no two prompts are the same."""
+    return [q + f"（第{i}题）" for i, q in enumerate(QUESTIONS * (count // len(QUESTIONS) + 1))][:count]
+
+
 def ready(_: int) -> bool:
     """Called once per process before timing starts, so the imports are done."""
     import openai  # noqa: F401

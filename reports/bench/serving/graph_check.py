@@ -56,13 +56,13 @@ def replies(batcher: Batcher, requests: list[dict], together: bool) -> list[list
     return out
 
 
-def served_model(checkpoint: Path, preset: str | None, device: str):
+def served_model(checkpoint: Path, preset: str | None, device: str, dtype: str = "auto"):
     """(served model entry, model, UTF-8 guard): the checkpoint, or random weights of `preset` with
-    its tokenizer, loaded as the server loads it."""
+    its tokenizer, loaded as the server loads it (`tinyllm serve --dtype`)."""
     with tempfile.TemporaryDirectory() as tmp:
         target = _random_checkpoint(preset, checkpoint, Path(tmp)) if preset else checkpoint
         served = load_served_models([str(target)])[0]
-        return (served, *served.load(device))
+        return (served, *served.load(device, dtype))
 
 
 def mixed_requests(tok, max_tokens: int) -> list[dict]:
@@ -80,8 +80,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--one-bucket", action="store_true", help="decode every step over all 32 slots")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the weights' (auto: bf16 on a GPU, fp32 on a CPU, as the server)")
     args = parser.parse_args()
-    served, model, utf8 = served_model(args.checkpoint, args.model, args.device)
+    served, model, utf8 = served_model(args.checkpoint, args.model, args.device, args.dtype)
     requests = mixed_requests(served.tok, args.max_tokens)
     graph = Batcher(model, served.tok, served.stop_ids, utf8, compile=args.device.startswith("cuda"))
     if args.one_bucket:
