@@ -198,11 +198,12 @@ class Batcher:
         chunks per token: the limit on a GPU, and a share of the CPU's cores. A request that ends
         inside a launch drops the rest of its tokens; its slot is free at the next launch.
         prefill_chunk: prefill each prompt alone, in forwards of one fixed shape (1, prefill_chunk)
-        (default: 64 with CUDA graphs, where that shape is one graph, or with weights narrower than
-        fp32; else none: a step's prompt chunks go together in one right-padded forward). Together,
-        the shapes vary with the batch and so do the last bits of a prompt's cache: fp32 keeps that
-        out of the tokens, bf16 does not (seeded replies parted on the CPU; reports/serving.md,
-        2026-12-05). Alone costs about a fifth of the 2-core CPU's throughput, which fp32 is spared.
+        (default: 64 with CUDA graphs, where that shape is one graph, or for a dense model with
+        weights narrower than fp32; else none: a step's prompt chunks go together in one
+        right-padded forward). Together, the shapes vary with the batch and so do the last bits of
+        a prompt's cache: fp32 keeps that out of the tokens, bf16 does not (seeded replies parted
+        on the CPU; reports/serving.md, 2026-12-05). Alone costs about a fifth of the 2-core CPU's
+        throughput, which fp32 is spared.
         on_step: called on the scheduler thread after every step (the engine process sends a
         step's events in one message)."""
         self.model, self.tok, self.stop_ids, self.utf8 = model.eval(), tok, set(stop_ids), utf8
@@ -217,7 +218,8 @@ class Batcher:
         if compile is None:
             compile = self.device.type == "cuda" and not cfg.moe.enabled
         self.compile = compile
-        fixed = compile or param.dtype != torch.float32
+        # an MoE routes the tokens of all rows together, so its bits depend on its neighbours anyway
+        fixed = compile or (param.dtype != torch.float32 and not cfg.moe.enabled)
         self.prefill_chunk = prefill_chunk or (min(PREFILL_CHUNK, prefill_tokens) if fixed else None)
         self._prefill_inputs = (torch.zeros(1, self.prefill_chunk or 1, dtype=torch.long, device=self.device),
                                 torch.zeros(1, dtype=torch.long, device=self.device),
