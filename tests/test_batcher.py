@@ -159,19 +159,22 @@ def test_fixed_shape_prefill_gives_the_replies_of_batched_prefill(served):
 
 def test_in_bf16_seeded_requests_get_the_same_replies_alone_and_among_others(served):
     """bf16 weights (the GPU's serving dtype; `--dtype bfloat16` on a CPU) keep 8 significant bits,
-    so a last bit that depends on the batch's shapes can change a sample. With bf16 weights each
-    prompt is prefilled alone in one fixed shape, so its cache holds the same bits whatever else is
-    prefilled beside it. (Prefilled together in one right-padded forward, as fp32 weights are on a
-    CPU, 2 of these 32 replies parted from their solo runs on the dev VM.) The model is 512 wide
-    with its initial weights: long sums, and near-uniform next-token probabilities that any change
-    of a last bit can move."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96,
-                      vocab_size=served.tok.get_vocab_size())
-    model = Transformer(cfg).to(torch.bfloat16).eval()
-    specs = [{**spec, "temperature": 1.0, "seed": i, "max_tokens": 16}
+    so a last bit that depends on the batch's shapes can change a sample. With bf16 weights a dense
+    model's prompts are prefilled alone in one fixed shape, so a prompt's cache holds the same bits
+    whatever else is prefilled beside it. The decode runs at one shape, so that only the prefill is
+    tested. The model is 512 wide with its initial weights: long sums, and near-uniform next-token
+    probabilities that any change of a last bit can move. (With a step's prompts prefilled together
+    in one right-padded forward, as fp32 weights are on a CPU, 5 of these 32 replies parted from
+    their solo runs on the dev VM.)"""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        cfg = ModelConfig(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96,
+                          vocab_size=served.tok.get_vocab_size())
+        model = Transformer(cfg).to(torch.bfloat16).eval()
+    specs = [{"prompt_ids": spec["prompt_ids"], "max_tokens": 16, "temperature": 1.0, "seed": i}
              for i, spec in enumerate(_mixed_requests(served.tok, 32))]
     batcher = Batcher(model, served.tok, set(), served.utf8)
+    batcher.buckets = [batcher.slots]
     try:
         assert batcher.prefill_chunk is not None
         alone = [run(batcher, spec)[0] for spec in specs]

@@ -202,8 +202,8 @@ class Batcher:
         weights narrower than fp32; else none: a step's prompt chunks go together in one
         right-padded forward). Together, the shapes vary with the batch and so do the last bits of
         a prompt's cache: fp32 keeps that out of the tokens, bf16 does not (seeded replies parted
-        on the CPU; reports/serving.md, 2026-12-05). Alone costs about a fifth of the 2-core CPU's
-        throughput, which fp32 is spared.
+        on the CPU; reports/serving.md, 2026-12-05). Alone cost the 2-core CPU a fifth of its
+        throughput at 32 clients (fp32 weights), which fp32 is spared.
         on_step: called on the scheduler thread after every step (the engine process sends a
         step's events in one message)."""
         self.model, self.tok, self.stop_ids, self.utf8 = model.eval(), tok, set(stop_ids), utf8
@@ -218,9 +218,10 @@ class Batcher:
         if compile is None:
             compile = self.device.type == "cuda" and not cfg.moe.enabled
         self.compile = compile
-        # an MoE routes the tokens of all rows together, so its bits depend on its neighbours anyway
-        fixed = compile or (param.dtype != torch.float32 and not cfg.moe.enabled)
-        self.prefill_chunk = prefill_chunk or (min(PREFILL_CHUNK, prefill_tokens) if fixed else None)
+        # not for an MoE: each expert's matmul takes the rows routed to it from every request, so its
+        # bits depend on the neighbours whatever the prefill (reasoned, not measured)
+        prefill_alone = compile or (torch.finfo(param.dtype).bits < 32 and not cfg.moe.enabled)
+        self.prefill_chunk = prefill_chunk or (min(PREFILL_CHUNK, prefill_tokens) if prefill_alone else None)
         self._prefill_inputs = (torch.zeros(1, self.prefill_chunk or 1, dtype=torch.long, device=self.device),
                                 torch.zeros(1, dtype=torch.long, device=self.device),
                                 torch.zeros(1, dtype=torch.long, device=self.device))  # ids, slot, start

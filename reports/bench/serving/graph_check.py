@@ -7,7 +7,9 @@ For 32 mixed requests (greedy and seeded sampling, prompts of different lengths)
 many replies are token for token the same
 - alone and among the other 31, on the CUDA-graph path,
 - alone twice, and among 32 twice (is the path deterministic at all?),
-- on the CUDA-graph path and on the eager path (same batches),
+- on the CUDA-graph path and on the eager path (same batches; since 2026-12-05 the eager path
+  prefills each prompt alone in bf16 too, as the graph path does, so this line no longer compares
+  the two prefills as the earlier H200 files did),
 - with 8 tokens per graph launch and with 1 (same batches; should be identical),
 (`--one-bucket`: the graph batcher decodes every step over all 32 slots; the eager and the
 one-token batchers keep their buckets),
