@@ -398,7 +398,7 @@ def test_two_hundred_connections_a_third_dropped_leave_no_leak(tmp_path, tokeniz
     assert max(grown) < 30, f"memory grew {grown[0]:.1f} MB (API), {grown[1]:.1f} MB (engine) over 400 connections"
 
 
-def test_bench_serve_runs_the_real_server_for_each_setting_and_checks_greedy_replies(checkpoint, tmp_path):
+def test_bench_serve_runs_the_real_server_for_each_setting_and_checks_greedy_and_seeded_replies(checkpoint, tmp_path):
     from tinyllm.cli import main
 
     main(["bench", "serve", str(checkpoint), "--clients", "1,3", "--slots", "1,4", "--requests", "2",
@@ -409,7 +409,8 @@ def test_bench_serve_runs_the_real_server_for_each_setting_and_checks_greedy_rep
         ("one at a time", 1, 2), ("one at a time", 3, 6), ("batched, 4 slots", 1, 2), ("batched, 4 slots", 3, 6)]
     assert all(r["completion_tokens_per_sec"] > 0 and 0 < r["ttft_p50_ms"] <= r["latency_p99_ms"] for r in rows)
     assert table["note"] == ("Greedy replies to 3 concurrent requests equal to their solo replies (4 slots): 3/3. "
-                             "Server weights: --dtype float32.")
+                             "Seeded replies (temperature 0.8) to 3 concurrent requests equal to their solo "
+                             "replies (4 slots): 3/3. Server weights: --dtype float32.")
     assert (tmp_path / "serve_slots4.log").read_text().count("up to 4 requests at once") == 1
 
 

@@ -285,8 +285,8 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
     as the server was before continuous batching), driven by streaming clients (the official openai
     client, one process each): for each number of concurrent clients, aggregate completion tokens/s
     and time-to-first-token / latency percentiles. Every reply runs to max_tokens (ignore_eos), so
-    all rows generate the same work. Also checks that greedy replies to max(clients) concurrent
-    requests equal their solo replies. `preset` serves random weights of that shape (with the
+    all rows generate the same work. Also checks that greedy and seeded replies to max(clients)
+    concurrent requests equal their solo replies. `preset` serves random weights of that shape (with the
     checkpoint's tokenizer) instead of the checkpoint's; `dtype` is the server's `--dtype`."""
     import multiprocessing
     import tempfile
@@ -310,18 +310,28 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
                                for r in rs]
                     rows.append(_serve_row(preset or str(source), n_slots, n_clients, results))
                 if n_slots == max(slots):
-                    asks = [(url, name, q, max_tokens) for q in loadgen.numbered_questions(most)]
-                    solo = [loadgen.greedy_reply(a) for a in asks]
-                    together = pool.map(loadgen.greedy_reply, asks, chunksize=1)
-                    differ = [loadgen.parting(a, b) for (text_a, a), (text_b, b) in zip(solo, together)
-                              if text_a != text_b]
-                    check = (f"Greedy replies to {most} concurrent requests equal to their solo replies "
-                             f"({n_slots} slots): {most - len(differ)}/{most}.")
-                    if differ:
-                        check += " Where the others part: " + ", ".join(
-                            f"at token #{p[0]} (the solo run's two best {p[1]:.3f} apart in log-prob)" if p
-                            else "one ends sooner" for p in differ) + "."
+                    check = " ".join(_alone_and_together(pool, url, name, most, max_tokens, n_slots, seeded)
+                                     for seeded in (False, True))
     return rows, check
+
+
+def _alone_and_together(pool, url: str, name: str, most: int, max_tokens: int, n_slots: int, seeded: bool) -> str:
+    """`most` requests (greedy, or seeded at temperature 0.8) sent one at a time, then all at once:
+    how many replies are the same both ways, and where the others part."""
+    from tinyllm.serve import loadgen
+
+    asks = [(url, name, q, max_tokens, i if seeded else None) for i, q in enumerate(loadgen.numbered_questions(most))]
+    solo = [loadgen.reply_steps(a) for a in asks]
+    together = pool.map(loadgen.reply_steps, asks, chunksize=1)
+    differ = [loadgen.parting(a, b) for (text_a, a), (text_b, b) in zip(solo, together) if text_a != text_b]
+    kind = "Seeded replies (temperature 0.8)" if seeded else "Greedy replies"
+    check = (f"{kind} to {most} concurrent requests equal to their solo replies ({n_slots} slots): "
+             f"{most - len(differ)}/{most}.")
+    if differ:
+        check += " Where the others part: " + ", ".join(
+            "one ends sooner" if p is None else f"at token #{p[0]}" if seeded
+            else f"at token #{p[0]} (the solo run's two best {p[1]:.3f} apart in log-prob)" for p in differ) + "."
+    return check
 
 
 def _serve_row(model: str, n_slots: int, n_clients: int, results: list[dict]) -> dict:

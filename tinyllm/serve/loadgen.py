@@ -51,16 +51,17 @@ def client(args: tuple) -> list[dict]:
     return out
 
 
-def greedy_reply(args: tuple) -> tuple[str, list[tuple[bytes, float]]]:
-    """One greedy reply, and per token (its bytes, how far its log-prob is above the runner-up's):
-    where a batched reply parts from its solo run, that margin tells a near-tie (a bf16 rounding
-    step) from a real difference."""
+def reply_steps(args: tuple) -> tuple[str, list[tuple[bytes, float]]]:
+    """One reply, greedy (seed None) or sampled at temperature 0.8 with `seed`, and per token (its
+    bytes, how far its log-prob is above the runner-up's): where a batched greedy reply parts from
+    its solo run, that margin tells a near-tie (a bf16 rounding step) from a real difference."""
     import openai
 
-    url, model, question, max_tokens = args
+    url, model, question, max_tokens, seed = args
+    sampling = {"temperature": 0} if seed is None else {"temperature": 0.8, "seed": seed}
     api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                        temperature=0, max_tokens=max_tokens, logprobs=True, top_logprobs=2)
+                                        max_tokens=max_tokens, logprobs=True, top_logprobs=2, **sampling)
     choice = reply.choices[0]
     # bytes, not the token's text: a token holding part of a UTF-8 character reads as "�" whatever it is
     steps = [(bytes(t.bytes), t.top_logprobs[0].logprob - t.top_logprobs[1].logprob) for t in choice.logprobs.content]
@@ -68,8 +69,8 @@ def greedy_reply(args: tuple) -> tuple[str, list[tuple[bytes, float]]]:
 
 
 def parting(solo: list[tuple[bytes, float]], together: list[tuple[bytes, float]]) -> tuple[int, float] | None:
-    """Where two greedy replies (`greedy_reply`'s steps) first differ: (token index, the solo run's
-    top-2 log-prob margin there); None if one is the other or a prefix of it."""
+    """Where two replies (`reply_steps`'s steps) first differ: (token index, the solo run's top-2
+    log-prob margin there); None if one is the other or a prefix of it."""
     for i, ((a, margin), (b, _)) in enumerate(zip(solo, together)):
         if a != b:
             return i, margin
