@@ -55,6 +55,11 @@ def run(batcher: Batcher, *specs: dict) -> list[Outcome]:
     return outcomes
 
 
+def alone_then_together(batcher: Batcher, specs: list[dict]) -> tuple[list[Outcome], list[Outcome]]:
+    """Each request alone, one after another, then all of them at once."""
+    return [run(batcher, spec)[0] for spec in specs], run(batcher, *specs)
+
+
 def _mixed_requests(tok, count: int) -> list[dict]:
     """Greedy and seeded sampled requests with different prompts, lengths and settings."""
     settings = [{"temperature": 0}, {"temperature": 1.0, "seed": 1}, {"temperature": 0.7, "top_p": 0.8, "seed": 2},
@@ -69,8 +74,7 @@ def test_thirty_two_requests_together_get_what_each_gets_alone(served):
     batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, slots=32)
     try:
         specs = _mixed_requests(served.tok, 32)
-        alone = [run(batcher, spec)[0] for spec in specs]
-        together = run(batcher, *specs)
+        alone, together = alone_then_together(batcher, specs)
         assert [o.text for o in together] == [o.text for o in alone]
         assert [o.finish for o in together] == [o.finish for o in alone]
         assert len({o.text for o in alone}) > 16  # the requests really differ
@@ -91,20 +95,17 @@ def test_at_one_decode_shape_a_request_is_bitwise_the_same_alone_and_among_other
     each request gets bitwise the tokens and log-probs it gets alone. With the default batch-size
     buckets the matmuls' shapes change with the batch, and on the CPU so do the last bits of the
     log-probs: only closeness holds there."""
-    def replies(batcher: Batcher, specs: list[dict], together: bool) -> list[list[tuple[int, float]]]:
-        outcomes = run(batcher, *specs) if together else [run(batcher, spec)[0] for spec in specs]
-        assert all(isinstance(o.finish, Finish) for o in outcomes)  # none ended in an error
-        return [o.exact for o in outcomes]
-
     specs = [{**spec, "temperature": 0, "logprobs": 0} for spec in _mixed_requests(served.tok, 32)]
     for one_shape in (True, False):
         batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, prefill_chunk=16, decode_steps=4)
         if one_shape:
             batcher.buckets = [batcher.slots]
         try:
-            alone, together = replies(batcher, specs, False), replies(batcher, specs, True)
+            outcomes = alone_then_together(batcher, specs)
         finally:
             batcher.close()
+        assert all(isinstance(o.finish, Finish) for side in outcomes for o in side)  # none ended in an error
+        alone, together = ([o.exact for o in side] for side in outcomes)
         if one_shape:
             assert alone == together
         else:  # the same tokens (fp32 has no near-ties here), log-probs equal up to rounding
@@ -177,8 +178,7 @@ def test_in_bf16_seeded_requests_get_the_same_replies_alone_and_among_others(ser
     batcher.buckets = [batcher.slots]
     try:
         assert batcher.prefill_chunk is not None
-        alone = [run(batcher, spec)[0] for spec in specs]
-        together = run(batcher, *specs)
+        alone, together = alone_then_together(batcher, specs)
     finally:
         batcher.close()
     assert len({o.text for o in alone}) == 32  # the requests really differ

@@ -328,10 +328,16 @@ def _alone_and_together(pool, url: str, name: str, most: int, max_tokens: int, n
     check = (f"{kind} to {most} concurrent requests equal to their solo replies ({n_slots} slots): "
              f"{most - len(differ)}/{most}.")
     if differ:
-        check += " Where the others part: " + ", ".join(
-            "one ends sooner" if p is None else f"at token #{p[0]}" if seeded
-            else f"at token #{p[0]} (the solo run's two best {p[1]:.3f} apart in log-prob)" for p in differ) + "."
+        check += " Where the others part: " + ", ".join(_where(p, seeded) for p in differ) + "."
     return check
+
+
+def _where(parting: tuple[int, float] | None, seeded: bool) -> str:
+    """A reply's parting from its solo run, in words; a greedy one with the solo run's margin there."""
+    if parting is None:
+        return "one ends sooner"
+    token, margin = parting
+    return f"at token #{token}" + ("" if seeded else f" (the solo run's two best {margin:.3f} apart in log-prob)")
 
 
 def _serve_row(model: str, n_slots: int, n_clients: int, results: list[dict]) -> dict:
