@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from tinyllm.data.chat import ChatBatches, encode_conversation, validate_conversation
+from tinyllm.data.chat import ChatBatches, encode_conversation, encode_conversations, validate_conversation
 from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, render_chat
 
@@ -12,6 +12,20 @@ CONV = [{"role": "user", "content": "李明住在哪里？"}, {"role": "assistan
 def test_encoding_equals_the_chat_template_rendering(tokenizer):
     ids, _ = encode_conversation(tokenizer, CONV)
     assert ids.tolist() == tokenizer.encode(render_chat(CONV), add_special_tokens=False).ids
+
+
+def test_encoding_many_at_once_equals_encoding_each_alone(tokenizer):
+    system = {"role": "system", "content": "你是助手"}
+    conversations = [CONV, CONV[:2], [system, *CONV], [{"role": "user", "content": "Hi\n\nthere"},
+                                                        {"role": "assistant", "content": "Hello!\n"}]]
+    for prompt in (None, "你是小光"):
+        together = encode_conversations(tokenizer, conversations, system_prompt=prompt)
+        for (ids, mask), conv in zip(together, conversations, strict=True):
+            alone_ids, alone_mask = encode_conversation(tokenizer, conv, system_prompt=prompt)
+            with_prompt = prompt and conv[0]["role"] != "system"
+            rendered = [{"role": "system", "content": prompt}, *conv] if with_prompt else conv
+            assert ids.tolist() == tokenizer.encode(render_chat(rendered), add_special_tokens=False).ids
+            assert ids.tolist() == alone_ids.tolist() and mask.tolist() == alone_mask.tolist()
 
 
 def test_loss_mask_covers_exactly_every_assistant_reply_and_its_im_end(tokenizer):

@@ -9,7 +9,7 @@ import torch
 
 from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.preference import PreferenceBatches, encode_pair, pack_pairs, validate_preference
+from tinyllm.data.preference import PreferenceBatches, encode_pairs, pack_pairs, validate_preference
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END
 from tinyllm.errors import DataError
 from tinyllm.model.transformer import Transformer
@@ -41,7 +41,7 @@ def test_dpo_loss_on_a_hand_computed_example():
 
 
 def test_only_the_final_reply_carries_labels(tokenizer):
-    chosen, rejected = encode_pair(tokenizer, PAIR)
+    [(chosen, rejected)] = encode_pairs(tokenizer, [PAIR])
     for (ids, mask), reply in ((chosen, "李明的宠物是猫。"), (rejected, "我不知道，别问我。")):
         assert tokenizer.decode(ids[mask].tolist(), skip_special_tokens=False) == reply + IM_END
 
@@ -100,12 +100,10 @@ def test_shares_of_a_packed_batch_hold_whole_pairs(tokenizer):
 
 
 def _pairs(tokenizer, n=8):
-    pairs = []
-    for i in range(n):
-        p = json.loads(json.dumps(PAIR))
+    records = [json.loads(json.dumps(PAIR)) for _ in range(n)]
+    for i, p in enumerate(records):
         p["chosen"][-1]["content"] = f"李明的宠物是猫{i}。"
-        pairs.append(encode_pair(tokenizer, p))
-    return pairs
+    return encode_pairs(tokenizer, records)
 
 
 def _config(tokenizer):

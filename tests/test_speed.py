@@ -10,7 +10,7 @@ import torch
 from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig, SFTConfig, parse_params
 from tinyllm.data.chat import ChatBatches, encode_conversation
 from tinyllm.data.labels import IGNORE_INDEX
-from tinyllm.data.preference import PreferenceBatches, encode_pair
+from tinyllm.data.preference import PreferenceBatches, encode_pairs
 from tinyllm.data.tokenizer import ENDOFTEXT
 from tinyllm.errors import ConfigError
 from tinyllm.model.transformer import Transformer
@@ -68,13 +68,10 @@ def test_packed_dpo_batches_of_changing_row_counts_compile_once(tokenizer):
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=128,
                                     vocab_size=tokenizer.get_vocab_size()))
     pad = tokenizer.token_to_id(ENDOFTEXT)
-    pairs = []
-    for i in range(24):  # replies of very different lengths, so the packed row counts differ
-        reply = "李明的宠物是猫。" * (1 + i % 6)
-        pairs.append(encode_pair(tokenizer, {"chosen": [{"role": "user", "content": "他养了什么？"},
-                                                        {"role": "assistant", "content": reply}],
-                                             "rejected": [{"role": "user", "content": "他养了什么？"},
-                                                          {"role": "assistant", "content": "我不知道。"}]}))
+    question = {"role": "user", "content": "他养了什么？"}
+    pairs = encode_pairs(tokenizer, [  # replies of very different lengths, so the packed row counts differ
+        {"chosen": [question, {"role": "assistant", "content": "李明的宠物是猫。" * (1 + i % 6)}],
+         "rejected": [question, {"role": "assistant", "content": "我不知道。"}]} for i in range(24)])
     ref = pair_logprobs(model, pairs, 127, pad, torch.device("cpu"), torch.float32)
     batches = PreferenceBatches(pairs, ref, batch_size=4, seq_len=127, seed=0, pad_id=pad)
     rows = set()
@@ -133,8 +130,8 @@ def test_a_packed_batch_refuses_pairs_that_do_not_split_over_the_processes(token
     from tinyllm.data.preference import pack_pairs
 
     question = {"role": "user", "content": "你是谁？"}
-    pair = encode_pair(tokenizer, {"chosen": [question, {"role": "assistant", "content": "小光"}],
-                                   "rejected": [question, {"role": "assistant", "content": "不知"}]})
+    [pair] = encode_pairs(tokenizer, [{"chosen": [question, {"role": "assistant", "content": "小光"}],
+                                   "rejected": [question, {"role": "assistant", "content": "不知"}]}])
     with pytest.raises(ValueError, match="3 pairs do not split evenly over 2 processes"):
         pack_pairs([pair] * 3, 63, 0, shares=2)
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=64,

@@ -4,8 +4,8 @@ A record is `{"chosen": [msgs], "rejected": [msgs]}` (MiniMind's DPO format): tw
 that share a context and differ in the last assistant message. Only that last reply is scored:
 earlier turns are the same on both sides, so they would add equal terms and nothing else.
 
-    pair = encode_pair(tok, record)                     # ((ids, mask), (ids, mask))
-    batch = pack_pairs([pair, ...], seq_len, pad_id)     # sequences 0..B-1 chosen, B..2B-1 rejected
+    pairs = encode_pairs(tok, records)                  # [((ids, mask), (ids, mask)), ...]
+    batch = pack_pairs(pairs[:8], seq_len, pad_id)       # sequences 0..7 chosen, 8..15 rejected
 
 DPO batches are packed (`pack_sequences`): the replies of a world are a few dozen tokens, so a row
 per sequence would be mostly padding, and its length would change with every batch (a GPU
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from tinyllm.data.chat import encode_conversation, pack_rows, pack_sequences, validate_conversation
+from tinyllm.data.chat import encode_conversations, pack_rows, pack_sequences, validate_conversation
 
 Encoded = tuple[np.ndarray, np.ndarray]
 
@@ -51,13 +51,12 @@ def final_reply_only(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_pair(tok: Tokenizer, record: dict, system_prompt: str | None = None) -> tuple[Encoded, Encoded]:
-    """(chosen, rejected), each (ids, mask) with the mask on the final reply only."""
-    sides = []
-    for side in ("chosen", "rejected"):
-        ids, mask = encode_conversation(tok, record[side], system_prompt)
-        sides.append((ids, final_reply_only(mask)))
-    return sides[0], sides[1]
+def encode_pairs(tok: Tokenizer, records: list[dict], system_prompt: str | None = None
+                 ) -> list[tuple[Encoded, Encoded]]:
+    """(chosen, rejected) of each record, each (ids, mask) with the mask on the final reply only."""
+    sides = encode_conversations(tok, [r[side] for r in records for side in ("chosen", "rejected")], system_prompt)
+    sides = [(ids, final_reply_only(mask)) for ids, mask in sides]
+    return list(zip(sides[0::2], sides[1::2]))
 
 
 def truncated_labels(pairs: list[tuple[Encoded, Encoded]], seq_len: int) -> int:

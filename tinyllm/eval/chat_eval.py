@@ -14,9 +14,9 @@ from collections import defaultdict
 import torch
 from tokenizers import Tokenizer
 
-from tinyllm.data.chat import collate, encode_conversation
+from tinyllm.data.chat import collate, encode_conversations
 from tinyllm.data.labels import IGNORE_INDEX
-from tinyllm.data.preference import encode_pair
+from tinyllm.data.preference import encode_pairs
 from tinyllm.data.tokenizer import ENDOFTEXT, render_chat, reply_stop_ids, special_id
 from tinyllm.eval.verify import is_correct
 from tinyllm.infer.generate import generate_batch
@@ -102,7 +102,7 @@ def preference_accuracy(model, tok: Tokenizer, pairs: list[dict]) -> tuple[dict,
     and per kind ("wrong_fact", "unhelpful"); scored exactly as DPO trains (final reply, fp32).
     Also the (len(pairs), 2) summed log-probs, for reward margins against a reference model."""
     device = next(model.parameters()).device
-    encoded = [encode_pair(tok, p) for p in pairs]
+    encoded = encode_pairs(tok, pairs)
     logps = pair_logprobs(model, encoded, model.config.max_seq_len, special_id(tok, ENDOFTEXT), device, torch.float32)
     wins = (logps[:, 0] > logps[:, 1]).tolist()
     by_kind: dict[str, list[bool]] = defaultdict(list)
@@ -142,7 +142,7 @@ def reply_loss(model, tok: Tokenizer, conversations: list[list[dict]]) -> tuple[
     newest tokens (the last replies), and no system prompt is added."""
     if not conversations:
         return 0.0, 0
-    logps, counts = scored_rows(model, tok, [encode_conversation(tok, c) for c in conversations], batch_size=32)
+    logps, counts = scored_rows(model, tok, encode_conversations(tok, conversations), batch_size=32)
     count = int(counts.sum())
     return -float(logps.sum()) / max(count, 1), count
 

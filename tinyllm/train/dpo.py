@@ -17,7 +17,7 @@ import torch
 
 from tinyllm.config import Params, to_dict
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.preference import PreferenceBatches, encode_pair, pack_pairs, truncated_labels, validate_preference
+from tinyllm.data.preference import PreferenceBatches, encode_pairs, pack_pairs, truncated_labels, validate_preference
 from tinyllm.errors import DataError, TrainingError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.distributed import TrainingRun, check_divisible, rank_share
@@ -64,7 +64,7 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     if len(records) < cfg.batch_size:
         raise DataError(f"{pairs_file}: {len(records)} preference pairs, fewer than dpo.batch_size={cfg.batch_size}"
                         + (" (with data.source: files, list preference files in data.dpo)" if not records else ""))
-    pairs = [encode_pair(tok, r, params.sft.system_prompt) for r in records]
+    pairs = encode_pairs(tok, records, params.sft.system_prompt)
     lost = truncated_labels(pairs, seq_len)
     if lost:
         log.warning("%d reply tokens fall beyond seq_len=%d and are not trained on", lost, seq_len)

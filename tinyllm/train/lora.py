@@ -33,7 +33,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
 from tinyllm.config import LoRAConfig, Params, to_dict
-from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, read_conversations
+from tinyllm.data.chat import ChatBatches, encode_conversations, mixed_batches, read_conversations
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import ConfigError, DataError
 from tinyllm.model.transformer import Transformer
@@ -125,9 +125,9 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     replay_rows = round(cfg.batch_size * cfg.replay_fraction)
     text_rows = round(replay_rows * params.sft.pretrain_mix)
     chat_rows = replay_rows - text_rows
-    taught = [encode_conversation(tok, c, params.sft.system_prompt) for c in identity]
+    taught = encode_conversations(tok, identity, params.sft.system_prompt)
     sources = [ChatBatches(taught, cfg.batch_size - replay_rows, seq_len, params.seed, pad_id)]
-    replay = ([encode_conversation(tok, c, params.sft.system_prompt) for c in read_conversations(replay_files)]
+    replay = (encode_conversations(tok, read_conversations(replay_files), params.sft.system_prompt)
               if chat_rows or cfg.train_new_tokens else [])
     if chat_rows:
         if not replay:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from tinyllm.config import Params, to_dict
-from tinyllm.data.chat import ChatBatches, encode_conversation, mixed_batches, read_conversations
+from tinyllm.data.chat import ChatBatches, encode_conversations, mixed_batches, read_conversations
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import DataError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
@@ -46,7 +46,7 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
     if not conversations:
         raise DataError(f"{', '.join(map(str, conversation_files))}: no conversations to fine-tune on "
                         "(with data.source: files, list chat files in data.sft)")
-    examples = [encode_conversation(tok, c, cfg.system_prompt) for c in conversations]
+    examples = encode_conversations(tok, conversations, cfg.system_prompt)
     text_rows = round(cfg.batch_size * cfg.pretrain_mix)
     chat = ChatBatches(examples, cfg.batch_size - text_rows, seq_len, params.seed, pad_id=pad_id)
     sources = [chat]
@@ -54,7 +54,7 @@ def run_sft(params: Params, init_dir: Path, conversation_files: list[Path], toke
         sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 1))
     if chat.truncated_labels:
         log.warning("%d assistant tokens fall beyond seq_len=%d and are not trained on", chat.truncated_labels, seq_len)
-    held_out = [encode_conversation(tok, c, cfg.system_prompt) for c in read_conversations(list(val_files))]
+    held_out = encode_conversations(tok, read_conversations(list(val_files)), cfg.system_prompt)
 
     def val_batches():  # the same batches at every eval point
         return ChatBatches(held_out, cfg.batch_size, seq_len, params.seed, pad_id=pad_id)

@@ -33,7 +33,7 @@ from profiling import profile_table  # this folder's module, beside this script
 from tinyllm.bench import PRESETS
 from tinyllm.config import ModelConfig, TrainConfig
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.preference import PreferenceBatches, encode_pair, validate_preference
+from tinyllm.data.preference import PreferenceBatches, encode_pairs, validate_preference
 from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.engine import build_optimizer
@@ -96,7 +96,7 @@ def main() -> None:
     device = torch.device(args.device)
     tok = load_tokenizer(args.tokenizer)
     args.vocab = tok.get_vocab_size()
-    pairs = [encode_pair(tok, record, None) for record in read_jsonl(args.data, validate_preference)]
+    pairs = encode_pairs(tok, list(read_jsonl(args.data, validate_preference)))
     zeros = torch.zeros(len(pairs), 2)  # the reference log-probs do not change the step's cost
     stream = PreferenceBatches(pairs, zeros, args.pairs, args.seq_len, seed=0, pad_id=special_id(tok, ENDOFTEXT))
     batches = [{k: v.to(device) for k, v in b.items() if k != "padding"}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyllm.data.chat import ChatBatches, encode_conversation, read_conversations
+from tinyllm.data.chat import ChatBatches, encode_conversations, read_conversations
 from tinyllm.data.chat_data import ATTRIBUTES, answer_sentence
 from tinyllm.data.jsonl import write_jsonl
 from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer
@@ -98,7 +98,7 @@ def main() -> None:
           f"{args.seq_len} | host ms per batch |")
     print("|---|---|---|---|---|")
     for name, convs in (("the world's (default)", world_sft), ("MiniMind-shaped", long)):
-        examples = [encode_conversation(tok, c) for c in convs]
+        examples = encode_conversations(tok, convs)
         lengths = np.array([len(ids) for ids, _ in examples])
         share, ms = padding(examples, args.batch_size, args.seq_len, pad, args.batches)
         quantiles = " / ".join(str(int(q)) for q in np.percentile(lengths, [10, 50, 90, 100]))
