@@ -308,10 +308,17 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     device = resolve_device(runtime, dist)
     dtype = resolve_dtype(runtime, device)
     cpu_threads.configure(runtime.threads, device)
+    startup = {"setup_seconds": setup_seconds}
+    clock = time.perf_counter()
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # CUDA starts here, so its cost is measured apart from the engine's
+    startup["device_seconds"] = time.perf_counter() - clock
     checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
     start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
     result = FitResult(history=history)
+    clock = time.perf_counter()
     engine = make_engine(model, cfg, runtime, dist, device, dtype, run.distributed, start=checkpoints.take_start())
+    startup["engine_seconds"] = time.perf_counter() - clock
     peak = peak_flops(device)
     it = iter(batches)
     if micro_batches and not hasattr(batches, "load_state"):
@@ -334,7 +341,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         grad_norm = engine.complete_step()
         window.end_step(step, step_loss)
         if step == start_step:
-            speed = _first_step(device, window, dist, setup_seconds)
+            speed = _first_step(device, window, dist, startup)
 
         last = step == cfg.max_steps - 1
         if (step + 1) % cfg.log_interval != 0 and not last:
@@ -378,17 +385,19 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     return result
 
 
-def _first_step(device: torch.device, window: MetricsWindow, dist, setup_seconds: float) -> dict:
+def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict) -> dict:
     """Start-up as a user sees it: from the process start to the first step done (one host sync),
-    and the part of it the stage spent before calling `fit` (`setup_seconds`); the rest is the
-    engine's start (moving the model, DDP, resuming) and the first step."""
+    with its parts: the stage's own work before calling `fit` (`setup_seconds`), starting the
+    device (`device_seconds`), building the engine (`engine_seconds`: the model to the device, the
+    compile wrapper, the optimizer, DDP or DeepSpeed) and the first step itself (mostly compiling
+    on a GPU). What is left is the resume check and the first batch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device if device.index is not None else None)  # "cuda" names no index
-    speed = {"startup_seconds": process_seconds(), "setup_seconds": setup_seconds,
-             "first_step_seconds": time.perf_counter() - window.start}
+    speed = {"startup_seconds": process_seconds(), **startup, "first_step_seconds": time.perf_counter() - window.start}
     if dist.is_main:
-        log.info("first step done %.1f s after the process started (the stage's setup: %.1f s; the step itself: "
-                 "%.1f s)", speed["startup_seconds"], setup_seconds, speed["first_step_seconds"])
+        log.info("first step done %.1f s after the process started (the stage's setup: %.1f s; starting the device: "
+                 "%.1f s; the engine: %.1f s; the step itself: %.1f s)", speed["startup_seconds"],
+                 speed["setup_seconds"], speed["device_seconds"], speed["engine_seconds"], speed["first_step_seconds"])
     return speed
 
 
