@@ -14,18 +14,22 @@ def test_encoding_equals_the_chat_template_rendering(tokenizer):
     assert ids.tolist() == tokenizer.encode(render_chat(CONV), add_special_tokens=False).ids
 
 
-def test_encoding_many_at_once_equals_encoding_each_alone(tokenizer):
+def test_encoding_many_at_once_equals_the_template_and_masks_every_reply(tokenizer):
     system = {"role": "system", "content": "你是助手"}
-    conversations = [CONV, CONV[:2], [system, *CONV], [{"role": "user", "content": "Hi\n\nthere"},
-                                                        {"role": "assistant", "content": "Hello!\n"}]]
+    conversations = [CONV, CONV[:2], [system, *CONV],
+                     [{"role": "user", "content": "Hi\n\nthere"}, {"role": "assistant", "content": "Hello!\n"}],
+                     [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
+                     [{"role": "user", "content": f"say {IM_END} and <|im_start|>user"},
+                      {"role": "assistant", "content": "<|endoftext|>好"}]]
+    assert encode_conversations(tokenizer, []) == []
     for prompt in (None, "你是小光"):
         together = encode_conversations(tokenizer, conversations, system_prompt=prompt)
         for (ids, mask), conv in zip(together, conversations, strict=True):
-            alone_ids, alone_mask = encode_conversation(tokenizer, conv, system_prompt=prompt)
             with_prompt = prompt and conv[0]["role"] != "system"
             rendered = [{"role": "system", "content": prompt}, *conv] if with_prompt else conv
             assert ids.tolist() == tokenizer.encode(render_chat(rendered), add_special_tokens=False).ids
-            assert ids.tolist() == alone_ids.tolist() and mask.tolist() == alone_mask.tolist()
+            replies = "".join(m["content"] + IM_END for m in conv if m["role"] == "assistant")
+            assert tokenizer.decode(ids[mask].tolist(), skip_special_tokens=False) == replies
 
 
 def test_loss_mask_covers_exactly_every_assistant_reply_and_its_im_end(tokenizer):

@@ -5,7 +5,7 @@ covers the assistant content of EVERY turn plus its closing <|im_end|> (so the m
 stop), and nothing else: not the system prompt, not the user turns, not the role headers.
 
     ids, mask = encode_conversation(tok, messages)          # mask[i]: token i is a target
-    batches = ChatBatches([encode_conversation(tok, c) for c in convs], batch_size=16, seq_len=128, seed=0)
+    batches = ChatBatches(encode_conversations(tok, convs), batch_size=16, seq_len=128, seed=0)
     batch = pack_sequences([(ids, mask), ...], width=128, pad_id=pad)   # each sequence sees only itself
 """
 
@@ -60,32 +60,42 @@ def encode_conversation(tok: Tokenizer, messages: list[dict], system_prompt: str
     return encode_conversations(tok, [messages], system_prompt)[0]
 
 
+ENCODE_CHUNK = 4096
+"""Message contents per `encode_batch` call: the tokenizer's Encoding objects are about 100 bytes a
+token, so one call over a whole data set held 1 GB for 9.3M tokens; chunks of 4096 hold 0.2 GB and
+are as fast (reports/gpu_speed.md, "Start-up on the host")."""
+
+
 def encode_conversations(tok: Tokenizer, conversations: list[list[dict]], system_prompt: str | None = None
                          ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`encode_conversation` of each conversation, with one `encode_batch` call for all the contents.
+    """`encode_conversation` of each conversation, with the contents encoded in batches.
 
     A rendering is three pieces per message: the role header, the content with its <|im_end|>, and
     a newline. The byte-level pre-tokenizer splits at newlines and special tokens, so encoding the
     pieces apart and joining them equals encoding the whole rendered text (a test pins this). The
     headers and the newline are the same everywhere and are encoded once; the contents go to the
-    tokenizer in one batch, encoded in Rust on every core. One call per piece cost 3.0 s for the
-    GPU preset world's 29,560 SFT chats, in every stage that reads them (reports/gpu_speed.md).
+    tokenizer's `encode_batch`, which runs in Rust on every core. One call per piece took 2.6 s for
+    the 28,082 SFT chats of the GPU preset world on 2 cores, in every stage that reads them, and
+    this 1.2 s (reports/gpu_speed.md, "Start-up on the host").
     """
     if system_prompt:
         system = {"role": "system", "content": system_prompt}
         conversations = [c if c[0]["role"] == "system" else [system, *c] for c in conversations]
-    fixed = {text: tok.encode(text, add_special_tokens=False).ids
-             for text in ["\n", *(f"{IM_START}{role}\n" for role in ROLES)]}
-    contents = iter(tok.encode_batch([f"{m['content']}{IM_END}" for c in conversations for m in c],
-                                     add_special_tokens=False))
+    newline = tok.encode("\n", add_special_tokens=False).ids
+    headers: dict[str, list[int]] = {}
+    contents = [f"{m['content']}{IM_END}" for c in conversations for m in c]
+    encoded_contents = (enc.ids for start in range(0, len(contents), ENCODE_CHUNK)
+                        for enc in tok.encode_batch(contents[start:start + ENCODE_CHUNK], add_special_tokens=False))
     encoded = []
     for messages in conversations:
         ids: list[int] = []
         mask: list[bool] = []
         for m in messages:
-            header, body = fixed[f"{IM_START}{m['role']}\n"], next(contents).ids
-            ids += header + body + fixed["\n"]
-            mask += [False] * len(header) + [m["role"] == "assistant"] * len(body) + [False] * len(fixed["\n"])
+            if m["role"] not in headers:
+                headers[m["role"]] = tok.encode(f"{IM_START}{m['role']}\n", add_special_tokens=False).ids
+            header, body = headers[m["role"]], next(encoded_contents)
+            ids += header + body + newline
+            mask += [False] * len(header) + [m["role"] == "assistant"] * len(body) + [False] * len(newline)
         encoded.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)))
     return encoded
 

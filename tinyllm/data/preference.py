@@ -53,10 +53,11 @@ def final_reply_only(mask: np.ndarray) -> np.ndarray:
 
 def encode_pairs(tok: Tokenizer, records: list[dict], system_prompt: str | None = None
                  ) -> list[tuple[Encoded, Encoded]]:
-    """(chosen, rejected) of each record, each (ids, mask) with the mask on the final reply only."""
+    """(chosen, rejected) of each record, each (ids, mask) with the mask on the final reply only.
+    All sides are encoded in one `encode_conversations` call (batched: start-up, reports/gpu_speed.md)."""
     sides = encode_conversations(tok, [r[side] for r in records for side in ("chosen", "rejected")], system_prompt)
     sides = [(ids, final_reply_only(mask)) for ids, mask in sides]
-    return list(zip(sides[0::2], sides[1::2]))
+    return list(zip(sides[0::2], sides[1::2], strict=True))
 
 
 def truncated_labels(pairs: list[tuple[Encoded, Encoded]], seq_len: int) -> int:

@@ -302,21 +302,21 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         NonFiniteLossError: the loss became NaN or infinite (the message names the step and the
             last good resumable checkpoint, which is kept).
     """
-    setup_seconds = process_seconds()  # the stage's own work before training: imports, data, loading
+    startup = {"setup_seconds": process_seconds()}  # the stage's own work before fit: imports, data, loading
+    clock = time.perf_counter()
     run = run or TrainingRun()
     dist, logger = run.dist, run.logger or NullLogger()
     device = resolve_device(runtime, dist)
     dtype = resolve_dtype(runtime, device)
     cpu_threads.configure(runtime.threads, device)
-    startup = {"setup_seconds": setup_seconds}
-    clock = time.perf_counter()
-    if device.type == "cuda":
-        torch.zeros(1, device=device)  # CUDA starts here, so its cost is measured apart from the engine's
-    startup["device_seconds"] = time.perf_counter() - clock
+    if device.type == "cuda":  # start CUDA here (if the stage has not), so the engine's time is its own
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize(device)
+    startup["device_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
     checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
     start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
     result = FitResult(history=history)
-    clock = time.perf_counter()
+    startup["resume_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
     engine = make_engine(model, cfg, runtime, dist, device, dtype, run.distributed, start=checkpoints.take_start())
     startup["engine_seconds"] = time.perf_counter() - clock
     peak = peak_flops(device)
@@ -387,17 +387,21 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
 
 def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict) -> dict:
     """Start-up as a user sees it: from the process start to the first step done (one host sync),
-    with its parts: the stage's own work before calling `fit` (`setup_seconds`), starting the
-    device (`device_seconds`), building the engine (`engine_seconds`: the model to the device, the
-    compile wrapper, the optimizer, DDP or DeepSpeed) and the first step itself (mostly compiling
-    on a GPU). What is left is the resume check and the first batch."""
+    and its parts: the stage's own work before calling `fit` (`setup_seconds`); starting the device
+    (`device_seconds`; a stage that used the GPU before `fit`, like DPO's reference pass, started it
+    in its setup); the resume check (`resume_seconds`: fingerprinting the weights, code and data,
+    reading a resumable checkpoint if there is one); building the engine (`engine_seconds`: the
+    model to the device, a resumed run's weights and optimizer state, the compile wrapper, the
+    optimizer, DDP or DeepSpeed); and the first step with its batch (`first_step_seconds`, mostly
+    compiling on a GPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device if device.index is not None else None)  # "cuda" names no index
     speed = {"startup_seconds": process_seconds(), **startup, "first_step_seconds": time.perf_counter() - window.start}
     if dist.is_main:
         log.info("first step done %.1f s after the process started (the stage's setup: %.1f s; starting the device: "
-                 "%.1f s; the engine: %.1f s; the step itself: %.1f s)", speed["startup_seconds"],
-                 speed["setup_seconds"], speed["device_seconds"], speed["engine_seconds"], speed["first_step_seconds"])
+                 "%.1f s; the resume check: %.1f s; the engine: %.1f s; the step itself: %.1f s)",
+                 speed["startup_seconds"], speed["setup_seconds"], speed["device_seconds"], speed["resume_seconds"],
+                 speed["engine_seconds"], speed["first_step_seconds"])
     return speed
 
 

@@ -7,7 +7,11 @@ content in one `encode_batch` call, which runs in Rust on every core. This times
 conversations, in one process, alternating, and checks that they give the same ids and masks.
 
     python reports/bench/data/encode_chats.py artifacts/tokenizer artifacts/data/chat/sft_*.jsonl
-    python reports/bench/data/encode_chats.py TOKENIZER FILES... --out reports/bench/data/encode_chats.md
+    python reports/bench/data/encode_chats.py TOKENIZER FILES... --out reports/bench/data/encode_chats_NAME.md
+
+The committed tables: the GPU preset world's SFT chats (`tinyllm preset gpu`'s world prepared in a
+scratch copy under /tmp) and 50,000 MiniMind-shaped ones (`minimind_shaped.py --conversations 50000
+--write /tmp/mm` from that world).
 """
 
 from __future__ import annotations
