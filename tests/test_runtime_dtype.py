@@ -38,6 +38,12 @@ def test_the_cpu_check_reads_the_instruction_flags(monkeypatch, tmp_path):
     runtime.cpu_multiplies_bf16.cache_clear()
 
 
+def test_one_named_gpu_for_several_processes_is_refused():
+    """runtime.device: cuda:1 under torchrun used to put every process on GPU 1."""
+    with pytest.raises(ConfigError, match="runtime.device='cuda:1' names one GPU, but 2 processes"):
+        runtime.resolve_device(RuntimeConfig(device="cuda:1"), Dist(rank=1, world_size=2, local_rank=1))
+
+
 def test_cuda_under_torchrun_on_a_machine_without_it_is_named():
     """Under torchrun, runtime.device: cuda used to fall back to the CPU without a word."""
     if torch.cuda.is_available():

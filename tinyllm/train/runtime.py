@@ -29,7 +29,11 @@ PEAK_BF16_FLOPS = {
 
 def resolve_device(cfg: RuntimeConfig, dist=None) -> torch.device:
     """`auto` picks CUDA when present (GPU LOCAL_RANK under torchrun); asking for CUDA on a machine
-    without it is an error."""
+    without it is an error, and so is naming one GPU for several processes (they would all share it)."""
+    if cfg.device.startswith("cuda:") and dist is not None and dist.enabled:
+        raise ConfigError(f"runtime.device={cfg.device!r} names one GPU, but {dist.world_size} processes each need "
+                          "their own; use auto or cuda (each process takes GPU LOCAL_RANK), and pick the GPUs "
+                          "with CUDA_VISIBLE_DEVICES")
     if cfg.device == "auto" or (cfg.device == "cuda" and dist is not None and dist.enabled):
         if not torch.cuda.is_available():
             if cfg.device == "cuda":
