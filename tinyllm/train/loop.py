@@ -311,7 +311,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     cpu_threads.configure(runtime.threads, device)
     if device.type == "cuda":  # start CUDA here (if the stage has not), so the engine's time is its own
         torch.zeros(1, device=device)
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device if device.index is not None else None)  # as in _first_step
     startup["device_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
     checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
     start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
