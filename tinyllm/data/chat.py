@@ -74,9 +74,9 @@ def encode_conversations(tok: Tokenizer, conversations: list[list[dict]], system
     a newline. The byte-level pre-tokenizer splits at newlines and special tokens, so encoding the
     pieces apart and joining them equals encoding the whole rendered text (a test pins this). The
     headers and the newline are the same everywhere and are encoded once; the contents go to the
-    tokenizer's `encode_batch`, which runs in Rust on every core. One call per piece took 2.6 s for
+    tokenizer's `encode_batch`, which runs in Rust on every core. One call per piece took 2.8 s for
     the 28,082 SFT chats of the GPU preset world on 2 cores, in every stage that reads them, and
-    this 1.2 s (reports/gpu_speed.md, "Start-up on the host").
+    this 1.3 s (reports/gpu_speed.md, "Start-up on the host").
     """
     if system_prompt:
         system = {"role": "system", "content": system_prompt}
