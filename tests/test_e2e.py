@@ -168,7 +168,11 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
     assert all(re.fullmatch(r"\|( (\\\||[^|])* \|){4}", row) for row in facts_table.splitlines()[2:]), facts_table
     pretrain = json.loads((repo / "reports/metrics/pretrain.json").read_text())
     assert pretrain["val/loss"] == pretrain["val/best_loss"] <= pretrain["val/last_loss"] and pretrain["kept_step"] > 0
-    assert not EMPTY_WARNING.search((repo / "first_repro.log").read_text())
+    log = (repo / "first_repro.log").read_text()
+    assert not EMPTY_WARNING.search(log)
+    scored = re.search(r"scored artifacts/sft in [\d.]+ s \((.*)\)", log)  # where eval's time goes, by part
+    assert scored and {"load", "val perplexity", "qa", "arith", "benchmark world"} <= {
+        part.rsplit(" ", 1)[0] for part in scored[1].split(", ")}, scored
     card = (repo / "artifacts/hf/README.md").read_text()
     assert "## Evaluation" in card and "| qa_heldout |" in card  # the exported model's card carries its metrics
     tokens = json.loads((repo / "reports/metrics/tokens.json").read_text())

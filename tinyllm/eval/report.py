@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import math
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -34,6 +37,8 @@ from tinyllm.eval.chat_eval import (
 from tinyllm.eval.metrics import expert_balance, fact_accuracy, perplexity
 from tinyllm.train.checkpoint import is_checkpoint, load_model, read_config
 from tinyllm.train.runtime import resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 def read_curve(live_dir: Path, name: str) -> tuple[list[int], list[float]]:
@@ -117,40 +122,69 @@ def read_prompts(path: str) -> list[list[dict]]:
             for item in items]
 
 
+class Stopwatch:
+    """Seconds per part of a checkpoint's evaluation, for the log: eval is one of the pipeline's
+    longest stages, and on a GPU its parts cost differently than on the CPU."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - start
+
+    def __str__(self) -> str:
+        total = sum(self.seconds.values())
+        return f"{total:.1f} s (" + ", ".join(f"{name} {s:.1f}" for name, s in self.seconds.items()) + ")"
+
+
 def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_dir: Path) -> tuple[dict, dict]:
     """Every metric for one checkpoint: (flat metrics, rows of scored items for the report)."""
     cfg = params.eval
-    device = resolve_device(params.runtime)
-    dtype = resolve_dtype(params.runtime, device)
-    cpu_threads.configure(params.runtime.threads, device)
-    model = load_model(ckpt_dir, device)
-    tok = load_tokenizer(ckpt_dir)
-    config = read_config(ckpt_dir)
+    clock = Stopwatch()
+    with clock.part("load"):
+        device = resolve_device(params.runtime)
+        dtype = resolve_dtype(params.runtime, device)
+        cpu_threads.configure(params.runtime.threads, device)
+        model = load_model(ckpt_dir, device)
+        tok = load_tokenizer(ckpt_dir)
+        config = read_config(ckpt_dir)
     chat = config["stage"] != "pretrain"
     trained_len = config.get("train", {}).get("seq_len") or model.config.max_seq_len
-    val = perplexity(model, token_dir, trained_len, cfg.val_max_tokens, device, dtype)
+    with clock.part("val perplexity"):
+        val = perplexity(model, token_dir, trained_len, cfg.val_max_tokens, device, dtype)
     metrics, rows = {"val_loss": val["loss"], "val_ppl": val["ppl"]}, {}
-    losses = {kind: reply_loss(model, tok, [r["conversations"] for r in
-                                            _read_items(data_dir / "chat" / f"heldout_{kind}.jsonl")])
-              for kind in ("single", "multi")}
+    with clock.part("reply loss"):
+        losses = {kind: reply_loss(model, tok, [r["conversations"] for r in
+                                                _read_items(data_dir / "chat" / f"heldout_{kind}.jsonl")])
+                  for kind in ("single", "multi")}
     tokens = sum(n for _, n in losses.values())
     if tokens:
         metrics["heldout_loss"] = sum(loss * n for loss, n in losses.values()) / tokens
         metrics["heldout_ppl"] = math.exp(metrics["heldout_loss"])
         metrics.update({f"heldout_loss_{kind}": loss for kind, (loss, n) in losses.items() if n})
     if model.config.moe.enabled:
-        balance = expert_balance(model, token_dir, trained_len)
+        with clock.part("expert balance"):
+            balance = expert_balance(model, token_dir, trained_len)
         metrics["moe_max_load"] = max(balance["max_over_mean"].values())
         metrics["moe_balance"] = balance
     facts = _read_items(data_dir / "eval" / "eval_facts.jsonl")
     if facts:
-        detail, rows["facts"] = fact_accuracy(model, tok, facts, cfg.max_new_tokens, cfg.max_fact_prompts, params.seed)
+        with clock.part("facts"):
+            detail, rows["facts"] = fact_accuracy(model, tok, facts, cfg.max_new_tokens, cfg.max_fact_prompts,
+                                                  params.seed)
         metrics["facts"] = detail["overall"]
         metrics["facts_detail"] = detail
     for name, file in CHAT_SETS.items():
         items = _read_items(data_dir / "eval" / file)
         if items:
-            acc, rows[name] = answer_accuracy(model, tok, items, cfg.max_new_tokens, cfg.max_chat_prompts, params.seed)
+            with clock.part(name):
+                acc, rows[name] = answer_accuracy(model, tok, items, cfg.max_new_tokens, cfg.max_chat_prompts,
+                                                  params.seed)
             if name == "qa":
                 metrics.update({f"qa_{key.replace('/', '_')}": v for key, v in acc.items() if key != "overall"})
                 metrics["known_false_abstain"] = abstain_rate(rows[name])
@@ -160,24 +194,30 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
                 metrics[name] = acc["overall"]
     problems = _read_items(data_dir / "eval" / "eval_arith.jsonl")
     if chat and problems:
-        arith, rows["arith"] = verified_accuracy(model, tok, problems, cfg.max_new_tokens, params.seed)
+        with clock.part("arith"):
+            arith, rows["arith"] = verified_accuracy(model, tok, problems, cfg.max_new_tokens, params.seed)
         metrics.update(arith)
     pairs = _read_items(data_dir / "eval" / "eval_dpo.jsonl")
     if pairs:
-        pref, rows["pair_logps"] = preference_accuracy(model, tok, pairs)
+        with clock.part("preference"):
+            pref, rows["pair_logps"] = preference_accuracy(model, tok, pairs)
         metrics["preference"] = pref["overall"]
         metrics.update({f"preference_{kind}": v for kind, v in pref.items() if kind != "overall"})
-        style, rows["style"] = chosen_style_rate(model, tok, pairs, cfg.max_new_tokens, cfg.max_chat_prompts,
-                                                 params.seed)
+        with clock.part("style"):
+            style, rows["style"] = chosen_style_rate(model, tok, pairs, cfg.max_new_tokens, cfg.max_chat_prompts,
+                                                     params.seed)
         metrics.update({"chosen_style": style["chosen"], "rejected_style": style["rejected"]})
     for name, path in benchmark_paths(params, data_dir).items():
-        result = run_benchmark(model, tok, path, chat, cfg.shots, cfg.max_bench_items, params.seed)
+        with clock.part(f"benchmark {name}"):
+            result = run_benchmark(model, tok, path, chat, cfg.shots, cfg.max_bench_items, params.seed)
         metrics[f"bench_{name}"] = result["accuracy"]
         metrics.setdefault("bench_detail", {})[name] = result
     prompts = read_prompts(cfg.prompts)
     if chat and prompts:
-        rows["prompts"] = chat_replies(model, tok, prompts, cfg.max_new_tokens)
+        with clock.part("prompts"):
+            rows["prompts"] = chat_replies(model, tok, prompts, cfg.max_new_tokens)
         rows["prompt_messages"] = prompts
+    log.info("scored %s in %s", ckpt_dir, clock)
     return metrics, rows
 
 
