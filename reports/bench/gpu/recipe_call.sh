@@ -1,0 +1,20 @@
+#!/bin/bash
+# One device call: the README's GPU recipe as a new user runs it, `dvc exp run $(tinyllm preset gpu)`
+# on a fresh machine (every stage from prepare, cold compile cache), for issue 22's "recipe <= 180 s"
+# and each stage's start-up split (setup / device / resume / engine / first step), and eval's time
+# by part. The log goes to $OUT/recipe.log as the run goes; metrics are copied at the end.
+# Carry .whl (../shared/tools/gpu-wheelhouse .whl gguf).
+#   bash reports/bench/gpu/recipe_call.sh
+set -o pipefail
+cd "$(dirname "$0")/../../.."
+out=${OUT:-/tmp}
+(python3 -m pip install -q --no-index --find-links .whl dvc==3.67.1 dvclive==3.49.1 peft==0.21.2 deepspeed==0.19.8 \
+    gguf fastapi uvicorn openai && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .) \
+    > "$out/install.log" 2>&1 || echo "install failed: see install.log" | tee -a "$out/recipe.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/recipe.log"
+start=$(date +%s)
+TORCH_LOGS=recompiles timeout "${LIMIT:-540}" dvc exp run $(tinyllm preset gpu) 2>&1 \
+    | while IFS= read -r line; do echo "$(( $(date +%s) - start )) $line"; done | tee -a "$out/recipe.log" | grep -v "step [0-9]"
+echo "wall $(( $(date +%s) - start )) s (exit ${PIPESTATUS[0]})" | tee -a "$out/recipe.log"
+mkdir -p "$out/metrics" && cp reports/metrics/*.json reports/eval/metrics.json reports/eval/report.md "$out/metrics/" 2>/dev/null
+grep -h "first step done\|scored artifacts" "$out/recipe.log"
