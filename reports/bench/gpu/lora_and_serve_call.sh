@@ -1,8 +1,9 @@
 #!/bin/bash
 # One H200 device call of about 8 minutes, ready for the next session that is lent one:
-# 1. issue 22: LoRA's training step with and without CUDA graphs (reports/gpu_speed.md, "LoRA's
-#    step waits on the host": the step is bound by 451 matmul launches; does replaying it as a CUDA
-#    graph bring it to >= 60% of full fine-tuning's positions/s?);
+# 1. issue 22: LoRA's training step with and without CUDA graphs, and at 64 rows a step (reports/
+#    gpu_speed.md, "LoRA's step waits on the host": the step is bound by 451 matmul launches; does
+#    replaying it as a CUDA graph, or doubling the GPU work per launch, bring it to >= 60% of full
+#    fine-tuning's positions/s at 32 rows?);
 # 2. issue 20: `tinyllm bench serve` at 768x8, which now checks seeded replies as well as greedy
 #    ones alone vs among 32 (reports/serving.md, 2026-12-05, third session).
 # Carry .whl (../shared/tools/gpu-wheelhouse .whl gguf) and artifacts/grpo. Logs go to $OUT as
@@ -14,10 +15,11 @@ out=${OUT:-/tmp}
 (python3 -m pip install -q --no-index --find-links .whl dvc==3.67.1 dvclive==3.49.1 peft==0.21.2 deepspeed==0.19.8 \
     gguf fastapi uvicorn openai && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .) \
     > "$out/install.log" 2>&1 || echo "install failed: see install.log" | tee -a "$out/log.txt"
-for graphs in "" --cuda-graphs; do
-    echo "## lora_step ${graphs:-(no CUDA graphs)}" | tee -a "$out/log.txt"
-    timeout 170 python reports/bench/gpu/lora_step.py --model 768x8 --device cuda --seq-len 512 --batch-size 32 \
-        $graphs 2>&1 | grep -v -i warn | tee -a "$out/log.txt" || echo "(exit $?: 124 is the time limit)" | tee -a "$out/log.txt"
+lora="full,lora + new tokens"
+for args in "--batch-size 32" "--batch-size 32 --cuda-graphs" "--batch-size 64"; do
+    echo "## lora_step $args" | tee -a "$out/log.txt"
+    timeout 150 python reports/bench/gpu/lora_step.py --model 768x8 --device cuda --seq-len 512 --kinds "$lora" \
+        $args 2>&1 | grep -v -i warn | tee -a "$out/log.txt" || echo "(exit $?: 124 is the time limit)" | tee -a "$out/log.txt"
 done
 echo "## bench serve" | tee -a "$out/log.txt"
 timeout 200 tinyllm bench serve artifacts/grpo --model 768x8 --device cuda --clients 1,8,32 --slots 32 --requests 4 \
