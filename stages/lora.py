@@ -18,10 +18,9 @@ def main(params):
         if not params.lora.enabled:
             write_skipped("lora", OUT, "lora.enabled is false in params.yaml", run)
             return
-        chat = Path("artifacts/data/chat")
-        summary = run_lora(params, Path("artifacts/sft"), chat / "identity.jsonl",
-                           [chat / "sft_single.jsonl", chat / "sft_multi.jsonl"], Path("artifacts/tokens"), OUT,
-                           run)
+        chats = Path("artifacts/chat_tokens")
+        summary = run_lora(params, Path("artifacts/sft"), chats / "identity",
+                           [chats / "sft_single", chats / "sft_multi"], Path("artifacts/tokens"), OUT, run)
         if run.dist.is_main:
             write_json(Path("reports/metrics/lora.json"), {"enabled": True, **summary})
 

@@ -12,11 +12,11 @@ from tinyllm.train.sft import run_sft
 
 @stage_main
 def main(params):
-    chat = Path("artifacts/data/chat")
+    chats = Path("artifacts/chat_tokens")
     with training_run("sft", params) as run:
-        summary = run_sft(params, Path("artifacts/pretrain"), [chat / "sft_single.jsonl", chat / "sft_multi.jsonl"],
+        summary = run_sft(params, Path("artifacts/pretrain"), [chats / "sft_single", chats / "sft_multi"],
                           Path("artifacts/tokens"), Path("artifacts/sft"), run,
-                          val_files=[chat / "heldout_single.jsonl", chat / "heldout_multi.jsonl"])
+                          val_chats=[chats / "heldout_single", chats / "heldout_multi"])
         if run.dist.is_main:
             write_json(Path("reports/metrics/sft.json"), summary)
 

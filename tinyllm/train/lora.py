@@ -33,7 +33,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
 from tinyllm.config import LoRAConfig, Params, to_dict
-from tinyllm.data.chat import ChatBatches, encode_conversations, mixed_batches, read_conversations
+from tinyllm.data.chat import ChatBatches, mixed_batches
+from tinyllm.data.chat_tokens import content_files, load_chats
 from tinyllm.data.tokens import PackedBatches, TokenStream
 from tinyllm.errors import ConfigError, DataError
 from tinyllm.model.transformer import Transformer
@@ -106,39 +107,38 @@ def load_with_adapter(base_dir: Path, adapter_dir: Path, device: str | torch.dev
     return PeftModel.from_pretrained(load_model(base_dir), str(adapter_dir)).to(device).eval()
 
 
-def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: list[Path], token_dir: Path,
+def run_lora(params: Params, init_dir: Path, identity: Path, replay: list[Path], token_dir: Path,
              out_dir: Path, run: TrainingRun | None = None) -> dict:
     """Train adapters on the identity chats; save the adapter and the merged model.
 
     A `lora.replay_fraction` share of each batch replays SFT's own mix: the chats in
-    `replay_files` and, in the `sft.pretrain_mix` proportion, pretraining text from `token_dir`.
+    `replay` and, in the `sft.pretrain_mix` proportion, pretraining text from `token_dir`.
     """
     cfg = params.lora
     run = run or TrainingRun()
     dist = run.dist
     check_divisible("lora", cfg.batch_size, dist)
     base, tok, seq_len, pad_id = load_for_finetuning(init_dir, params.seed, cfg.seq_len)
-    identity = read_conversations([identity_file])
-    if not identity:
-        raise DataError(f"{identity_file}: no conversations to teach (with data.source: files, list them in "
+    taught = load_chats([identity], tok, params.sft.system_prompt)
+    if not taught:
+        raise DataError(f"{identity}: no conversations to teach (with data.source: files, list them in "
                         "data.identity, or set lora.enabled: false)")
     replay_rows = round(cfg.batch_size * cfg.replay_fraction)
     text_rows = round(replay_rows * params.sft.pretrain_mix)
     chat_rows = replay_rows - text_rows
-    taught = encode_conversations(tok, identity, params.sft.system_prompt)
     sources = [ChatBatches(taught, cfg.batch_size - replay_rows, seq_len, params.seed, pad_id)]
-    replay = (encode_conversations(tok, read_conversations(replay_files), params.sft.system_prompt)
-              if chat_rows or cfg.train_new_tokens else [])
+    replayed = load_chats(replay, tok, params.sft.system_prompt) if chat_rows or cfg.train_new_tokens else []
     if chat_rows:
-        if not replay:
-            raise DataError(f"{', '.join(map(str, replay_files))}: no conversations to replay "
+        if not replayed:
+            raise DataError(f"{', '.join(map(str, replay))}: no conversations to replay "
                             "(set lora.replay_fraction: 0 to train on identity alone)")
-        sources.append(ChatBatches(replay, chat_rows, seq_len, params.seed + 1, pad_id))
+        sources.append(ChatBatches(replayed, chat_rows, seq_len, params.seed + 1, pad_id))
     if text_rows:
         sources.append(PackedBatches(TokenStream(token_dir, "train"), text_rows, seq_len, params.seed + 2))
     token_rows = []
     if cfg.train_new_tokens:
-        token_rows = new_tokens([ids for ids, _ in taught], [ids for ids, _ in replay], token_dir, tok.get_vocab_size())
+        token_rows = new_tokens([ids for ids, _ in taught], [ids for ids, _ in replayed], token_dir,
+                                tok.get_vocab_size())
         log.info("lora: %d tokens of the identity set are new to the model, trained as embedding rows: %s",
                  len(token_rows), " ".join(tok.id_to_token(i) for i in token_rows[:40]))
     base_params = base.num_params()
@@ -147,7 +147,7 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
                  run=run, flops_per_token=base.flops_per_token(seq_len),
-                 inputs=[identity_file, *replay_files, token_dir / "index.json"])
+                 inputs=[*content_files([identity, *replay]), token_dir / "index.json"])
     if not dist.is_main:
         return result.final
     model.cpu()
@@ -157,7 +157,7 @@ def run_lora(params: Params, init_dir: Path, identity_file: Path, replay_files: 
     _sort_target_modules(adapter_tmp / "adapter_config.json")
     summary = {
         **result.final,
-        "identity_conversations": len(identity),
+        "identity_conversations": len(taught),
         "new_tokens": len(token_rows),
         "trainable_params": trainable,
         "trainable_fraction": trainable / base_params,
