@@ -71,28 +71,44 @@ def test_a_set_is_refused_with_another_system_prompt_or_tokenizer(tokenizer, tmp
     with pytest.raises(DataError, match="chats: encoded with another tokenizer"):
         read_chat_set(tmp_path / "chats", other, None)
     with pytest.raises(FileNotFoundError, match=r"missing: no encoded chats here \(run `dvc repro encode_chats`\)"):
-        read_chat_set(tmp_path / "missing", tokenizer, None)
+        load_chats([tmp_path / "missing"], tokenizer, None)
+    assert len(read_chat_set(tmp_path / "chats", tokenizer, "")) == 3  # no system prompt either way
+
+
+def test_a_set_whose_arrays_do_not_match_its_meta_is_refused(tokenizer, tmp_path):
+    write_chat_set(tmp_path / "chats", encode_conversations(tokenizer, CONVERSATIONS), tokenizer, None)
+    np.save(tmp_path / "chats/ids.npy", np.load(tmp_path / "chats/ids.npy")[:-1])
+    with pytest.raises(DataError, match="chats: its arrays do not match its meta.json"):
+        read_chat_set(tmp_path / "chats", tokenizer, None)
 
 
 def test_rewriting_a_set_replaces_it_whole_and_its_digest_follows_the_content(tokenizer, tmp_path):
     first = write_chat_set(tmp_path / "chats", encode_conversations(tokenizer, CONVERSATIONS), tokenizer, None)
     second = write_chat_set(tmp_path / "chats", encode_conversations(tokenizer, CONVERSATIONS[:1]), tokenizer, None)
     assert len(read_chat_set(tmp_path / "chats", tokenizer, None)) == 1
-    assert first["sha256"] != second["sha256"] and not (tmp_path / "chats.tmp").exists()
+    assert first["sha256"] != second["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chats"]  # no temporary or old set left
     assert content_files([tmp_path / "chats", tmp_path / "a.jsonl"]) == [tmp_path / "chats/meta.json",
                                                                          tmp_path / "a.jsonl"]
+
+
+def run_stage(cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.encode_chats"], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
 def test_the_stage_encodes_every_chat_file_with_the_system_prompt(tokenizer, tmp_path):
     chat = tmp_path / "artifacts/data/chat"
     chat.mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text("sft:\n  system_prompt: 你是助手。\n", encoding="utf-8")
+    proc = run_stage(tmp_path)
+    assert proc.returncode == 2
+    assert "artifacts/data/chat: no chat files to encode (run `dvc repro prepare`)" in proc.stderr
     write_jsonl(chat / "sft_single.jsonl", CONVERSATIONS[:1])
     write_jsonl(chat / "identity.jsonl", CONVERSATIONS[1:])
     (tmp_path / "artifacts/tokenizer").mkdir()
     tokenizer.save(str(tmp_path / "artifacts/tokenizer/tokenizer.json"))
-    (tmp_path / "params.yaml").write_text("sft:\n  system_prompt: 你是助手。\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "stages.encode_chats"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc = run_stage(tmp_path)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "reports/metrics/chat_tokens.json").read_text())
     assert {name: m["conversations"] for name, m in metrics.items()} == {"identity": 2, "sft_single": 1}

@@ -170,7 +170,7 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
     assert pretrain["val/loss"] == pretrain["val/best_loss"] <= pretrain["val/last_loss"] and pretrain["kept_step"] > 0
     log = (repo / "first_repro.log").read_text()
     assert not EMPTY_WARNING.search(log)
-    scored = re.search(r"scored artifacts/sft in [\d.]+ s \((.*)\)", log)  # where eval's time goes, by part
+    scored = re.search(r"scored artifacts/sft in [\d.]+ s in its parts \((.*)\)", log)  # eval's time by part
     assert scored and {"load", "val perplexity", "qa", "arith", "benchmark world"} <= {
         part.rsplit(" ", 1)[0] for part in scored[1].split(", ")}, scored
     card = (repo / "artifacts/hf/README.md").read_text()

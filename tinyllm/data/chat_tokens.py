@@ -2,7 +2,7 @@
 lora memory-map them.
 
 Encoding was the longest part of a chat stage's start-up on a real SFT set: 200,000 conversations of
-MiniMind's lengths (37M tokens, 135 MB of JSON) took 29 s on 2 cores, and sft, lora's replay and
+MiniMind's lengths (37M tokens, 129 MB of JSON) took 30-33 s on 2 cores, and sft, lora's replay and
 every process under torchrun did it again (reports/gpu_speed.md, "Start-up on the host"). A set is
 a folder:
 
@@ -40,8 +40,8 @@ def tokenizer_digest(tok: Tokenizer) -> str:
 
 def write_chat_set(out: Path, examples: list[tuple[np.ndarray, np.ndarray]], tok: Tokenizer,
                    system_prompt: str | None) -> dict:
-    """Save encoded conversations as a set folder (replacing `out` whole, via a temporary sibling);
-    returns its meta."""
+    """Save encoded conversations as a set folder; returns its meta. An existing set is renamed
+    away, not rewritten in place: a process that has its files mapped keeps reading the old ones."""
     lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
     arrays = {
         "ids": np.concatenate([ids for ids, _ in examples] or [np.zeros(0)]).astype(np.int32),
@@ -52,15 +52,19 @@ def write_chat_set(out: Path, examples: list[tuple[np.ndarray, np.ndarray]], tok
     for name in ARRAYS:
         digest.update(arrays[name].tobytes())
     meta = {"conversations": len(examples), "tokens": int(lengths.sum()), "labelled": int(arrays["mask"].sum()),
-            "sha256": digest.hexdigest(), "tokenizer": tokenizer_digest(tok), "system_prompt": system_prompt}
+            "sha256": digest.hexdigest(), "tokenizer": tokenizer_digest(tok), "system_prompt": system_prompt or None}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in ARRAYS:
         np.save(tmp / f"{name}.npy", arrays[name])
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.replace(old)
     tmp.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
     return meta
 
 
@@ -73,12 +77,14 @@ def read_chat_set(folder: Path, tok: Tokenizer, system_prompt: str | None) -> li
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     if meta["tokenizer"] != tokenizer_digest(tok):
         raise DataError(f"{folder}: encoded with another tokenizer than the model's (run `dvc repro encode_chats`)")
-    if meta["system_prompt"] != system_prompt:
+    if meta["system_prompt"] != (system_prompt or None):  # encode_conversations adds no empty system prompt
         raise DataError(f"{folder}: encoded with system prompt {meta['system_prompt']!r}, not sft.system_prompt="
                         f"{system_prompt!r} (run `dvc repro encode_chats`)")
     # plain ndarray views of the maps: a memmap slice costs more to make, and 1M of them add up
     ids, mask = (np.asarray(np.load(folder / f"{name}.npy", mmap_mode="r")) for name in ("ids", "mask"))
     offsets = np.load(folder / "offsets.npy").tolist()
+    if not (len(ids) == len(mask) == offsets[-1] == meta["tokens"]) or len(offsets) != meta["conversations"] + 1:
+        raise DataError(f"{folder}: its arrays do not match its meta.json (run `dvc repro encode_chats`)")
     return [(ids[start:end], mask[start:end]) for start, end in itertools.pairwise(offsets)]
 
 
@@ -87,15 +93,15 @@ def load_chats(sources: list[Path], tok: Tokenizer, system_prompt: str | None) -
     .jsonl file of {"conversations": [...]} records, encoded here."""
     examples = []
     for source in sources:
-        examples += (read_chat_set(source, tok, system_prompt) if source.is_dir()
-                     else encode_conversations(tok, read_conversations([source]), system_prompt))
+        examples += (encode_conversations(tok, read_conversations([source]), system_prompt)
+                     if source.suffix == ".jsonl" else read_chat_set(source, tok, system_prompt))
     return examples
 
 
 def content_files(sources: list[Path]) -> list[Path]:
     """The files that stand for each source's content (a set's meta.json holds its arrays' digest),
     for a resume fingerprint."""
-    return [source / META if source.is_dir() else source for source in sources]
+    return [source if source.suffix == ".jsonl" else source / META for source in sources]
 
 
 def encode_chat_files(files: list[Path], tok: Tokenizer, system_prompt: str | None, out_dir: Path) -> dict:

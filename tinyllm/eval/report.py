@@ -138,8 +138,8 @@ class Stopwatch:
             self.seconds[name] = time.perf_counter() - start
 
     def __str__(self) -> str:
-        total = sum(self.seconds.values())
-        return f"{total:.1f} s (" + ", ".join(f"{name} {s:.1f}" for name, s in self.seconds.items()) + ")"
+        parts = ", ".join(f"{name} {s:.1f}" for name, s in self.seconds.items())
+        return f"{sum(self.seconds.values()):.1f} s in its parts ({parts})"
 
 
 def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_dir: Path) -> tuple[dict, dict]:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One H200 device call of about 8 minutes, ready for the next session that is lent one:
+# One H200 device call of at most 9.5 minutes (each part has its time limit), ready for the next session that is lent one:
 # 1. issue 22: LoRA's training step with and without CUDA graphs, and at 64 rows a step (reports/
 #    gpu_speed.md, "LoRA's step waits on the host": the step is bound by 451 matmul launches; does
 #    replaying it as a CUDA graph, or doubling the GPU work per launch, bring it to >= 60% of full
@@ -18,7 +18,7 @@ out=${OUT:-/tmp}
 lora="full,lora + new tokens"
 for args in "--batch-size 32" "--batch-size 32 --cuda-graphs" "--batch-size 64"; do
     echo "## lora_step $args" | tee -a "$out/log.txt"
-    timeout 150 python reports/bench/gpu/lora_step.py --model 768x8 --device cuda --seq-len 512 --kinds "$lora" \
+    timeout 110 python reports/bench/gpu/lora_step.py --model 768x8 --device cuda --seq-len 512 --kinds "$lora" \
         $args 2>&1 | grep -v -i warn | tee -a "$out/log.txt" || echo "(exit $?: 124 is the time limit)" | tee -a "$out/log.txt"
 done
 echo "## bench serve" | tee -a "$out/log.txt"

@@ -12,8 +12,9 @@ out=${OUT:-/tmp}
     gguf fastapi uvicorn openai && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .) \
     > "$out/install.log" 2>&1 || echo "install failed: see install.log" | tee -a "$out/recipe.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/recipe.log"
+preset=$(tinyllm preset gpu) || { echo "no preset: see install.log" | tee -a "$out/recipe.log"; exit 1; }
 start=$(date +%s)
-TORCH_LOGS=recompiles timeout "${LIMIT:-540}" dvc exp run $(tinyllm preset gpu) 2>&1 \
+TORCH_LOGS=recompiles timeout "${LIMIT:-540}" dvc exp run $preset 2>&1 \
     | while IFS= read -r line; do echo "$(( $(date +%s) - start )) $line"; done | tee -a "$out/recipe.log" | grep -v "step [0-9]"
 echo "wall $(( $(date +%s) - start )) s (exit ${PIPESTATUS[0]})" | tee -a "$out/recipe.log"
 mkdir -p "$out/metrics" && cp reports/metrics/*.json reports/eval/metrics.json reports/eval/report.md "$out/metrics/" 2>/dev/null
