@@ -12,9 +12,7 @@
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
-(python3 -m pip install -q --no-index --find-links .whl dvc==3.67.1 dvclive==3.49.1 peft==0.21.2 deepspeed==0.19.8 \
-    gguf fastapi uvicorn openai && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .) \
-    > "$out/install.log" 2>&1 || echo "install failed: see install.log" | tee -a "$out/log.txt"
+bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt"
 lora="full,lora + new tokens"
 for args in "--batch-size 32" "--batch-size 32 --cuda-graphs" "--batch-size 64"; do
     echo "## lora_step $args" | tee -a "$out/log.txt"

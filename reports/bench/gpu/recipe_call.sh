@@ -8,14 +8,13 @@
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
-(python3 -m pip install -q --no-index --find-links .whl dvc==3.67.1 dvclive==3.49.1 peft==0.21.2 deepspeed==0.19.8 \
-    gguf fastapi uvicorn openai && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .) \
-    > "$out/install.log" 2>&1 || echo "install failed: see install.log" | tee -a "$out/recipe.log"
+bash reports/bench/gpu/install.sh "$out" | tee -a "$out/recipe.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/recipe.log"
 preset=$(tinyllm preset gpu) || { echo "no preset: see install.log" | tee -a "$out/recipe.log"; exit 1; }
 start=$(date +%s)
 TORCH_LOGS=recompiles timeout "${LIMIT:-540}" dvc exp run $preset 2>&1 \
     | while IFS= read -r line; do echo "$(( $(date +%s) - start )) $line"; done | tee -a "$out/recipe.log" | grep -v "step [0-9]"
-echo "wall $(( $(date +%s) - start )) s (exit ${PIPESTATUS[0]})" | tee -a "$out/recipe.log"
+rc=${PIPESTATUS[0]}
+echo "wall $(( $(date +%s) - start )) s (dvc exp run's exit status $rc; 124 is the time limit)" | tee -a "$out/recipe.log"
 mkdir -p "$out/metrics" && cp reports/metrics/*.json reports/eval/metrics.json reports/eval/report.md "$out/metrics/" 2>/dev/null
 grep -h "first step done\|scored artifacts" "$out/recipe.log"
