@@ -42,16 +42,16 @@ def write_chat_set(out: Path, examples: list[tuple[np.ndarray, np.ndarray]], tok
                    system_prompt: str | None) -> dict:
     """Save encoded conversations as a set folder; returns its meta. An existing set is renamed
     away, not rewritten in place: a process that has its files mapped keeps reading the old ones."""
-    lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
-    arrays = {
-        "ids": np.concatenate([ids for ids, _ in examples] or [np.zeros(0)]).astype(np.int32),
-        "mask": np.concatenate([mask for _, mask in examples] or [np.zeros(0)]).astype(bool),
-        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-    }
+    offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+    np.cumsum([len(ids) for ids, _ in examples], out=offsets[1:])
+    arrays = {"ids": np.empty(offsets[-1], dtype=np.int32), "mask": np.empty(offsets[-1], dtype=bool),
+              "offsets": offsets}
+    for (ids, mask), start, end in zip(examples, offsets[:-1], offsets[1:]):  # no int64 copy of the whole set
+        arrays["ids"][start:end], arrays["mask"][start:end] = ids, mask
     digest = hashlib.sha256()
     for name in ARRAYS:
         digest.update(arrays[name].tobytes())
-    meta = {"conversations": len(examples), "tokens": int(lengths.sum()), "labelled": int(arrays["mask"].sum()),
+    meta = {"conversations": len(examples), "tokens": int(offsets[-1]), "labelled": int(arrays["mask"].sum()),
             "sha256": digest.hexdigest(), "tokenizer": tokenizer_digest(tok), "system_prompt": system_prompt or None}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
