@@ -106,8 +106,5 @@ def content_files(sources: list[Path]) -> list[Path]:
 
 def encode_chat_files(files: list[Path], tok: Tokenizer, system_prompt: str | None, out_dir: Path) -> dict:
     """Each .jsonl file of conversations as a set folder of the same name under `out_dir`; the sets' metas."""
-    metas = {}
-    for file in files:
-        examples = encode_conversations(tok, read_conversations([file]), system_prompt)
-        metas[file.stem] = write_chat_set(out_dir / file.stem, examples, tok, system_prompt)
-    return metas
+    return {file.stem: write_chat_set(out_dir / file.stem, load_chats([file], tok, system_prompt), tok, system_prompt)
+            for file in files}
