@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from tokenizers import Tokenizer
 
 from tinyllm.data.chat import encode_conversations, read_conversations
 from tinyllm.errors import DataError
+from tinyllm.folders import move_into_place, scratch_folder
 
 ARRAYS = ("ids", "mask", "offsets")
 META = "meta.json"
@@ -53,18 +53,11 @@ def write_chat_set(out: Path, examples: list[tuple[np.ndarray, np.ndarray]], tok
         digest.update(arrays[name].tobytes())
     meta = {"conversations": len(examples), "tokens": int(offsets[-1]), "labelled": int(arrays["mask"].sum()),
             "sha256": digest.hexdigest(), "tokenizer": tokenizer_digest(tok), "system_prompt": system_prompt or None}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = scratch_folder(out)
     for name in ARRAYS:
         np.save(tmp / f"{name}.npy", arrays[name])
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.replace(old)
-    tmp.replace(out)
-    shutil.rmtree(old, ignore_errors=True)
+    move_into_place(tmp, out)
     return meta
 
 

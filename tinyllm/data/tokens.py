@@ -29,6 +29,7 @@ from tinyllm.config import TokenizeConfig
 from tinyllm.data.jsonl import read_jsonl, validate_pretrain
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
 from tinyllm.errors import DataError
+from tinyllm.folders import move_into_place, scratch_folder
 
 SPLITS = ("train", "val")
 
@@ -88,9 +89,7 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
     eot = special_id(tok, ENDOFTEXT)
     vocab_size = tok.get_vocab_size()
     dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = scratch_folder(out_dir)
     writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in SPLITS}
     rng = random.Random(seed)
     texts = (rec["text"] for rec in read_jsonl(corpus, validate_pretrain))
@@ -120,9 +119,7 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
                 f"{corpus}: the {split} split got no documents; add documents or change tokenize.val_fraction"
             )
     (tmp / "index.json").write_text(json.dumps(index, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    move_into_place(tmp, out_dir)
     return index
 
 

@@ -36,7 +36,8 @@ def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         replies += [tok.decode(ids) for ids in generate_batch(model, chunk, max_new_tokens, stop_ids=stop, pad_id=pad,
-                                                              temperature=temperature, seed=seed)]
+                                                              temperature=temperature, seed=seed,
+                                                              pad_to_rows=batch_size)]
     return replies
 
 

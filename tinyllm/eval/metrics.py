@@ -70,7 +70,7 @@ def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int,
     prompts = [[eot] + tok.encode(item["prompt"], add_special_tokens=False).ids for item in items]
     outputs = [tok.decode(ids) for start in range(0, len(prompts), batch_size)
                for ids in generate_batch(model, prompts[start:start + batch_size], max_new_tokens,
-                                         stop_ids={eot}, pad_id=eot)]
+                                         stop_ids={eot}, pad_id=eot, pad_to_rows=batch_size)]
     for item, output in zip(items, outputs):
         correct = output.startswith(item["answer"])
         rows.append({**item, "output": output, "correct": correct})

@@ -39,9 +39,7 @@ def decoding(model: Transformer, batch_size: int, max_len: int, static: bool | N
     checks one out and gives it back, so two at once (two web tabs) never share buffers.
     """
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    if static is None:
-        static = device.type == "cuda" and not model.config.moe.enabled
-    if not static:
+    if not decodes_static(model, static):
         cache = KVCache(model.config, batch_size, max_len, device, dtype)
         yield cache, lambda inputs, key_valid: model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
         return
@@ -52,6 +50,13 @@ def decoding(model: Transformer, batch_size: int, max_len: int, static: bool | N
         yield cache, run
     finally:
         pool.append((cache, run))
+
+
+def decodes_static(model: Transformer, static: bool | None) -> bool:
+    """Whether `decoding` uses a StaticKVCache: `static`, or when None, for a dense model on a GPU."""
+    if static is None:
+        return next(model.parameters()).device.type == "cuda" and not model.config.moe.enabled
+    return static
 
 
 def _static_decoder(model: Transformer, batch_size: int, device, dtype):
@@ -200,13 +205,21 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                    stop_ids: set[int] = frozenset(), pad_id: int = 0, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                    repetition_penalty: float = 1.0, static: bool | None = None,
-                   utf8: Utf8Guard | None = None) -> list[list[int]]:
+                   utf8: Utf8Guard | None = None, pad_to_rows: int | None = None) -> list[list[int]]:
     """New tokens for several prompts at once (each list ends before its first stop id).
 
     Every row runs until all rows have stopped or the budget (set by the longest prompt) is spent.
+
+    pad_to_rows: on the static path (a GPU), decode fewer prompts in a batch of this many rows,
+    the extra rows copies of the last prompt whose tokens are dropped. Each new batch size compiles
+    and captures its own decode step (seconds on a GPU); an eval's last, smaller chunk of each set
+    then replays the full chunks' graph instead.
     """
     if not prompts or not all(prompts):
         raise ValueError("empty prompt")
+    n_prompts = len(prompts)
+    if pad_to_rows and n_prompts < pad_to_rows and decodes_static(model, static):
+        prompts = prompts + [prompts[-1]] * (pad_to_rows - n_prompts)
     cpu_threads.follow()  # an eval generates batch after batch: keep sharing the CPU fairly
     width = max(len(p) for p in prompts)
     budget = _budget(model, width, max_new_tokens)
@@ -217,7 +230,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     B = len(prompts)
     inputs = torch.full((B, width), pad_id, dtype=torch.long, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = torch.arange(B, device=device) >= n_prompts  # padding rows count as stopped from the start
     out = []
     try:
         with decoding(model, B, width + budget, static) as (cache, step):
@@ -242,5 +255,5 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                 inputs = tokens[:, None]
     finally:
         model.train(was_training)
-    table = torch.stack(out, 1).tolist()
+    table = torch.stack(out, 1)[:n_prompts].tolist()
     return [row[:row.index(-1)] if -1 in row else row for row in table]

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from tinyllm.config import ModelConfig, to_dict
 from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
+from tinyllm.folders import move_into_place, scratch_folder
 from tinyllm.model.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -45,9 +46,7 @@ def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
     `dvc repro` has nothing to rerun after it.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = scratch_folder(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # the same tensor as embed_tokens; safetensors refuses shared storage
@@ -62,14 +61,7 @@ def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
             shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
     for name, folder in (subdirs or {}).items():
         shutil.move(str(folder), str(tmp / name))
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
+    move_into_place(tmp, out_dir)
 
 
 def is_checkpoint(path: Path) -> bool:
