@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tinyllm.bench import bench_train
 from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig, SFTConfig, parse_params
 from tinyllm.data.chat import ChatBatches, encode_conversation
 from tinyllm.data.labels import IGNORE_INDEX
@@ -17,7 +18,7 @@ from tinyllm.model.transformer import Transformer
 from tinyllm.train.dpo import pair_logprobs
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import DPOLoss, NextTokenLoss
-from tinyllm.train.runtime import compiles
+from tinyllm.train.runtime import compile_options, compiled_graphs, compiles
 
 CPU = RuntimeConfig(device="cpu")
 
@@ -27,8 +28,24 @@ def test_compile_auto_means_on_a_gpu_only():
     assert compiles(RuntimeConfig(compile="auto"), torch.device("cpu")) is False
     assert compiles(RuntimeConfig(compile=True), torch.device("cpu")) is True
     assert parse_params({"runtime": {"compile": "auto"}}).runtime.compile == "auto"
-    with pytest.raises(ConfigError, match="runtime.compile='yes' must be auto, true or false"):
+    with pytest.raises(ConfigError, match="runtime.compile='yes' must be auto, true, false or max-autotune"):
         parse_params({"runtime": {"compile": "yes"}})
+    with pytest.raises(ConfigError, match="runtime.compile='reduce-overhead' must be"):  # CUDA graphs: not in training
+        parse_params({"runtime": {"compile": "reduce-overhead"}})
+    mode = RuntimeConfig(compile="max-autotune-no-cudagraphs")
+    assert compiles(mode, torch.device("cpu")) and compile_options(mode) == {"mode": "max-autotune-no-cudagraphs"}
+    assert compile_options(RuntimeConfig(compile=True)) == {}
+
+
+def test_a_compile_mode_compiles_and_trains_as_the_eager_model_does():
+    """`runtime.compile: max-autotune-no-cudagraphs`: a compiled graph, and the eager run's losses."""
+    settings = dict(seq_len=32, batch_size=2, vocab_size=300, steps=10, warmup=10, device="cpu", dtype="float32")
+    eager = bench_train("tiny", compile=False, **settings)
+    graphs = compiled_graphs()
+    tuned = bench_train("tiny", compile="max-autotune-no-cudagraphs", **settings)
+    assert compiled_graphs() > graphs and tuned["compile"] == "max-autotune-no-cudagraphs"
+    assert [loss for _, loss in tuned["loss_curve"]] == pytest.approx([loss for _, loss in eager["loss_curve"]],
+                                                                      abs=1e-3)
 
 
 def _chat(tokenizer, n=40):

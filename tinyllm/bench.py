@@ -149,10 +149,12 @@ def start_profiler(out_dir: Path, name: str, rank: int, skip: int, active: int =
 
 
 def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, steps: int, warmup: int,
-                compile: bool, device: str, dtype: str, tokens: Path | None = None, strategy: str = "ddp",
+                compile: bool | str, device: str, dtype: str, tokens: Path | None = None, strategy: str = "ddp",
                 dist: Dist | None = None, profile_dir: Path | None = None, log_interval: int = 10,
                 threads: int | str = "auto") -> dict:
     """One timed training run; returns a table row (and the loss curve, kept out of the table).
+
+    compile: `runtime.compile` (true, false or a mode of config.COMPILE_MODES).
 
     tokens: the pipeline's token folder (artifacts/tokens) to train on instead of random tokens;
     the vocabulary then comes from its index.
@@ -193,7 +195,8 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         batches = watch_memory(batches, dev, warmup, peaks)
     with contextlib.ExitStack() as stack:
         if profile_dir is not None:
-            name = f"{preset}_{strategy}_{dist.world_size}x_b{batch_size}{'_compiled' if compile else ''}"
+            compiled = "_compiled" if compile is True else f"_{compile}" if compile else ""
+            name = f"{preset}_{strategy}_{dist.world_size}x_b{batch_size}{compiled}"
             prof = stack.enter_context(start_profiler(profile_dir, name, dist.rank, skip=warmup))
             batches = profiled(batches, prof)
         result = fit(model, NextTokenLoss(), batches, train_cfg, runtime, run=run,
@@ -419,7 +422,7 @@ def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device
     return table
 
 
-def run(models: list[str], compiles: list[bool], out_dir: Path, strategies: tuple[str, ...] = ("ddp",),
+def run(models: list[str], compiles: list[bool | str], out_dir: Path, strategies: tuple[str, ...] = ("ddp",),
         name: str = "train", **kwargs) -> str:
     """Benchmark every model × strategy × compile setting and write one table (rank 0)."""
     dist = init_distributed()

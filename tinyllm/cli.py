@@ -18,15 +18,17 @@ import sys
 from pathlib import Path
 
 from tinyllm import bench
+from tinyllm.config import COMPILE_MODES
 from tinyllm.errors import UserError
 
 
-def _bool_list(text: str) -> list[bool]:
-    values = {"on": True, "off": False, "true": True, "false": False}
+def _compile_list(text: str) -> list[bool | str]:
+    values = {"on": True, "off": False, "true": True, "false": False, **{mode: mode for mode in COMPILE_MODES}}
     try:
         return [values[v.strip().lower()] for v in text.split(",")]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of on/off, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a comma list of on, off or {', '.join(COMPILE_MODES)}, "
+                                         f"got {text!r}") from None
 
 
 def _checked(convert, ok, rule: str):
@@ -143,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = bench_sub.add_parser("train", help="training tokens/s, MFU and memory of model presets",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_args(train, dtype_help="autocast dtype; auto is bf16 on CUDA")
-    train.add_argument("--compile", type=_bool_list, default=[False], help="comma list of on/off")
+    train.add_argument("--compile", type=_compile_list, default=[False],
+                       help=f"comma list of on, off or a torch.compile mode ({', '.join(COMPILE_MODES)})")
     train.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     train.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     train.add_argument("--steps", type=int, default=30, help="timed steps")

@@ -186,6 +186,11 @@ class ModelConfig:
         return self.multiple_of * -(-raw // self.multiple_of)
 
 
+COMPILE_MODES = ("max-autotune-no-cudagraphs",)
+"""torch.compile modes `runtime.compile` may name. Not the CUDA-graph ones: the training loop keeps
+a step's outputs (the loss) past the next step, which a graph replay would overwrite."""
+
+
 @dataclass(kw_only=True, frozen=True)
 class RuntimeConfig:
     device: str = "auto"
@@ -195,7 +200,9 @@ class RuntimeConfig:
     `float32` or `bfloat16` (autocast; weights and optimizer state stay float32)."""
     compile: bool | str = "auto"
     """Wrap the training model in torch.compile: `auto` compiles on a GPU (2-3x there) and not on
-    the CPU (no speed-up on 2 cores, and a minute of compiling); true or false force it."""
+    the CPU (no speed-up on 2 cores, and a minute of compiling); true or false force it.
+    `max-autotune-no-cudagraphs` compiles with that torch.compile mode: it times several kernels
+    for every matmul and fuses elementwise work into them, for minutes of compiling; for long runs."""
     threads: int | str = "auto"
     """CPU threads for training and eval. `auto`: torch's own count (one per core), fixed for the
     run; `follow`: one per core that other programs leave free, re-checked every 2 s
@@ -666,8 +673,8 @@ def _check_machine(p: Params) -> list[str]:
     threads = p.runtime.threads
     if threads not in ("auto", "follow") and not (isinstance(threads, int) and threads >= 1):
         e.append(f"runtime.threads={threads!r} must be auto, follow or a number of threads >= 1")
-    if isinstance(p.runtime.compile, str) and p.runtime.compile != "auto":
-        e.append(f"runtime.compile={p.runtime.compile!r} must be auto, true or false")
+    if isinstance(p.runtime.compile, str) and p.runtime.compile not in ("auto", *COMPILE_MODES):
+        e.append(f"runtime.compile={p.runtime.compile!r} must be auto, true, false or {', '.join(COMPILE_MODES)}")
     if p.runtime.dtype not in ("auto", "float32", "bfloat16"):
         e.append(f"runtime.dtype={p.runtime.dtype!r} must be auto, float32 or bfloat16")
     if p.distributed.strategy not in ("ddp", "deepspeed"):

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tinyllm.config import DistributedConfig, TrainConfig
 from tinyllm.train.distributed import Dist
-from tinyllm.train.runtime import autocast, compiles
+from tinyllm.train.runtime import autocast, compile_options, compiles
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 ZERO_CONFIGS = Path(__file__).with_name("zero")
@@ -63,7 +63,7 @@ class TorchEngine:
             # overlap saves: 2 H200s gave 1.15M tokens/s with it, 1.46M without (reports/distributed.md).
             # One whole graph; DDP then all-reduces every bucket right after the backward.
             torch._dynamo.config.optimize_ddp = False
-        compiled = torch.compile(model) if compile_model else model
+        compiled = torch.compile(model, **compile_options(runtime)) if compile_model else model
         self.ddp = DistributedDataParallel(compiled, device_ids=[device] if device.type == "cuda" else None,
                                            gradient_as_bucket_view=True) if dist.enabled else None
         self.step_model = self.ddp or compiled
@@ -170,7 +170,7 @@ class DeepSpeedEngine:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, dist, dtype, zero_stage))
         if compiles(runtime, device):
-            self.engine.compile()
+            self.engine.compile(compile_kwargs=compile_options(runtime))
         self._set_fp32_weights(fp32_start)  # masters start exact, not rounded through bf16
 
     def set_lr(self, lr: float) -> None:

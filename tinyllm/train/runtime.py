@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from tinyllm.config import RuntimeConfig
+from tinyllm.config import COMPILE_MODES, RuntimeConfig
 from tinyllm.errors import ConfigError
 
 # Dense bf16 tensor-core peak per card (vendor datasheets), for MFU.
@@ -76,8 +76,13 @@ def cpu_multiplies_bf16() -> bool:
 
 
 def compiles(cfg: RuntimeConfig, device: torch.device) -> bool:
-    """`runtime.compile`: auto compiles on a GPU only."""
+    """`runtime.compile`: auto compiles on a GPU only; a mode name compiles everywhere."""
     return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+
+
+def compile_options(cfg: RuntimeConfig) -> dict:
+    """torch.compile's keyword arguments for `runtime.compile`: the mode, when it names one."""
+    return {"mode": cfg.compile} if cfg.compile in COMPILE_MODES else {}
 
 
 def compiled_graphs() -> int:
