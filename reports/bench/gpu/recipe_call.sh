@@ -5,6 +5,7 @@
 # by part. The log goes to $OUT/recipe.log as the run goes; metrics are copied at the end.
 # Carry .whl (../shared/tools/gpu-wheelhouse .whl gguf).
 #   bash reports/bench/gpu/recipe_call.sh
+#   bash reports/bench/gpu/recipe_call.sh -S sft.lr=0.0005     # flags after the preset's (they win)
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
@@ -12,9 +13,10 @@ bash reports/bench/gpu/install.sh "$out" | tee -a "$out/recipe.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/recipe.log"
 preset=$(tinyllm preset gpu) || { echo "no preset: see install.log" | tee -a "$out/recipe.log"; exit 1; }
 start=$(date +%s)
-TORCH_LOGS=recompiles timeout "${LIMIT:-540}" dvc exp run $preset 2>&1 \
+TORCH_LOGS=recompiles timeout "${LIMIT:-540}" dvc exp run $preset "$@" 2>&1 \
     | while IFS= read -r line; do echo "$(( $(date +%s) - start )) $line"; done | tee -a "$out/recipe.log" | grep -v "step [0-9]"
 rc=${PIPESTATUS[0]}
 echo "wall $(( $(date +%s) - start )) s (dvc exp run's exit status $rc; 124 is the time limit)" | tee -a "$out/recipe.log"
-mkdir -p "$out/metrics" && cp reports/metrics/*.json reports/eval/metrics.json reports/eval/report.md "$out/metrics/" 2>/dev/null
+# one archive: a call brings back only a few files
+tar czf "$out/metrics.tgz" reports/metrics/*.json reports/eval/metrics.json reports/eval/report.md 2>/dev/null
 grep -h "first step done\|scored artifacts" "$out/recipe.log"
