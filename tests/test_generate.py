@@ -102,20 +102,20 @@ def test_static_shape_decoding_gives_the_same_tokens_alone_and_batched(tiny_conf
 
 
 def test_a_smaller_static_batch_padded_to_the_full_ones_rows_gives_its_own_replies(tiny_config):
-    """An eval's last chunk padded to its full chunks' rows: the same replies as decoding it alone,
-    and no static decoder of a new batch size (on a GPU, no second compile)."""
+    """An eval's last chunk padded to its full chunks' rows: the replies it gets unpadded, greedy and
+    seeded, and no static decoder of a new batch size (on a GPU, no second compile)."""
     from tinyllm.infer.generate import _STATIC
 
     torch.manual_seed(0)
     model = Transformer(tiny_config).eval()
     prompts = [[5, 9, 2, 7], [1], [3, 3, 8, 1, 6, 2, 9], [4, 4], [2, 8, 6]]
-    stop = {generate(model, [1], 12)[2]}  # one row stops early; the padding rows must not hold the others
+    stop = {generate(model, [1], 12)[2]}
     alone = [generate(model, p, 12, stop_ids=stop, static=False) for p in prompts]
     assert generate_batch(model, prompts, 12, stop_ids=stop, static=True, pad_to_rows=5) == alone
     assert generate_batch(model, prompts[:2], 12, stop_ids=stop, static=True, pad_to_rows=5) == alone[:2]
-    assert set(_STATIC[model]) == {5}
-    # off the static path nothing is padded
-    assert generate_batch(model, prompts[:2], 12, stop_ids=stop, static=False, pad_to_rows=5) == alone[:2]
+    sampling = dict(temperature=1.0, top_p=0.9, seed=3, repetition_penalty=1.3)
+    assert (generate_batch(model, prompts[:2], 12, static=True, pad_to_rows=5, **sampling)
+            == generate_batch(model, prompts[:2], 12, static=False, **sampling))
     assert set(_STATIC[model]) == {5}
 
 

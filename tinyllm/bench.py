@@ -195,8 +195,8 @@ def bench_train(preset: str, *, seq_len: int, batch_size: int, vocab_size: int, 
         batches = watch_memory(batches, dev, warmup, peaks)
     with contextlib.ExitStack() as stack:
         if profile_dir is not None:
-            compiled = "_compiled" if compile is True else f"_{compile}" if compile else ""
-            name = f"{preset}_{strategy}_{dist.world_size}x_b{batch_size}{compiled}"
+            suffix = "" if not compile else "_compiled" if compile is True else f"_{compile}"
+            name = f"{preset}_{strategy}_{dist.world_size}x_b{batch_size}{suffix}"
             prof = stack.enter_context(start_profiler(profile_dir, name, dist.rank, skip=warmup))
             batches = profiled(batches, prof)
         result = fit(model, NextTokenLoss(), batches, train_cfg, runtime, run=run,

@@ -32,7 +32,7 @@ import torch
 from tinyllm.config import ModelConfig, MoEConfig
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, load_tokenizer, special_id
 from tinyllm.errors import UserError
-from tinyllm.folders import move_into_place, scratch_folder
+from tinyllm.folders import replaced_folder
 from tinyllm.train.checkpoint import TOKENIZER_FILES, is_checkpoint, load_model, read_config, save_checkpoint
 
 ADAPTER_DIR = "adapter"
@@ -180,17 +180,16 @@ def export_hf(ckpt_dir: Path, out_dir: Path, adapter: Path | None = None, metric
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
         raise ValueError(f"weights do not map onto {type(hf).__name__} (missing {missing}, unexpected {unexpected})")
-    tmp = scratch_folder(out_dir)
-    hf.save_pretrained(tmp)
-    generation = GenerationConfig(bos_token_id=bos, eos_token_id=[im_end, bos], pad_token_id=pad, do_sample=False)
-    generation.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        if (ckpt_dir / name).exists():
-            shutil.copy2(ckpt_dir / name, tmp / name)
-    if adapter is not None:
-        export_adapter(Path(adapter), tmp, out_dir, moe=cfg.moe.enabled)
-    (tmp / "README.md").write_text(model_card(ckpt_dir, cfg, metrics), encoding="utf-8")
-    move_into_place(tmp, out_dir)
+    with replaced_folder(out_dir) as tmp:
+        hf.save_pretrained(tmp)
+        generation = GenerationConfig(bos_token_id=bos, eos_token_id=[im_end, bos], pad_token_id=pad, do_sample=False)
+        generation.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (ckpt_dir / name).exists():
+                shutil.copy2(ckpt_dir / name, tmp / name)
+        if adapter is not None:
+            export_adapter(Path(adapter), tmp, out_dir, moe=cfg.moe.enabled)
+        (tmp / "README.md").write_text(model_card(ckpt_dir, cfg, metrics), encoding="utf-8")
     return out_dir
 
 

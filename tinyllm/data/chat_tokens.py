@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from tinyllm.data.chat import encode_conversations, read_conversations
 from tinyllm.errors import DataError
-from tinyllm.folders import move_into_place, scratch_folder
+from tinyllm.folders import replaced_folder
 
 ARRAYS = ("ids", "mask", "offsets")
 META = "meta.json"
@@ -40,8 +40,8 @@ def tokenizer_digest(tok: Tokenizer) -> str:
 
 def write_chat_set(out: Path, examples: list[tuple[np.ndarray, np.ndarray]], tok: Tokenizer,
                    system_prompt: str | None) -> dict:
-    """Save encoded conversations as a set folder; returns its meta. An existing set is renamed
-    away, not rewritten in place: a process that has its files mapped keeps reading the old ones."""
+    """Save encoded conversations as a set folder; returns its meta. An existing set is replaced
+    whole (`replaced_folder`), not rewritten in place under a process that has its files mapped."""
     offsets = np.zeros(len(examples) + 1, dtype=np.int64)
     np.cumsum([len(ids) for ids, _ in examples], out=offsets[1:])
     arrays = {"ids": np.empty(offsets[-1], dtype=np.int32), "mask": np.empty(offsets[-1], dtype=bool),
@@ -53,11 +53,10 @@ def write_chat_set(out: Path, examples: list[tuple[np.ndarray, np.ndarray]], tok
         digest.update(arrays[name].tobytes())
     meta = {"conversations": len(examples), "tokens": int(offsets[-1]), "labelled": int(arrays["mask"].sum()),
             "sha256": digest.hexdigest(), "tokenizer": tokenizer_digest(tok), "system_prompt": system_prompt or None}
-    tmp = scratch_folder(out)
-    for name in ARRAYS:
-        np.save(tmp / f"{name}.npy", arrays[name])
-    (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    move_into_place(tmp, out)
+    with replaced_folder(out) as tmp:
+        for name in ARRAYS:
+            np.save(tmp / f"{name}.npy", arrays[name])
+        (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from tinyllm.config import TokenizeConfig
 from tinyllm.data.jsonl import read_jsonl, validate_pretrain
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
 from tinyllm.errors import DataError
-from tinyllm.folders import move_into_place, scratch_folder
+from tinyllm.folders import replaced_folder
 
 SPLITS = ("train", "val")
 
@@ -80,8 +79,8 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
     """Encode `corpus` (`{"text"}` JSON Lines) into train/val shards under `out_dir`.
 
     Each document goes to val with probability `cfg.val_fraction` (seeded), so the split is
-    by document and the same for the same corpus and seed. The folder is built under a temp
-    name and renamed at the end: a failure leaves the previous tokens untouched.
+    by document and the same for the same corpus and seed. The folder is built beside its place
+    and moved in at the end (`replaced_folder`): a failure leaves the previous tokens untouched.
 
     Returns:
         The index (also written to `out_dir/index.json`).
@@ -89,37 +88,32 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
     eot = special_id(tok, ENDOFTEXT)
     vocab_size = tok.get_vocab_size()
     dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
-    tmp = scratch_folder(out_dir)
-    writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in SPLITS}
-    rng = random.Random(seed)
-    texts = (rec["text"] for rec in read_jsonl(corpus, validate_pretrain))
-    tok.encode_special_tokens = True  # "<|im_end|>" typed in a document is text, not a control token
-    try:
-        for batch in _batched(texts, cfg.batch_docs):
-            for enc in tok.encode_batch(batch, add_special_tokens=False):
-                split = "val" if rng.random() < cfg.val_fraction else "train"
-                writers[split].write(np.append(np.asarray(enc.ids, dtype=np.int64), eot))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        tok.encode_special_tokens = False
-        for w in writers.values():
-            w.close()
-    index = {
-        "dtype": dtype.name,
-        "vocab_size": vocab_size,
-        "endoftext_id": eot,
-        "splits": {s: w.summary() for s, w in writers.items()},
-    }
-    for split in SPLITS:
-        if index["splits"][split]["n_tokens"] == 0:
-            shutil.rmtree(tmp)
-            raise DataError(
-                f"{corpus}: the {split} split got no documents; add documents or change tokenize.val_fraction"
-            )
-    (tmp / "index.json").write_text(json.dumps(index, indent=2))
-    move_into_place(tmp, out_dir)
+    with replaced_folder(out_dir) as tmp:
+        writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in SPLITS}
+        rng = random.Random(seed)
+        texts = (rec["text"] for rec in read_jsonl(corpus, validate_pretrain))
+        tok.encode_special_tokens = True  # "<|im_end|>" typed in a document is text, not a control token
+        try:
+            for batch in _batched(texts, cfg.batch_docs):
+                for enc in tok.encode_batch(batch, add_special_tokens=False):
+                    split = "val" if rng.random() < cfg.val_fraction else "train"
+                    writers[split].write(np.append(np.asarray(enc.ids, dtype=np.int64), eot))
+        finally:
+            tok.encode_special_tokens = False
+            for w in writers.values():
+                w.close()
+        index = {
+            "dtype": dtype.name,
+            "vocab_size": vocab_size,
+            "endoftext_id": eot,
+            "splits": {s: w.summary() for s, w in writers.items()},
+        }
+        for split in SPLITS:
+            if index["splits"][split]["n_tokens"] == 0:
+                raise DataError(
+                    f"{corpus}: the {split} split got no documents; add documents or change tokenize.val_fraction"
+                )
+        (tmp / "index.json").write_text(json.dumps(index, indent=2))
     return index
 
 

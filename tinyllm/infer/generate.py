@@ -211,15 +211,16 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     Every row runs until all rows have stopped or the budget (set by the longest prompt) is spent.
 
     pad_to_rows: on the static path (a GPU), decode fewer prompts in a batch of this many rows,
-    the extra rows copies of the last prompt whose tokens are dropped. Each new batch size compiles
-    and captures its own decode step (seconds on a GPU); an eval's last, smaller chunk of each set
-    then replays the full chunks' graph instead.
+    the extra rows copies of the last prompt that are never sampled from (the replies, seeded ones
+    too, are those without padding). Each new batch size compiles and captures its own decode
+    step (seconds on a GPU); an eval's last, smaller chunk of each set then replays the full
+    chunks' graph instead.
     """
     if not prompts or not all(prompts):
         raise ValueError("empty prompt")
-    n_prompts = len(prompts)
-    if pad_to_rows and n_prompts < pad_to_rows and decodes_static(model, static):
-        prompts = prompts + [prompts[-1]] * (pad_to_rows - n_prompts)
+    n = len(prompts)
+    if pad_to_rows and n < pad_to_rows and decodes_static(model, static):
+        prompts = prompts + [prompts[-1]] * (pad_to_rows - n)
     cpu_threads.follow()  # an eval generates batch after batch: keep sharing the CPU fairly
     width = max(len(p) for p in prompts)
     budget = _budget(model, width, max_new_tokens)
@@ -230,7 +231,8 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     B = len(prompts)
     inputs = torch.full((B, width), pad_id, dtype=torch.long, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.arange(B, device=device) >= n_prompts  # padding rows count as stopped from the start
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    padding = torch.full((B - n,), pad_id, dtype=torch.long, device=device)  # fed to the padding rows
     out = []
     try:
         with decoding(model, B, width + budget, static) as (cache, step):
@@ -238,22 +240,24 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
             for row, ids in enumerate(prompts):
                 inputs[row, width - len(ids):] = torch.tensor(ids, device=device)
                 key_valid[row, :width - len(ids)] = False
-            seen = _seen(inputs, model.config.vocab_size, key_valid[:, :width]) if repetition_penalty != 1.0 else None
-            state = utf8.start(B) if utf8 else None
+            vocab = model.config.vocab_size
+            seen = _seen(inputs[:n], vocab, key_valid[:n, :width]) if repetition_penalty != 1.0 else None
+            state = utf8.start(n) if utf8 else None
             for _ in range(budget):
-                logits = step(inputs, key_valid)
+                # only the prompts' rows are sampled: a seed draws what it draws without padding
+                logits = step(inputs, key_valid)[:n]
                 tokens = next_tokens(logits, temperature, top_k, top_p, generator, repetition_penalty, seen,
                                      utf8.allowed(state) if utf8 else None)
                 if seen is not None:
-                    seen[torch.arange(B, device=device), tokens] = True
+                    seen[torch.arange(n, device=device), tokens] = True
                 if utf8:
                     state = utf8.advance(state, tokens)
                 done |= torch.isin(tokens, stop)
                 out.append(tokens.masked_fill(done, -1))
                 if done.all():
                     break
-                inputs = tokens[:, None]
+                inputs = torch.cat([tokens, padding])[:, None]
     finally:
         model.train(was_training)
-    table = torch.stack(out, 1)[:n_prompts].tolist()
+    table = torch.stack(out, 1).tolist()
     return [row[:row.index(-1)] if -1 in row else row for row in table]

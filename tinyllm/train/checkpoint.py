@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from tinyllm.config import ModelConfig, to_dict
 from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
-from tinyllm.folders import move_into_place, scratch_folder
+from tinyllm.folders import replaced_folder
 from tinyllm.model.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -46,22 +46,21 @@ def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
     `dvc repro` has nothing to rerun after it.
     """
     out_dir = Path(out_dir)
-    tmp = scratch_folder(out_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight")  # the same tensor as embed_tokens; safetensors refuses shared storage
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    meta = dict(meta or {})
-    if "summary" in meta:
-        meta["summary"] = {k: v for k, v in meta["summary"].items() if not WALL_CLOCK.search(k)}
-    config = {"model": to_dict(model.config), **meta}
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    for name in TOKENIZER_FILES if tokenizer_dir else ():
-        if (Path(tokenizer_dir) / name).exists():
-            shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-    for name, folder in (subdirs or {}).items():
-        shutil.move(str(folder), str(tmp / name))
-    move_into_place(tmp, out_dir)
+    with replaced_folder(out_dir) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight")  # the same tensor as embed_tokens; safetensors refuses shared storage
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        meta = dict(meta or {})
+        if "summary" in meta:
+            meta["summary"] = {k: v for k, v in meta["summary"].items() if not WALL_CLOCK.search(k)}
+        config = {"model": to_dict(model.config), **meta}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        for name in TOKENIZER_FILES if tokenizer_dir else ():
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        for name, folder in (subdirs or {}).items():
+            shutil.move(str(folder), str(tmp / name))
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tinyllm.folders import replaced_folder
+
 log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -96,16 +98,12 @@ def save_resume_point(directory: Path, step: int, weights: dict, optim: dict, rn
     """Write step-<step>/ atomically, then delete all but the newest `keep` checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     final = step_dir(directory, step)
-    tmp = directory / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = dict(zip(FILES, (weights, optim, rng)), **({BEST: best} if best else {}))
-    for name, tensors in files.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
-    state = {**state, "step": step, "sha256": {name: _sha256(tmp / name) for name in files}}
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with replaced_folder(final) as tmp:  # step-N.tmp: not a step folder to _steps
+        files = dict(zip(FILES, (weights, optim, rng)), **({BEST: best} if best else {}))
+        for name, tensors in files.items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+        state = {**state, "step": step, "sha256": {name: _sha256(tmp / name) for name in files}}
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
     for old in sorted(_steps(directory), reverse=True)[keep:]:
         shutil.rmtree(old[1])
     return final

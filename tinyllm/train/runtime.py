@@ -82,6 +82,8 @@ def compiles(cfg: RuntimeConfig, device: torch.device) -> bool:
 
 def compile_options(cfg: RuntimeConfig) -> dict:
     """torch.compile's keyword arguments for `runtime.compile`: the mode, when it names one."""
+    if isinstance(cfg.compile, str) and cfg.compile not in ("auto", *COMPILE_MODES):
+        raise ConfigError(f"runtime.compile={cfg.compile!r} must be auto, true, false or {', '.join(COMPILE_MODES)}")
     return {"mode": cfg.compile} if cfg.compile in COMPILE_MODES else {}
 
 
