@@ -119,6 +119,22 @@ def test_a_smaller_static_batch_padded_to_the_full_ones_rows_gives_its_own_repli
     assert set(_STATIC[model]) == {5}
 
 
+def test_a_model_that_decoded_statically_is_freed_with_its_decoders(tiny_config):
+    """Eval decodes checkpoint after checkpoint: the pooled static decoders must not keep them alive."""
+    import gc
+    import weakref
+
+    from tinyllm.infer.generate import _STATIC
+
+    model = Transformer(tiny_config).eval()
+    generate_batch(model, [[5, 9, 2, 7], [1]], 4, static=True)
+    assert len(_STATIC[model]) == 1
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
 def test_two_static_generations_at_once_use_their_own_caches(tiny_config):
     """Two interleaved streams (two web tabs on a GPU) must not share a static cache."""
     torch.manual_seed(0)

@@ -61,9 +61,13 @@ def decodes_static(model: Transformer, static: bool | None) -> bool:
 
 def _static_decoder(model: Transformer, batch_size: int, device, dtype):
     cache = StaticKVCache(model.config, batch_size, model.config.max_seq_len, device, dtype)
+    # The decoder is kept in _STATIC under the model, weakly: if it held the model itself, the
+    # entry would keep its own key alive, and every model ever decoded (eval's checkpoints) would
+    # stay in memory with its caches. Dynamo traces the dereference without a recompile per model.
+    model_ref = weakref.ref(model)
 
     def step(inputs, key_valid):
-        return model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
+        return model_ref()(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
 
     compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True) if device.type == "cuda" else step
 
