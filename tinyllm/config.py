@@ -191,6 +191,13 @@ COMPILE_MODES = ("max-autotune-no-cudagraphs",)
 a step's outputs (the loss) past the next step, which a graph replay would overwrite."""
 
 
+def compile_problem(value: bool | str) -> str | None:
+    """What is wrong with a `runtime.compile` value, or None."""
+    if isinstance(value, str) and value not in ("auto", *COMPILE_MODES):
+        return f"runtime.compile={value!r} must be auto, true, false or {', '.join(COMPILE_MODES)}"
+    return None
+
+
 @dataclass(kw_only=True, frozen=True)
 class RuntimeConfig:
     device: str = "auto"
@@ -673,8 +680,8 @@ def _check_machine(p: Params) -> list[str]:
     threads = p.runtime.threads
     if threads not in ("auto", "follow") and not (isinstance(threads, int) and threads >= 1):
         e.append(f"runtime.threads={threads!r} must be auto, follow or a number of threads >= 1")
-    if isinstance(p.runtime.compile, str) and p.runtime.compile not in ("auto", *COMPILE_MODES):
-        e.append(f"runtime.compile={p.runtime.compile!r} must be auto, true, false or {', '.join(COMPILE_MODES)}")
+    if problem := compile_problem(p.runtime.compile):
+        e.append(problem)
     if p.runtime.dtype not in ("auto", "float32", "bfloat16"):
         e.append(f"runtime.dtype={p.runtime.dtype!r} must be auto, float32 or bfloat16")
     if p.distributed.strategy not in ("ddp", "deepspeed"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from tinyllm.config import COMPILE_MODES, RuntimeConfig
+from tinyllm.config import COMPILE_MODES, RuntimeConfig, compile_problem
 from tinyllm.errors import ConfigError
 
 # Dense bf16 tensor-core peak per card (vendor datasheets), for MFU.
@@ -82,8 +82,8 @@ def compiles(cfg: RuntimeConfig, device: torch.device) -> bool:
 
 def compile_options(cfg: RuntimeConfig) -> dict:
     """torch.compile's keyword arguments for `runtime.compile`: the mode, when it names one."""
-    if isinstance(cfg.compile, str) and cfg.compile not in ("auto", *COMPILE_MODES):
-        raise ConfigError(f"runtime.compile={cfg.compile!r} must be auto, true, false or {', '.join(COMPILE_MODES)}")
+    if problem := compile_problem(cfg.compile):  # a RuntimeConfig built in code skips parse_params' checks
+        raise ConfigError(problem)
     return {"mode": cfg.compile} if cfg.compile in COMPILE_MODES else {}
 
 
