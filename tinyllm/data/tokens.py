@@ -90,18 +90,7 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
     dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
     with replaced_folder(out_dir) as tmp:
         writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in SPLITS}
-        rng = random.Random(seed)
-        texts = (rec["text"] for rec in read_jsonl(corpus, validate_pretrain))
-        tok.encode_special_tokens = True  # "<|im_end|>" typed in a document is text, not a control token
-        try:
-            for batch in _batched(texts, cfg.batch_docs):
-                for enc in tok.encode_batch(batch, add_special_tokens=False):
-                    split = "val" if rng.random() < cfg.val_fraction else "train"
-                    writers[split].write(np.append(np.asarray(enc.ids, dtype=np.int64), eot))
-        finally:
-            tok.encode_special_tokens = False
-            for w in writers.values():
-                w.close()
+        _encode_documents(corpus, tok, cfg, seed, eot, writers)
         index = {
             "dtype": dtype.name,
             "vocab_size": vocab_size,
@@ -115,6 +104,24 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
                 )
         (tmp / "index.json").write_text(json.dumps(index, indent=2))
     return index
+
+
+def _encode_documents(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int, eot: int,
+                      writers: dict[str, _ShardWriter]) -> None:
+    """Every document of `corpus`, encoded and ended with <|endoftext|>, into a seeded random split's
+    writer; the writers are closed at the end, whether it ends or fails."""
+    rng = random.Random(seed)
+    texts = (rec["text"] for rec in read_jsonl(corpus, validate_pretrain))
+    tok.encode_special_tokens = True  # "<|im_end|>" typed in a document is text, not a control token
+    try:
+        for batch in _batched(texts, cfg.batch_docs):
+            for enc in tok.encode_batch(batch, add_special_tokens=False):
+                split = "val" if rng.random() < cfg.val_fraction else "train"
+                writers[split].write(np.append(np.asarray(enc.ids, dtype=np.int64), eot))
+    finally:
+        tok.encode_special_tokens = False
+        for w in writers.values():
+            w.close()
 
 
 class TokenStream:

@@ -260,7 +260,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                 out.append(tokens.masked_fill(done, -1))
                 if done.all():
                     break
-                inputs = torch.cat([tokens, padding])[:, None]
+                inputs = (torch.cat([tokens, padding]) if B > n else tokens)[:, None]
     finally:
         model.train(was_training)
     table = torch.stack(out, 1).tolist()

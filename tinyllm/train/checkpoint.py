@@ -46,15 +46,15 @@ def save_checkpoint(model: Transformer, out_dir: Path, meta: dict | None = None,
     `dvc repro` has nothing to rerun after it.
     """
     out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as embed_tokens; safetensors refuses shared storage
+    meta = dict(meta or {})
+    if "summary" in meta:
+        meta["summary"] = {k: v for k, v in meta["summary"].items() if not WALL_CLOCK.search(k)}
+    config = {"model": to_dict(model.config), **meta}
     with replaced_folder(out_dir) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_embeddings:
-            state.pop("lm_head.weight")  # the same tensor as embed_tokens; safetensors refuses shared storage
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        meta = dict(meta or {})
-        if "summary" in meta:
-            meta["summary"] = {k: v for k, v in meta["summary"].items() if not WALL_CLOCK.search(k)}
-        config = {"model": to_dict(model.config), **meta}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
         for name in TOKENIZER_FILES if tokenizer_dir else ():
             if (Path(tokenizer_dir) / name).exists():

@@ -98,8 +98,8 @@ def save_resume_point(directory: Path, step: int, weights: dict, optim: dict, rn
     """Write step-<step>/ atomically, then delete all but the newest `keep` checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     final = step_dir(directory, step)
+    files = dict(zip(FILES, (weights, optim, rng)), **({BEST: best} if best else {}))
     with replaced_folder(final) as tmp:  # step-N.tmp: not a step folder to _steps
-        files = dict(zip(FILES, (weights, optim, rng)), **({BEST: best} if best else {}))
         for name, tensors in files.items():
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
         state = {**state, "step": step, "sha256": {name: _sha256(tmp / name) for name in files}}
