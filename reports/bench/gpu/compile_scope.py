@@ -15,12 +15,14 @@ Each scope runs in a fresh process with an empty inductor cache, so every compil
 - regional: the layers as above, and the final norm, the head and the loss compiled as one more
   function (the model's training forward written out here, so the two parts compile apart). Is
   the layers' slower step the eager fp32 loss over the 6,400-wide logits, or the layers' edges?
-It prints the first step (compile included) and the median step after it, bf16 autocast, AdamW,
-and how far the first step's gradients are from the eager model's (the largest relative norm of the
-difference over the parameters: bf16 rounding gives about 1e-2; a wrong gradient, about 1 or more).
+It prints the first step (compile included) and the median step after it, bf16 autocast (or
+`--dtype float32`), AdamW, and how far the first step's gradients are from the eager model's (the
+largest relative norm of the difference over the parameters: bf16 rounding gives about 1e-2; a
+wrong gradient, about 1 or more).
 The nested scope's gradients are wrong on the CPU with torch 2.13 in fp32 (error about 4e3, from
 the last layer's attention down, with 2 or more layers), right there under bf16 autocast and with
-torch 2.11 in fp32: checked by hand, 2026-12-06. So the engine does not use it.
+torch 2.11 in fp32 (2026-12-06; `--model tiny --dtype float32 --scopes whole,nested` shows it).
+So the engine does not use it.
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ def run_scope(scope: str, args: argparse.Namespace) -> dict:
                 x, _ = layer(x, cos, sin)
             return SimpleNamespace(loss=head(model, x, labels))
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
+    dtype = getattr(torch, args.dtype)
     seconds, first_grads = [], None
     for _ in range(args.steps):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = step_model(x, labels=x).loss
         loss.backward()
         first_grads = first_grads or [p.grad.clone() for p in model.parameters()]
@@ -90,7 +93,7 @@ def run_scope(scope: str, args: argparse.Namespace) -> dict:
         seconds.append(time.perf_counter() - start)
     from torch._dynamo.utils import counters
 
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         reference(x, labels=x).loss.backward()
     grad_error = max(float((g - r.grad).norm() / r.grad.norm()) for g, r in zip(first_grads, reference.parameters()))
     return {"first_step_s": seconds[0], "step_ms": 1000 * statistics.median(seconds[1:]),
@@ -105,13 +108,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=6400)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="autocast dtype")
     parser.add_argument("--scope", choices=SCOPES, help="run this one scope here and print its JSON")
     parser.add_argument("--scopes", default=",".join(SCOPES), help="comma-separated: the scopes to compare")
     args = parser.parse_args()
     if args.scope:
         print(json.dumps(run_scope(args.scope, args)))
         return
-    print(f"| {args.model}, {args.device}, {args.batch_size} × {args.seq_len}, bf16 | first step (s) | "
+    print(f"| {args.model}, {args.device}, {args.batch_size} × {args.seq_len}, {args.dtype} | first step (s) | "
           "step after it (ms) | graphs | loss | gradient error |")
     print("|---|---|---|---|---|---|")
     for scope in args.scopes.split(","):
