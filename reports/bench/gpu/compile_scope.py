@@ -19,7 +19,7 @@ It prints the first step (compile included) and the median step after it, bf16 a
 `--dtype float32`), AdamW, and how far the first step's gradients are from the eager model's (the
 largest relative norm of the difference over the parameters: bf16 rounding gives about 1e-2; a
 wrong gradient, about 1 or more).
-The nested scope's gradients are wrong on the CPU with torch 2.13 in fp32 (error about 4e3, from
+The nested scope's gradients are wrong on the CPU with torch 2.13 in fp32 (error 1e3-1e4, from
 the last layer's attention down, with 2 or more layers), right there under bf16 autocast and with
 torch 2.11 in fp32 (2026-12-06; `--model tiny --dtype float32 --scopes whole,nested` shows it).
 So the engine does not use it.
