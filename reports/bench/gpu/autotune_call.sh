@@ -7,12 +7,14 @@
 # table (a run cut by its time limit loses only itself); 512x8 at 128 rows, then 768x8 at 32.
 # About 25 s of install + 2 x 75 s + 2 x 180 s at most: within one call. Carry .whl.
 #   bash reports/bench/gpu/autotune_call.sh
+#   MODELS="512x8 128" bash reports/bench/gpu/autotune_call.sh     # one model at its batch size
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
 bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/log.txt"
-for model in "512x8 128" "768x8 32"; do
+IFS=, read -ra models <<< "${MODELS:-512x8 128,768x8 32}"
+for model in "${models[@]}"; do
     set -- $model
     for compile in on max-autotune-no-cudagraphs; do
         limit=$([ "$compile" = on ] && echo 75 || echo 180)
