@@ -3,8 +3,9 @@
 # the default compile, then max-autotune-no-cudagraphs; tables in $OUT/tables.tgz). Then cold
 # start-up by compile scope (reports/bench/gpu/compile_scope.py: whole model, nested layer regions,
 # layers plus head compiled apart), 768x8 at 32 x 512, each scope in a fresh process with an empty
-# inductor cache: the first step, the steps after it, and the gradients against the eager model's. Eager and per-layer were
-# timed on an H200 on 2026-12-04; SCOPES=eager,whole,nested,layers,regional runs them all.
+# inductor cache: the first step, the steps after it, and the gradients against the eager model's.
+# Eager and per-layer were timed on an H200 on 2026-12-04; SCOPES=eager,whole,nested,layers,regional
+# runs them all.
 # About 25 s of install + 75 s + 180 s + 3 x 35 s at most. Carry .whl.
 #   bash reports/bench/gpu/scope_call.sh
 set -o pipefail
