@@ -6,12 +6,14 @@ stage's start-up must stay under 30 s; a cold `torch.compile` of 768Ã—8 cost 25â
 
 Each scope runs in a fresh process with an empty inductor cache, so every compile is cold:
 - eager: no compiling;
-- whole: `torch.compile(model)`, what the training engine does today;
+- whole: `torch.compile(model)` with the layers' nested regions taken off: what the training
+  engine did until 2026-12-06, tracing every layer;
 - layers: `layer.compile()` on each decoder layer. The layers share their code, so Dynamo traces
   one graph for all of them; the embedding, the final norm, the head and the loss stay eager.
-- nested: the whole model, with the decoder layer's forward marked a nested compile region
-  (`torch.compiler.nested_compile_region`): Dynamo and Inductor compile one layer and stamp it
-  out for the others, inside one whole-model graph (head and loss included).
+- nested: the whole model as the engine compiles it now (`compile_options`): the decoder layer's
+  forward is a nested compile region (`torch.compiler.nested_compile_region`), so Dynamo and
+  Inductor compile one layer and stamp it out for the others, inside one whole-model graph (head
+  and loss included).
 - regional: the layers as above, and the final norm, the head and the loss compiled as one more
   function (the model's training forward written out here, so the two parts compile apart). Is
   the layers' slower step the eager fp32 loss over the 6,400-wide logits, or the layers' edges?
@@ -19,10 +21,8 @@ It prints the first step (compile included) and the median step after it, bf16 a
 `--dtype float32`), AdamW, and how far the first step's gradients are from the eager model's (the
 largest relative norm of the difference over the parameters: bf16 rounding gives about 1e-2; a
 wrong gradient, about 1 or more).
-The nested scope's gradients are wrong on the CPU with torch 2.13 in fp32 (error 1e3-1e4, from
-the last layer's attention down, with 2 or more layers), right there under bf16 autocast and with
-torch 2.11 in fp32 (2026-12-06; `--model tiny --dtype float32 --scopes whole,nested` shows it).
-So the engine does not use it.
+Nested regions need `compile_options`' workaround on torch 2.13: without it their gradients are
+wrong (reports/bench/gpu/nested_region_grad_bug.py; reports/gpu_speed.md, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def run_scope(scope: str, args: argparse.Namespace) -> dict:
     import torch
 
     from tinyllm.bench import PRESETS
-    from tinyllm.config import ModelConfig
+    from tinyllm.config import ModelConfig, RuntimeConfig
     from tinyllm.model.transformer import DecoderLayer, Transformer
+    from tinyllm.train.runtime import compile_options
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -62,9 +63,13 @@ def run_scope(scope: str, args: argparse.Namespace) -> dict:
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reference = copy.deepcopy(model)  # eager, for the first step's gradients
-    if scope == "nested":
-        DecoderLayer.forward = torch.compiler.nested_compile_region(DecoderLayer.forward)
-    step_model = torch.compile(model) if scope in ("whole", "nested") else model
+    if scope != "nested":  # the other scopes compile the layer's forward as plain code
+        DecoderLayer.forward = DecoderLayer.forward.__marked_compile_region_fn__
+    step_model = model
+    if scope == "whole":
+        step_model = torch.compile(model)
+    elif scope == "nested":
+        step_model = torch.compile(model, **compile_options(RuntimeConfig(compile=True)))
     if scope in ("layers", "regional"):
         for layer in (m for m in model.modules() if isinstance(m, DecoderLayer)):
             layer.compile()
