@@ -110,6 +110,20 @@ def test_a_tiny_moe_overfits_a_batch():
     assert result.final["train/loss"] < 0.5
 
 
+def test_a_compiled_fp32_moe_trains_as_the_eager_one_does():
+    """`runtime.compile: true` in fp32 on the CPU: the experts loop instead of the grouped matmul,
+    whose compiled form wants bf16 (it stopped in Dynamo), and the losses follow the eager run's."""
+    cfg = TrainConfig(max_steps=8, batch_size=8, lr=1e-2, warmup_steps=2, log_interval=4)
+    losses = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(moe_config(first_dense_layers=0))
+        result = fit(model, NextTokenLoss(), _batches(), cfg, RuntimeConfig(device="cpu", dtype="float32",
+                                                                            compile=compile, threads=1))
+        losses.append([h["train/loss"] for h in result.history])
+    assert losses[1] == pytest.approx(losses[0], abs=1e-3)
+
+
 def test_load_stays_balanced_during_training():
     # Bound: with 8 experts and top-2, a router collapsing onto 2 experts gives max/mean = 4; the balance
     # loss should hold every expert within 2x of the mean share (random routing sits near 1.3 at this size).

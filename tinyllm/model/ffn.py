@@ -32,10 +32,14 @@ GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", Non
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether the grouped matmul runs for x: on CPU, or on CUDA in bf16 (its kernels need bf16, SM ≥ 80)."""
+    """Whether the grouped matmul runs for x: in bf16 on CPU or CUDA (its CUDA kernels need bf16,
+    SM ≥ 80), and in any dtype on the CPU, but there only eagerly: compiled, its shape check
+    wants bf16 on the CPU too (an fp32 MoE under `runtime.compile: true` stopped in Dynamo)."""
     if GROUPED_MM is None:
         return False
-    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    if x.dtype == torch.bfloat16:
+        return x.device.type in ("cpu", "cuda")
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class RoutedExperts(nn.Module):

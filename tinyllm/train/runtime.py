@@ -84,7 +84,7 @@ def compile_options(cfg: RuntimeConfig) -> dict:
     """torch.compile's keyword arguments for training under `runtime.compile`: the mode's Inductor
     options, when it names one, and no buffer reuse where torch needs that for nested regions.
 
-    The decoder layers are nested compile regions (`DecoderLayer.forward`). torch 2.13's Inductor
+    Dense decoder layers are nested compile regions (`DecoderLayer.dense_forward`). torch 2.13's Inductor
     gives wrong gradients around them (relative error 0.7 to 1e4, from the last layer down) while
     it reuses buffers; with reuse off they match the eager model's, as torch 2.11's do with it on
     (`reports/bench/gpu/nested_region_grad_bug.py`). 2.12 was not tried, so it gets the workaround."""

@@ -10,8 +10,8 @@ Each scope runs in a fresh process with an empty inductor cache, so every compil
   engine did until 2026-12-06, tracing every layer;
 - layers: `layer.compile()` on each decoder layer. The layers share their code, so Dynamo traces
   one graph for all of them; the embedding, the final norm, the head and the loss stay eager.
-- nested: the whole model as the engine compiles it now (`compile_options`): the decoder layer's
-  forward is a nested compile region (`torch.compiler.nested_compile_region`), so Dynamo and
+- nested: the whole model as the engine compiles it now (`compile_options`): a dense decoder
+  layer's forward is a nested compile region (`torch.compiler.nested_compile_region`), so Dynamo and
   Inductor compile one layer and stamp it out for the others, inside one whole-model graph (head
   and loss included).
 - regional: the layers as above, and the final norm, the head and the loss compiled as one more
@@ -64,7 +64,7 @@ def run_scope(scope: str, args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reference = copy.deepcopy(model)  # eager, for the first step's gradients
     if scope != "nested":  # the other scopes compile the layer's forward as plain code
-        DecoderLayer.forward = DecoderLayer.forward.__marked_compile_region_fn__
+        DecoderLayer.dense_forward = DecoderLayer.dense_forward.__marked_compile_region_fn__
     step_model = model
     if scope == "whole":
         step_model = torch.compile(model)
