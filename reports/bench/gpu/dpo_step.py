@@ -31,13 +31,14 @@ import torch
 from profiling import profile_table  # this folder's module, beside this script
 
 from tinyllm.bench import PRESETS
-from tinyllm.config import ModelConfig, TrainConfig
+from tinyllm.config import ModelConfig, RuntimeConfig, TrainConfig
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.preference import PreferenceBatches, encode_pairs, validate_preference
 from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
-from tinyllm.model.transformer import Transformer
+from tinyllm.model.transformer import DecoderLayer, Transformer
 from tinyllm.train.engine import build_optimizer
 from tinyllm.train.objectives import DPOLoss
+from tinyllm.train.runtime import compile_options
 
 
 def in_model_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -58,7 +59,7 @@ def time_steps(objective, batches: list[dict], args, device: torch.device, profi
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**PRESETS[args.model], max_seq_len=args.seq_len, vocab_size=args.vocab)).to(device)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-5, weight_decay=0.0), device)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, **compile_options(RuntimeConfig(compile=True))) if args.compile else model
     seconds, positions = [], []
 
     def step(batch: dict) -> None:
@@ -90,9 +91,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated, of "
+                        f"{', '.join(OBJECTIVES)}; the last is the one the others are compared with")
+    parser.add_argument("--no-regions", dest="regions", action="store_false",
+                        help="compile each dense layer inline, not as one nested region for all layers")
     parser.add_argument("--data", type=Path, default=Path("artifacts/data/dpo.jsonl"))
     parser.add_argument("--tokenizer", type=Path, default=Path("artifacts/sft"), help="a checkpoint with the tokenizer")
     args = parser.parse_args()
+    labels = args.objectives.split(",")
+    if set(labels) - set(OBJECTIVES):
+        parser.error(f"--objectives: {', '.join(sorted(set(labels) - set(OBJECTIVES)))} is not one of "
+                     f"{', '.join(OBJECTIVES)}")
+    if not args.regions:
+        DecoderLayer.dense_forward = DecoderLayer.dense_forward.__marked_compile_region_fn__
     device = torch.device(args.device)
     tok = load_tokenizer(args.tokenizer)
     args.vocab = tok.get_vocab_size()
@@ -106,15 +117,16 @@ def main() -> None:
             torch._dynamo.maybe_mark_dynamic(batch[key], 0)
     rows = statistics.mean(b["input_ids"].shape[0] for b in batches)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{args.model} on {name}, bf16, {'compiled' if args.compile else 'eager'}; {args.pairs} pairs a step "
+    print(f"{args.model} on {name}, bf16, {'compiled' if args.compile else 'eager'}"
+          f"{'' if args.regions else ', no nested regions'}; {args.pairs} pairs a step "
           f"from {args.data} packed into {rows:.1f} rows of {args.seq_len} on average ({len(batches)} batches)\n")
-    print("| objective | ms a step | positions/s | of causal rows' |")
+    print(f"| objective | ms a step | positions/s | vs {labels[-1]} |")
     print("|---|---|---|---|")
-    results = {label: time_steps(objective, batches, args, device, profile=args.profile and label == "dpo")
-               for label, objective in OBJECTIVES.items()}
+    results = {label: time_steps(OBJECTIVES[label], batches, args, device, profile=args.profile and label == "dpo")
+               for label in labels}
     for label, (ms, rate, _) in results.items():
-        print(f"| {label} | {ms:.1f} | {rate:,.0f} | {rate / results['causal rows'][1]:.0%} |")
-    if args.profile:
+        print(f"| {label} | {ms:.1f} | {rate:,.0f} | {rate / results[labels[-1]][1]:.0%} |")
+    if args.profile and "dpo" in results:
         print(f"\nTop kernels in one dpo step:\n{results['dpo'][2]}")
 
 

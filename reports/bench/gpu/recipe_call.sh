@@ -13,7 +13,7 @@ bash reports/bench/gpu/install.sh "$out" | tee -a "$out/recipe.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/recipe.log"
 preset=$(tinyllm preset gpu) || { echo "no preset: see install.log" | tee -a "$out/recipe.log"; exit 1; }
 start=$(date +%s)
-TORCH_LOGS=recompiles timeout "${LIMIT:-540}" dvc exp run $preset "$@" 2>&1 \
+TORCH_LOGS=${TORCH_LOGS:-recompiles} timeout "${LIMIT:-540}" dvc exp run $preset "$@" 2>&1 \
     | while IFS= read -r line; do echo "$(( $(date +%s) - start )) $line"; done | tee -a "$out/recipe.log" | grep -v "step [0-9]"
 rc=${PIPESTATUS[0]}
 echo "wall $(( $(date +%s) - start )) s (dvc exp run's exit status $rc; 124 is the time limit)" | tee -a "$out/recipe.log"
