@@ -207,26 +207,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
         """(new x, (balance loss, expert load) for an MoE layer, else None)."""
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask))
         if not self.is_moe:
-            return self.dense_forward(x, cos, sin, cache, layer, mask), None
-        x = self.attention_block(x, cos, sin, cache, layer, mask)
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x))), None
         y, balance_loss, load = self.mlp(self.post_attention_layernorm(x))
         return x + self.dropout(y), (balance_loss, load)
-
-    def attention_block(self, x, cos, sin, cache, layer, mask):
-        """The residual stream after the layer's attention (pre-norm)."""
-        return x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask))
-
-    @torch.compiler.nested_compile_region
-    def dense_forward(self, x, cos, sin, cache, layer, mask):
-        """A dense layer, as a nested compile region: inside a compiled model, Dynamo and Inductor
-        compile one layer and run its graph for every layer, instead of tracing each. A cold
-        training step compiled in 12.1 s instead of 17.7, at the same step time (H100, 768x8,
-        32 x 512, bf16; reports/gpu_speed.md). Eagerly it is a plain call. An MoE layer is not a
-        region: where its experts loop on the host (fp32 on a GPU) the graph breaks, and a region
-        must be one graph."""
-        x = self.attention_block(x, cos, sin, cache, layer, mask)
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Backbone(nn.Module):

@@ -302,8 +302,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         NonFiniteLossError: the loss became NaN or infinite (the message names the step and the
             last good resumable checkpoint, which is kept).
     """
+    clock = fit_started = time.perf_counter()  # one clock from here on: the parts add up to the start-up
     startup = {"setup_seconds": process_seconds()}  # the stage's own work before fit: imports, data, loading
-    clock = time.perf_counter()
     run = run or TrainingRun()
     dist, logger = run.dist, run.logger or NullLogger()
     device = resolve_device(runtime, dist)
@@ -341,7 +341,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         grad_norm = engine.complete_step()
         window.end_step(step, step_loss)
         if step == start_step:
-            speed = _first_step(device, window, dist, startup)
+            speed = _first_step(device, window, dist, startup, fit_started)
 
         last = step == cfg.max_steps - 1
         if (step + 1) % cfg.log_interval != 0 and not last:
@@ -385,7 +385,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     return result
 
 
-def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict) -> dict:
+def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict, fit_started: float) -> dict:
     """Start-up as a user sees it: from the process start to the first step done (one host sync),
     and its parts: the stage's own work before calling `fit` (`setup_seconds`); starting the device
     (`device_seconds`; a stage that used the GPU before `fit`, like DPO's reference pass, started it
@@ -396,7 +396,9 @@ def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict
     compiling on a GPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device if device.index is not None else None)  # "cuda" names no index
-    speed = {"startup_seconds": process_seconds(), **startup, "first_step_seconds": time.perf_counter() - window.start}
+    now = time.perf_counter()
+    speed = {"startup_seconds": startup["setup_seconds"] + now - fit_started, **startup,
+             "first_step_seconds": now - window.start}
     if dist.is_main:
         log.info("first step done %.1f s after the process started (the stage's setup: %.1f s; starting the device: "
                  "%.1f s; the resume check: %.1f s; the engine: %.1f s; the step itself: %.1f s)",

@@ -81,20 +81,10 @@ def compiles(cfg: RuntimeConfig, device: torch.device) -> bool:
 
 
 def compile_options(cfg: RuntimeConfig) -> dict:
-    """torch.compile's keyword arguments for training under `runtime.compile`: the mode's Inductor
-    options, when it names one, and no buffer reuse where torch needs that for nested regions.
-
-    Dense decoder layers are nested compile regions (`DecoderLayer.dense_forward`). torch 2.13's
-    Inductor gives wrong gradients around them (relative error 0.7 to 1e4, from the last layer
-    down) while it reuses buffers; with reuse off they match the eager model's, as torch 2.11's do
-    with it on (`reports/bench/gpu/nested_region_grad_bug.py`). 2.12 was not tried, so it gets the
-    workaround."""
+    """torch.compile's keyword arguments for `runtime.compile`: the mode, when it names one."""
     if problem := compile_problem(cfg.compile):  # a RuntimeConfig built in code skips parse_params' checks
         raise ConfigError(problem)
-    options = torch._inductor.list_mode_options(cfg.compile) if cfg.compile in COMPILE_MODES else {}
-    if torch.__version__ >= "2.12":  # a TorchVersion: compares as a version, not as text
-        options = {**options, "allow_buffer_reuse": False}
-    return {"options": options} if options else {}
+    return {"mode": cfg.compile} if cfg.compile in COMPILE_MODES else {}
 
 
 def compiled_graphs() -> int:

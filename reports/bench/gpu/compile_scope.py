@@ -6,14 +6,12 @@ stage's start-up must stay under 30 s; a cold `torch.compile` of 768Ã—8 cost 25â
 
 Each scope runs in a fresh process with an empty inductor cache, so every compile is cold:
 - eager: no compiling;
-- whole: `torch.compile(model)` with the layers' nested regions taken off: what the training
-  engine did until 2026-12-06, tracing every layer;
+- whole: `torch.compile(model)`, as the training engine compiles it, tracing every layer;
 - layers: `layer.compile()` on each decoder layer. The layers share their code, so Dynamo traces
   one graph for all of them; the embedding, the final norm, the head and the loss stay eager.
-- nested: the whole model as the engine compiles it now (`compile_options`): a dense decoder
-  layer's forward is a nested compile region (`torch.compiler.nested_compile_region`), so Dynamo and
-  Inductor compile one layer and stamp it out for the others, inside one whole-model graph (head
-  and loss included).
+- nested: the whole model, each decoder layer's forward a nested compile region
+  (`torch.compiler.nested_compile_region`, `regions.py`), so Dynamo and Inductor compile one layer
+  and stamp it out for the others, inside one whole-model graph (head and loss included).
 - regional: the layers as above, and the final norm, the head and the loss compiled as one more
   function (the model's training forward written out here, so the two parts compile apart). Is
   the layers' slower step the eager fp32 loss over the 6,400-wide logits, or the layers' edges?
@@ -21,8 +19,8 @@ It prints the first step (compile included) and the median step after it, bf16 a
 `--dtype float32`), AdamW, and how far the first step's gradients are from the eager model's (the
 largest relative norm of the difference over the parameters: bf16 rounding gives about 1e-2; a
 wrong gradient, about 1 or more).
-Nested regions need `compile_options`' workaround on torch 2.13: without it their gradients are
-wrong (reports/bench/gpu/nested_region_grad_bug.py; reports/gpu_speed.md, 2026-12-06).
+Nested regions need buffer reuse off on torch 2.13: with it their gradients are wrong
+(`regions.py`, `nested_region_grad_bug.py`; reports/gpu_speed.md, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -51,11 +49,11 @@ def head_loss(model, x, labels):
 
 def run_scope(scope: str, args: argparse.Namespace) -> dict:
     import torch
+    from regions import nest_decoder_layers  # this folder's module, beside this script
 
     from tinyllm.bench import PRESETS
-    from tinyllm.config import ModelConfig, RuntimeConfig
+    from tinyllm.config import ModelConfig
     from tinyllm.model.transformer import DecoderLayer, Transformer
-    from tinyllm.train.runtime import compile_options
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -63,13 +61,11 @@ def run_scope(scope: str, args: argparse.Namespace) -> dict:
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reference = copy.deepcopy(model)  # eager, for the first step's gradients
-    if scope != "nested":  # the other scopes compile the layer's forward as plain code
-        DecoderLayer.dense_forward = DecoderLayer.dense_forward.__marked_compile_region_fn__
     step_model = model
     if scope == "whole":
         step_model = torch.compile(model)
     elif scope == "nested":
-        step_model = torch.compile(model, **compile_options(RuntimeConfig(compile=True)))
+        step_model = torch.compile(model, **nest_decoder_layers())
     if scope in ("layers", "regional"):
         for layer in (m for m in model.modules() if isinstance(m, DecoderLayer)):
             layer.compile()

@@ -28,17 +28,17 @@ import time
 from pathlib import Path
 
 import torch
-from profiling import profile_table  # this folder's module, beside this script
+from profiling import profile_table  # this folder's modules, beside this script
+from regions import nest_decoder_layers
 
 from tinyllm.bench import PRESETS
-from tinyllm.config import ModelConfig, RuntimeConfig, TrainConfig
+from tinyllm.config import ModelConfig, TrainConfig
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.preference import PreferenceBatches, encode_pairs, validate_preference
 from tinyllm.data.tokenizer import ENDOFTEXT, load_tokenizer, special_id
-from tinyllm.model.transformer import DecoderLayer, Transformer
+from tinyllm.model.transformer import Transformer
 from tinyllm.train.engine import build_optimizer
 from tinyllm.train.objectives import DPOLoss
-from tinyllm.train.runtime import compile_options
 
 
 def in_model_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -59,7 +59,7 @@ def time_steps(objective, batches: list[dict], args, device: torch.device, profi
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**PRESETS[args.model], max_seq_len=args.seq_len, vocab_size=args.vocab)).to(device)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-5, weight_decay=0.0), device)
-    step_model = torch.compile(model, **compile_options(RuntimeConfig(compile=True))) if args.compile else model
+    step_model = torch.compile(model, **args.compile_kwargs) if args.compile else model
     seconds, positions = [], []
 
     def step(batch: dict) -> None:
@@ -93,8 +93,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated, of "
                         f"{', '.join(OBJECTIVES)}; the last is the one the others are compared with")
-    parser.add_argument("--no-regions", dest="regions", action="store_false",
-                        help="compile each dense layer inline, not as one nested region for all layers")
+    parser.add_argument("--regions", action="store_true",
+                        help="each decoder layer a nested compile region (regions.py; not what the engine does)")
     parser.add_argument("--data", type=Path, default=Path("artifacts/data/dpo.jsonl"))
     parser.add_argument("--tokenizer", type=Path, default=Path("artifacts/sft"), help="a checkpoint with the tokenizer")
     args = parser.parse_args()
@@ -102,8 +102,7 @@ def main() -> None:
     if set(labels) - set(OBJECTIVES):
         parser.error(f"--objectives: {', '.join(sorted(set(labels) - set(OBJECTIVES)))} is not one of "
                      f"{', '.join(OBJECTIVES)}")
-    if not args.regions:
-        DecoderLayer.dense_forward = DecoderLayer.dense_forward.__marked_compile_region_fn__
+    args.compile_kwargs = nest_decoder_layers() if args.regions else {}
     device = torch.device(args.device)
     tok = load_tokenizer(args.tokenizer)
     args.vocab = tok.get_vocab_size()
@@ -118,7 +117,7 @@ def main() -> None:
     rows = statistics.mean(b["input_ids"].shape[0] for b in batches)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{args.model} on {name}, bf16, {'compiled' if args.compile else 'eager'}"
-          f"{'' if args.regions else ', no nested regions'}; {args.pairs} pairs a step "
+          f"{', nested layer regions' if args.regions else ''}; {args.pairs} pairs a step "
           f"from {args.data} packed into {rows:.1f} rows of {args.seq_len} on average ({len(batches)} batches)\n")
     print(f"| objective | ms a step | positions/s | vs {labels[-1]} |")
     print("|---|---|---|---|")

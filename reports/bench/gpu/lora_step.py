@@ -26,15 +26,15 @@ import statistics
 import time
 
 import torch
-from profiling import profile_table  # this folder's module, beside this script
+from profiling import profile_table  # this folder's modules, beside this script
+from regions import nest_decoder_layers
 
 from tinyllm.bench import PRESETS
-from tinyllm.config import LoRAConfig, ModelConfig, RuntimeConfig, TrainConfig
-from tinyllm.model.transformer import DecoderLayer, Transformer
+from tinyllm.config import LoRAConfig, ModelConfig, TrainConfig
+from tinyllm.model.transformer import Transformer
 from tinyllm.train.engine import build_optimizer
 from tinyllm.train.lora import add_lora
 from tinyllm.train.objectives import NextTokenLoss
-from tinyllm.train.runtime import compile_options
 
 KINDS = ("full", "frozen base", "lora", "lora + new tokens")
 
@@ -57,7 +57,7 @@ def time_steps(kind: str, cfg: ModelConfig, batches: list[dict], args, device: t
     """(first step s, median ms a step, positions a second at that step, the profile table if `profile`)."""
     model = build(kind, cfg, device).train()
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), device)
-    options = {"mode": "reduce-overhead"} if args.cuda_graphs else compile_options(RuntimeConfig(compile=True))
+    options = {"mode": "reduce-overhead"} if args.cuda_graphs else args.compile_kwargs
     step_model = torch.compile(model, **options) if args.compile else model
     objective = NextTokenLoss()
 
@@ -96,16 +96,17 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--cuda-graphs", action="store_true", help='torch.compile(mode="reduce-overhead")')
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--no-regions", dest="regions", action="store_false",
-                        help="compile each dense layer inline, not as one nested region for all layers")
+    parser.add_argument("--regions", action="store_true",
+                        help="each decoder layer a nested compile region (regions.py; not what the engine does)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}; "
                         "the first is the one the others are compared with")
     args = parser.parse_args()
     kinds = args.kinds.split(",")
     if set(kinds) - set(KINDS):
         parser.error(f"--kinds: {', '.join(sorted(set(kinds) - set(KINDS)))} is not one of {', '.join(KINDS)}")
-    if not args.regions:
-        DecoderLayer.dense_forward = DecoderLayer.dense_forward.__marked_compile_region_fn__
+    if args.cuda_graphs and args.regions:  # torch.compile takes a mode or Inductor options, not both
+        parser.error("--cuda-graphs and --regions: one at a time")
+    args.compile_kwargs = nest_decoder_layers() if args.regions else {}
     device = torch.device(args.device)
     cfg = ModelConfig(**PRESETS[args.model], max_seq_len=args.seq_len, vocab_size=args.vocab)
     generator = torch.Generator().manual_seed(0)
@@ -116,7 +117,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{args.model} on {name}, bf16, {'compiled' if args.compile else 'eager'}, "
           f"{args.batch_size} rows of {args.seq_len}, torch {torch.__version__}"
-          f"{', CUDA graphs' if args.cuda_graphs else ''}{'' if args.regions else ', no nested regions'}\n")
+          f"{', CUDA graphs' if args.cuda_graphs else ''}{', nested layer regions' if args.regions else ''}\n")
     print(f"| training | first step (s) | ms a step | positions/s | of {kinds[0]}'s |")
     print("|---|---|---|---|---|")
     results = {kind: time_steps(kind, cfg, batches, args, device, args.profile and kind == kinds[-1])

@@ -3,7 +3,7 @@
 An embedding, two layers `x + a(x * w)` whose forward is a nested compile region, `x * w` and a
 linear head with cross-entropy. The second layer's `w` gets a gradient 66% off the eager model's
 (relative norm of the difference); backend="aot_eager" agrees with eager, and so do torch 2.11 and
-Inductor with `allow_buffer_reuse=False` (the workaround in `tinyllm.train.runtime.compile_options`).
+Inductor with `allow_buffer_reuse=False` (the workaround in `regions.py`, beside this script).
 Without the embedding (a float input), or without the `* w` after the layers, the gradients agree.
     python reports/bench/gpu/nested_region_grad_bug.py
 """

@@ -1,0 +1,19 @@
+"""Nested compile regions for the benches that weigh them. The training engine does not use them:
+on an H100 they took LoRA's step from 23.7 to 39.6 ms and made GRPO recompile (reports/gpu_speed.md,
+"Nested layer regions: tried, taken out")."""
+
+from __future__ import annotations
+
+import torch
+
+from tinyllm.model.transformer import DecoderLayer
+
+
+def nest_decoder_layers() -> dict:
+    """Makes every decoder layer's forward a nested compile region (Dynamo and Inductor compile one
+    layer and run its graph for all of them) and returns the `torch.compile` keyword arguments it
+    needs. Dense models only: an MoE layer's fp32 expert loop breaks the graph, and a region must be
+    one graph. torch 2.13's Inductor gives wrong gradients around regions while it reuses buffers
+    (`nested_region_grad_bug.py`), so that is off from 2.12 (2.12 untried)."""
+    DecoderLayer.forward = torch.compiler.nested_compile_region(DecoderLayer.forward)
+    return {"options": {"allow_buffer_reuse": False}} if torch.__version__ >= "2.12" else {}
