@@ -180,6 +180,22 @@ def test_start_up_counts_from_the_stage_start_across_a_relaunch(monkeypatch):
     assert 100 <= process_seconds() < 110
 
 
+def test_a_process_is_never_older_than_the_time_since_it_was_spawned():
+    """process_seconds in a fresh process is at most the time since its parent started it (plus the
+    kernel's 10 ms tick): psutil's create_time, with the boot time in whole seconds, made it up to
+    1 s more."""
+    import subprocess
+    import sys
+    import time
+
+    probe = "import time; from tinyllm.train.runtime import process_seconds; print(process_seconds(), time.time())"
+    for _ in range(3):
+        spawned = time.time()
+        age, now = map(float, subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                             check=True).stdout.split())
+        assert 0 < age <= now - spawned + 0.02
+
+
 WINDOW_PROBE = """
 import torch
 from tinyllm.train.distributed import init_distributed, close_distributed

@@ -18,13 +18,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as torch_dist
 
 from tinyllm.config import CheckpointConfig, DistributedConfig, Params
 from tinyllm.data.labels import IGNORE_INDEX
-from tinyllm.train.runtime import STARTED_AT
+from tinyllm.train.runtime import STARTED_AT, process_started_at
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ def training_run(stage: str, params: Params):
     command = relaunch_command(params.distributed)
     if command is not None:
         log.info("relaunching: %s", " ".join(command))
-        os.environ.setdefault(STARTED_AT, str(psutil.Process().create_time()))  # start-up counts from here
+        os.environ.setdefault(STARTED_AT, str(process_started_at()))  # start-up counts from here
         sys.stdout.flush()
         os.execv(command[0], command)
     dist = init_distributed()

@@ -302,8 +302,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         NonFiniteLossError: the loss became NaN or infinite (the message names the step and the
             last good resumable checkpoint, which is kept).
     """
-    clock = fit_started = time.perf_counter()  # one clock from here on: the parts add up to the start-up
     startup = {"setup_seconds": process_seconds()}  # the stage's own work before fit: imports, data, loading
+    clock = fit_started = time.perf_counter()  # one clock from here on: the parts add up to the start-up
     run = run or TrainingRun()
     dist, logger = run.dist, run.logger or NullLogger()
     device = resolve_device(runtime, dist)

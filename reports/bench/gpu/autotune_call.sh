@@ -5,9 +5,8 @@
 # max-autotune-no-cudagraphs mode (every matmul timed against Triton templates, elementwise work
 # fused into them) take enough off? The default compile first, then the mode, each its own run and
 # table (a run cut by its time limit loses only itself); 512x8 at 128 rows.
-# On an H100 (2026-12-06, before the layers were nested compile regions) the mode did not finish
-# 512x8 in 180 s: autotuning one matmul's 21 candidates took 33 s. Now one layer's matmuls are
-# tuned for all layers; AUTOTUNE_LIMIT (default 400 s) bounds each tuned run. About 25 s of
+# On an H100 (2026-12-06) the mode did not finish 512x8 in 180 s: autotuning one matmul's 21
+# candidates took 33 s. AUTOTUNE_LIMIT (default 400 s) bounds each tuned run. About 25 s of
 # install + 75 s + AUTOTUNE_LIMIT per model: one model a call. Carry .whl.
 #   bash reports/bench/gpu/autotune_call.sh
 #   MODELS="768x8 32" bash reports/bench/gpu/autotune_call.sh       # another model at its batch size

@@ -102,6 +102,8 @@ def main() -> None:
     if set(labels) - set(OBJECTIVES):
         parser.error(f"--objectives: {', '.join(sorted(set(labels) - set(OBJECTIVES)))} is not one of "
                      f"{', '.join(OBJECTIVES)}")
+    if args.regions and (not args.compile or "moe" in PRESETS[args.model]):
+        parser.error("--regions: a compiled dense model only (an MoE layer's expert loop breaks the region's graph)")
     args.compile_kwargs = nest_decoder_layers() if args.regions else {}
     device = torch.device(args.device)
     tok = load_tokenizer(args.tokenizer)

@@ -106,6 +106,8 @@ def main() -> None:
         parser.error(f"--kinds: {', '.join(sorted(set(kinds) - set(KINDS)))} is not one of {', '.join(KINDS)}")
     if args.cuda_graphs and args.regions:  # torch.compile takes a mode or Inductor options, not both
         parser.error("--cuda-graphs and --regions: one at a time")
+    if args.regions and (not args.compile or "moe" in PRESETS[args.model]):
+        parser.error("--regions: a compiled dense model only (an MoE layer's expert loop breaks the region's graph)")
     args.compile_kwargs = nest_decoder_layers() if args.regions else {}
     device = torch.device(args.device)
     cfg = ModelConfig(**PRESETS[args.model], max_seq_len=args.seq_len, vocab_size=args.vocab)

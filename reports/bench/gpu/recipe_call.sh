@@ -19,7 +19,7 @@ bash reports/bench/gpu/install.sh "$out" | tee -a "$out/recipe.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/recipe.log"
 preset=$(tinyllm preset gpu) || { echo "no preset: see install.log" | tee -a "$out/recipe.log"; exit 1; }
 SECONDS=0  # the seconds since dvc exp run started, on every line (bash's clock: no fork a line)
-TORCH_LOGS=${TORCH_LOGS:-recompiles} timeout "${LIMIT:-540}" dvc exp run $preset "$@" 2>&1 \
+TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "${LIMIT:-540}" dvc exp run $preset "$@" 2>&1 \
     | while IFS= read -r line; do echo "$SECONDS $line"; done | tee -a "$out/recipe.log" | grep -v "step [0-9]"
 rc=${PIPESTATUS[0]}
 echo "wall $SECONDS s (dvc exp run's exit status $rc; 124 is the time limit)" | tee -a "$out/recipe.log"

@@ -1,6 +1,7 @@
 """Nested compile regions for the benches that weigh them. The training engine does not use them:
-with them LoRA's step took 39.6 ms on an H100 (23.7 without, on another H100) and GRPO recompiled
-(reports/gpu_speed.md, "Nested layer regions in the recipe")."""
+with them LoRA's step took 39.6 ms on an H100 (without, on another H100: 23.7 ms for LoRA with new
+token rows at vocab 6,400) and GRPO recompiled (reports/gpu_speed.md, "Nested layer regions in the
+recipe")."""
 
 from __future__ import annotations
 
@@ -15,5 +16,6 @@ def nest_decoder_layers() -> dict:
     needs. Dense models only: an MoE layer's fp32 expert loop breaks the graph, and a region must be
     one graph. torch 2.13's Inductor gives wrong gradients around regions while it reuses buffers
     (`nested_region_grad_bug.py`), so that is off from 2.12 (2.12 untried)."""
-    DecoderLayer.forward = torch.compiler.nested_compile_region(DecoderLayer.forward)
+    if not hasattr(DecoderLayer.forward, "__marked_compile_region_fn__"):  # once, however often it is called
+        DecoderLayer.forward = torch.compiler.nested_compile_region(DecoderLayer.forward)
     return {"options": {"allow_buffer_reuse": False}} if torch.__version__ >= "2.12" else {}
