@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from profiling import profile_table  # this folder's modules, beside this script
-from regions import nest_decoder_layers
+from regions import add_regions_flag, regions_compile_kwargs
 
 from tinyllm.bench import PRESETS
 from tinyllm.config import ModelConfig, TrainConfig
@@ -93,8 +93,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated, of "
                         f"{', '.join(OBJECTIVES)}; the last is the one the others are compared with")
-    parser.add_argument("--regions", action="store_true",
-                        help="each decoder layer a nested compile region (regions.py; not what the engine does)")
+    add_regions_flag(parser)
     parser.add_argument("--data", type=Path, default=Path("artifacts/data/dpo.jsonl"))
     parser.add_argument("--tokenizer", type=Path, default=Path("artifacts/sft"), help="a checkpoint with the tokenizer")
     args = parser.parse_args()
@@ -102,9 +101,7 @@ def main() -> None:
     if set(labels) - set(OBJECTIVES):
         parser.error(f"--objectives: {', '.join(sorted(set(labels) - set(OBJECTIVES)))} is not one of "
                      f"{', '.join(OBJECTIVES)}")
-    if args.regions and (not args.compile or "moe" in PRESETS[args.model]):
-        parser.error("--regions: a compiled dense model only (an MoE layer's expert loop breaks the region's graph)")
-    args.compile_kwargs = nest_decoder_layers() if args.regions else {}
+    args.compile_kwargs = regions_compile_kwargs(parser, args)
     device = torch.device(args.device)
     tok = load_tokenizer(args.tokenizer)
     args.vocab = tok.get_vocab_size()

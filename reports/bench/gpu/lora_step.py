@@ -27,7 +27,7 @@ import time
 
 import torch
 from profiling import profile_table  # this folder's modules, beside this script
-from regions import nest_decoder_layers
+from regions import add_regions_flag, regions_compile_kwargs
 
 from tinyllm.bench import PRESETS
 from tinyllm.config import LoRAConfig, ModelConfig, TrainConfig
@@ -96,8 +96,7 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--cuda-graphs", action="store_true", help='torch.compile(mode="reduce-overhead")')
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--regions", action="store_true",
-                        help="each decoder layer a nested compile region (regions.py; not what the engine does)")
+    add_regions_flag(parser)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}; "
                         "the first is the one the others are compared with")
     args = parser.parse_args()
@@ -106,9 +105,7 @@ def main() -> None:
         parser.error(f"--kinds: {', '.join(sorted(set(kinds) - set(KINDS)))} is not one of {', '.join(KINDS)}")
     if args.cuda_graphs and args.regions:  # torch.compile takes a mode or Inductor options, not both
         parser.error("--cuda-graphs and --regions: one at a time")
-    if args.regions and (not args.compile or "moe" in PRESETS[args.model]):
-        parser.error("--regions: a compiled dense model only (an MoE layer's expert loop breaks the region's graph)")
-    args.compile_kwargs = nest_decoder_layers() if args.regions else {}
+    args.compile_kwargs = regions_compile_kwargs(parser, args)
     device = torch.device(args.device)
     cfg = ModelConfig(**PRESETS[args.model], max_seq_len=args.seq_len, vocab_size=args.vocab)
     generator = torch.Generator().manual_seed(0)

@@ -5,8 +5,11 @@ recipe")."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
+from tinyllm.bench import PRESETS
 from tinyllm.model.transformer import DecoderLayer
 
 
@@ -19,3 +22,19 @@ def nest_decoder_layers() -> dict:
     if not hasattr(DecoderLayer.forward, "__marked_compile_region_fn__"):  # once, however often it is called
         DecoderLayer.forward = torch.compiler.nested_compile_region(DecoderLayer.forward)
     return {"options": {"allow_buffer_reuse": False}} if torch.__version__ >= "2.12" else {}
+
+
+def add_regions_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--regions", action="store_true",
+                        help="each decoder layer a nested compile region (regions.py; not what the engine does)")
+
+
+def regions_compile_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """For a bench's `--regions` (with its `--model` and `--no-compile`): the layers nested and
+    `torch.compile`'s keyword arguments for them, {} without the flag, a usage error where regions
+    cannot go (an eager run, an MoE preset)."""
+    if not args.regions:
+        return {}
+    if not args.compile or "moe" in PRESETS[args.model]:
+        parser.error("--regions: a compiled dense model only (an MoE layer's expert loop breaks the region's graph)")
+    return nest_decoder_layers()
