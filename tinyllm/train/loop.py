@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 class FitResult:
     history: list[dict] = field(default_factory=list)
     """One dict per log interval: step, train/loss, lr, grad_norm, tokens_per_sec, padding_share,
-    recompiles (from the second interval), mfu, val/loss, and the objective's extras as train/<name>."""
+    recompiles (since the first step), mfu, val/loss, and the objective's extras as train/<name>."""
     final: dict = field(default_factory=dict)
     """The last interval's train/* metrics, the last val loss, and the speed of the run:
-    tokens_per_sec, padding_share and recompiles after the first interval (`MetricsWindow`),
+    tokens_per_sec and padding_share after the first interval, recompiles after the first step
+    (`MetricsWindow`),
     startup_seconds (stage start to the end of the first step: imports, loading, compiling),
     setup_seconds (the part of it before `fit` was called: imports, data, loading the checkpoint),
     first_step_seconds (the first step, and on a resume the skipping of used batches) and mfu."""
@@ -98,9 +99,11 @@ class MetricsWindow:
 
     Throughput counts every position that goes through the model, padding included, the same way
     for every stage; the padding share is reported beside it. The first window holds compilation
-    and warm-up, so `steady_state` sums the windows after it (and the graphs Dynamo compiled after
-    it: recompiles, which a stage with fixed shapes never needs). The count is the process's:
-    under DeepSpeed with compile, the first validation of the compiled engine counts too.
+    and warm-up, so `steady_state` sums the windows after it. Recompiles are the graphs Dynamo
+    compiled after the first step, which compiles the step: a new shape at step 2 counts, though
+    its window is the first (GRPO's one recompile fell there and went uncounted, H100, 2026-12-06).
+    The count is the process's: under DeepSpeed with compile, the first validation of the compiled
+    engine counts too.
     """
 
     def __init__(self, device: torch.device, dist):
@@ -108,7 +111,7 @@ class MetricsWindow:
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
         self.windows = 0
         self.steady = {"tokens": 0, "padding": 0, "seconds": 0.0}
-        self.warm_graphs = 0
+        self.warm_graphs: int | None = None  # graphs compiled by the end of the first step
         self._reset()
         self.restart_clock()
 
@@ -135,10 +138,12 @@ class MetricsWindow:
         self.first_bad_step.masked_fill_(~torch.isfinite(step_loss) & (self.first_bad_step < 0), step)
         self.loss += step_loss
         self.steps += 1
+        if self.warm_graphs is None:
+            self.warm_graphs = compiled_graphs()
 
     def close(self, last_good: Path | None) -> dict:
         """train/loss, train/<extra>, tokens_per_sec and padding_share of the window (the same on
-        every process), and from the second window on the recompiles since the first; then the sums
+        every process), and the recompiles since the first step; then the sums
         start again (the clock, at `restart_clock`). Raises NonFiniteLossError naming the step and
         `last_good`."""
         if self.dist.enabled:  # the mean over ranks; positions and padding summed (shares differ)
@@ -160,12 +165,10 @@ class MetricsWindow:
         if self.extras:
             values = (torch.stack(list(self.extras.values())) / self.steps).tolist()
             metrics.update({f"train/{name}": v for name, v in zip(self.extras, values)})
-        if self.windows == 0:
-            self.warm_graphs = compiled_graphs()
-        else:
+        if self.windows > 0:
             for key, value in (("tokens", self.tokens), ("padding", self.padding), ("seconds", seconds)):
                 self.steady[key] += value
-            metrics["recompiles"] = compiled_graphs() - self.warm_graphs
+        metrics["recompiles"] = self.recompiles()
         self.windows += 1
         self._reset()
         return metrics
@@ -174,10 +177,14 @@ class MetricsWindow:
         """Throughput after warm-up (the first window's when the run had only one) and recompiles."""
         if self.windows < 2:  # (a resumed run with nothing left to do: an older version's history)
             return {"tokens_per_sec": first_window.get("tokens_per_sec", 0.0),
-                    "padding_share": first_window.get("padding_share", 0.0), "recompiles": 0}
+                    "padding_share": first_window.get("padding_share", 0.0), "recompiles": self.recompiles()}
         return {"tokens_per_sec": self.steady["tokens"] / self.steady["seconds"],
                 "padding_share": self.steady["padding"] / max(1, self.steady["tokens"]),
-                "recompiles": compiled_graphs() - self.warm_graphs}
+                "recompiles": self.recompiles()}
+
+    def recompiles(self) -> int:
+        """Graphs Dynamo compiled after the first step (0 before it ran)."""
+        return 0 if self.warm_graphs is None else compiled_graphs() - self.warm_graphs
 
 
 class BestWeights:

@@ -80,11 +80,20 @@ def compiles(cfg: RuntimeConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
 
 
+INDUCTOR_OPTIONS = {"triton.mix_order_reduction_non_strict_mode": True}
+"""Every compile's Inductor options. Inductor fuses the two sums of a norm's backward (over rows and
+over columns) only above a size, and guards the graph on that size: GRPO's rollouts, whose rows and
+lengths change every round, crossed it and recompiled the step (H100, 2026-12-06). Non-strict mode
+fuses at every size, so no guard (reports/gpu_speed.md, "A size guard in GRPO's step")."""
+
+
 def compile_options(cfg: RuntimeConfig) -> dict:
-    """torch.compile's keyword arguments for `runtime.compile`: the mode, when it names one."""
+    """torch.compile's keyword arguments for `runtime.compile`: Inductor options, the named mode's
+    among them (torch.compile takes a mode or options, not both)."""
     if problem := compile_problem(cfg.compile):  # a RuntimeConfig built in code skips parse_params' checks
         raise ConfigError(problem)
-    return {"mode": cfg.compile} if cfg.compile in COMPILE_MODES else {}
+    mode = torch._inductor.list_mode_options(cfg.compile) if cfg.compile in COMPILE_MODES else {}
+    return {"options": {**mode, **INDUCTOR_OPTIONS}}
 
 
 def compiled_graphs() -> int:

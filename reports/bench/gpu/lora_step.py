@@ -14,7 +14,7 @@ ways to train the same rows, so each difference is one cause:
   (`lora.train_new_tokens`, the stage's default).
 For each: seconds of the first step (compilation), milliseconds a step and positions a second (both
 from the median step after the warm-up); with --profile, the profiler's top ten events in one more
-step of the last kind (lora + new tokens). --cuda-graphs compiles with mode="reduce-overhead"
+step of the last kind (lora + new tokens). --cuda-graphs compiles with mode="reduce-overhead"'s option
 (forward and backward replayed as CUDA graphs): on the H200 the LoRA step waits on the host's
 kernel launches (reports/gpu_speed.md).
 """
@@ -35,6 +35,7 @@ from tinyllm.model.transformer import Transformer
 from tinyllm.train.engine import build_optimizer
 from tinyllm.train.lora import add_lora
 from tinyllm.train.objectives import NextTokenLoss
+from tinyllm.train.runtime import INDUCTOR_OPTIONS
 
 KINDS = ("full", "frozen base", "lora", "lora + new tokens")
 
@@ -57,7 +58,7 @@ def time_steps(kind: str, cfg: ModelConfig, batches: list[dict], args, device: t
     """(first step s, median ms a step, positions a second at that step, the profile table if `profile`)."""
     model = build(kind, cfg, device).train()
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), device)
-    options = {"mode": "reduce-overhead"} if args.cuda_graphs else args.compile_kwargs
+    options = {"options": {**INDUCTOR_OPTIONS, "triton.cudagraphs": True}} if args.cuda_graphs else args.compile_kwargs
     step_model = torch.compile(model, **options) if args.compile else model
     objective = NextTokenLoss()
 

@@ -1,7 +1,7 @@
 """Nested compile regions for the benches that weigh them. The training engine does not use them:
-with them LoRA's step took 39.6 ms on an H100 (without, on another H100: 23.7 ms for LoRA with new
-token rows at vocab 6,400) and GRPO recompiled (reports/gpu_speed.md, "Nested layer regions in the
-recipe")."""
+on one H100 they made LoRA's step faster (33.0 ms against 42.2) and full fine-tuning's and DPO's
+4-7% slower, and they need a workaround for torch 2.13 (reports/gpu_speed.md, "The engine as
+committed, a same-host A/B")."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import argparse
 import torch
 
 from tinyllm.bench import PRESETS
+from tinyllm.config import RuntimeConfig
 from tinyllm.model.transformer import DecoderLayer
+from tinyllm.train.runtime import INDUCTOR_OPTIONS, compile_options
 
 
 def nest_decoder_layers() -> dict:
@@ -21,7 +23,8 @@ def nest_decoder_layers() -> dict:
     (`nested_region_grad_bug.py`), so that is off from 2.12 (2.12 untried)."""
     if not hasattr(DecoderLayer.forward, "__marked_compile_region_fn__"):  # once, however often it is called
         DecoderLayer.forward = torch.compiler.nested_compile_region(DecoderLayer.forward)
-    return {"options": {"allow_buffer_reuse": False}} if torch.__version__ >= "2.12" else {}
+    buffers = {"allow_buffer_reuse": False} if torch.__version__ >= "2.12" else {}
+    return {"options": {**INDUCTOR_OPTIONS, **buffers}}
 
 
 def add_regions_flag(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +34,10 @@ def add_regions_flag(parser: argparse.ArgumentParser) -> None:
 
 def regions_compile_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     """For a bench's `--regions` (with its `--model` and `--no-compile`): the layers nested and
-    `torch.compile`'s keyword arguments for them, {} without the flag, a usage error where regions
-    cannot go (an eager run, an MoE preset)."""
+    `torch.compile`'s keyword arguments for them; the training engine's arguments without the flag;
+    a usage error where regions cannot go (an eager run, an MoE preset)."""
     if not args.regions:
-        return {}
+        return compile_options(RuntimeConfig(compile=True))
     if not args.compile or "moe" in PRESETS[args.model]:
         parser.error("--regions: a compiled dense model only (an MoE layer's expert loop breaks the region's graph)")
     return nest_decoder_layers()
