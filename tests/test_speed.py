@@ -17,8 +17,8 @@ from tinyllm.errors import ConfigError
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.dpo import pair_logprobs
 from tinyllm.train.loop import fit
-from tinyllm.train.objectives import DPOLoss, NextTokenLoss
-from tinyllm.train.runtime import INDUCTOR_OPTIONS, compile_options, compiled_graphs, compiles
+from tinyllm.train.objectives import DPOLoss, GRPOLoss, NextTokenLoss
+from tinyllm.train.runtime import INDUCTOR_OPTIONS, compile_options, compiled_graphs, compiles, replays_cuda_graphs
 
 CPU = RuntimeConfig(device="cpu")
 
@@ -38,6 +38,23 @@ def test_compile_auto_means_on_a_gpu_only():
     assert compile_options(RuntimeConfig(compile=True)) == {"options": INDUCTOR_OPTIONS}
     with pytest.raises(ConfigError, match="runtime.compile='reduce-overhead'"):  # a RuntimeConfig built in code
         compile_options(RuntimeConfig(compile="reduce-overhead"))
+
+
+def test_cuda_graphs_replay_only_a_single_gpu_step_of_one_shape():
+    """`runtime.cuda_graphs: auto` asks torch.compile for graphs only where a replay is the same step:
+    one GPU, compiled, one batch shape, a dense model, no gradient accumulation."""
+    gpu, auto = torch.device("cuda"), RuntimeConfig(compile="auto")
+    where = dict(processes=1, grad_accum=1, fixed_shapes=True, moe=False)
+    assert replays_cuda_graphs(auto, gpu, **where)
+    assert compile_options(auto, cuda_graphs=True)["options"]["triton.cudagraphs"] is True
+    assert "triton.cudagraphs" not in compile_options(auto)["options"]
+    for change in ({"processes": 2}, {"grad_accum": 2}, {"fixed_shapes": False}, {"moe": True}):
+        assert not replays_cuda_graphs(auto, gpu, **{**where, **change}), change
+    assert not replays_cuda_graphs(auto, torch.device("cpu"), **where)
+    assert not replays_cuda_graphs(RuntimeConfig(compile=False), gpu, **where)
+    assert not replays_cuda_graphs(RuntimeConfig(cuda_graphs=False), gpu, **where)
+    # which stages' objectives have one batch shape: the next-token ones, not DPO's or GRPO's
+    assert NextTokenLoss.fixed_shapes and not hasattr(DPOLoss, "fixed_shapes") and not hasattr(GRPOLoss, "fixed_shapes")
 
 
 def test_a_compile_mode_reaches_torch_compile_and_trains_as_the_eager_model_does(monkeypatch):

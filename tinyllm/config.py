@@ -187,8 +187,8 @@ class ModelConfig:
 
 
 COMPILE_MODES = ("max-autotune-no-cudagraphs",)
-"""torch.compile modes `runtime.compile` may name. Not the CUDA-graph ones: the training loop keeps
-a step's outputs (the loss) past the next step, which a graph replay would overwrite."""
+"""torch.compile modes `runtime.compile` may name. Not the CUDA-graph ones: `runtime.cuda_graphs`
+turns graphs on where a stage's shapes allow them."""
 
 
 def compile_problem(value: bool | str) -> str | None:
@@ -210,6 +210,11 @@ class RuntimeConfig:
     the CPU (no speed-up on 2 cores, and a minute of compiling); true or false force it.
     `max-autotune-no-cudagraphs` compiles with that torch.compile mode: it times several kernels
     for every matmul and fuses elementwise work into them, for minutes of compiling; for long runs."""
+    cuda_graphs: bool | str = "auto"
+    """Replay each compiled training step's forward and backward as CUDA graphs, one launch each
+    instead of one per kernel. `auto`: on one GPU, for a dense model whose batches all have one
+    shape, without gradient accumulation (pretrain, sft and lora; LoRA's step makes 451 matmul
+    launches and waited on a slow host: reports/gpu_speed.md); false: never."""
     threads: int | str = "auto"
     """CPU threads for training and eval. `auto`: torch's own count (one per core), fixed for the
     run; `follow`: one per core that other programs leave free, re-checked every 2 s
@@ -682,6 +687,8 @@ def _check_machine(p: Params) -> list[str]:
         e.append(f"runtime.threads={threads!r} must be auto, follow or a number of threads >= 1")
     if problem := compile_problem(p.runtime.compile):
         e.append(problem)
+    if p.runtime.cuda_graphs not in ("auto", False):
+        e.append(f"runtime.cuda_graphs={p.runtime.cuda_graphs!r} must be auto or false")
     if p.runtime.dtype not in ("auto", "float32", "bfloat16"):
         e.append(f"runtime.dtype={p.runtime.dtype!r} must be auto, float32 or bfloat16")
     if p.distributed.strategy not in ("ddp", "deepspeed"):

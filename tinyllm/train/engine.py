@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tinyllm.config import DistributedConfig, TrainConfig
 from tinyllm.train.distributed import Dist
-from tinyllm.train.runtime import autocast, compile_options, compiles
+from tinyllm.train.runtime import autocast, compile_options, compiles, replays_cuda_graphs
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 ZERO_CONFIGS = Path(__file__).with_name("zero")
@@ -52,18 +52,23 @@ def persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class TorchEngine:
-    """One process, or DDP: gradients all-reduced once per optimizer step (no_sync while accumulating)."""
+    """One process, or DDP: gradients all-reduced once per optimizer step (no_sync while accumulating).
+    `fixed_shapes`: every batch has one shape, so the compiled step may replay as CUDA graphs."""
 
-    def __init__(self, model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, dtype: torch.dtype,
+                 fixed_shapes: bool = False):
         self.model, self.cfg, self.device, self.dtype = model.to(device).train(), cfg, device, dtype
         compile_model = compiles(runtime, device)
+        moe = getattr(getattr(model, "config", None), "moe", None)
+        self.cuda_graphs = replays_cuda_graphs(runtime, device, processes=dist.world_size, grad_accum=cfg.grad_accum,
+                                               fixed_shapes=fixed_shapes, moe=bool(moe and moe.enabled))
         if compile_model and dist.enabled:
             # Dynamo's DDPOptimizer splits the compiled graph at every gradient bucket, so all-reduces
             # can start during the backward. On our models the split graphs cost far more than the
             # overlap saves: 2 H200s gave 1.15M tokens/s with it, 1.46M without (reports/distributed.md).
             # One whole graph; DDP then all-reduces every bucket right after the backward.
             torch._dynamo.config.optimize_ddp = False
-        compiled = torch.compile(model, **compile_options(runtime)) if compile_model else model
+        compiled = torch.compile(model, **compile_options(runtime, self.cuda_graphs)) if compile_model else model
         self.ddp = DistributedDataParallel(compiled, device_ids=[device] if device.type == "cuda" else None,
                                            gradient_as_bucket_view=True) if dist.enabled else None
         self.step_model = self.ddp or compiled
@@ -75,6 +80,8 @@ class TorchEngine:
 
     def forward_backward(self, objective, batch: dict, last_micro: bool):
         sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
+        if self.cuda_graphs:  # a new step: the last replay's outputs (the loop kept copies) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with sync, autocast(self.device, self.dtype):
             loss, extras = objective(self.step_model, batch)
             (loss / self.cfg.grad_accum).backward()
@@ -287,8 +294,9 @@ class DeepSpeedEngine:
 
 
 def make_engine(model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, dtype: torch.dtype,
-                distributed: DistributedConfig, start: tuple[dict, dict] | None = None):
-    """The engine `distributed.strategy` names; `start` = (weights, optimizer state) to resume from.
+                distributed: DistributedConfig, start: tuple[dict, dict] | None = None, fixed_shapes: bool = False):
+    """The engine `distributed.strategy` names; `start` = (weights, optimizer state) to resume from;
+    `fixed_shapes`: the objective's batches all have one shape (`TorchEngine`).
 
     Weights go into the module before the engine is built (DeepSpeed partitions what it finds).
     """
@@ -300,7 +308,7 @@ def make_engine(model, cfg: TrainConfig, runtime, dist: Dist, device: torch.devi
     if distributed.strategy == "deepspeed":
         engine = DeepSpeedEngine(model, cfg, runtime, dist, device, dtype, distributed.zero_stage)
     else:
-        engine = TorchEngine(model, cfg, runtime, dist, device, dtype)
+        engine = TorchEngine(model, cfg, runtime, dist, device, dtype, fixed_shapes)
     if start is not None:
         engine.load_optimizer_state(start[1])
     return engine

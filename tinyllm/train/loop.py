@@ -324,7 +324,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
     result = FitResult(history=history)
     startup["resume_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
-    engine = make_engine(model, cfg, runtime, dist, device, dtype, run.distributed, start=checkpoints.take_start())
+    engine = make_engine(model, cfg, runtime, dist, device, dtype, run.distributed, start=checkpoints.take_start(),
+                         fixed_shapes=getattr(objective, "fixed_shapes", False))
     startup["engine_seconds"] = time.perf_counter() - clock
     peak = peak_flops(device)
     it = iter(batches)

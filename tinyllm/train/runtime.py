@@ -84,16 +84,27 @@ INDUCTOR_OPTIONS = {"triton.mix_order_reduction_non_strict_mode": True}
 """Every compile's Inductor options. Inductor fuses the two sums of a norm's backward (over rows and
 over columns) only above a size, and guards the graph on that size: GRPO's rollouts, whose rows and
 lengths change every round, crossed it and recompiled the step (H100, 2026-12-06). Non-strict mode
-fuses at every size, so no guard (reports/gpu_speed.md, "A size guard in GRPO's step")."""
+fuses at every size, so no guard (reports/gpu_speed.md, "... a size guard in GRPO's step")."""
 
 
-def compile_options(cfg: RuntimeConfig) -> dict:
+def compile_options(cfg: RuntimeConfig, cuda_graphs: bool = False) -> dict:
     """torch.compile's keyword arguments for `runtime.compile`: Inductor options, the named mode's
-    among them (torch.compile takes a mode or options, not both)."""
+    among them (torch.compile takes a mode or options, not both), and CUDA graphs if asked for."""
     if problem := compile_problem(cfg.compile):  # a RuntimeConfig built in code skips parse_params' checks
         raise ConfigError(problem)
     mode = torch._inductor.list_mode_options(cfg.compile) if cfg.compile in COMPILE_MODES else {}
-    return {"options": {**mode, **INDUCTOR_OPTIONS}}
+    graphs = {"triton.cudagraphs": True} if cuda_graphs else {}
+    return {"options": {**mode, **INDUCTOR_OPTIONS, **graphs}}
+
+
+def replays_cuda_graphs(cfg: RuntimeConfig, device: torch.device, *, processes: int, grad_accum: int,
+                        fixed_shapes: bool, moe: bool) -> bool:
+    """`runtime.cuda_graphs` for one stage. Graphs replay fixed shapes and buffers: a new batch shape
+    records another graph (DPO's and GRPO's vary every step), an MoE's routing sends a varying number
+    of rows to each expert, and a replay overwrites the previous one's gradients (so no
+    accumulation over micro-batches); DDP's and DeepSpeed's hooks were not tried in a graph."""
+    return (cfg.cuda_graphs == "auto" and device.type == "cuda" and compiles(cfg, device) and processes == 1
+            and grad_accum == 1 and fixed_shapes and not moe)
 
 
 def compiled_graphs() -> int:
