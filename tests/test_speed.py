@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tinyllm.bench import bench_train
-from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig, SFTConfig, parse_params
+from tinyllm.config import DPOConfig, LoRAConfig, ModelConfig, MoEConfig, RuntimeConfig, SFTConfig, parse_params
 from tinyllm.data.chat import ChatBatches, encode_conversation
 from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.preference import PreferenceBatches, encode_pairs
@@ -17,7 +17,8 @@ from tinyllm.errors import ConfigError
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.dpo import pair_logprobs
 from tinyllm.train.loop import fit
-from tinyllm.train.objectives import DPOLoss, GRPOLoss, NextTokenLoss
+from tinyllm.train.lora import add_lora
+from tinyllm.train.objectives import DPOLoss, NextTokenLoss
 from tinyllm.train.runtime import INDUCTOR_OPTIONS, compile_options, compiled_graphs, compiles, replays_cuda_graphs
 
 CPU = RuntimeConfig(device="cpu")
@@ -30,7 +31,7 @@ def test_compile_auto_means_on_a_gpu_only():
     assert parse_params({"runtime": {"compile": "auto"}}).runtime.compile == "auto"
     with pytest.raises(ConfigError, match="runtime.compile='yes' must be auto, true, false or max-autotune"):
         parse_params({"runtime": {"compile": "yes"}})
-    with pytest.raises(ConfigError, match="runtime.compile='reduce-overhead' must be"):  # CUDA graphs: not in training
+    with pytest.raises(ConfigError, match="runtime.compile='reduce-overhead' must be"):  # graphs: runtime.cuda_graphs
         parse_params({"runtime": {"compile": "reduce-overhead"}})
     mode = RuntimeConfig(compile="max-autotune-no-cudagraphs")
     assert compiles(mode, torch.device("cpu"))
@@ -42,7 +43,8 @@ def test_compile_auto_means_on_a_gpu_only():
 
 def test_cuda_graphs_replay_only_a_single_gpu_step_of_one_shape():
     """`runtime.cuda_graphs: auto` asks torch.compile for graphs only where a replay is the same step:
-    one GPU, compiled, one batch shape, a dense model, no gradient accumulation."""
+    one GPU, compiled, one batch shape, a dense model, no gradient accumulation; and never against a
+    compile mode that says no to them."""
     gpu, auto = torch.device("cuda"), RuntimeConfig(compile="auto")
     where = dict(processes=1, grad_accum=1, fixed_shapes=True, moe=False)
     assert replays_cuda_graphs(auto, gpu, **where)
@@ -53,8 +55,31 @@ def test_cuda_graphs_replay_only_a_single_gpu_step_of_one_shape():
     assert not replays_cuda_graphs(auto, torch.device("cpu"), **where)
     assert not replays_cuda_graphs(RuntimeConfig(compile=False), gpu, **where)
     assert not replays_cuda_graphs(RuntimeConfig(cuda_graphs=False), gpu, **where)
-    # which stages' objectives have one batch shape: the next-token ones, not DPO's or GRPO's
-    assert NextTokenLoss.fixed_shapes and not hasattr(DPOLoss, "fixed_shapes") and not hasattr(GRPOLoss, "fixed_shapes")
+    assert not replays_cuda_graphs(RuntimeConfig(compile="max-autotune-no-cudagraphs"), gpu, **where)
+
+
+def test_fit_tells_the_engine_the_batch_shapes_and_whether_the_model_is_an_moe(monkeypatch, tokenizer):
+    """What `replays_cuda_graphs` is asked from inside `fit`: the caller's fixed_shapes, the MoE flag
+    read through a peft wrapper too, one process; on the CPU no step replays (cuda_graphs 0)."""
+    from tinyllm.train import engine
+
+    asked, real = [], engine.replays_cuda_graphs
+    monkeypatch.setattr(engine, "replays_cuda_graphs", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    vocab = tokenizer.get_vocab_size()
+
+    def one_step(model, fixed_shapes):
+        ids = torch.randint(0, vocab, (2, 17))
+        return fit(model, NextTokenLoss(), iter([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]),
+                   SFTConfig(max_steps=1, batch_size=2, warmup_steps=0, log_interval=1), CPU, fixed_shapes=fixed_shapes)
+
+    dense = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=32, vocab_size=vocab)
+    result = one_step(Transformer(ModelConfig(**dense)), True)
+    one_step(add_lora(Transformer(ModelConfig(**dense)), LoRAConfig()), False)
+    one_step(Transformer(ModelConfig(**dense, moe=MoEConfig(enabled=True, n_routed_experts=4, top_k=2,
+                                                            first_dense_layers=0))), True)
+    assert [(kw["fixed_shapes"], kw["moe"], kw["processes"]) for kw in asked] == [(True, False, 1), (False, False, 1),
+                                                                                (True, True, 1)]
+    assert result.final["cuda_graphs"] == 0
 
 
 def test_a_compile_mode_reaches_torch_compile_and_trains_as_the_eager_model_does(monkeypatch):

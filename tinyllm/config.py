@@ -212,9 +212,10 @@ class RuntimeConfig:
     for every matmul and fuses elementwise work into them, for minutes of compiling; for long runs."""
     cuda_graphs: bool | str = "auto"
     """Replay each compiled training step's forward and backward as CUDA graphs, one launch each
-    instead of one per kernel. `auto`: on one GPU, for a dense model whose batches all have one
-    shape, without gradient accumulation (pretrain, sft and lora; LoRA's step makes 451 matmul
-    launches and waited on a slow host: reports/gpu_speed.md); false: never."""
+    instead of one per kernel. `auto`: when compiling on one GPU, for a dense model whose batches
+    all have one shape, without gradient accumulation and unless `compile` is
+    max-autotune-no-cudagraphs (so pretrain, sft and lora; LoRA's step makes 451 matmul launches
+    and waited on a slow host: reports/gpu_speed.md); false: never."""
     threads: int | str = "auto"
     """CPU threads for training and eval. `auto`: torch's own count (one per core), fixed for the
     run; `follow`: one per core that other programs leave free, re-checked every 2 s

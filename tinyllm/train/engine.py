@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tinyllm.config import DistributedConfig, TrainConfig
 from tinyllm.train.distributed import Dist
-from tinyllm.train.runtime import autocast, compile_options, compiles, replays_cuda_graphs
+from tinyllm.train.runtime import autocast, compile_options, compiles, cuda_graph_skips, replays_cuda_graphs
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 ZERO_CONFIGS = Path(__file__).with_name("zero")
@@ -53,7 +53,8 @@ def persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 class TorchEngine:
     """One process, or DDP: gradients all-reduced once per optimizer step (no_sync while accumulating).
-    `fixed_shapes`: every batch has one shape, so the compiled step may replay as CUDA graphs."""
+    `fixed_shapes`: every batch has one shape, so the compiled step may replay as CUDA graphs
+    (`runtime.replays_cuda_graphs`; `cuda_graphs`: asked for, `replays_graphs`: done)."""
 
     def __init__(self, model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, dtype: torch.dtype,
                  fixed_shapes: bool = False):
@@ -77,6 +78,12 @@ class TorchEngine:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether the steps replay as CUDA graphs: asked for, and not declined by Inductor for any
+        graph it compiled (it logs why). Meaningful once a step has run."""
+        return self.cuda_graphs and cuda_graph_skips() == 0
 
     def forward_backward(self, objective, batch: dict, last_micro: bool):
         sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
@@ -163,6 +170,9 @@ class DeepSpeedEngine:
     moments) partitioned over the processes. `full_state` gathers them back into full tensors with
     DeepSpeed's public `safe_get_full_*` calls.
     """
+
+    replays_graphs = False
+    """Its hooks were not tried inside a CUDA graph (`runtime.replays_cuda_graphs`)."""
 
     def __init__(self, model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, dtype: torch.dtype,
                  zero_stage: int):
@@ -296,7 +306,7 @@ class DeepSpeedEngine:
 def make_engine(model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, dtype: torch.dtype,
                 distributed: DistributedConfig, start: tuple[dict, dict] | None = None, fixed_shapes: bool = False):
     """The engine `distributed.strategy` names; `start` = (weights, optimizer state) to resume from;
-    `fixed_shapes`: the objective's batches all have one shape (`TorchEngine`).
+    `fixed_shapes`: the batches all have one shape (`TorchEngine`; DeepSpeed never replays graphs).
 
     Weights go into the module before the engine is built (DeepSpeed partitions what it finds).
     """

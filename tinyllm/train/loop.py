@@ -44,10 +44,10 @@ class FitResult:
     final: dict = field(default_factory=dict)
     """The last interval's train/* metrics, the last val loss, and the speed of the run:
     tokens_per_sec and padding_share after the first interval, recompiles after the first step
-    (`MetricsWindow`),
-    startup_seconds (stage start to the end of the first step: imports, loading, compiling),
-    setup_seconds (the part of it before `fit` was called: imports, data, loading the checkpoint),
-    first_step_seconds (the first step, and on a resume the skipping of used batches) and mfu."""
+    (`MetricsWindow`), cuda_graphs (1: the steps replayed as CUDA graphs), startup_seconds (stage
+    start to the end of the first step: imports, loading, compiling), setup_seconds (the part of it
+    before `fit` was called: imports, data, loading the checkpoint), first_step_seconds (the first
+    step, and on a resume the skipping of used batches) and mfu."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -126,7 +126,8 @@ class MetricsWindow:
 
     def add_micro_batch(self, batch: dict, loss: torch.Tensor, extras: dict, grad_accum: int) -> torch.Tensor:
         """Count one micro-batch (this process's positions and padding; `close` sums them over the
-        processes); returns its share of the step's loss."""
+        processes); returns its share of the step's loss. It and the extras are kept as new tensors
+        (the division copies): the next CUDA graph replay overwrites the ones the step returned."""
         self.tokens += batch["input_ids"].numel()
         if "padding" in batch:
             self.padding += int(batch["padding"].sum())
@@ -286,7 +287,7 @@ def _restore(checkpoints: ResumableCheckpoints, batches, logger, dist, cfg: Trai
 def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cfg: TrainConfig,
         runtime: RuntimeConfig, *, run: TrainingRun | None = None,
         val_batches: Callable[[], Iterable[dict]] | None = None, flops_per_token: float | None = None,
-        inputs: Iterable[Path] = ()) -> FitResult:
+        inputs: Iterable[Path] = (), fixed_shapes: bool = False) -> FitResult:
     """Train `model` in place for cfg.max_steps optimizer steps.
 
     Args:
@@ -304,6 +305,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         flops_per_token: training FLOPs per token for MFU; None skips MFU.
         inputs: files whose content defines the run's data; a resumable checkpoint written from
             other data is not resumed.
+        fixed_shapes: every batch has the same shape (packed rows), so on one GPU the compiled
+            step may replay as CUDA graphs (`runtime.cuda_graphs`).
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (the message names the step and the
@@ -325,7 +328,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     result = FitResult(history=history)
     startup["resume_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
     engine = make_engine(model, cfg, runtime, dist, device, dtype, run.distributed, start=checkpoints.take_start(),
-                         fixed_shapes=getattr(objective, "fixed_shapes", False))
+                         fixed_shapes=fixed_shapes)
     startup["engine_seconds"] = time.perf_counter() - clock
     peak = peak_flops(device)
     it = iter(batches)
@@ -350,6 +353,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         window.end_step(step, step_loss)
         if step == start_step:
             speed = _first_step(device, window, dist, startup, fit_started)
+            speed["cuda_graphs"] = int(engine.replays_graphs)
 
         last = step == cfg.max_steps - 1
         if (step + 1) % cfg.log_interval != 0 and not last:

@@ -147,7 +147,8 @@ def run_lora(params: Params, init_dir: Path, identity: Path, replay: list[Path],
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
                  run=run, flops_per_token=base.flops_per_token(seq_len),
-                 inputs=[*content_files([identity, *replay]), token_dir / "index.json"])
+                 inputs=[*content_files([identity, *replay]), token_dir / "index.json"],
+                 fixed_shapes=True)  # ChatBatches and PackedBatches: rows of seq_len
     if not dist.is_main:
         return result.final
     model.cpu()

@@ -20,10 +20,6 @@ class NextTokenLoss:
     train/moe/layer<i>/expert<j>.
     """
 
-    fixed_shapes = True
-    """Its batches (packed text, packed chats) all have one shape: the engine may replay its step
-    as CUDA graphs (`runtime.cuda_graphs`)."""
-
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         out = model(batch["input_ids"], labels=batch["labels"])
         loss = out.loss

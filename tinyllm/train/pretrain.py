@@ -60,7 +60,8 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
              device_name(resolve_device(params.runtime, dist)))
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), batches, cfg, params.runtime, val_batches=val_batches,
-                 run=run, flops_per_token=model.flops_per_token(seq_len), inputs=[token_dir / "index.json"])
+                 run=run, flops_per_token=model.flops_per_token(seq_len), inputs=[token_dir / "index.json"],
+                 fixed_shapes=True)  # PackedBatches: rows of seq_len, the ragged end dropped
     seconds = time.perf_counter() - start
     tokens = cfg.max_steps * cfg.grad_accum * cfg.batch_size * seq_len
     summary = {

@@ -81,10 +81,11 @@ def compiles(cfg: RuntimeConfig, device: torch.device) -> bool:
 
 
 INDUCTOR_OPTIONS = {"triton.mix_order_reduction_non_strict_mode": True}
-"""Every compile's Inductor options. Inductor fuses the two sums of a norm's backward (over rows and
-over columns) only above a size, and guards the graph on that size: GRPO's rollouts, whose rows and
-lengths change every round, crossed it and recompiled the step (H100, 2026-12-06). Non-strict mode
-fuses at every size, so no guard (reports/gpu_speed.md, "... a size guard in GRPO's step")."""
+"""The training engine's Inductor options. Inductor fuses the two sums of a norm's backward (over rows
+and over columns) only above a size, and guards the graph on that size: GRPO's rollouts, whose rows
+and lengths change every round, crossed it and recompiled the step (H100, 2026-12-06). Non-strict
+mode fuses at every size, so no guard; the steps timed the same with it (768x8 at two shapes, 512x8
+at 128 rows: reports/gpu_speed.md, "... a size guard in GRPO's step")."""
 
 
 def compile_options(cfg: RuntimeConfig, cuda_graphs: bool = False) -> dict:
@@ -100,11 +101,21 @@ def compile_options(cfg: RuntimeConfig, cuda_graphs: bool = False) -> dict:
 def replays_cuda_graphs(cfg: RuntimeConfig, device: torch.device, *, processes: int, grad_accum: int,
                         fixed_shapes: bool, moe: bool) -> bool:
     """`runtime.cuda_graphs` for one stage. Graphs replay fixed shapes and buffers: a new batch shape
-    records another graph (DPO's and GRPO's vary every step), an MoE's routing sends a varying number
-    of rows to each expert, and a replay overwrites the previous one's gradients (so no
-    accumulation over micro-batches); DDP's and DeepSpeed's hooks were not tried in a graph."""
-    return (cfg.cuda_graphs == "auto" and device.type == "cuda" and compiles(cfg, device) and processes == 1
-            and grad_accum == 1 and fixed_shapes and not moe)
+    records another graph (DPO's and GRPO's vary every step); an MoE reads its routed counts on the
+    host and updates its routing bias in place; a replay overwrites the previous one's gradients (so
+    no accumulation over micro-batches); DDP's and DeepSpeed's hooks were not tried in a graph; and
+    `runtime.compile: max-autotune-no-cudagraphs` says no to them."""
+    return (cfg.cuda_graphs == "auto" and device.type == "cuda" and compiles(cfg, device)
+            and cfg.compile != "max-autotune-no-cudagraphs" and processes == 1 and grad_accum == 1 and fixed_shapes
+            and not moe)
+
+
+def cuda_graph_skips() -> int:
+    """Graphs Inductor compiled but would not replay as CUDA graphs (it logs why: a CPU tensor, an
+    input changed in place, ...), in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def compiled_graphs() -> int:

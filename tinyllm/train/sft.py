@@ -66,7 +66,8 @@ def run_sft(params: Params, init_dir: Path, chats: list[Path], token_dir: Path, 
     start = time.perf_counter()
     result = fit(model, NextTokenLoss(), rank_share(mixed_batches(*sources), dist), cfg, params.runtime,
                  run=run, flops_per_token=model.flops_per_token(seq_len), val_batches=val_batches if held_out else None,
-                 inputs=[*content_files([*chats, *val_chats]), token_dir / "index.json"])
+                 inputs=[*content_files([*chats, *val_chats]), token_dir / "index.json"],
+                 fixed_shapes=True)  # ChatBatches and PackedBatches: rows of seq_len
     summary = {
         **result.final,
         "conversations": len(examples),

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tinyllm.data.chat import encode_conversation
+from tinyllm.data.chat_data import UNKNOWN_DPO_PEOPLE
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
 from tinyllm.data.world import load_world
 from tinyllm.infer.chat import load_chat_model
@@ -62,7 +63,7 @@ def main() -> None:
                   "held-out people": [p.name for p in world.people if p.split == "heldout"],
                   "DPO unknown": [p.name for p in world.unknown[:60]],
                   "census (not people)": list(world.absent[:60]),
-                  "eval_unknown": [p.name for p in world.unknown[150:]]}
+                  "eval_unknown": [p.name for p in world.unknown[UNKNOWN_DPO_PEOPLE:]]}
         scores = {g: [not_a_person_logprob(model, tok, getattr(n, lang), lang, args.where) for n in names]
                   for g, names in groups.items()}
         unknown = scores["eval_unknown"]

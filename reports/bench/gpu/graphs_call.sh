@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call (issue 22): the training loop with and without CUDA graphs (`runtime.cuda_graphs`),
 # LoRA and full fine-tuning at 768x8, 32 rows of 512, each run a fresh process with an empty compile
-# cache (graphs_fit.py), alternated. Carry .whl.
+# cache (graphs_fit.py), without graphs first in each pair. Carry .whl.
 #   bash reports/bench/gpu/graphs_call.sh
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}

@@ -58,11 +58,13 @@ def main() -> None:
                       log_interval=max(1, args.steps // 6))
     runtime = RuntimeConfig(device=args.device, dtype="bfloat16", compile=True,
                             cuda_graphs="auto" if args.graphs == "auto" else False)
-    result = fit(model, NextTokenLoss(), random_rows(cfg.vocab_size, args.rows, args.seq_len, seed=0), train, runtime)
+    result = fit(model, NextTokenLoss(), random_rows(cfg.vocab_size, args.rows, args.seq_len, seed=0), train, runtime,
+                 fixed_shapes=True)  # as pretrain, sft and lora say of their packed rows
     final, losses = result.final, " ".join(f"{h['train/loss']:.6f}" for h in result.history)
     card = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
-    print(f"| {preset} {args.kind}, {args.rows} rows | {args.graphs} | {final['tokens_per_sec']:,.0f} | "
-          f"{final['recompiles']} | {final['first_step_seconds']:.1f} | {losses} | {card}")
+    print(f"| {preset} {args.kind}, {args.rows} rows | {args.graphs} (replayed: {final['cuda_graphs']}) | "
+          f"{final['tokens_per_sec']:,.0f} | {final['recompiles']} | {final['first_step_seconds']:.1f} | {losses} | "
+          f"{card}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--cuda-graphs", action="store_true", help='torch.compile(mode="reduce-overhead")')
+    parser.add_argument("--cuda-graphs", action="store_true", help='CUDA graphs (the option of mode="reduce-overhead")')
     parser.add_argument("--profile", action="store_true")
     add_regions_flag(parser)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}; "
