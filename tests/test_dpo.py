@@ -9,7 +9,7 @@ import torch
 
 from tinyllm.config import DPOConfig, ModelConfig, RuntimeConfig
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.preference import PreferenceBatches, encode_pairs, pack_pairs, validate_preference
+from tinyllm.data.preference import PreferenceBatches, encode_pairs, pack_pairs, pairs_drawn, validate_preference
 from tinyllm.data.tokenizer import ENDOFTEXT, IM_END
 from tinyllm.errors import DataError
 from tinyllm.model.transformer import Transformer
@@ -156,3 +156,40 @@ def test_the_nll_term_adds_the_chosen_replies_mean_token_nll(tokenizer):
     assert chosen_tokens == sum(int(mask.sum()) for (_, mask), _ in _pairs(tokenizer, 2))
     assert extras["chosen_nll"].item() == pytest.approx(-chosen.sum().item() / chosen_tokens)
     assert with_nll.item() == pytest.approx(plain.item() + 0.5 * extras["chosen_nll"].item())
+
+
+def test_the_reference_is_scored_for_the_pairs_the_batches_draw(tokenizer):
+    """`pairs_drawn` names exactly the pairs of a run's first batches while it stays in its first
+    epoch (DPO scores the reference on those alone), and every pair once it reaches a second."""
+    pairs = _pairs(tokenizer, 10)
+    ref = torch.tensor([[float(i), -float(i)] for i in range(10)])  # a pair's chosen reference = its index
+    batches = iter(PreferenceBatches(pairs, ref, batch_size=3, seq_len=255, seed=7,
+                                     pad_id=tokenizer.token_to_id(ENDOFTEXT)))
+    drawn = set()
+    for n in range(1, 5):
+        drawn |= {int(v) for v in next(batches)["ref_logps"][:3].tolist()}
+        if n * 3 < 10:
+            assert set(pairs_drawn(10, 3, seed=7, batches=n).tolist()) == drawn
+        else:
+            assert pairs_drawn(10, 3, seed=7, batches=n).tolist() == list(range(10))
+
+
+def test_a_dpo_run_shorter_than_an_epoch_scores_only_its_pairs(tmp_path, tokenizer):
+    """12 pairs, 3 steps of 2: the reference pass scores 6, and training sees no pair it skipped
+    (an unscored pair would carry a NaN reference into the loss)."""
+    from conftest import make_chat_checkpoint
+
+    from tinyllm.config import parse_params
+    from tinyllm.train.dpo import run_dpo
+
+    records = [json.loads(json.dumps(PAIR)) for _ in range(12)]
+    for i, record in enumerate(records):
+        record["chosen"][-1]["content"] = f"李明的宠物是猫{i}。"
+    pairs_file = tmp_path / "dpo.jsonl"
+    pairs_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    params = parse_params({"runtime": {"device": "cpu", "dtype": "float32"}, "checkpoint": {"interval": 0},
+                           "dpo": {"batch_size": 2, "max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_interval": 1}})
+    init = make_chat_checkpoint(tmp_path, tokenizer)
+    summary = run_dpo(params, init, pairs_file, tmp_path / "dpo")
+    assert summary["pairs"] == 12 and summary["reference_pairs"] == 6
+    assert math.isfinite(summary["train/loss"]) and (tmp_path / "dpo" / "model.safetensors").exists()

@@ -17,7 +17,14 @@ import torch
 
 from tinyllm.config import Params, to_dict
 from tinyllm.data.jsonl import read_jsonl
-from tinyllm.data.preference import PreferenceBatches, encode_pairs, pack_pairs, truncated_labels, validate_preference
+from tinyllm.data.preference import (
+    PreferenceBatches,
+    encode_pairs,
+    pack_pairs,
+    pairs_drawn,
+    truncated_labels,
+    validate_preference,
+)
 from tinyllm.errors import DataError, TrainingError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.distributed import TrainingRun, check_divisible, rank_share
@@ -72,9 +79,11 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     device = resolve_device(params.runtime, dist)
     dtype = resolve_dtype(params.runtime, device)
     start = time.perf_counter()
-    ref_logps = pair_logprobs(model.to(device), pairs, seq_len, pad_id, device, dtype)
-    if not torch.isfinite(ref_logps).all():
-        bad = int((~torch.isfinite(ref_logps)).any(1).nonzero()[0])
+    drawn = pairs_drawn(len(pairs), cfg.batch_size, params.seed, cfg.max_steps * cfg.grad_accum)
+    ref_logps = torch.full((len(pairs), 2), float("nan"))  # a pair never drawn is never scored
+    ref_logps[drawn] = pair_logprobs(model.to(device), [pairs[i] for i in drawn], seq_len, pad_id, device, dtype)
+    if not torch.isfinite(ref_logps[drawn]).all():
+        bad = int(drawn[(~torch.isfinite(ref_logps[drawn])).any(1).nonzero()[0]])
         raise TrainingError(f"{pairs_file}: pair {bad + 1}: the reference model's log-prob is not finite")
     ref_seconds = time.perf_counter() - start
 
@@ -88,6 +97,7 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     summary = {
         **result.final,
         "pairs": len(pairs),
+        "reference_pairs": len(drawn),
         "truncated_reply_tokens": lost,
         "reference_seconds": round(ref_seconds, 1),
         "train_seconds": round(time.perf_counter() - start, 1),
