@@ -80,11 +80,12 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     dtype = resolve_dtype(params.runtime, device)
     start = time.perf_counter()
     drawn = pairs_drawn(len(pairs), cfg.batch_size, params.seed, cfg.max_steps * cfg.grad_accum)
-    ref_logps = torch.full((len(pairs), 2), float("nan"))  # a pair never drawn is never scored
-    ref_logps[drawn] = pair_logprobs(model.to(device), [pairs[i] for i in drawn], seq_len, pad_id, device, dtype)
-    if not torch.isfinite(ref_logps[drawn]).all():
-        bad = int(drawn[(~torch.isfinite(ref_logps[drawn])).any(1).nonzero()[0]])
+    scored = pair_logprobs(model.to(device), [pairs[i] for i in drawn], seq_len, pad_id, device, dtype)
+    if not torch.isfinite(scored).all():
+        bad = int(drawn[(~torch.isfinite(scored)).any(1).nonzero()[0]])
         raise TrainingError(f"{pairs_file}: pair {bad + 1}: the reference model's log-prob is not finite")
+    ref_logps = torch.full((len(pairs), 2), float("nan"))  # a pair never drawn is never scored
+    ref_logps[drawn] = scored
     ref_seconds = time.perf_counter() - start
 
     batches = rank_share(PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id,

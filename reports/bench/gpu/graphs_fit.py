@@ -21,20 +21,12 @@ import argparse
 
 import torch
 
-from tinyllm.bench import PRESETS
+from tinyllm.bench import PRESETS, random_batches
 from tinyllm.config import LoRAConfig, ModelConfig, RuntimeConfig, SFTConfig
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.loop import fit
 from tinyllm.train.lora import add_lora
 from tinyllm.train.objectives import NextTokenLoss
-
-
-def random_rows(vocab_size: int, rows: int, seq_len: int, seed: int):
-    """Endless batches of one shape, the same sequence for every run of a seed."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        ids = torch.randint(0, vocab_size, (rows, seq_len + 1), generator=generator)
-        yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
 
 def main() -> None:
@@ -58,7 +50,8 @@ def main() -> None:
                       log_interval=max(1, args.steps // 6))
     runtime = RuntimeConfig(device=args.device, dtype="bfloat16", compile=True,
                             cuda_graphs="auto" if args.graphs == "auto" else False)
-    result = fit(model, NextTokenLoss(), random_rows(cfg.vocab_size, args.rows, args.seq_len, seed=0), train, runtime,
+    batches = random_batches(cfg.vocab_size, args.rows, args.seq_len, seed=0)  # the same rows in every run
+    result = fit(model, NextTokenLoss(), batches, train, runtime,
                  fixed_shapes=True)  # as pretrain, sft and lora say of their packed rows
     final, losses = result.final, " ".join(f"{h['train/loss']:.6f}" for h in result.history)
     card = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
