@@ -89,24 +89,24 @@ def test_thirty_two_requests_together_get_what_each_gets_alone(served):
         batcher.close()
 
 
-def test_at_one_decode_shape_a_request_is_bitwise_the_same_alone_and_among_others(served):
-    """The scheduler hands a row nothing of its neighbours: with every decode over all the slots
-    (one batch shape) and prompts prefilled alone in fixed chunks (the GPU's path, run eagerly),
-    each request gets bitwise the tokens and log-probs it gets alone. With the default batch-size
-    buckets the matmuls' shapes change with the batch, and on the CPU so do the last bits of the
-    log-probs: only closeness holds there."""
+def test_an_invariant_batcher_gives_a_request_bitwise_the_reply_it_gets_alone(served):
+    """The scheduler hands a row nothing of its neighbours: with `invariant` (every decode over all
+    the slots, one batch shape; prompts prefilled alone in fixed chunks) each request gets bitwise
+    the tokens and log-probs it gets alone. With the default batch-size buckets the matmuls' shapes
+    change with the batch, and on the CPU so do the last bits of the log-probs: only closeness
+    holds there."""
     specs = [{**spec, "temperature": 0, "logprobs": 0} for spec in _mixed_requests(served.tok, 32)]
-    for one_shape in (True, False):
-        batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, prefill_chunk=16, decode_steps=4)
-        if one_shape:
-            batcher.buckets = [batcher.slots]
+    for invariant in (True, False):
+        batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, prefill_chunk=16, decode_steps=4,
+                          invariant=invariant)
         try:
+            assert batcher.buckets == ([32] if invariant else [1, 2, 4, 8, 16, 32])
             outcomes = alone_then_together(batcher, specs)
         finally:
             batcher.close()
         assert all(isinstance(o.finish, Finish) for side in outcomes for o in side)  # none ended in an error
         alone, together = ([o.exact for o in side] for side in outcomes)
-        if one_shape:
+        if invariant:
             assert alone == together
         else:  # the same tokens (fp32 has no near-ties here), log-probs equal up to rounding
             assert [[token for token, _ in r] for r in alone] == [[token for token, _ in r] for r in together]
@@ -175,7 +175,7 @@ def test_in_bf16_seeded_requests_get_the_same_replies_alone_and_among_others(ser
     specs = [{"prompt_ids": spec["prompt_ids"], "max_tokens": 16, "temperature": 1.0, "seed": i}
              for i, spec in enumerate(_mixed_requests(served.tok, 32))]
     batcher = Batcher(model, served.tok, set(), served.utf8)
-    batcher.buckets = [batcher.slots]
+    batcher.buckets = [batcher.slots]  # what `invariant` also sets; here the prefill alone must be the default
     try:
         assert batcher.prefill_chunk is not None
         alone, together = alone_then_together(batcher, specs)
@@ -270,6 +270,8 @@ def test_an_moe_model_batches_too(tmp_path, tokenizer):
         assert [o.text for o in run(batcher, *specs)] == alone and len(set(alone)) > 4
     finally:
         batcher.close()
+    with pytest.raises(ValueError, match="--batch-invariant. needs a dense model"):
+        Batcher(served.model, served.tok, served.stop_ids, invariant=True)
 
 
 def test_each_row_draws_its_own_number_and_samples_follow_the_distribution():

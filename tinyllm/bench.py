@@ -283,14 +283,16 @@ def run_infer(models: list[str], batch_sizes: list[int], out_dir: Path, name: st
 
 
 def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int], requests: int, max_tokens: int,
-                device: str, slots: list[int], log_dir: Path, dtype: str = "auto") -> tuple[list[dict], str]:
+                device: str, slots: list[int], log_dir: Path, dtype: str = "auto", invariant: bool = False
+                ) -> tuple[list[dict], str]:
     """`tinyllm serve` in a process of its own, once per `slots` setting (1 = one request at a time,
     as the server was before continuous batching), driven by streaming clients (the official openai
     client, one process each): for each number of concurrent clients, aggregate completion tokens/s
     and time-to-first-token / latency percentiles. Every reply runs to max_tokens (ignore_eos), so
     all rows generate the same work. Also checks that greedy and seeded replies to max(clients)
     concurrent requests equal their solo replies. `preset` serves random weights of that shape (with the
-    checkpoint's tokenizer) instead of the checkpoint's; `dtype` is the server's `--dtype`."""
+    checkpoint's tokenizer) instead of the checkpoint's; `dtype` is the server's `--dtype`, `invariant`
+    its `--batch-invariant`."""
     import multiprocessing
     import tempfile
 
@@ -303,7 +305,8 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
         target = _random_checkpoint(preset, source, Path(tmp)) if preset else source
         pool.map(loadgen.ready, range(most), chunksize=1)
         for n_slots in slots:
-            with _served_process(target, device, dtype, n_slots, log_dir / f"serve_slots{n_slots}.log") as (url, name):
+            log = log_dir / f"serve_slots{n_slots}.log"
+            with _served_process(target, device, dtype, n_slots, log, invariant) as (url, name):
                 warm_up = [(url, name, i, 1, max_tokens, 0) for i in range(most)]
                 pool.map(loadgen.client, warm_up, chunksize=1)
                 for n_clients in clients:
@@ -311,7 +314,7 @@ def bench_serve(checkpoint: str | None, *, preset: str | None, clients: list[int
                     results = [r for rs in pool.map(loadgen.client, [(url, name, i, requests, max_tokens, start_at)
                                                                       for i in range(n_clients)], chunksize=1)
                                for r in rs]
-                    rows.append(_serve_row(preset or str(source), n_slots, n_clients, results))
+                    rows.append(_serve_row(preset or str(source), n_slots, invariant, n_clients, results))
                 if n_slots == max(slots):
                     check = " ".join(_alone_and_together(pool, url, name, most, max_tokens, n_slots, seeded)
                                      for seeded in (False, True))
@@ -343,13 +346,14 @@ def _where(parting: tuple[int, float] | None, seeded: bool) -> str:
     return f"at token #{token}" + ("" if seeded else f" (the solo run's two best {margin:.3f} apart in log-prob)")
 
 
-def _serve_row(model: str, n_slots: int, n_clients: int, results: list[dict]) -> dict:
+def _serve_row(model: str, n_slots: int, invariant: bool, n_clients: int, results: list[dict]) -> dict:
     def pct(key, q):
         ordered = sorted(r[key] for r in results)
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 1)
 
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
-    return {"model": model, "server": "one at a time" if n_slots == 1 else f"batched, {n_slots} slots",
+    server = "one at a time" if n_slots == 1 else f"batched, {n_slots} slots" + (", invariant" if invariant else "")
+    return {"model": model, "server": server,
             "clients": n_clients, "requests": len(results),
             "completion_tokens_per_sec": round(sum(r["tokens"] for r in results) / wall, 1),
             "ttft_p50_ms": pct("ttft", 0.5), "ttft_p90_ms": pct("ttft", 0.9), "ttft_p99_ms": pct("ttft", 0.99),
@@ -367,7 +371,8 @@ def _random_checkpoint(preset: str, source: Path, folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _served_process(checkpoint: Path, device: str, dtype: str, slots: int, log: Path, timeout: float = 600):
+def _served_process(checkpoint: Path, device: str, dtype: str, slots: int, log: Path, invariant: bool,
+                    timeout: float = 600):
     """`tinyllm serve` on a free 127.0.0.1 port until the block ends: yields (base url, model name)."""
     import subprocess
     import sys
@@ -379,7 +384,8 @@ def _served_process(checkpoint: Path, device: str, dtype: str, slots: int, log: 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "tinyllm.cli", "serve", str(checkpoint), "--port", str(port),
-                                   "--device", device, "--dtype", dtype, "--slots", str(slots), "--max-queue", "1024"],
+                                   "--device", device, "--dtype", dtype, "--slots", str(slots), "--max-queue", "1024",
+                                   *(["--batch-invariant"] if invariant else [])],
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + timeout
@@ -401,7 +407,8 @@ def run_serve(checkpoint: str | None, out_dir: Path, **kwargs) -> str:
     rows, check = bench_serve(checkpoint, log_dir=out_dir, **kwargs)
     return write_table(rows, out_dir, f"serve_{kwargs['preset'] or 'checkpoint'}",
                        resolve_device(RuntimeConfig(device=kwargs["device"])), title="API under load",
-                       note=f"{check} Server weights: --dtype {kwargs.get('dtype', 'auto')}.")
+                       note=f"{check} Server weights: --dtype {kwargs.get('dtype', 'auto')}"
+                            f"{' --batch-invariant' if kwargs.get('invariant') else ''}.")
 
 
 def write_table(rows: list[dict], out_dir: Path, name: str, device: torch.device,

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per request per decode launch (default: 8 on CUDA graphs, else 4)")
     serve.add_argument("--threads", type=_checked(int, lambda n: n >= 0, "a whole number >= 0"), default=0,
                        help="torch threads of each engine on a CPU (0: half the cores, leaving the rest to HTTP)")
+    serve.add_argument("--batch-invariant", action="store_true",
+                       help="replies that do not depend on the requests beside them (greedy and seeded replies equal "
+                            "their solo runs, in bf16 on a GPU too); decodes every slot at every step")
     web = sub.add_parser("web", help="Streamlit chat page over the pipeline's checkpoints",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     web.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where the pipeline's checkpoints are")
@@ -186,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve_bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                              help="the server's weights (auto: bf16 on a GPU, fp32 on the CPU)")
+    serve_bench.add_argument("--batch-invariant", action="store_true",
+                             help="serve with `tinyllm serve --batch-invariant`")
     serve_bench.add_argument("--out", type=Path, default=Path("reports/serving"), help="folder for the table")
     infer.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for the table")
     return parser
@@ -240,9 +245,11 @@ def serve(args) -> None:
         print(f"serving {m.description} as model {m.name!r} ({m.context}-token context)", flush=True)
     app = create_app(models, args.api_key, max_queue=args.max_queue, slots=args.slots,
                      prefill_tokens=args.prefill_tokens, max_live_tokens=args.max_live_tokens,
-                     decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, threads=args.threads)
+                     decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, threads=args.threads,
+                     invariant=args.batch_invariant)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if args.api_key else ''}, up to {args.slots} requests at once", flush=True)
+          f"{' (API key required)' if args.api_key else ''}, up to {args.slots} requests at once"
+          f"{', batch-invariant' if args.batch_invariant else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -317,7 +324,7 @@ def run_command(args) -> None:
     elif args.command == "bench" and args.what == "serve":
         print(bench.run_serve(args.checkpoint, args.out, preset=args.model, clients=args.clients, slots=args.slots,
                               requests=args.requests, max_tokens=args.max_tokens, device=args.device,
-                              dtype=args.dtype))
+                              dtype=args.dtype, invariant=args.batch_invariant))
     elif args.command == "bench" and args.what == "infer":
         print(bench.run_infer(args.models, args.batch_sizes, args.out, name=args.name, prompt_len=args.prompt_len,
                               new_tokens=args.new_tokens, vocab_size=args.vocab_size, device=args.device,

@@ -187,7 +187,7 @@ class Batcher:
     def __init__(self, model, tok, stop_ids: set[int], utf8: Utf8Guard | None = None, slots: int = 32,
                  max_live_tokens: int | None = None, prefill_tokens: int = 256, max_queue: int = 64,
                  compile: bool | None = None, decode_steps: int | None = None, prefill_chunk: int | None = None,
-                 on_step: Callable[[], None] | None = None):
+                 invariant: bool = False, on_step: Callable[[], None] | None = None):
         """slots: most requests decoding together. max_live_tokens: most prompt + max_tokens over
         the live requests (default: every slot full). prefill_tokens: prompt tokens per step.
         max_queue: most requests waiting for a slot (more: `submit` raises QueueFull).
@@ -204,6 +204,15 @@ class Batcher:
         a prompt's cache: fp32 keeps that out of the tokens, bf16 does not (seeded replies parted
         on the CPU; reports/serving.md, 2026-12-05). Alone cost the 2-core CPU a fifth of its
         throughput at 32 clients (fp32 weights), which fp32 is spared.
+        invariant: batch-invariant replies. Every decode launch covers all the slots (one shape
+        instead of a bucket per batch size) and every prompt is prefilled alone, so the kernels a
+        request's row goes through, and so its bits, never depend on how many requests run beside
+        it: a greedy or seeded request gets the reply it gets alone, in bf16 on a GPU too, where
+        buckets of different sizes pick different matmul kernels and a reply can part at a
+        near-tie (reports/serving.md). On a GPU it also turns cuDNN's attention off for the process
+        (an engine process serves one model): its results varied from one run to the next on an
+        H100. The price: idle slots are computed when few requests run. A dense model only (an
+        MoE's experts take their rows from every request).
         on_step: called on the scheduler thread after every step (the engine process sends a
         step's events in one message)."""
         self.model, self.tok, self.stop_ids, self.utf8 = model.eval(), tok, set(stop_ids), utf8
@@ -213,14 +222,19 @@ class Batcher:
         self.context = cfg.max_seq_len
         self.slots, self.prefill_tokens, self.max_queue = slots, prefill_tokens, max_queue
         self.max_live_tokens = max_live_tokens or slots * cfg.max_seq_len
+        if invariant and cfg.moe.enabled:
+            raise ValueError("batch-invariant serving (--batch-invariant) needs a dense model: an MoE's experts "
+                             "take their rows from every request")
         self.cache = SlotKVCache(cfg, slots, self.device, param.dtype)
-        self.buckets = _buckets(slots)
+        self.buckets = [slots] if invariant else _buckets(slots)
+        if invariant and self.device.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if compile is None:
             compile = self.device.type == "cuda" and not cfg.moe.enabled
         self.compile = compile
         # not for an MoE: each expert's matmul takes the rows routed to it from every request, so its
         # bits depend on the neighbours whatever the prefill (reasoned, not measured)
-        prefill_alone = compile or (torch.finfo(param.dtype).bits < 32 and not cfg.moe.enabled)
+        prefill_alone = invariant or compile or (torch.finfo(param.dtype).bits < 32 and not cfg.moe.enabled)
         self.prefill_chunk = prefill_chunk or (min(PREFILL_CHUNK, prefill_tokens) if prefill_alone else None)
         self._prefill_inputs = (torch.zeros(1, self.prefill_chunk or 1, dtype=torch.long, device=self.device),
                                 torch.zeros(1, dtype=torch.long, device=self.device),

@@ -123,11 +123,12 @@ class CompletionRequest(SamplingFields):
 
 def create_app(models: list[ServedModel], api_key: str | None = None, max_queue: int = 64, slots: int = 32,
                prefill_tokens: int = 256, max_live_tokens: int | None = None, decode_steps: int | None = None,
-               device: str = "cpu", dtype: str = "auto", threads: int = 0) -> FastAPI:
+               device: str = "cpu", dtype: str = "auto", threads: int = 0, invariant: bool = False) -> FastAPI:
     """The API over `models` (the first is the default), each with its own batcher of
     `slots` live requests holding at most `max_live_tokens` (prompt + max_tokens; default: every
     slot's context), `prefill_tokens` prompt tokens per step and `decode_steps` tokens per
-    request per decode launch (see `Batcher`). More than `max_queue`
+    request per decode launch, and `invariant` replies that do not depend on the requests beside
+    them (see `Batcher`). More than `max_queue`
     requests waiting for a slot get 503 rather than an ever longer wait. Each model runs in an
     engine process of its own on `device`, with weights in `dtype` and on a CPU `threads` torch
     threads (0: `engine_threads`'s default; `serve/engine.py`); it is
@@ -137,7 +138,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
         for m in models:
             batchers[m.name] = EngineProcess(m, device, dtype, slots=slots, max_queue=max_queue,
                                              max_live_tokens=max_live_tokens, prefill_tokens=prefill_tokens,
-                                             decode_steps=decode_steps, threads=threads)
+                                             decode_steps=decode_steps, threads=threads, invariant=invariant)
     except BaseException:
         for engine in batchers.values():
             engine.close()
