@@ -193,3 +193,33 @@ def test_a_dpo_run_shorter_than_an_epoch_scores_only_its_pairs(tmp_path, tokeniz
     summary = run_dpo(params, init, pairs_file, tmp_path / "dpo")
     assert summary["pairs"] == 12 and summary["reference_pairs"] == 6
     assert math.isfinite(summary["train/loss"]) and (tmp_path / "dpo" / "model.safetensors").exists()
+
+
+def test_batches_padded_to_the_most_rows_have_one_shape_and_the_same_loss(tokenizer):
+    """Where the step replays as CUDA graphs, DPO pads every batch to `most_rows` of the run's
+    batches: one shape for all of them, and the padding rows change no loss or metric."""
+    records = [json.loads(json.dumps(PAIR)) for _ in range(10)]
+    for i, p in enumerate(records):
+        p["chosen"][-1]["content"] = "李明的宠物是猫" * (1 + 3 * (i % 4)) + f"{i}。"  # 89 to 188 tokens a side
+    pairs = encode_pairs(tokenizer, records)
+    ref, pad = torch.zeros(10, 2), tokenizer.token_to_id(ENDOFTEXT)
+    stream = PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=3, pad_id=pad)
+    plain = [batch for batch, _ in zip(stream, range(6), strict=False)]  # 2 batches an epoch: three epochs
+    rows = [batch["input_ids"].shape[0] for batch in plain]
+    assert len(set(rows)) > 1  # the packing varies from batch to batch
+    most = PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=3, pad_id=pad).most_rows(6)
+    assert most == max(rows)
+    padded = [batch for batch, _ in zip(PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=3, pad_id=pad,
+                                                            rows=most), range(6), strict=False)]
+    assert {batch["input_ids"].shape for batch in padded} == {(most, 255)}
+    torch.manual_seed(0)
+    model, objective = Transformer(_config(tokenizer)), DPOLoss(0.1, nll_coef=0.5)
+    for a, b in zip(plain, padded, strict=True):
+        assert torch.equal(a["ref_logps"], b["ref_logps"])
+        (loss_a, extras_a), (loss_b, extras_b) = objective(model, a), objective(model, b)
+        assert loss_b.item() == pytest.approx(loss_a.item(), abs=1e-6)
+        assert extras_b["chosen_nll"].item() == pytest.approx(extras_a["chosen_nll"].item(), abs=1e-6)
+    # with two processes: the most rows of one process's share
+    two = PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=3, pad_id=pad, shares=2)
+    shares = [batch["input_ids"].shape[0] // 2 for batch, _ in zip(two, range(6), strict=False)]
+    assert two.most_rows(6) == max(shares)

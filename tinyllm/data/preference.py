@@ -14,6 +14,7 @@ recompiles for each new shape). Packed, every row has the training window's widt
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -65,10 +66,11 @@ def truncated_labels(pairs: list[tuple[Encoded, Encoded]], seq_len: int) -> int:
     return int(sum(mask[:-(seq_len + 1)].sum() for pair in pairs for _, mask in pair))
 
 
-def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, shares: int = 1
+def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, shares: int = 1, min_rows: int = 0
                ) -> dict[str, torch.Tensor]:
     """The 2B sequences of B pairs packed into rows of seq_len: "segments" numbers the chosen
-    sides 0..B-1 and the rejected ones B..2B-1, in pair order.
+    sides 0..B-1 and the rejected ones B..2B-1, in pair order. At least `min_rows` rows (per
+    process), the rest padding.
 
     With `shares` = N processes (B divisible by N), pair j goes to process j % N, each process's
     pairs are packed on their own (numbered in its own order) to the same number of rows, and the
@@ -77,10 +79,15 @@ def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, 
     """
     if len(pairs) % shares:
         raise ValueError(f"{len(pairs)} pairs do not split evenly over {shares} processes")
-    sides = [[pair[side] for side in (0, 1) for pair in pairs[rank::shares]] for rank in range(shares)]
+    sides = [_sides(pairs[rank::shares]) for rank in range(shares)]
     rows = max(len(pack_rows(mine, seq_len)) for mine in sides) if shares > 1 else 0
-    packs = [pack_sequences(mine, seq_len, pad_id, min_rows=rows) for mine in sides]
+    packs = [pack_sequences(mine, seq_len, pad_id, min_rows=max(rows, min_rows)) for mine in sides]
     return {k: torch.stack([pack[k] for pack in packs], dim=1).flatten(0, 1) for k in packs[0]}
+
+
+def _sides(pairs: list[tuple[Encoded, Encoded]]) -> list[Encoded]:
+    """The chosen sides, then the rejected ones."""
+    return [pair[side] for side in (0, 1) for pair in pairs]
 
 
 def epoch_order(n_pairs: int, seed: int, epoch: int) -> np.ndarray:
@@ -105,22 +112,35 @@ class PreferenceBatches:
         pairs: encoded (chosen, rejected) pairs.
         ref_logps: (len(pairs), 2) reference log-probs of (chosen, rejected), from `pair_logprobs`.
         shares: processes the batches will be split over (`rank_share`).
+        rows: pad every batch to at least this many rows (`most_rows`: one shape for all of them,
+            so that a compiled step can replay as CUDA graphs).
     """
 
     def __init__(self, pairs: list[tuple[Encoded, Encoded]], ref_logps: torch.Tensor, batch_size: int,
-                 seq_len: int, seed: int, pad_id: int, shares: int = 1):
+                 seq_len: int, seed: int, pad_id: int, shares: int = 1, rows: int = 0):
         if len(pairs) < batch_size:
             raise ValueError(f"{len(pairs)} preference pairs are fewer than one batch of {batch_size}")
         self.pairs, self.ref_logps = pairs, ref_logps
         self.batch_size, self.seq_len, self.seed, self.pad_id, self.shares = batch_size, seq_len, seed, pad_id, shares
+        self.rows = rows
         self.epoch = 0
+
+    def _chunks(self, epoch: int) -> Iterator[list[int]]:
+        """The pairs of each batch of one epoch."""
+        order = epoch_order(len(self.pairs), self.seed, epoch)
+        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            yield order[start:start + self.batch_size].tolist()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            order = epoch_order(len(self.pairs), self.seed, self.epoch)
-            for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
-                chunk = order[start:start + self.batch_size].tolist()
-                batch = pack_pairs([self.pairs[i] for i in chunk], self.seq_len, self.pad_id, self.shares)
+            for chunk in self._chunks(self.epoch):
+                batch = pack_pairs([self.pairs[i] for i in chunk], self.seq_len, self.pad_id, self.shares, self.rows)
                 batch["ref_logps"] = self.ref_logps[chunk].T.reshape(-1)  # chosen column, then rejected
                 yield batch
             self.epoch += 1
+
+    def most_rows(self, batches: int) -> int:
+        """The most rows any of the first `batches` batches packs into (one process's share)."""
+        chunks = itertools.islice(itertools.chain.from_iterable(map(self._chunks, itertools.count())), batches)
+        return max(len(pack_rows(_sides([self.pairs[i] for i in chunk][rank::self.shares]), self.seq_len))
+                   for chunk in chunks for rank in range(self.shares))

@@ -30,7 +30,7 @@ from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.distributed import TrainingRun, check_divisible, rank_share
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import DPOLoss, packed_sequence_logprobs
-from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
+from tinyllm.train.runtime import autocast, replays_cuda_graphs, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,16 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     ref_logps[drawn] = scored
     ref_seconds = time.perf_counter() - start
 
-    batches = rank_share(PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id,
-                                           shares=dist.world_size), dist)
-    result = fit(model, DPOLoss(cfg.beta, cfg.nll_coef), batches, cfg, params.runtime, run=run,
-                 flops_per_token=model.flops_per_token(seq_len), inputs=[pairs_file])
+    stream = PreferenceBatches(pairs, ref_logps, cfg.batch_size, seq_len, params.seed, pad_id, shares=dist.world_size)
+    # Where the step could replay as CUDA graphs, every batch is padded to the most rows any of the
+    # run's batches packs into: one shape, a little padding, and none of the host's time per step
+    # (DPO's steps are short: on an H100 the host set their pace; reports/gpu_speed.md).
+    graphs = replays_cuda_graphs(params.runtime, device, processes=dist.world_size, grad_accum=cfg.grad_accum,
+                                 fixed_shapes=True, moe=model.config.moe.enabled)
+    if graphs:
+        stream.rows = stream.most_rows(cfg.max_steps * cfg.grad_accum)
+    result = fit(model, DPOLoss(cfg.beta, cfg.nll_coef), rank_share(stream, dist), cfg, params.runtime, run=run,
+                 flops_per_token=model.flops_per_token(seq_len), inputs=[pairs_file], fixed_shapes=graphs)
     if abs(result.final["train/margin"]) < 1e-6:
         raise TrainingError("DPO did not move the policy off the reference (reward margin 0, loss 0.693): "
                             "raise dpo.lr or dpo.max_steps")
