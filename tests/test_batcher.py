@@ -11,6 +11,7 @@ import torch
 from conftest import make_chat_checkpoint, vary_weights
 
 from tinyllm.config import ModelConfig, MoEConfig
+from tinyllm.errors import UserError
 from tinyllm.infer.batcher import Batcher, Finish, InvalidRequest, QueueFull, Request, row_uniform
 from tinyllm.infer.generate import generate, inverse_cdf
 from tinyllm.model.transformer import Transformer
@@ -96,11 +97,11 @@ def test_an_invariant_batcher_gives_a_request_bitwise_the_reply_it_gets_alone(se
     change with the batch, and on the CPU so do the last bits of the log-probs: only closeness
     holds there."""
     specs = [{**spec, "temperature": 0, "logprobs": 0} for spec in _mixed_requests(served.tok, 32)]
-    for invariant in (True, False):
-        batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, prefill_chunk=16, decode_steps=4,
-                          invariant=invariant)
+    for invariant in (True, False):  # invariant: prompts alone in chunks of 64; else 16, as on a GPU with bf16
+        batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, decode_steps=4,
+                          prefill_chunk=None if invariant else 16, invariant=invariant)
         try:
-            assert batcher.buckets == ([32] if invariant else [1, 2, 4, 8, 16, 32])
+            assert (batcher.buckets, batcher.prefill_chunk) == (([32], 64) if invariant else ([1, 2, 4, 8, 16, 32], 16))
             outcomes = alone_then_together(batcher, specs)
         finally:
             batcher.close()
@@ -270,7 +271,7 @@ def test_an_moe_model_batches_too(tmp_path, tokenizer):
         assert [o.text for o in run(batcher, *specs)] == alone and len(set(alone)) > 4
     finally:
         batcher.close()
-    with pytest.raises(ValueError, match="--batch-invariant. needs a dense model"):
+    with pytest.raises(UserError, match="^--batch-invariant needs a dense model"):
         Batcher(served.model, served.tok, served.stop_ids, invariant=True)
 
 

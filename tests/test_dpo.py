@@ -200,18 +200,19 @@ def test_batches_padded_to_the_most_rows_have_one_shape_and_the_same_loss(tokeni
     batches: one shape for all of them, and the padding rows change no loss or metric."""
     records = [json.loads(json.dumps(PAIR)) for _ in range(10)]
     for i, p in enumerate(records):
-        p["chosen"][-1]["content"] = "李明的宠物是猫" * (1 + 3 * (i % 4)) + f"{i}。"  # 89 to 188 tokens a side
+        p["chosen"][-1]["content"] = "李明的宠物是猫" * (1 + 4 * (i % 4)) + f"{i}。"  # 89 to 221 tokens a side
     pairs = encode_pairs(tokenizer, records)
     ref, pad = torch.zeros(10, 2), tokenizer.token_to_id(ENDOFTEXT)
-    stream = PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=3, pad_id=pad)
-    plain = [batch for batch, _ in zip(stream, range(6), strict=False)]  # 2 batches an epoch: three epochs
+
+    def stream(**kw):
+        return PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=17, pad_id=pad, **kw)
+
+    plain = [batch for batch, _ in zip(stream(), range(6), strict=False)]  # 2 batches an epoch: three epochs
     rows = [batch["input_ids"].shape[0] for batch in plain]
-    assert len(set(rows)) > 1  # the packing varies from batch to batch
-    most = PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=3, pad_id=pad).most_rows(6)
-    assert most == max(rows)
-    padded = [batch for batch, _ in zip(PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=3, pad_id=pad,
-                                                            rows=most), range(6), strict=False)]
-    assert {batch["input_ids"].shape for batch in padded} == {(most, 255)}
+    assert max(rows[:5]) < rows[5]  # the most rows come in the third epoch's last batch
+    assert (stream().most_rows(5), stream().most_rows(6)) == (max(rows[:5]), rows[5])
+    padded = [batch for batch, _ in zip(stream(rows=rows[5]), range(6), strict=False)]
+    assert {batch["input_ids"].shape for batch in padded} == {(rows[5], 255)}
     torch.manual_seed(0)
     model, objective = Transformer(_config(tokenizer)), DPOLoss(0.1, nll_coef=0.5)
     for a, b in zip(plain, padded, strict=True):
@@ -220,6 +221,45 @@ def test_batches_padded_to_the_most_rows_have_one_shape_and_the_same_loss(tokeni
         assert loss_b.item() == pytest.approx(loss_a.item(), abs=1e-6)
         assert extras_b["chosen_nll"].item() == pytest.approx(extras_a["chosen_nll"].item(), abs=1e-6)
     # with two processes: the most rows of one process's share
-    two = PreferenceBatches(pairs, ref, batch_size=4, seq_len=255, seed=3, pad_id=pad, shares=2)
-    shares = [batch["input_ids"].shape[0] // 2 for batch, _ in zip(two, range(6), strict=False)]
-    assert two.most_rows(6) == max(shares)
+    shares = [batch["input_ids"].shape[0] // 2 for batch, _ in zip(stream(shares=2), range(6), strict=False)]
+    assert stream(shares=2).most_rows(6) == max(shares)
+
+
+def test_dpo_pads_its_batches_to_one_shape_where_the_step_would_replay(tmp_path, tokenizer, monkeypatch):
+    """run_dpo asks `replays_cuda_graphs` (yes only on a GPU); where it says yes, every batch has the
+    most rows of the run's batches and `fit` hears that the shapes are fixed. The answer is forced
+    here, on the CPU, where the engine itself still replays nothing."""
+    from conftest import make_chat_checkpoint
+
+    from tinyllm.config import parse_params
+    from tinyllm.train import dpo
+
+    records = [json.loads(json.dumps(PAIR)) for _ in range(12)]
+    for i, record in enumerate(records):
+        record["chosen"][-1]["content"] = "李明的宠物是猫" * (1 + 4 * (i % 4)) + f"{i}。"
+    pairs_file = tmp_path / "dpo.jsonl"
+    pairs_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    params = parse_params({"runtime": {"device": "cpu", "dtype": "float32"}, "checkpoint": {"interval": 0},
+                           "dpo": {"batch_size": 4, "max_steps": 6, "lr": 1e-3, "warmup_steps": 1, "log_interval": 3}})
+    init = make_chat_checkpoint(tmp_path, tokenizer, max_seq_len=256)
+    real_fit, seen = dpo.fit, []
+
+    def recording_fit(model, objective, batches, *args, **kwargs):
+        shapes = []
+        seen.append((kwargs["fixed_shapes"], shapes))
+
+        def recorded():
+            for batch in batches:
+                shapes.append(tuple(batch["input_ids"].shape))
+                yield batch
+        return real_fit(model, objective, recorded(), *args, **kwargs)
+
+    monkeypatch.setattr(dpo, "fit", recording_fit)
+    for graphs in (False, True):
+        monkeypatch.setattr(dpo, "replays_cuda_graphs", lambda *args, graphs=graphs, **kwargs: graphs)
+        summary = dpo.run_dpo(params, init, pairs_file, tmp_path / f"dpo_{graphs}")
+        assert math.isfinite(summary["train/loss"])
+    (plain_fixed, plain), (padded_fixed, padded) = seen
+    assert (plain_fixed, padded_fixed) == (False, True)
+    assert len(plain) == len(padded) == 6 and len(set(plain)) > 1  # the packing varies by itself
+    assert set(padded) == {max(plain)}

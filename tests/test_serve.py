@@ -402,17 +402,30 @@ def test_bench_serve_runs_the_real_server_for_each_setting_and_checks_greedy_and
     from tinyllm.cli import main
 
     main(["bench", "serve", str(checkpoint), "--clients", "1,3", "--slots", "1,4", "--requests", "2",
-          "--max-tokens", "5", "--dtype", "float32", "--batch-invariant", "--out", str(tmp_path)])
+          "--max-tokens", "5", "--dtype", "float32", "--out", str(tmp_path)])
     table = json.loads(next(tmp_path.glob("serve_checkpoint_*.json")).read_text())
     rows = table["rows"]
     assert [(r["server"], r["clients"], r["requests"]) for r in rows] == [
-        ("one at a time", 1, 2), ("one at a time", 3, 6),
-        ("batched, 4 slots, invariant", 1, 2), ("batched, 4 slots, invariant", 3, 6)]
+        ("one at a time", 1, 2), ("one at a time", 3, 6), ("batched, 4 slots", 1, 2), ("batched, 4 slots", 3, 6)]
     assert all(r["completion_tokens_per_sec"] > 0 and 0 < r["ttft_p50_ms"] <= r["latency_p99_ms"] for r in rows)
     assert table["note"] == ("Greedy replies to 3 concurrent requests equal to their solo replies (4 slots): 3/3. "
                              "Seeded replies (temperature 0.8) to 3 concurrent requests equal to their solo "
-                             "replies (4 slots): 3/3. Server weights: --dtype float32 --batch-invariant.")
-    assert (tmp_path / "serve_slots4.log").read_text().count("up to 4 requests at once, batch-invariant") == 1
+                             "replies (4 slots): 3/3. Server weights: --dtype float32.")
+    log = (tmp_path / "serve_slots4.log").read_text()
+    assert log.count("up to 4 requests at once") == 1 and "decodes at batch sizes 1, 2, 4\n" in log
+
+
+def test_bench_serve_passes_batch_invariant_on_to_the_engine(checkpoint, tmp_path):
+    """`--batch-invariant` reaches the engine process: it reports one decode batch size, all the slots."""
+    from tinyllm.cli import main
+
+    main(["bench", "serve", str(checkpoint), "--clients", "3", "--slots", "4", "--requests", "1",
+          "--max-tokens", "5", "--dtype", "float32", "--batch-invariant", "--out", str(tmp_path)])
+    table = json.loads(next(tmp_path.glob("serve_checkpoint_*.json")).read_text())
+    assert [(r["server"], r["clients"]) for r in table["rows"]] == [("batched, 4 slots, invariant", 3)]
+    assert table["note"].endswith("replies (4 slots): 3/3. Server weights: --dtype float32 --batch-invariant.")
+    log = (tmp_path / "serve_slots4.log").read_text()
+    assert "up to 4 requests at once, batch-invariant" in log and "decodes at batch sizes 4\n" in log
 
 
 def test_the_bench_names_where_a_batched_greedy_reply_parts_from_its_solo_run():

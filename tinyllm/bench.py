@@ -352,7 +352,7 @@ def _serve_row(model: str, n_slots: int, invariant: bool, n_clients: int, result
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 1)
 
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
-    server = "one at a time" if n_slots == 1 else f"batched, {n_slots} slots" + (", invariant" if invariant else "")
+    server = ("one at a time" if n_slots == 1 else f"batched, {n_slots} slots") + (", invariant" if invariant else "")
     return {"model": model, "server": server,
             "clients": n_clients, "requests": len(results),
             "completion_tokens_per_sec": round(sum(r["tokens"] for r in results) / wall, 1),

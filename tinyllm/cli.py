@@ -247,6 +247,8 @@ def serve(args) -> None:
                      prefill_tokens=args.prefill_tokens, max_live_tokens=args.max_live_tokens,
                      decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, threads=args.threads,
                      invariant=args.batch_invariant)
+    for name, engine in app.state.batchers.items():  # as the engine reports it
+        print(f"model {name!r} decodes at batch sizes {', '.join(map(str, engine.decode_sizes))}", flush=True)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}, up to {args.slots} requests at once"
           f"{', batch-invariant' if args.batch_invariant else ''}", flush=True)

@@ -79,15 +79,20 @@ def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, 
     """
     if len(pairs) % shares:
         raise ValueError(f"{len(pairs)} pairs do not split evenly over {shares} processes")
-    sides = [_sides(pairs[rank::shares]) for rank in range(shares)]
-    rows = max(len(pack_rows(mine, seq_len)) for mine in sides) if shares > 1 else 0
+    sides = _shares(pairs, shares)
+    rows = _most_rows(sides, seq_len) if shares > 1 else 0
     packs = [pack_sequences(mine, seq_len, pad_id, min_rows=max(rows, min_rows)) for mine in sides]
     return {k: torch.stack([pack[k] for pack in packs], dim=1).flatten(0, 1) for k in packs[0]}
 
 
-def _sides(pairs: list[tuple[Encoded, Encoded]]) -> list[Encoded]:
-    """The chosen sides, then the rejected ones."""
-    return [pair[side] for side in (0, 1) for pair in pairs]
+def _shares(pairs: list[tuple[Encoded, Encoded]], shares: int) -> list[list[Encoded]]:
+    """Each process's sequences: its pairs' chosen sides, then their rejected ones."""
+    return [[pair[side] for side in (0, 1) for pair in pairs[rank::shares]] for rank in range(shares)]
+
+
+def _most_rows(sides: list[list[Encoded]], seq_len: int) -> int:
+    """The most rows any process's sequences pack into."""
+    return max(len(pack_rows(mine, seq_len)) for mine in sides)
 
 
 def epoch_order(n_pairs: int, seed: int, epoch: int) -> np.ndarray:
@@ -142,5 +147,4 @@ class PreferenceBatches:
     def most_rows(self, batches: int) -> int:
         """The most rows any of the first `batches` batches packs into (one process's share)."""
         chunks = itertools.islice(itertools.chain.from_iterable(map(self._chunks, itertools.count())), batches)
-        return max(len(pack_rows(_sides([self.pairs[i] for i in chunk][rank::self.shares]), self.seq_len))
-                   for chunk in chunks for rank in range(self.shares))
+        return max(_most_rows(_shares([self.pairs[i] for i in chunk], self.shares), self.seq_len) for chunk in chunks)

@@ -26,6 +26,7 @@ shared by the batch. The same request therefore gives the same tokens alone or a
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import queue
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinyllm import cpu_threads
+from tinyllm.errors import UserError
 from tinyllm.infer.generate import MIN_TEMPERATURE, inverse_cdf, keep_top_k, nucleus, penalise_repeats
 from tinyllm.infer.slots import SlotKVCache
 from tinyllm.infer.text import TextStream
@@ -209,10 +211,10 @@ class Batcher:
         request's row goes through, and so its bits, never depend on how many requests run beside
         it: a greedy or seeded request gets the reply it gets alone, in bf16 on a GPU too, where
         buckets of different sizes pick different matmul kernels and a reply can part at a
-        near-tie (reports/serving.md). On a GPU it also turns cuDNN's attention off for the process
-        (an engine process serves one model): its results varied from one run to the next on an
-        H100. The price: idle slots are computed when few requests run. A dense model only (an
-        MoE's experts take their rows from every request).
+        near-tie (reports/serving.md). On a GPU the scheduler also runs without cuDNN's attention,
+        whose results varied from one run to the next on an H100 (torch's switch is process-wide:
+        it is back as it was once the batcher is closed). The price: idle slots are computed when
+        few requests run. A dense model only (an MoE's experts take their rows from every request).
         on_step: called on the scheduler thread after every step (the engine process sends a
         step's events in one message)."""
         self.model, self.tok, self.stop_ids, self.utf8 = model.eval(), tok, set(stop_ids), utf8
@@ -223,12 +225,11 @@ class Batcher:
         self.slots, self.prefill_tokens, self.max_queue = slots, prefill_tokens, max_queue
         self.max_live_tokens = max_live_tokens or slots * cfg.max_seq_len
         if invariant and cfg.moe.enabled:
-            raise ValueError("batch-invariant serving (--batch-invariant) needs a dense model: an MoE's experts "
-                             "take their rows from every request")
+            raise UserError("--batch-invariant needs a dense model: an MoE's experts take their rows from every "
+                            "request")
+        self.invariant = invariant
         self.cache = SlotKVCache(cfg, slots, self.device, param.dtype)
         self.buckets = [slots] if invariant else _buckets(slots)
-        if invariant and self.device.type == "cuda":
-            torch.backends.cuda.enable_cudnn_sdp(False)
         if compile is None:
             compile = self.device.type == "cuda" and not cfg.moe.enabled
         self.compile = compile
@@ -309,10 +310,19 @@ class Batcher:
 
     def _run(self) -> None:
         try:
-            self._loop()
+            with self._attention_kernels():
+                self._loop()
         except BaseException:
             log.exception("the scheduler stopped")
             raise
+
+    def _attention_kernels(self) -> contextlib.AbstractContextManager:
+        """Every attention kernel but cuDNN's, for an invariant batcher on a GPU (see `invariant`)."""
+        if not (self.invariant and self.device.type == "cuda"):
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def _loop(self) -> None:
         with torch.no_grad():

@@ -67,7 +67,7 @@ class EngineProcess:
                  threads: int = 0, **batching):
         """Start the engine and wait until its model is loaded (and on a GPU, compiled). `threads`:
         torch threads on a CPU (`engine_threads`). `batching`: the other `Batcher` settings
-        (prefill_tokens, decode_steps). At most `slots` + `max_queue` requests are in the engine at
+        (prefill_tokens, decode_steps, invariant). At most `slots` + `max_queue` requests are in the engine at
         once; more raise QueueFull."""
         self.name, self.slots, self.max_queue, self.context = served.name, slots, max_queue, served.context
         self.max_live_tokens = max_live_tokens or slots * served.context
@@ -97,6 +97,8 @@ class EngineProcess:
         if kind != "ready":
             _stop_process(self.conn, self.process)
             raise UserError(detail)
+        self.decode_sizes: list[int] = detail
+        """The batch sizes the engine decodes at (one with `invariant`)."""
         self.reader = threading.Thread(target=self._read, name=f"engine-events-{served.name}", daemon=True)
         self.reader.start()
 
@@ -232,7 +234,7 @@ def _engine_main(conn, served: ServedModel, device: str, dtype: str, threads: in
     except Exception as err:  # noqa: BLE001  (reported to the API process, which names the checkpoint)
         conn.send(("failed", f"{served.description}: cannot serve it: {type(err).__name__}: {err}"))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", batcher.buckets))
     closing = threading.Event()
 
     def watch() -> None:

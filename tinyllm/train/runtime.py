@@ -102,10 +102,10 @@ def replays_cuda_graphs(cfg: RuntimeConfig, device: torch.device, *, processes: 
                         fixed_shapes: bool, moe: bool) -> bool:
     """`runtime.cuda_graphs` for one stage. Graphs replay fixed shapes and buffers: a new batch shape
     records another graph (GRPO's vary every step; DPO pads its batches to one shape where this
-    says yes); an MoE reads its routed counts on the
-    host and updates its routing bias in place; a replay overwrites the previous one's gradients (so
-    no accumulation over micro-batches); DDP's and DeepSpeed's hooks were not tried in a graph; and
-    `runtime.compile: max-autotune-no-cudagraphs` says no to them."""
+    says yes); an MoE reads its routed counts on the host and updates its routing bias in place; a
+    replay overwrites the previous one's gradients (so no accumulation over micro-batches); DDP's and
+    DeepSpeed's hooks were not tried in a graph; and `runtime.compile: max-autotune-no-cudagraphs`
+    says no to them."""
     return (cfg.cuda_graphs == "auto" and device.type == "cuda" and compiles(cfg, device)
             and cfg.compile != "max-autotune-no-cudagraphs" and processes == 1 and grad_accum == 1 and fixed_shapes
             and not moe)
