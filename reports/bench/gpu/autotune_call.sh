@@ -14,7 +14,6 @@ set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
 bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt" || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/log.txt"
 IFS=, read -ra models <<< "${MODELS:-512x8 128}"
 for model in "${models[@]}"; do
     set -- $model

@@ -11,7 +11,6 @@ set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
 bash reports/bench/gpu/install.sh "$out" | tee -a "$out/ab.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/ab.log"
 preset=$(tinyllm preset gpu) || { echo "no preset: see install.log" | tee -a "$out/ab.log"; exit 1; }
 curve() {  # the validation points of a run's log, then its summary
     grep -oE "step [0-9]+/[0-9]+ \| loss [0-9.]+ .*\| val [0-9.]+|first step done.*" | sed 's/| lr.*tok\/s //' \

@@ -11,7 +11,6 @@ set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
 bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/log.txt"
 serve() {
     local name=$1; shift
     echo "## bench serve: $name (at $SECONDS s)" | tee -a "$out/log.txt"

@@ -16,7 +16,6 @@ set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
 bash reports/bench/gpu/install.sh "$out" | tee -a "$out/recipe.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/recipe.log"
 preset=$(tinyllm preset gpu) || { echo "no preset: see install.log" | tee -a "$out/recipe.log"; exit 1; }
 SECONDS=0  # the seconds since dvc exp run started, on every line (bash's clock: no fork a line)
 TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "${LIMIT:-540}" dvc exp run $preset "$@" 2>&1 \
