@@ -92,8 +92,9 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     # Where the step could replay as CUDA graphs, every batch is padded to the most rows any of the
     # run's batches packs into: one shape, a little padding, and none of the host's time per step
     # (DPO's steps are short: on an H100 the host set their pace; reports/gpu_speed.md).
-    graphs = replays_cuda_graphs(params.runtime, device, processes=dist.world_size, grad_accum=cfg.grad_accum,
-                                 fixed_shapes=True, moe=model.config.moe.enabled)
+    graphs = run.distributed.strategy != "deepspeed" and replays_cuda_graphs(  # DeepSpeed's steps never replay
+        params.runtime, device, processes=dist.world_size, grad_accum=cfg.grad_accum, fixed_shapes=True,
+        moe=model.config.moe.enabled)
     if graphs:
         stream.rows = stream.most_rows(cfg.max_steps * cfg.grad_accum)
     result = fit(model, DPOLoss(cfg.beta, cfg.nll_coef), rank_share(stream, dist), cfg, params.runtime, run=run,
