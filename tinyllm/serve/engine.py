@@ -67,8 +67,8 @@ class EngineProcess:
                  threads: int = 0, **batching):
         """Start the engine and wait until its model is loaded (and on a GPU, compiled). `threads`:
         torch threads on a CPU (`engine_threads`). `batching`: the other `Batcher` settings
-        (prefill_tokens, decode_steps, invariant). At most `slots` + `max_queue` requests are in the engine at
-        once; more raise QueueFull."""
+        (prefill_tokens, decode_steps, invariant). At most `slots` + `max_queue` requests are in the
+        engine at once; more raise QueueFull."""
         self.name, self.slots, self.max_queue, self.context = served.name, slots, max_queue, served.context
         self.max_live_tokens = max_live_tokens or slots * served.context
         self.counters = Counters()
