@@ -226,7 +226,7 @@ def test_batches_padded_to_the_most_rows_have_one_shape_and_the_same_loss(tokeni
 
 
 def test_dpo_pads_its_batches_to_one_shape_where_the_step_would_replay(tmp_path, tokenizer, monkeypatch):
-    """run_dpo asks `replays_cuda_graphs` (yes only on a GPU); where it says yes, every batch has the
+    """run_dpo asks `step_replays` (yes only on a GPU); where it says yes, every batch has the
     most rows of the run's batches and `fit` hears that the shapes are fixed. The answer is forced
     here, on the CPU, where the engine itself still replays nothing."""
     from conftest import make_chat_checkpoint
@@ -256,7 +256,7 @@ def test_dpo_pads_its_batches_to_one_shape_where_the_step_would_replay(tmp_path,
 
     monkeypatch.setattr(dpo, "fit", recording_fit)
     for graphs in (False, True):
-        monkeypatch.setattr(dpo, "replays_cuda_graphs", lambda *args, graphs=graphs, **kwargs: graphs)
+        monkeypatch.setattr(dpo, "step_replays", lambda *args, graphs=graphs, **kwargs: graphs)
         summary = dpo.run_dpo(params, init, pairs_file, tmp_path / f"dpo_{graphs}")
         assert math.isfinite(summary["train/loss"])
     (plain_fixed, plain), (padded_fixed, padded) = seen

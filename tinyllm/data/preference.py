@@ -128,23 +128,21 @@ class PreferenceBatches:
         self.pairs, self.ref_logps = pairs, ref_logps
         self.batch_size, self.seq_len, self.seed, self.pad_id, self.shares = batch_size, seq_len, seed, pad_id, shares
         self.rows = rows
-        self.epoch = 0
 
-    def _chunks(self, epoch: int) -> Iterator[list[int]]:
-        """The pairs of each batch of one epoch."""
-        order = epoch_order(len(self.pairs), self.seed, epoch)
-        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
-            yield order[start:start + self.batch_size].tolist()
+    def _chunks(self) -> Iterator[list[int]]:
+        """The pairs of each batch, epoch after epoch."""
+        for epoch in itertools.count():
+            order = epoch_order(len(self.pairs), self.seed, epoch)
+            for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+                yield order[start:start + self.batch_size].tolist()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            for chunk in self._chunks(self.epoch):
-                batch = pack_pairs([self.pairs[i] for i in chunk], self.seq_len, self.pad_id, self.shares, self.rows)
-                batch["ref_logps"] = self.ref_logps[chunk].T.reshape(-1)  # chosen column, then rejected
-                yield batch
-            self.epoch += 1
+        for chunk in self._chunks():
+            batch = pack_pairs([self.pairs[i] for i in chunk], self.seq_len, self.pad_id, self.shares, self.rows)
+            batch["ref_logps"] = self.ref_logps[chunk].T.reshape(-1)  # chosen column, then rejected
+            yield batch
 
     def most_rows(self, batches: int) -> int:
         """The most rows any of the first `batches` batches packs into (one process's share)."""
-        chunks = itertools.islice(itertools.chain.from_iterable(map(self._chunks, itertools.count())), batches)
-        return max(_most_rows(_shares([self.pairs[i] for i in chunk], self.shares), self.seq_len) for chunk in chunks)
+        return max(_most_rows(_shares([self.pairs[i] for i in chunk], self.shares), self.seq_len)
+                   for chunk in itertools.islice(self._chunks(), batches))

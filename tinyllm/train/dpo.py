@@ -28,9 +28,10 @@ from tinyllm.data.preference import (
 from tinyllm.errors import DataError, TrainingError
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.distributed import TrainingRun, check_divisible, rank_share
+from tinyllm.train.engine import step_replays
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import DPOLoss, packed_sequence_logprobs
-from tinyllm.train.runtime import autocast, replays_cuda_graphs, resolve_device, resolve_dtype
+from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,8 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
     # Where the step could replay as CUDA graphs, every batch is padded to the most rows any of the
     # run's batches packs into: one shape, a little padding, and none of the host's time per step
     # (DPO's steps are short: on an H100 the host set their pace; reports/gpu_speed.md).
-    graphs = run.distributed.strategy != "deepspeed" and replays_cuda_graphs(  # DeepSpeed's steps never replay
-        params.runtime, device, processes=dist.world_size, grad_accum=cfg.grad_accum, fixed_shapes=True,
-        moe=model.config.moe.enabled)
+    graphs = step_replays(model, cfg, params.runtime, dist, device, fixed_shapes=True,
+                          strategy=run.distributed.strategy)
     if graphs:
         stream.rows = stream.most_rows(cfg.max_steps * cfg.grad_accum)
     result = fit(model, DPOLoss(cfg.beta, cfg.nll_coef), rank_share(stream, dist), cfg, params.runtime, run=run,

@@ -51,6 +51,16 @@ def persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def step_replays(model, cfg: TrainConfig, runtime, dist: Dist, device: torch.device, *, fixed_shapes: bool,
+                 strategy: str = "ddp") -> bool:
+    """Whether `fit`'s compiled step replays as CUDA graphs (`runtime.replays_cuda_graphs`), for a
+    model that may be peft-wrapped; never under DeepSpeed, whose hooks were not tried in a graph."""
+    moe = getattr(getattr(model, "config", None), "moe", None)
+    return strategy != "deepspeed" and replays_cuda_graphs(
+        runtime, device, processes=dist.world_size, grad_accum=cfg.grad_accum, fixed_shapes=fixed_shapes,
+        moe=bool(moe and moe.enabled))
+
+
 class TorchEngine:
     """One process, or DDP: gradients all-reduced once per optimizer step (no_sync while accumulating).
     `fixed_shapes`: every batch has one shape, so the compiled step may replay as CUDA graphs
@@ -60,9 +70,7 @@ class TorchEngine:
                  fixed_shapes: bool = False):
         self.model, self.cfg, self.device, self.dtype = model.to(device).train(), cfg, device, dtype
         compile_model = compiles(runtime, device)
-        moe = getattr(getattr(model, "config", None), "moe", None)
-        self.cuda_graphs = replays_cuda_graphs(runtime, device, processes=dist.world_size, grad_accum=cfg.grad_accum,
-                                               fixed_shapes=fixed_shapes, moe=bool(moe and moe.enabled))
+        self.cuda_graphs = step_replays(model, cfg, runtime, dist, device, fixed_shapes=fixed_shapes)
         if compile_model and dist.enabled:
             # Dynamo's DDPOptimizer splits the compiled graph at every gradient bucket, so all-reduces
             # can start during the backward. On our models the split graphs cost far more than the
