@@ -130,6 +130,7 @@ def test_throughput_counts_every_position_and_the_padding_apart(tokenizer):
     parts = ("setup_seconds", "device_seconds", "resume_seconds", "engine_seconds", "first_step_seconds")
     assert all(final[p] > 0 for p in parts)
     assert 0.99 * final["startup_seconds"] <= sum(final[p] for p in parts) <= final["startup_seconds"]
+    assert "compile_seconds" not in final  # eager: nothing compiled, whatever earlier tests compiled
 
 
 def test_packed_dpo_batches_of_changing_row_counts_compile_once(tokenizer):
@@ -155,6 +156,9 @@ def test_packed_dpo_batches_of_changing_row_counts_compile_once(tokenizer):
     # on that (its guard "GLOBAL_STATE changed: num_threads", seen while a cold compile kept the cores busy)
     result = fit(model, DPOLoss(0.1), batches, cfg, RuntimeConfig(device="cpu", compile=True, threads=1))
     assert result.final["recompiles"] == 0 and result.final["padding_share"] > 0
+    # most of the first step is compiling it (the forward, then the backward at its first run)
+    first_step = result.final["first_step_seconds"]
+    assert 0.5 * first_step < result.final["compile_seconds"] <= first_step
 
 
 def test_a_recompile_in_the_first_log_window_counts(tokenizer):

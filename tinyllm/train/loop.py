@@ -31,7 +31,15 @@ from tinyllm.train import resume
 from tinyllm.train.distributed import TrainingRun
 from tinyllm.train.engine import make_engine
 from tinyllm.train.logging import NullLogger
-from tinyllm.train.runtime import autocast, compiled_graphs, peak_flops, process_seconds, resolve_device, resolve_dtype
+from tinyllm.train.runtime import (
+    autocast,
+    compile_seconds,
+    compiled_graphs,
+    peak_flops,
+    process_seconds,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +55,8 @@ class FitResult:
     (`MetricsWindow`), cuda_graphs (1: the steps replayed as CUDA graphs), startup_seconds (stage
     start to the end of the first step: imports, loading, compiling), setup_seconds (the part of it
     before `fit` was called: imports, data, loading the checkpoint), first_step_seconds (the first
-    step, and on a resume the skipping of used batches) and mfu."""
+    step, and on a resume the skipping of used batches), compile_seconds (the part of the first
+    step Dynamo and Inductor took, where the step is compiled) and mfu."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -313,6 +322,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             last good resumable checkpoint, which is kept).
     """
     startup = {"setup_seconds": process_seconds()}  # the stage's own work before fit: imports, data, loading
+    compiled_before = compile_seconds()  # a process that fits twice (tests, benches) compiled before
     clock = fit_started = time.perf_counter()  # one clock from here on: the parts add up to the start-up
     run = run or TrainingRun()
     dist, logger = run.dist, run.logger or NullLogger()
@@ -352,7 +362,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         grad_norm = engine.complete_step()
         window.end_step(step, step_loss)
         if step == start_step:
-            speed = _first_step(device, window, dist, startup, fit_started)
+            speed = _first_step(device, window, dist, startup, fit_started, compiled_before)
             speed["cuda_graphs"] = int(engine.replays_graphs)
 
         last = step == cfg.max_steps - 1
@@ -397,7 +407,8 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     return result
 
 
-def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict, fit_started: float) -> dict:
+def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict, fit_started: float,
+                compiled_before: dict[str, float]) -> dict:
     """Start-up as a user sees it: from the process start to the first step done (one host sync),
     and its parts: the stage's own work before calling `fit` (`setup_seconds`); starting the device
     (`device_seconds`; a stage that used the GPU before `fit`, like DPO's reference pass, started it
@@ -405,17 +416,23 @@ def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict
     reading a resumable checkpoint if there is one); building the engine (`engine_seconds`: the
     model to the device, a resumed run's weights and optimizer state, the compile wrapper, the
     optimizer, DDP or DeepSpeed); and the first step with its batch (`first_step_seconds`, mostly
-    compiling on a GPU)."""
+    compiling on a GPU: `compile_seconds`, Dynamo's and Inductor's time since `fit` began, split
+    in the log by `runtime.compile_seconds`)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device if device.index is not None else None)  # "cuda" names no index
     now = time.perf_counter()
     speed = {"startup_seconds": startup["setup_seconds"] + now - fit_started, **startup,
              "first_step_seconds": now - window.start}
+    compiling = {part: seconds - compiled_before.get(part, 0.0) for part, seconds in compile_seconds().items()}
+    if compiling.get("compile", 0.0) > 0:
+        speed["compile_seconds"] = compiling["compile"]
     if dist.is_main:
         log.info("first step done %.1f s after the process started (the stage's setup: %.1f s; starting the device: "
-                 "%.1f s; the resume check: %.1f s; the engine: %.1f s; the step itself: %.1f s)",
+                 "%.1f s; the resume check: %.1f s; the engine: %.1f s; the step itself: %.1f s)%s",
                  speed["startup_seconds"], speed["setup_seconds"], speed["device_seconds"], speed["resume_seconds"],
-                 speed["engine_seconds"], speed["first_step_seconds"])
+                 speed["engine_seconds"], speed["first_step_seconds"], "; compiling in all: {compile:.1f} s (Dynamo's "
+                 "tracing {tracing:.1f}, the forward {forward:.1f}, the backward {backward:.1f}; of those two, waiting "
+                 "for kernel builds {waiting:.1f})".format(**compiling) if "compile_seconds" in speed else "")
     return speed
 
 

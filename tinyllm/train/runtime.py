@@ -126,6 +126,28 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def compile_seconds() -> dict[str, float]:
+    """Seconds this process has spent compiling so far, from Dynamo's own timers: "compile" in all,
+    and its parts "tracing" (Dynamo reading the Python code into graphs), "forward" and "backward"
+    (Inductor generating their kernels) and "waiting" (of those two, the wait for kernels built in
+    Inductor's worker processes). Empty if nothing compiled. A backward compiles inside the
+    forward's compile when shapes are dynamic, else at its first run ("backward._backward_impl"):
+    only then is its time outside Dynamo's. The start-up of a compiled stage is mostly this
+    (reports/gpu_speed.md); the parts say which kind of work to cut."""
+    from torch._dynamo.utils import compilation_time_metrics as timers
+
+    def seconds(name: str) -> float:
+        return sum(timers.get(name, ()))
+
+    dynamo, backend = seconds("_compile.compile_inner"), seconds("OutputGraph.call_user_compiler")
+    backward, at_first_run = seconds("compile_fx.<locals>.bw_compiler"), seconds("backward._backward_impl")
+    if not dynamo:
+        return {}
+    return {"compile": dynamo + at_first_run, "tracing": dynamo - backend,
+            "forward": backend - max(0.0, backward - at_first_run), "backward": backward,
+            "waiting": seconds("async_compile.wait")}
+
+
 STARTED_AT = "TINYLLM_STARTED_AT"
 """Environment variable: when the stage began, set before it relaunches itself under torchrun."""
 
