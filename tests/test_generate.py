@@ -103,7 +103,7 @@ def test_static_shape_decoding_gives_the_same_tokens_alone_and_batched(tiny_conf
 
 def test_a_smaller_static_batch_padded_to_the_full_ones_rows_gives_its_own_replies(tiny_config):
     """An eval's last chunk padded to its full chunks' rows: the replies it gets unpadded, greedy and
-    seeded, and no static decoder of a new batch size (on a GPU, no second capture)."""
+    seeded, and no static decoder of a new batch size (on a GPU, no second compile)."""
     from tinyllm.infer.generate import _STATIC
 
     torch.manual_seed(0)

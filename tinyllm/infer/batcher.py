@@ -40,7 +40,7 @@ import torch
 
 from tinyllm import cpu_threads
 from tinyllm.errors import UserError
-from tinyllm.infer.generate import MIN_TEMPERATURE, capture_graph, inverse_cdf, keep_top_k, nucleus, penalise_repeats
+from tinyllm.infer.generate import MIN_TEMPERATURE, inverse_cdf, keep_top_k, nucleus, penalise_repeats
 from tinyllm.infer.slots import SlotKVCache
 from tinyllm.infer.text import TextStream
 from tinyllm.infer.utf8 import Utf8Guard
@@ -519,8 +519,23 @@ class Batcher:
         return self._decoders[n]
 
     def _graph(self, run: Callable[[], object]) -> Callable[[], object]:
-        """`run` captured as a CUDA graph (`capture_graph`) in the memory pool of the others."""
-        replay, self._graph_pool = capture_graph(run, self.device, self._graph_pool)
+        """`run` captured as a CUDA graph, after two runs on a side stream (compiling, warming up):
+        a function that replays it and returns the outputs of the capture (overwritten by each replay)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = run()
+        self._graph_pool = graph.pool()
+
+        def replay():
+            graph.replay()
+            return out
+
         return replay
 
     def _pick(self, logits: torch.Tensor, rows, options: _Options) -> torch.Tensor:

@@ -6,11 +6,10 @@
 Prompts generated together are left-padded to one length; padding is masked out of attention, so
 each row gets the tokens it would get alone (up to float rounding in the last bits).
 
-On a GPU, a dense model decodes with static shapes (`StaticKVCache`) and the decode step captured
-as a CUDA graph: one graph launch per token instead of a hundred kernel launches. The step is not
-compiled: capturing takes a fraction of a second where compiling took 10-15 s, which was most of
-an eval's or a GRPO rollout's first batch (reports/gpu_speed.md). The cache and the captured step
-are kept per model and batch size, so only the first request of a shape pays for the capture.
+On a GPU, a dense model decodes with static shapes (`StaticKVCache`) and the decode step compiled
+with CUDA graphs (`torch.compile(mode="reduce-overhead")`): one graph launch per token instead of a
+hundred kernel launches. The cache and the compiled step are kept per model and batch size, so
+only the first request of a shape pays for compilation.
 """
 
 from __future__ import annotations
@@ -34,9 +33,9 @@ def decoding(model: Transformer, batch_size: int, max_len: int, static: bool | N
     """`with decoding(...) as (cache, step)`: `step(inputs, key_valid)` runs the model on new tokens
     through the cache and returns the last position's logits (B, vocab).
 
-    static: use a StaticKVCache (each new token one CUDA graph replay on a GPU); None picks it for
-    a dense model on a GPU. An MoE routes with data-dependent shapes and always decodes dynamically.
-    Static caches and their captured steps are pooled per model and batch size: a generation
+    static: use a StaticKVCache (compiled with CUDA graphs on a GPU); None picks it for a dense
+    model on a GPU. An MoE routes with data-dependent shapes and always decodes dynamically.
+    Static caches and their compiled steps are pooled per model and batch size: a generation
     checks one out and gives it back, so two at once (two web tabs) never share buffers.
     """
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -64,48 +63,18 @@ def _static_decoder(model: Transformer, batch_size: int, device, dtype):
     cache = StaticKVCache(model.config, batch_size, model.config.max_seq_len, device, dtype)
     # The decoder is kept in _STATIC under the model, weakly: if it held the model itself, the
     # entry would keep its own key alive, and every model ever decoded (eval's checkpoints) would
-    # stay in memory with its caches.
+    # stay in memory with its caches. Dynamo traces the dereference without a recompile per model.
     model_ref = weakref.ref(model)
 
     def step(inputs, key_valid):
         return model_ref()(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
 
-    if device.type != "cuda":
-        return cache, lambda inputs, key_valid: step(inputs, key_valid).clone()
-    tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the graph's inputs, refilled
-    valid = torch.ones(batch_size, cache.max_len, dtype=torch.bool, device=device)  # each token
-    replay, _ = capture_graph(lambda: step(tokens, valid), device)
-    cache.reset()  # warming up and capturing wrote a few positions; every generation starts over anyway
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True) if device.type == "cuda" else step
 
-    def run(inputs, key_valid):  # the prompt (any length) eagerly; each single new token as one replay
-        if inputs.shape[1] != 1:
-            return step(inputs, key_valid).clone()
-        tokens.copy_(inputs)
-        valid.copy_(key_valid) if key_valid is not None else valid.fill_(True)  # all True: plain causal
-        return replay().clone()
+    def run(inputs, key_valid):  # the prompt (any length) eagerly; each single new token as one graph
+        return (compiled if inputs.shape[1] == 1 else step)(inputs, key_valid).clone()
 
     return cache, run
-
-
-def capture_graph(run: Callable[[], object], device, pool=None) -> tuple[Callable[[], object], object]:
-    """`run` captured as a CUDA graph, after two runs on a side stream (warming up, compiling if it
-    compiles): a function that replays it and returns the outputs of the capture (overwritten by
-    each replay), and the graph's memory pool, which later captures may share (`pool`)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        run()
-        run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = run()
-
-    def replay():
-        graph.replay()
-        return out
-
-    return replay, graph.pool()
 
 
 MIN_TEMPERATURE = 1e-6
@@ -247,9 +216,9 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
 
     pad_to_rows: on the static path (a GPU), decode fewer prompts in a batch of this many rows,
     the extra rows copies of the last prompt that are never sampled from (the replies, seeded ones
-    too, are those without padding). Each new batch size captures its own decode step, with a
-    cache of the model's whole context; an eval's last, smaller chunk of each set then replays
-    the full chunks' graph instead.
+    too, are those without padding). Each new batch size compiles and captures its own decode
+    step (seconds on a GPU); an eval's last, smaller chunk of each set then replays the full
+    chunks' graph instead.
     """
     if not prompts or not all(prompts):
         raise ValueError("empty prompt")

@@ -1,7 +1,8 @@
-"""Batched generation's decode step: captured as a CUDA graph as it is (`generate._static_decoder`),
-or compiled first as it was until 2026-12-06 (`torch.compile(mode="reduce-overhead")`, kept here as
-the baseline). Compiling took 10-15 s of an eval's first checkpoint and of GRPO's first rollout
-(reports/gpu_speed.md); what does leaving it out cost per token?
+"""Batched generation's decode step: compiled with CUDA-graph trees as it is
+(`generate._static_decoder`, `torch.compile(mode="reduce-overhead")`), or captured as a CUDA graph
+without compiling (`captured_decoder` below, tried on 2026-12-06 and not kept). Compiling takes
+10-15 s of an eval's first checkpoint and of GRPO's first rollout (reports/gpu_speed.md); what
+would leaving it out cost per token?
 
     python reports/bench/gpu/decode_capture.py                      # 768x8, bf16, on the GPU
     python reports/bench/gpu/decode_capture.py --model tiny --rows 1,4 --new-tokens 8 --device cpu  # a smoke test
@@ -30,17 +31,36 @@ from tinyllm.infer.generate import generate_batch
 from tinyllm.model.transformer import StaticKVCache, Transformer
 
 
-def compiled_decoder(model, batch_size, device, dtype):
-    """The decoder before 2026-12-06: the same step, compiled with CUDA-graph trees."""
+def captured_decoder(model, batch_size, device, dtype):
+    """The same step as the library's, captured as a CUDA graph without compiling: the graph's
+    inputs are buffers refilled for each token (`key_valid` None means all keys valid)."""
     cache = StaticKVCache(model.config, batch_size, model.config.max_seq_len, device, dtype)
 
     def step(inputs, key_valid):
         return model(inputs, cache=cache, key_valid=key_valid).logits[:, -1]
 
-    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True) if device.type == "cuda" else step
+    if device.type != "cuda":
+        return cache, lambda inputs, key_valid: step(inputs, key_valid).clone()
+    tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    valid = torch.ones(batch_size, cache.max_len, dtype=torch.bool, device=device)
+    side = torch.cuda.Stream(device)  # two warm-up runs on a side stream, then the capture
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step(tokens, valid)
+        step(tokens, valid)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step(tokens, valid)
+    cache.reset()
 
     def run(inputs, key_valid):
-        return (compiled if inputs.shape[1] == 1 else step)(inputs, key_valid).clone()
+        if inputs.shape[1] != 1:
+            return step(inputs, key_valid).clone()
+        tokens.copy_(inputs)
+        valid.copy_(key_valid) if key_valid is not None else valid.fill_(True)
+        graph.replay()
+        return logits.clone()
 
     return cache, run
 
@@ -90,7 +110,7 @@ def main() -> None:
     for rows in [int(r) for r in args.rows.split(",")]:
         prompts = [[rng.randrange(3, args.vocab_size) for _ in range(rng.randint(20, 40))] for _ in range(rows)]
         results = {}
-        for way, decoder in (("captured", library_decoder), ("compiled", compiled_decoder)):
+        for way, decoder in (("captured", captured_decoder), ("compiled", library_decoder)):
             generate._STATIC.clear()  # a fresh decoder for each way
             generate._static_decoder = decoder
             results[way] = measure(model, prompts, args.new_tokens, device)
