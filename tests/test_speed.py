@@ -19,7 +19,15 @@ from tinyllm.train.dpo import pair_logprobs
 from tinyllm.train.loop import fit
 from tinyllm.train.lora import add_lora
 from tinyllm.train.objectives import DPOLoss, NextTokenLoss
-from tinyllm.train.runtime import INDUCTOR_OPTIONS, compile_options, compiled_graphs, compiles, replays_cuda_graphs
+from tinyllm.train.runtime import (
+    INDUCTOR_OPTIONS,
+    compile_options,
+    compile_seconds,
+    compile_timers,
+    compiled_graphs,
+    compiles,
+    replays_cuda_graphs,
+)
 
 CPU = RuntimeConfig(device="cpu")
 
@@ -133,6 +141,30 @@ def test_throughput_counts_every_position_and_the_padding_apart(tokenizer):
     assert "compile_seconds" not in final  # eager: nothing compiled, whatever earlier tests compiled
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_seconds_splits_a_compile_into_parts_that_add_up(dynamic):
+    """With static shapes the backward compiles at its first run, after the forward's compile; with
+    a dynamic dim, inside it. Either way the parts (tracing, forward, backward) add up to the whole,
+    each second counted once, and nothing compiled means no split. Caches off: a cached graph loads
+    its backward with the forward."""
+    assert compile_seconds(since=compile_timers()) == {}
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    x = torch.randn(4, 16)
+    if dynamic:
+        torch._dynamo.mark_dynamic(x, 0)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        before = compile_timers()
+        out = torch.compile(model)(x).sum()
+        forward_only = compile_seconds(since=before)
+        out.backward()
+        whole = compile_seconds(since=before)
+    assert (forward_only["backward"] > 0) == dynamic
+    assert whole["backward"] > 0 and all(seconds >= 0 for seconds in whole.values())
+    assert whole["compile"] > forward_only["compile"] if not dynamic else whole == forward_only
+    assert whole["tracing"] + whole["forward"] + whole["backward"] == pytest.approx(whole["compile"])
+
+
 def test_packed_dpo_batches_of_changing_row_counts_compile_once(tokenizer):
     """Under torch.compile (inductor, on the CPU here) the DPO step sees batches of different row
     counts (packing depends on the lengths drawn); marked dynamic, they never recompile."""
@@ -156,7 +188,7 @@ def test_packed_dpo_batches_of_changing_row_counts_compile_once(tokenizer):
     # on that (its guard "GLOBAL_STATE changed: num_threads", seen while a cold compile kept the cores busy)
     result = fit(model, DPOLoss(0.1), batches, cfg, RuntimeConfig(device="cpu", compile=True, threads=1))
     assert result.final["recompiles"] == 0 and result.final["padding_share"] > 0
-    # most of the first step is compiling it (the forward, then the backward at its first run)
+    # most of the first step is compiling it (with the row count dynamic, forward and backward at once)
     first_step = result.final["first_step_seconds"]
     assert 0.5 * first_step < result.final["compile_seconds"] <= first_step
 

@@ -34,6 +34,7 @@ from tinyllm.train.logging import NullLogger
 from tinyllm.train.runtime import (
     autocast,
     compile_seconds,
+    compile_timers,
     compiled_graphs,
     peak_flops,
     process_seconds,
@@ -322,7 +323,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             last good resumable checkpoint, which is kept).
     """
     startup = {"setup_seconds": process_seconds()}  # the stage's own work before fit: imports, data, loading
-    compiled_before = compile_seconds()  # a process that fits twice (tests, benches) compiled before
+    compiled_before = compile_timers()  # a process that fits twice (tests, benches) compiled before
     clock = fit_started = time.perf_counter()  # one clock from here on: the parts add up to the start-up
     run = run or TrainingRun()
     dist, logger = run.dist, run.logger or NullLogger()
@@ -423,16 +424,18 @@ def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict
     now = time.perf_counter()
     speed = {"startup_seconds": startup["setup_seconds"] + now - fit_started, **startup,
              "first_step_seconds": now - window.start}
-    compiling = {part: seconds - compiled_before.get(part, 0.0) for part, seconds in compile_seconds().items()}
-    if compiling.get("compile", 0.0) > 0:
+    compiling = compile_seconds(since=compiled_before)
+    compiled = ""
+    if compiling:
         speed["compile_seconds"] = compiling["compile"]
+        compiled = ("; compiling in all: {compile:.1f} s (Dynamo's tracing {tracing:.1f}, the forward "
+                    "{forward:.1f}, the backward {backward:.1f}; of those two, waiting for kernel builds "
+                    "{waiting:.1f})").format(**compiling)
     if dist.is_main:
         log.info("first step done %.1f s after the process started (the stage's setup: %.1f s; starting the device: "
                  "%.1f s; the resume check: %.1f s; the engine: %.1f s; the step itself: %.1f s)%s",
                  speed["startup_seconds"], speed["setup_seconds"], speed["device_seconds"], speed["resume_seconds"],
-                 speed["engine_seconds"], speed["first_step_seconds"], "; compiling in all: {compile:.1f} s (Dynamo's "
-                 "tracing {tracing:.1f}, the forward {forward:.1f}, the backward {backward:.1f}; of those two, waiting "
-                 "for kernel builds {waiting:.1f})".format(**compiling) if "compile_seconds" in speed else "")
+                 speed["engine_seconds"], speed["first_step_seconds"], compiled)
     return speed
 
 

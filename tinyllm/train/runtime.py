@@ -126,26 +126,36 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def compile_seconds() -> dict[str, float]:
-    """Seconds this process has spent compiling so far, from Dynamo's own timers: "compile" in all,
-    and its parts "tracing" (Dynamo reading the Python code into graphs), "forward" and "backward"
-    (Inductor generating their kernels) and "waiting" (of those two, the wait for kernels built in
-    Inductor's worker processes). Empty if nothing compiled. A backward compiles inside the
-    forward's compile when shapes are dynamic, else at its first run ("backward._backward_impl"):
-    only then is its time outside Dynamo's. The start-up of a compiled stage is mostly this
-    (reports/gpu_speed.md); the parts say which kind of work to cut."""
+COMPILE_TIMERS = {"dynamo": "_compile.compile_inner", "backend": "OutputGraph.call_user_compiler",
+                  "backward": "compile_fx.<locals>.bw_compiler", "at_first_run": "backward._backward_impl",
+                  "waiting": "async_compile.wait"}
+"""Dynamo's own timers (`dynamo_timed`) that `compile_seconds` reads: a frame's whole compile, the
+backend's part of it (AOTAutograd and Inductor), the backward's compile, the backward's first run
+(where it compiles lazily) and the wait for kernels built in Inductor's worker processes."""
+
+
+def compile_timers() -> dict[str, float]:
+    """The `COMPILE_TIMERS` summed over this process so far, in seconds (0 for one not run)."""
     from torch._dynamo.utils import compilation_time_metrics as timers
 
-    def seconds(name: str) -> float:
-        return sum(timers.get(name, ()))
+    return {name: sum(timers.get(key, ())) for name, key in COMPILE_TIMERS.items()}
 
-    dynamo, backend = seconds("_compile.compile_inner"), seconds("OutputGraph.call_user_compiler")
-    backward, at_first_run = seconds("compile_fx.<locals>.bw_compiler"), seconds("backward._backward_impl")
-    if not dynamo:
-        return {}
-    return {"compile": dynamo + at_first_run, "tracing": dynamo - backend,
-            "forward": backend - max(0.0, backward - at_first_run), "backward": backward,
-            "waiting": seconds("async_compile.wait")}
+
+def compile_seconds(since: dict[str, float]) -> dict[str, float]:
+    """Seconds spent compiling since the `compile_timers()` snapshot `since`: "compile" in all, and
+    its parts "tracing" (Dynamo reading the Python code into graphs), "forward" (AOTAutograd's
+    joint graph and Inductor's forward kernels), "backward" (Inductor's backward kernels) and
+    "waiting" (of those two, the wait for kernel builds). Empty if nothing compiled, or if the
+    timers do not add up (renamed in another torch). A backward compiles inside the forward's
+    compile when shapes are dynamic, else at its first run: only then is its time outside
+    Dynamo's. The start-up of a compiled stage is mostly this (reports/gpu_speed.md); the parts
+    say which kind of work to cut."""
+    spent = {name: seconds - since.get(name, 0.0) for name, seconds in compile_timers().items()}
+    inside = max(0.0, spent["backward"] - spent["at_first_run"])  # compiled within the forward's compile
+    parts = {"compile": spent["dynamo"] + spent["at_first_run"], "tracing": spent["dynamo"] - spent["backend"],
+             "forward": spent["backend"] - inside, "backward": max(spent["backward"], spent["at_first_run"]),
+             "waiting": spent["waiting"]}
+    return parts if spent["dynamo"] > 0 and min(parts.values()) >= 0 else {}
 
 
 STARTED_AT = "TINYLLM_STARTED_AT"
