@@ -3,6 +3,8 @@ stage's start-up must stay under 30 s; a cold `torch.compile` of 768×8 cost 25�
 
     python reports/bench/gpu/compile_scope.py --model 768x8 --device cuda --seq-len 512 --batch-size 32
     python reports/bench/gpu/compile_scope.py --model tiny --device cpu --seq-len 128 --batch-size 16
+    python reports/bench/gpu/compile_scope.py --model 768x8 --device cuda --seq-len 512 --batch-size 32 \
+        --scopes whole,regional --cuda-graphs       # every compiled function replayed as CUDA graphs
 
 Each scope runs in a fresh process with an empty inductor cache, so every compile is cold:
 - eager: no compiling;
@@ -61,16 +63,18 @@ def run_scope(scope: str, args: argparse.Namespace) -> dict:
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reference = copy.deepcopy(model)  # eager, for the first step's gradients
+    graphs = {"options": {"triton.cudagraphs": True}} if args.cuda_graphs else {}
     step_model = model
     if scope == "whole":
-        step_model = torch.compile(model)
+        step_model = torch.compile(model, **graphs)
     elif scope == "nested":
-        step_model = torch.compile(model, **nest_decoder_layers())
+        nested = nest_decoder_layers()
+        step_model = torch.compile(model, options={**nested["options"], **graphs.get("options", {})})
     if scope in ("layers", "regional"):
         for layer in (m for m in model.modules() if isinstance(m, DecoderLayer)):
-            layer.compile()
+            layer.compile(**graphs)
     if scope == "regional":
-        head = torch.compile(head_loss)
+        head = torch.compile(head_loss, **graphs)
 
         def step_model(ids, labels):
             x = model.model.embed_tokens(ids)
@@ -83,6 +87,8 @@ def run_scope(scope: str, args: argparse.Namespace) -> dict:
     seconds, first_grads = [], None
     for _ in range(args.steps):
         start = time.perf_counter()
+        if args.cuda_graphs:  # a new step: the last replay's outputs may be overwritten (as the engine marks it)
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = step_model(x, labels=x).loss
         loss.backward()
@@ -110,13 +116,16 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=6400)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="autocast dtype")
+    parser.add_argument("--cuda-graphs", action="store_true", help="every compiled function replays as CUDA graphs "
+                        "(`runtime.cuda_graphs`): do the regions' steps then lose less to the host between them?")
     parser.add_argument("--scope", choices=SCOPES, help="run this one scope here and print its JSON")
     parser.add_argument("--scopes", default=",".join(SCOPES), help="comma-separated: the scopes to compare")
     args = parser.parse_args()
     if args.scope:
         print(json.dumps(run_scope(args.scope, args)))
         return
-    print(f"| {args.model}, {args.device}, {args.batch_size} × {args.seq_len}, {args.dtype} | first step (s) | "
+    print(f"| {args.model}, {args.device}, {args.batch_size} × {args.seq_len}, {args.dtype}"
+          f"{', CUDA graphs' if args.cuda_graphs else ''} | first step (s) | "
           "step after it (ms) | graphs | loss | gradient error |")
     print("|---|---|---|---|---|---|")
     for scope in args.scopes.split(","):
