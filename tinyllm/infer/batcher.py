@@ -177,6 +177,27 @@ than fp32): on a GPU one CUDA graph covers any prompt, 64 at a time (eager prefi
 shapes took 45 ms to 1.2 s each on an H200, inside the server)."""
 
 
+def capture_graph(run: Callable[[], object], device: torch.device, pool=None) -> tuple[Callable[[], object], object]:
+    """`run` captured as a CUDA graph, after two runs on a side stream (compiling, warming up): a
+    function that replays it and returns the outputs of the capture (overwritten by each replay),
+    and the graph's memory pool, which later captures may share (`pool`)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay, graph.pool()
+
+
 def _buckets(most: int) -> list[int]:
     """Decode batch sizes: powers of two up to `most` (and `most` itself)."""
     sizes = [1]
@@ -519,23 +540,8 @@ class Batcher:
         return self._decoders[n]
 
     def _graph(self, run: Callable[[], object]) -> Callable[[], object]:
-        """`run` captured as a CUDA graph, after two runs on a side stream (compiling, warming up):
-        a function that replays it and returns the outputs of the capture (overwritten by each replay)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            run()
-            run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = run()
-        self._graph_pool = graph.pool()
-
-        def replay():
-            graph.replay()
-            return out
-
+        """`run` captured as a CUDA graph (`capture_graph`), in the memory pool of the others."""
+        replay, self._graph_pool = capture_graph(run, self.device, self._graph_pool)
         return replay
 
     def _pick(self, logits: torch.Tensor, rows, options: _Options) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 from tinyllm.bench import PRESETS
 from tinyllm.config import ModelConfig
 from tinyllm.infer import generate
+from tinyllm.infer.batcher import capture_graph
 from tinyllm.infer.generate import generate_batch
 from tinyllm.model.transformer import StaticKVCache, Transformer
 
@@ -43,24 +44,15 @@ def captured_decoder(model, batch_size, device, dtype):
         return cache, lambda inputs, key_valid: step(inputs, key_valid).clone()
     tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     valid = torch.ones(batch_size, cache.max_len, dtype=torch.bool, device=device)
-    side = torch.cuda.Stream(device)  # two warm-up runs on a side stream, then the capture
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        step(tokens, valid)
-        step(tokens, valid)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step(tokens, valid)
-    cache.reset()
+    replay, _ = capture_graph(lambda: step(tokens, valid), device)
+    cache.reset()  # warming up and capturing wrote a few positions
 
     def run(inputs, key_valid):
         if inputs.shape[1] != 1:
             return step(inputs, key_valid).clone()
         tokens.copy_(inputs)
         valid.copy_(key_valid) if key_valid is not None else valid.fill_(True)
-        graph.replay()
-        return logits.clone()
+        return replay().clone()
 
     return cache, run
 

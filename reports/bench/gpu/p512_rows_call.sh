@@ -1,16 +1,11 @@
 #!/bin/bash
-# One device call that makes the most of whichever card comes when an H200 is asked for:
-# on an H200, issue 20's last run (`invariant_serve_call.sh`: the 32-client target with
-# --batch-invariant); on any other card, issue 22's 512x8 pretraining bench at 128 and 256 rows
-# a step, alternated twice in one process each (the 256-row figure was last taken beside another
-# job, reports/bench/NOTES.md). Carry .whl and artifacts/grpo.
-#   bash reports/bench/gpu/h200_serve_or_512_call.sh
+# One device call for issue 22's 512x8 target: the pretraining bench at 128 and 256 rows a step,
+# alternated twice, each in a process of its own (the 256-row figure was last taken beside another
+# job, reports/bench/NOTES.md). Tables in $OUT/tables.tgz. Carry .whl.
+#   bash reports/bench/gpu/p512_rows_call.sh
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
-if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-    exec bash reports/bench/gpu/invariant_serve_call.sh
-fi
 bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt"
 for rows in 128 256 128 256; do
     echo "## 512x8, $rows rows of 512 (at $SECONDS s)" | tee -a "$out/log.txt"
