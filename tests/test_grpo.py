@@ -157,9 +157,9 @@ PROMPTS = [{"messages": [{"role": "user", "content": q}], "answer": TARGET, "kin
            for q in ("3加5等于几？", "李明住在哪里？", "Li Ming lives where?", "王芳是谁？")]
 
 
-def _policy(tokenizer, seed=0):
+def _policy(tokenizer, seed=0, max_seq_len=32):
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=32,
+    return Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=max_seq_len,
                                    vocab_size=tokenizer.get_vocab_size()))
 
 
@@ -183,6 +183,29 @@ def test_a_tiny_policy_learns_to_say_the_rewarded_digit(tokenizer):
     assert rewards[0] < 0.1 and rewards[-1] > 0.9, rewards
     assert all(0 <= h["train/zero_variance"] <= 1 and h["train/reply_length"] <= 6 for h in result.history)
     assert result.history[-1]["train/rollout_tokens_per_sec"] > 0
+
+
+def test_rollouts_padded_to_one_width_train_as_those_padded_to_their_longest(tokenizer):
+    """The fixed width (for CUDA graphs on a GPU) adds right padding only: every micro-batch has
+    one shape, and training follows the run without it (the same rollouts, the same losses)."""
+    cfg = _cfg(max_steps=6, log_interval=1, batch_size=2, grad_accum=2)  # two prompts a micro-batch: widths differ
+
+    def train(fixed_width):
+        model = _policy(tokenizer, max_seq_len=64)  # no prompt cut: they are 26-30 tokens long
+        batches = RolloutBatches(model, tokenizer, PROMPTS, cfg, seed=0, dist=Dist(), dtype=torch.float32,
+                                 fixed_width=fixed_width)
+        objective = GRPOLoss(cfg.clip_eps, cfg.kl_coef, cfg.loss_norm, cfg.max_new_tokens, fixed_width)
+        return batches, fit(model, objective, batches, cfg, CPU)
+
+    fixed, padded = train(True)
+    width = max(map(len, fixed.prompt_ids)) + cfg.max_new_tokens
+    assert width > min(map(len, fixed.prompt_ids)) + cfg.max_new_tokens
+    assert {tuple(batch["input_ids"].shape) for batch, _ in zip(fixed, range(8))} == {(16, width - 1)}
+    _, longest = train(False)
+    assert [h["train/reward"] for h in padded.history] == [h["train/reward"] for h in longest.history]
+    assert [h["train/loss"] for h in padded.history] == pytest.approx([h["train/loss"] for h in longest.history],
+                                                                      abs=1e-5)
+    assert padded.final["padding_share"] > longest.final["padding_share"]
 
 
 class CrashAt:

@@ -169,10 +169,12 @@ class ChatBatches:
             yield {"input_ids": ids[:, :-1], "labels": labels, "padding": torch.from_numpy(padding[:, :-1])}
 
 
-def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad whole conversations to the longest one (for per-sequence scores, not packing);
-    "padding" marks the padded positions."""
-    width = max(len(ids) for ids, _ in examples)
+def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int, width: int | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad whole conversations to the longest one, or to `width` tokens where given (one
+    shape for every batch); for per-sequence scores, not packing. "padding" marks the padded
+    positions."""
+    width = width or max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.bool)
     lengths = torch.tensor([len(ex_ids) for ex_ids, _ in examples])

@@ -41,6 +41,7 @@ from tinyllm.eval.verify import score, validate_prompt
 from tinyllm.infer.generate import generate_batch
 from tinyllm.train.checkpoint import load_for_finetuning, save_checkpoint
 from tinyllm.train.distributed import Dist, TrainingRun, check_divisible
+from tinyllm.train.engine import step_replays
 from tinyllm.train.loop import fit
 from tinyllm.train.objectives import GRPOLoss, group_advantages, token_logprobs
 from tinyllm.train.runtime import autocast, resolve_device, resolve_dtype
@@ -71,18 +72,23 @@ class RolloutBatches:
     policy ("old_logps") and of the starting model ("ref_logps"). The round is yielded
     `updates_per_rollout` times in a row, then the next round is sampled from the updated policy.
 
+    `fixed_width`: every micro-batch right-padded to the longest prompt plus `max_new_tokens`, so
+    all have one shape and the compiled step may replay as CUDA graphs (`run_grpo` asks for it
+    where they would); otherwise each is padded to its own longest row.
+
     `state()` / `load_state()` carry the round number and whatever of the round is still to be
     trained on, so a resumed run trains on exactly what the interrupted one would have.
     """
 
     def __init__(self, policy: torch.nn.Module, tok: Tokenizer, prompts: list[dict], cfg: GRPOConfig,
-                 seed: int, dist: Dist, dtype: torch.dtype):
+                 seed: int, dist: Dist, dtype: torch.dtype, fixed_width: bool = False):
         self.policy, self.tok, self.prompts, self.cfg, self.seed, self.dist, self.dtype = (
             policy, tok, prompts, cfg, seed, dist, dtype)
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         keep = policy.config.max_seq_len - cfg.max_new_tokens
         self.prompt_ids = [tok.encode(render_chat(p["messages"], add_generation_prompt=True),
                                       add_special_tokens=False).ids[-keep:] for p in prompts]
+        self.width = max(map(len, self.prompt_ids)) + cfg.max_new_tokens if fixed_width else None
         self.stop_ids, self.im_end = reply_stop_ids(tok), special_id(tok, IM_END)
         self.pad_id = special_id(tok, ENDOFTEXT)
         self.round = 0
@@ -129,7 +135,7 @@ class RolloutBatches:
         batches = []
         for k in range(cfg.grad_accum):
             part = slice(k * per_micro, (k + 1) * per_micro)
-            batch = collate(rows[part], self.pad_id)
+            batch = collate(rows[part], self.pad_id, self.width)
             batch["old_logps"] = self._logprobs(self.policy, batch, device)
             batch["ref_logps"] = self._logprobs(self.reference, batch, device)
             batch["advantages"] = advantages[part].float()
@@ -197,10 +203,16 @@ def run_grpo(params: Params, init_dir: Path, prompts_file: Path, out_dir: Path,
     if len(prompts) < cfg.batch_size:
         raise DataError(f"{prompts_file}: {len(prompts)} prompts, fewer than grpo.batch_size={cfg.batch_size}")
     device = resolve_device(params.runtime, run.dist)
-    batches = RolloutBatches(model, tok, prompts, cfg, params.seed, run.dist, resolve_dtype(params.runtime, device))
+    # Where the step could replay as CUDA graphs, every micro-batch gets one width: one compile for
+    # that shape and one graph to replay, where rollouts of changing lengths need a compile for any
+    # shape and run without graphs (reports/gpu_speed.md).
+    graphs = step_replays(model, cfg, params.runtime, run.dist, device, fixed_shapes=True,
+                          strategy=run.distributed.strategy)
+    batches = RolloutBatches(model, tok, prompts, cfg, params.seed, run.dist, resolve_dtype(params.runtime, device),
+                             fixed_width=graphs)
     start = time.perf_counter()
-    result = fit(model, GRPOLoss(cfg.clip_eps, cfg.kl_coef, cfg.loss_norm, cfg.max_new_tokens), batches, cfg,
-                 params.runtime, run=run, inputs=[prompts_file])
+    result = fit(model, GRPOLoss(cfg.clip_eps, cfg.kl_coef, cfg.loss_norm, cfg.max_new_tokens, graphs), batches, cfg,
+                 params.runtime, run=run, inputs=[prompts_file], fixed_shapes=graphs)
     first = result.history[0]
     summary = {**result.final, "first/reward": first["train/reward"], "prompts": len(prompts),
                "rollout_rounds": batches.round, "train_seconds": round(time.perf_counter() - start, 1)}

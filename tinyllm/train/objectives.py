@@ -146,13 +146,16 @@ class GRPOLoss:
     """`grpo_loss` on a batch from `tinyllm.train.grpo.RolloutBatches`: the sampled replies with
     their advantages, the log-probs of the policy that sampled them ("old_logps") and of the
     starting model ("ref_logps"). The rollout's own statistics (reward, reply length, ...) ride
-    in the batch as "stat/<name>" scalars and are passed on as extras, so the loop logs them."""
+    in the batch as "stat/<name>" scalars and are passed on as extras, so the loop logs them.
+    `fixed_shapes`: the rollouts are padded to one shape (`RolloutBatches`' fixed width), so the
+    step compiles for that shape alone rather than for any."""
 
-    def __init__(self, clip_eps: float, kl_coef: float, norm: str, max_new_tokens: int):
+    def __init__(self, clip_eps: float, kl_coef: float, norm: str, max_new_tokens: int, fixed_shapes: bool = False):
         self.clip_eps, self.kl_coef, self.norm, self.max_new_tokens = clip_eps, kl_coef, norm, max_new_tokens
+        self.fixed_shapes = fixed_shapes
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        for dim in (0, 1):  # rollouts change both with every round: one graph for all of them
+        for dim in () if self.fixed_shapes else (0, 1):  # rollouts change both with every round: one graph for all
             torch._dynamo.maybe_mark_dynamic(batch["input_ids"], dim)
         logps, mask = token_logprobs(model, batch["input_ids"], batch["labels"])
         loss, extras = grpo_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], mask,
