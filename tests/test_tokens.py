@@ -117,3 +117,22 @@ def test_empty_split_is_an_error_and_keeps_old_tokens(tmp_path, tokenizer, token
     with pytest.raises(DataError, match="split got no documents"):
         tokenize_corpus(corpus, tokenizer, TokenizeConfig(val_fraction=0.5), seed=0, out_dir=token_dir)
     assert (token_dir / "index.json").read_text() == before
+
+
+def test_perplexity_in_batches_of_windows_is_that_of_one_window_at_a_time(token_dir, tokenizer):
+    """Batching the val windows (a GPU's speed) scores the same windows the same way: 30 windows
+    go in batches of 6 when 8 are allowed, so none is left out."""
+    from tinyllm.config import ModelConfig
+    from tinyllm.eval.metrics import perplexity
+    from tinyllm.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=16,
+                                    vocab_size=tokenizer.get_vocab_size()))
+    cpu = torch.device("cpu")
+    one = perplexity(model, token_dir, 16, 16 * 30, cpu, torch.float32, rows=1)
+    batched = perplexity(model, token_dir, 16, 16 * 30, cpu, torch.float32, rows=8)
+    assert one["tokens"] == batched["tokens"] == 16 * 30
+    assert batched["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    all_windows = (len(TokenStream(token_dir, "val")) - 1) // 16
+    assert perplexity(model, token_dir, 16, 10**9, cpu, torch.float32)["tokens"] == all_windows * 16
