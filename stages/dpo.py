@@ -13,11 +13,16 @@ from tinyllm.train.distributed import training_run
 from tinyllm.train.dpo import run_dpo
 
 
+def train(params, init: Path, out: Path, run=None) -> dict:
+    """The stage's training from `init` to `out` (also what stages/compile_ahead.py compiles ahead)."""
+    return run_dpo(params, init, Path("artifacts/data/dpo.jsonl"), out, run)
+
+
 @stage_main
 def main(params):
     init = Path("artifacts/lora") if is_checkpoint(Path("artifacts/lora")) else Path("artifacts/sft")
     with training_run("dpo", params) as run:
-        summary = run_dpo(params, init, Path("artifacts/data/dpo.jsonl"), Path("artifacts/dpo"), run)
+        summary = train(params, init, Path("artifacts/dpo"), run)
         if run.dist.is_main:
             write_json(Path("reports/metrics/dpo.json"), summary)
 

@@ -16,6 +16,11 @@ OUT = Path("artifacts/grpo")
 PROMPTS = Path("artifacts/data/grpo.jsonl")
 
 
+def train(params, init: Path, out: Path, run=None) -> dict:
+    """The stage's training from `init` to `out` (also what stages/compile_ahead.py compiles ahead)."""
+    return run_grpo(params, init, PROMPTS, out, run)
+
+
 @stage_main
 def main(params):
     with training_run("grpo", params) as run:
@@ -24,7 +29,7 @@ def main(params):
         if skip:
             write_skipped("grpo", OUT, skip, run)
             return
-        summary = run_grpo(params, Path("artifacts/dpo"), PROMPTS, OUT, run)
+        summary = train(params, Path("artifacts/dpo"), OUT, run)
         if run.dist.is_main:
             write_json(Path("reports/metrics/grpo.json"), {"enabled": True, **summary})
 

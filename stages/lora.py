@@ -12,15 +12,20 @@ from tinyllm.train.lora import run_lora
 OUT = Path("artifacts/lora")
 
 
+def train(params, init: Path, out: Path, run=None) -> dict:
+    """The stage's training from `init` to `out` (also what stages/compile_ahead.py compiles ahead)."""
+    chats = Path("artifacts/chat_tokens")
+    return run_lora(params, init, chats / "identity", [chats / "sft_single", chats / "sft_multi"],
+                    Path("artifacts/tokens"), out, run)
+
+
 @stage_main
 def main(params):
     with training_run("lora", params) as run:
         if not params.lora.enabled:
             write_skipped("lora", OUT, "lora.enabled is false in params.yaml", run)
             return
-        chats = Path("artifacts/chat_tokens")
-        summary = run_lora(params, Path("artifacts/sft"), chats / "identity",
-                           [chats / "sft_single", chats / "sft_multi"], Path("artifacts/tokens"), OUT, run)
+        summary = train(params, Path("artifacts/sft"), OUT, run)
         if run.dist.is_main:
             write_json(Path("reports/metrics/lora.json"), {"enabled": True, **summary})
 

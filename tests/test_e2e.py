@@ -352,3 +352,23 @@ def test_exp_run_on_the_example_corpora_through_params_alone(repo):
     dpo = json.loads((repo / "reports/metrics/dpo.json").read_text())
     assert math.isfinite(dpo["train/loss"])
 
+
+
+@pytest.mark.slow
+def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles(repo, tmp_path):
+    """`runtime.compile_ahead` (stages/compile_ahead.py): lora's step, compiled ahead from random
+    weights into an empty compile cache, is what the lora stage then compiles from the SFT model:
+    every graph of its first step comes from the cache (compiling forced on, as on a GPU)."""
+    work = tmp_path / "work"
+    (work / "artifacts").mkdir(parents=True)
+    for name in ("tokenizer", "tokens", "chat_tokens", "sft"):  # the stage's inputs; its outputs stay here
+        (work / "artifacts" / name).symlink_to(repo / "artifacts" / name)
+    (work / "stages").symlink_to(repo / "stages")
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), {"runtime": {"compile": True}})
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache")}
+    log = sh(work, sys.executable, "-m", "stages.compile_ahead", "lora", env=env)
+    assert "graphs from the compile cache: 0 of" in log  # it compiled, cold
+    sh(work, sys.executable, "-m", "stages.lora", env=env)
+    lora = json.loads((work / "reports/metrics/lora.json").read_text())
+    assert lora["compile_cache_misses"] == 0 and lora["compile_cache_hits"] > 0, lora

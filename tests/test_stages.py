@@ -69,3 +69,19 @@ def test_eval_prompts_that_are_not_objects_are_named_by_line(tmp_path):
         assert str(err).startswith(f"{path}:2:") and "object" in str(err)
     else:
         raise AssertionError("a JSON string line was accepted as a prompt")
+
+
+def test_steps_are_compiled_ahead_only_where_the_stages_compile_in_one_process():
+    """`runtime.compile_ahead: auto`: on the CPU the stages do not compile (compile auto), so
+    pretraining starts nothing; with compiling on, it starts lora, dpo and grpo; not when switched
+    off, nor for several processes (their graphs differ: DDP splits them)."""
+    from stages.compile_ahead import STAGES, stages_ahead
+    from tinyllm.config import parse_params
+
+    def ahead(**sections):
+        return stages_ahead(parse_params({"runtime": {"device": "cpu"}, **sections}))
+
+    assert ahead() == []
+    assert ahead(runtime={"device": "cpu", "compile": True}) == list(STAGES) == ["lora", "dpo", "grpo"]
+    assert ahead(runtime={"device": "cpu", "compile": True, "compile_ahead": False}) == []
+    assert ahead(runtime={"device": "cpu", "compile": True}, distributed={"nproc": 2}) == []

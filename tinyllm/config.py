@@ -216,6 +216,11 @@ class RuntimeConfig:
     all have one shape, without gradient accumulation and unless `compile` is
     max-autotune-no-cudagraphs (so pretrain, sft and lora; LoRA's step makes 451 matmul launches
     and waited on a slow host: reports/gpu_speed.md); false: never."""
+    compile_ahead: bool | str = "auto"
+    """`auto`: where the training stages compile and run in one process, the pretrain stage compiles
+    lora's, dpo's and grpo's steps in background processes while it trains, so that each of those
+    stages finds its compiled graphs in Inductor's cache instead of spending 20-40 s of its start-up
+    on them (stages/compile_ahead.py); false: each stage compiles when it starts."""
     threads: int | str = "auto"
     """CPU threads for training and eval. `auto`: torch's own count (one per core), fixed for the
     run; `follow`: one per core that other programs leave free, re-checked every 2 s
@@ -690,6 +695,8 @@ def _check_machine(p: Params) -> list[str]:
         e.append(problem)
     if p.runtime.cuda_graphs not in ("auto", False):
         e.append(f"runtime.cuda_graphs={p.runtime.cuda_graphs!r} must be auto or false")
+    if p.runtime.compile_ahead not in ("auto", False):
+        e.append(f"runtime.compile_ahead={p.runtime.compile_ahead!r} must be auto or false")
     if p.runtime.dtype not in ("auto", "float32", "bfloat16"):
         e.append(f"runtime.dtype={p.runtime.dtype!r} must be auto, float32 or bfloat16")
     if p.distributed.strategy not in ("ddp", "deepspeed"):

@@ -33,6 +33,7 @@ from tinyllm.train.engine import make_engine
 from tinyllm.train.logging import NullLogger
 from tinyllm.train.runtime import (
     autocast,
+    compile_cache_counts,
     compile_seconds,
     compile_timers,
     compiled_graphs,
@@ -57,7 +58,8 @@ class FitResult:
     start to the end of the first step: imports, loading, compiling), setup_seconds (the part of it
     before `fit` was called: imports, data, loading the checkpoint), first_step_seconds (the first
     step, and on a resume the skipping of used batches), compile_seconds (the part of the first
-    step Dynamo and Inductor took, where the step is compiled) and mfu."""
+    step Dynamo and Inductor took, where the step is compiled, with compile_cache_hits and
+    compile_cache_misses: its graphs read from Inductor's cache on disk and compiled anew) and mfu."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -323,7 +325,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             last good resumable checkpoint, which is kept).
     """
     startup = {"setup_seconds": process_seconds()}  # the stage's own work before fit: imports, data, loading
-    compiled_before = compile_timers()  # a process that fits twice (tests, benches) compiled before
+    compiled_before = compile_timers(), compile_cache_counts()  # a process may fit twice (tests, benches)
     clock = fit_started = time.perf_counter()  # one clock from here on: the parts add up to the start-up
     run = run or TrainingRun()
     dist, logger = run.dist, run.logger or NullLogger()
@@ -409,7 +411,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
 
 
 def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict, fit_started: float,
-                compiled_before: dict[str, float]) -> dict:
+                compiled_before: tuple[dict[str, float], dict[str, int]]) -> dict:
     """Start-up as a user sees it: from the process start to the first step done (one host sync),
     and its parts: the stage's own work before calling `fit` (`setup_seconds`); starting the device
     (`device_seconds`; a stage that used the GPU before `fit`, like DPO's reference pass, started it
@@ -418,19 +420,23 @@ def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict
     model to the device, a resumed run's weights and optimizer state, the compile wrapper, the
     optimizer, DDP or DeepSpeed); and the first step with its batch (`first_step_seconds`, mostly
     compiling on a GPU: `compile_seconds`, Dynamo's and Inductor's time since `fit` began, split
-    in the log by `runtime.compile_seconds`)."""
+    in the log by `runtime.compile_seconds`; `compile_cache_hits` / `compile_cache_misses`: its
+    graphs found in Inductor's cache on disk / compiled anew)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device if device.index is not None else None)  # "cuda" names no index
     now = time.perf_counter()
     speed = {"startup_seconds": startup["setup_seconds"] + now - fit_started, **startup,
              "first_step_seconds": now - window.start}
-    compiling = compile_seconds(since=compiled_before)
+    timers, cache = compiled_before
+    compiling = compile_seconds(since=timers)
     compiled = ""
     if compiling:
-        speed["compile_seconds"] = compiling["compile"]
+        hits, misses = (count - cache[name] for name, count in compile_cache_counts().items())
+        speed.update(compile_seconds=compiling["compile"], compile_cache_hits=hits, compile_cache_misses=misses)
         compiled = ("; compiling in all: {compile:.1f} s (Dynamo's tracing {tracing:.1f}, the forward "
                     "{forward:.1f}, the backward {backward:.1f}; of those two, waiting for kernel builds "
-                    "{waiting:.1f})").format(**compiling)
+                    "{waiting:.1f}; graphs from the compile cache: {hits} of {graphs})").format(
+                        **compiling, hits=hits, graphs=hits + misses)
     if dist.is_main:
         log.info("first step done %.1f s after the process started (the stage's setup: %.1f s; starting the device: "
                  "%.1f s; the resume check: %.1f s; the engine: %.1f s; the step itself: %.1f s)%s",

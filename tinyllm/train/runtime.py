@@ -158,6 +158,15 @@ def compile_seconds(since: dict[str, float]) -> dict[str, float]:
     return parts if spent["dynamo"] > 0 and min(parts.values()) >= 0 else {}
 
 
+def compile_cache_counts() -> dict[str, int]:
+    """Graphs Inductor found in its compile cache on disk ("hits": compiled by an earlier process,
+    whatever its weights, as stages/compile_ahead.py arranges) and compiled anew ("misses"), in
+    this process so far."""
+    from torch._dynamo.utils import counters
+
+    return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"]}
+
+
 STARTED_AT = "TINYLLM_STARTED_AT"
 """Environment variable: when the stage began, set before it relaunches itself under torchrun."""
 
