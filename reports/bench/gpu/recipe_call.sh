@@ -24,4 +24,4 @@ rc=${PIPESTATUS[0]}
 echo "wall $SECONDS s (dvc exp run's exit status $rc; 124 is the time limit)" | tee -a "$out/recipe.log"
 # one archive: a call brings back only a few files
 tar czf "$out/metrics.tgz" reports/metrics/*.json reports/eval/metrics.json reports/eval/report.md 2>/dev/null
-grep -h "first step done\|scored artifacts" "$out/recipe.log"
+grep -h "first step done\|scored artifacts\|compile ahead:" "$out/recipe.log"
