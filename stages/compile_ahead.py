@@ -10,7 +10,7 @@ from random weights into a temporary folder, and waits for them before it ends:
     with compile_ahead(params):     # stages/pretrain.py
         run_pretrain(...)
 
-    python -m stages.compile_ahead lora     # one of them, by hand (its log: checkpoints/compile_ahead/)
+    python -m stages.compile_ahead lora     # one of them, by hand
 
 They use the host's idle cores while pretraining keeps the GPU busy. Only the compile cache is
 written; a process that fails leaves the stage to compile for itself, and pretraining goes on.
@@ -38,7 +38,6 @@ from tinyllm.train.runtime import compiled_graphs, compiles, resolve_device
 
 log = logging.getLogger(__name__)
 TOKENIZER = Path("artifacts/tokenizer")
-LOGS = Path("checkpoints/compile_ahead")
 STAGES = ("lora", "dpo", "grpo")
 
 
@@ -54,24 +53,32 @@ def stages_ahead(params) -> list[str]:
 @contextlib.contextmanager
 def compile_ahead(params, wait_seconds: float = 600):
     """Run the block while one process per later stage compiles its step (`stages_ahead`); then
-    wait for them (at most `wait_seconds` in all) and log how each went."""
-    LOGS.mkdir(parents=True, exist_ok=True)
+    wait for them (at most `wait_seconds` in all) and log how each went, with the end of the
+    output of one that failed."""
     started = time.perf_counter()
-    running = {stage: subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", stage],
-                                       stdout=(LOGS / f"{stage}.log").open("w"), stderr=subprocess.STDOUT)
-               for stage in stages_ahead(params)}
-    try:
-        yield list(running)
-    finally:
-        for stage, process in running.items():
-            try:
-                code = process.wait(timeout=max(1.0, wait_seconds - (time.perf_counter() - started)))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                code = "killed (too long)"
-            outcome = "compiled" if code == 0 else f"failed ({code}; the stage compiles for itself)"
-            log.info("compile ahead: %s %s, %.0f s after pretraining started; log %s", stage, outcome,
-                     time.perf_counter() - started, LOGS / f"{stage}.log")
+    with contextlib.ExitStack() as outputs:
+        running = {}
+        for stage in stages_ahead(params):
+            output = outputs.enter_context(tempfile.TemporaryFile())
+            running[stage] = output, subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", stage],
+                                                      stdout=output, stderr=subprocess.STDOUT)
+        try:
+            yield list(running)
+        finally:
+            for stage, (output, process) in running.items():
+                try:
+                    code = process.wait(timeout=max(1.0, wait_seconds - (time.perf_counter() - started)))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    code = "killed: too long"
+                took = time.perf_counter() - started
+                if code == 0:
+                    log.info("compile ahead: %s compiled, %.0f s after pretraining started", stage, took)
+                else:
+                    output.seek(0)
+                    tail = output.read().decode(errors="replace").splitlines()[-5:]
+                    log.warning("compile ahead: %s failed (%s; the stage compiles for itself):\n  %s", stage, code,
+                                "\n  ".join(tail))
 
 
 def one_step(params, stage: str):

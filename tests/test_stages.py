@@ -85,3 +85,22 @@ def test_steps_are_compiled_ahead_only_where_the_stages_compile_in_one_process()
     assert ahead(runtime={"device": "cpu", "compile": True}) == list(STAGES) == ["lora", "dpo", "grpo"]
     assert ahead(runtime={"device": "cpu", "compile": True, "compile_ahead": False}) == []
     assert ahead(runtime={"device": "cpu", "compile": True}, distributed={"nproc": 2}) == []
+
+
+def test_a_step_that_cannot_be_compiled_ahead_is_logged_and_leaves_nothing_behind(tmp_path, monkeypatch, caplog):
+    """Pretraining goes on whatever the ahead processes do: one that fails (here: no tokenizer yet)
+    is logged with the end of its output, and no file is left in the project."""
+    import logging
+
+    from stages.compile_ahead import compile_ahead
+    from tinyllm.config import parse_params
+
+    write_params(tmp_path, runtime={"device": "cpu", "compile": True})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    caplog.set_level(logging.INFO, logger="stages.compile_ahead")
+    with compile_ahead(parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))) as stages:
+        assert stages == ["lora", "dpo", "grpo"]
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 3 and all("artifacts/tokenizer" in message for message in failures), failures
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
