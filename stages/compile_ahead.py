@@ -5,7 +5,8 @@ while a second process compiling the same graph, whatever its weights, reads Ind
 disk in a few seconds (SFT does, after pretraining). The graphs of lora, dpo and grpo depend on the
 model's shape, the params and the data, all known before pretraining starts; not on the weights.
 So the pretrain stage starts one process per later stage, which trains that stage for one step
-from random weights into a temporary folder, and waits for them before it ends:
+from random weights into a temporary folder (eval: scores them, for its decode step's 11-15 s
+compile), and waits for them before it ends:
 
     with compile_ahead(params):     # stages/pretrain.py
         run_pretrain(...)
@@ -38,7 +39,7 @@ from tinyllm.train.runtime import compiled_graphs, compiles, resolve_device
 
 log = logging.getLogger(__name__)
 TOKENIZER = Path("artifacts/tokenizer")
-STAGES = ("lora", "dpo", "grpo")
+STAGES = ("lora", "dpo", "grpo", "eval")
 
 
 def stages_ahead(params) -> list[str]:
@@ -96,9 +97,13 @@ def main(params):
     with tempfile.TemporaryDirectory() as folder:
         init = Path(folder) / "init"
         model = build_model(params, load_tokenizer(TOKENIZER).get_vocab_size())
-        save_checkpoint(model, init, meta={"stage": "compile_ahead"}, tokenizer_dir=TOKENIZER)
+        save_checkpoint(model, init, meta={"stage": "sft"}, tokenizer_dir=TOKENIZER)  # eval: a chat model's parts
+        module = importlib.import_module(f"stages.{stage}")
+        if stage == "eval":  # its decode step (batched generation at eval's batch size, on the GPU)
+            module.score(params, init)
+            return
         try:
-            importlib.import_module(f"stages.{stage}").train(one_step(params, stage), init, Path(folder) / "out")
+            module.train(one_step(params, stage), init, Path(folder) / "out")
         except TrainingError as err:  # after one step a check of the whole run may fail (DPO's margin is 0)
             if not compiled_graphs():
                 raise

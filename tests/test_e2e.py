@@ -364,7 +364,8 @@ def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles
     for name in ("tokenizer", "tokens", "chat_tokens", "sft"):  # the stage's inputs; its outputs stay here
         (work / "artifacts" / name).symlink_to(repo / "artifacts" / name)
     (work / "stages").symlink_to(repo / "stages")
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), {"runtime": {"compile": True}})
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()),  # as the artifacts were made, and:
+                   {"runtime": {"compile": True}, "lora": {"enabled": True}})  # (an earlier test may switch lora off)
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache")}
     log = sh(work, sys.executable, "-m", "stages.compile_ahead", "lora", env=env)

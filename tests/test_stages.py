@@ -73,7 +73,7 @@ def test_eval_prompts_that_are_not_objects_are_named_by_line(tmp_path):
 
 def test_steps_are_compiled_ahead_only_where_the_stages_compile_in_one_process():
     """`runtime.compile_ahead: auto`: on the CPU the stages do not compile (compile auto), so
-    pretraining starts nothing; with compiling on, it starts lora, dpo and grpo; not when switched
+    pretraining starts nothing; with compiling on, it starts lora, dpo, grpo and eval; not when switched
     off, nor for several processes (their graphs differ: DDP splits them)."""
     from stages.compile_ahead import STAGES, stages_ahead
     from tinyllm.config import parse_params
@@ -82,7 +82,7 @@ def test_steps_are_compiled_ahead_only_where_the_stages_compile_in_one_process()
         return stages_ahead(parse_params({"runtime": {"device": "cpu"}, **sections}))
 
     assert ahead() == []
-    assert ahead(runtime={"device": "cpu", "compile": True}) == list(STAGES) == ["lora", "dpo", "grpo"]
+    assert ahead(runtime={"device": "cpu", "compile": True}) == list(STAGES) == ["lora", "dpo", "grpo", "eval"]
     assert ahead(runtime={"device": "cpu", "compile": True, "compile_ahead": False}) == []
     assert ahead(runtime={"device": "cpu", "compile": True}, distributed={"nproc": 2}) == []
 
@@ -100,7 +100,7 @@ def test_a_step_that_cannot_be_compiled_ahead_is_logged_and_leaves_nothing_behin
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     caplog.set_level(logging.INFO, logger="stages.compile_ahead")
     with compile_ahead(parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))) as stages:
-        assert stages == ["lora", "dpo", "grpo"]
+        assert stages == ["lora", "dpo", "grpo", "eval"]
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert len(failures) == 3 and all("artifacts/tokenizer" in message for message in failures), failures
+    assert len(failures) == 4 and all("artifacts/tokenizer" in message for message in failures), failures
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
