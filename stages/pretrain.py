@@ -13,7 +13,7 @@ from tinyllm.train.pretrain import run_pretrain
 
 @stage_main
 def main(params):
-    with training_run("pretrain", params) as run, compile_ahead(params):
+    with training_run("pretrain", params) as run, compile_ahead(params, run.dist):
         summary = run_pretrain(params, Path("artifacts/tokens"), Path("artifacts/tokenizer"),
                                Path("artifacts/pretrain"), run)
         if run.dist.is_main:

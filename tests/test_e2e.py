@@ -368,8 +368,10 @@ def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles
                    {"runtime": {"compile": True}, "lora": {"enabled": True}})  # (an earlier test may switch lora off)
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache")}
+    before = sorted(work.rglob("*"))
     log = sh(work, sys.executable, "-m", "stages.compile_ahead", "lora", env=env)
     assert "graphs from the compile cache: 0 of" in log  # it compiled, cold
+    assert sorted(work.rglob("*")) == before  # and wrote nothing in the project
     sh(work, sys.executable, "-m", "stages.lora", env=env)
     lora = json.loads((work / "reports/metrics/lora.json").read_text())
     assert lora["compile_cache_misses"] == 0 and lora["compile_cache_hits"] > 0, lora

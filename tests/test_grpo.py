@@ -197,15 +197,15 @@ def test_rollouts_padded_to_one_width_train_as_those_padded_to_their_longest(tok
         objective = GRPOLoss(cfg.clip_eps, cfg.kl_coef, cfg.loss_norm, cfg.max_new_tokens, fixed_width)
         return batches, fit(model, objective, batches, cfg, CPU)
 
-    fixed, padded = train(True)
-    width = max(map(len, fixed.prompt_ids)) + cfg.max_new_tokens
-    assert width > min(map(len, fixed.prompt_ids)) + cfg.max_new_tokens
-    assert {tuple(batch["input_ids"].shape) for batch, _ in zip(fixed, range(8))} == {(16, width - 1)}
+    fixed_batches, fixed = train(True)
+    width = max(map(len, fixed_batches.prompt_ids)) + cfg.max_new_tokens
+    assert width > min(map(len, fixed_batches.prompt_ids)) + cfg.max_new_tokens
+    assert {tuple(batch["input_ids"].shape) for batch, _ in zip(fixed_batches, range(8))} == {(16, width - 1)}
     _, longest = train(False)
-    assert [h["train/reward"] for h in padded.history] == [h["train/reward"] for h in longest.history]
-    assert [h["train/loss"] for h in padded.history] == pytest.approx([h["train/loss"] for h in longest.history],
-                                                                      abs=1e-5)
-    assert padded.final["padding_share"] > longest.final["padding_share"]
+    assert [h["train/reward"] for h in fixed.history] == [h["train/reward"] for h in longest.history]
+    assert [h["train/loss"] for h in fixed.history] == pytest.approx([h["train/loss"] for h in longest.history],
+                                                                     abs=1e-5)
+    assert fixed.final["padding_share"] > longest.final["padding_share"]
 
 
 class CrashAt:

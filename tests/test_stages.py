@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,34 +74,56 @@ def test_eval_prompts_that_are_not_objects_are_named_by_line(tmp_path):
 
 def test_steps_are_compiled_ahead_only_where_the_stages_compile_in_one_process():
     """`runtime.compile_ahead: auto`: on the CPU the stages do not compile (compile auto), so
-    pretraining starts nothing; with compiling on, it starts lora, dpo, grpo and eval; not when switched
-    off, nor for several processes (their graphs differ: DDP splits them)."""
+    pretraining starts nothing; with compiling on, it starts lora, dpo and grpo; not when switched
+    off, nor for several processes (DDP's graphs are not one process's, and each rank would start
+    its own), whether the params ask for them or torchrun started the stage."""
     from stages.compile_ahead import STAGES, stages_ahead
     from tinyllm.config import parse_params
+    from tinyllm.train.distributed import Dist
 
-    def ahead(**sections):
-        return stages_ahead(parse_params({"runtime": {"device": "cpu"}, **sections}))
+    def ahead(dist=None, **sections):
+        return stages_ahead(parse_params({"runtime": {"device": "cpu"}, **sections}), dist or Dist())
 
+    compiling = {"device": "cpu", "compile": True}
     assert ahead() == []
-    assert ahead(runtime={"device": "cpu", "compile": True}) == list(STAGES) == ["lora", "dpo", "grpo", "eval"]
-    assert ahead(runtime={"device": "cpu", "compile": True, "compile_ahead": False}) == []
-    assert ahead(runtime={"device": "cpu", "compile": True}, distributed={"nproc": 2}) == []
+    assert ahead(runtime=compiling) == list(STAGES) == ["lora", "dpo", "grpo"]
+    assert ahead(runtime={**compiling, "compile_ahead": False}) == []
+    assert ahead(runtime=compiling, distributed={"nproc": 2}) == []
+    assert ahead(Dist(rank=0, world_size=2), runtime=compiling) == []
 
 
-def test_a_step_that_cannot_be_compiled_ahead_is_logged_and_leaves_nothing_behind(tmp_path, monkeypatch, caplog):
-    """Pretraining goes on whatever the ahead processes do: one that fails (here: no tokenizer yet)
-    is logged with the end of its output, and no file is left in the project."""
+def test_a_step_that_cannot_be_compiled_ahead_is_logged_and_pretraining_goes_on(tmp_path, monkeypatch, caplog):
+    """One that fails (here: no tokenizer yet) is logged with the end of its output; the block ran."""
     import logging
 
     from stages.compile_ahead import compile_ahead
     from tinyllm.config import parse_params
+    from tinyllm.train.distributed import Dist
 
     write_params(tmp_path, runtime={"device": "cpu", "compile": True})
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     caplog.set_level(logging.INFO, logger="stages.compile_ahead")
-    with compile_ahead(parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))) as stages:
-        assert stages == ["lora", "dpo", "grpo", "eval"]
+    ran = False
+    with compile_ahead(parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text())), Dist()) as stages:
+        assert list(stages) == ["lora", "dpo", "grpo"]
+        ran = True
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert len(failures) == 4 and all("artifacts/tokenizer" in message for message in failures), failures
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    assert ran and len(failures) == 3 and all("artifacts/tokenizer" in message for message in failures), failures
+
+
+def test_when_pretraining_fails_the_processes_compiling_ahead_are_stopped_at_once(tmp_path, monkeypatch):
+    """Killed, not waited for: a failing pretrain stage reports its error without delay."""
+    import signal
+
+    from stages.compile_ahead import compile_ahead
+    from tinyllm.config import parse_params
+    from tinyllm.train.distributed import Dist
+
+    write_params(tmp_path, runtime={"device": "cpu", "compile": True})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    params = parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    with pytest.raises(KeyboardInterrupt), compile_ahead(params, Dist()) as processes:
+        raise KeyboardInterrupt
+    assert [p.returncode for p in processes.values()] == [-signal.SIGKILL] * 3

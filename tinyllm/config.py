@@ -214,7 +214,8 @@ class RuntimeConfig:
     """Replay each compiled training step's forward and backward as CUDA graphs, one launch each
     instead of one per kernel. `auto`: when compiling on one GPU, for a dense model whose batches
     all have one shape, without gradient accumulation and unless `compile` is
-    max-autotune-no-cudagraphs (so pretrain, sft and lora; LoRA's step makes 451 matmul launches
+    max-autotune-no-cudagraphs (so pretrain, sft and lora, and dpo and grpo, which pad their batches to
+    one shape where this holds; LoRA's step makes 451 matmul launches
     and waited on a slow host: reports/gpu_speed.md); false: never."""
     compile_ahead: bool | str = "auto"
     """`auto`: where the training stages compile and run in one process, the pretrain stage compiles

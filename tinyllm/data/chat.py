@@ -174,7 +174,10 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int, width: i
     """Right-pad whole conversations to the longest one, or to `width` tokens where given (one
     shape for every batch); for per-sequence scores, not packing. "padding" marks the padded
     positions."""
-    width = width or max(len(ids) for ids, _ in examples)
+    longest = max(len(ids) for ids, _ in examples)
+    if width is not None and width < longest:
+        raise ValueError(f"width {width} is shorter than the longest example ({longest} tokens)")
+    width = width or longest
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.bool)
     lengths = torch.tensor([len(ex_ids) for ex_ids, _ in examples])

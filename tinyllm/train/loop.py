@@ -431,7 +431,8 @@ def _first_step(device: torch.device, window: MetricsWindow, dist, startup: dict
     compiling = compile_seconds(since=timers)
     compiled = ""
     if compiling:
-        hits, misses = (count - cache[name] for name, count in compile_cache_counts().items())
+        now = compile_cache_counts()
+        hits, misses = now["hits"] - cache["hits"], now["misses"] - cache["misses"]
         speed.update(compile_seconds=compiling["compile"], compile_cache_hits=hits, compile_cache_misses=misses)
         compiled = ("; compiling in all: {compile:.1f} s (Dynamo's tracing {tracing:.1f}, the forward "
                     "{forward:.1f}, the backward {backward:.1f}; of those two, waiting for kernel builds "

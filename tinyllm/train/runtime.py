@@ -101,7 +101,7 @@ def compile_options(cfg: RuntimeConfig, cuda_graphs: bool = False) -> dict:
 def replays_cuda_graphs(cfg: RuntimeConfig, device: torch.device, *, processes: int, grad_accum: int,
                         fixed_shapes: bool, moe: bool) -> bool:
     """`runtime.cuda_graphs` for one stage. Graphs replay fixed shapes and buffers: a new batch shape
-    records another graph (GRPO's vary every step; DPO pads its batches to one shape where this
+    records another graph (GRPO pads its rollouts and DPO its batches to one shape where this
     says yes); an MoE reads its routed counts on the host and updates its routing bias in place; a
     replay overwrites the previous one's gradients (so no accumulation over micro-batches); DDP's and
     DeepSpeed's hooks were not tried in a graph; and `runtime.compile: max-autotune-no-cudagraphs`

@@ -10,8 +10,8 @@ without graphs each micro-batch is padded to its own longest row and the step is
 shape. Which starts faster, and which trains faster? The model is the GPU preset's (768x8, seq
 512) with random weights, saved as a checkpoint with the pipeline's tokenizer (`artifacts/grpo`);
 the prompts are the pipeline's (`artifacts/data/grpo.jsonl`); everything else is params.yaml with
-the preset over it. A random model never says <|im_end|>, so every reply runs to the length cap:
-the stage's longest rollouts. Run each setting in a fresh process with an empty compile cache
+the preset over it. A random model almost never says <|im_end|>, so nearly every reply runs to the length
+cap: the stage's longest rollouts. Run each setting in a fresh process with an empty compile cache
 (`TORCHINDUCTOR_CACHE_DIR`); `grpo_shapes_call.sh` does. Not part of CI.
 """
 
