@@ -64,9 +64,9 @@ def stages_ahead(params, dist) -> list[str]:
 @contextlib.contextmanager
 def compile_ahead(params, dist, wait_seconds: float = 600):
     """Run the block while one process per later stage compiles its step (`stages_ahead`; the block
-    gets them, by stage); then
-    wait for them (at most `wait_seconds` from the start) and log how each went, with the end of
-    the output of one that failed. If the block raises, they are stopped at once."""
+    gets them, by stage); then wait for them (at most `wait_seconds` from the start) and log how
+    each went, with the end of the output of one that failed. If the block raises, they are
+    stopped at once."""
     started = time.perf_counter()
     with contextlib.ExitStack() as outputs:
         running = {}
