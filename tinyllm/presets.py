@@ -9,6 +9,8 @@ A preset is a flat {dotted param: value} map, so what it changes is visible in o
 
 from __future__ import annotations
 
+import copy
+
 from tinyllm.config import parse_params
 from tinyllm.errors import ConfigError
 
@@ -28,17 +30,24 @@ GPU = {
 PRESETS = {"gpu": GPU}
 
 
-def preset_params(name: str) -> dict:
-    """The preset as nested params (what params.yaml would hold), checked like params.yaml."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
-    nested: dict = {}
-    for dotted, value in PRESETS[name].items():
+def with_values(raw: dict, values: dict) -> dict:
+    """Nested params `raw` (as params.yaml holds them) with {dotted param: value} put in, as
+    `dvc exp run -S` would; `raw` itself is left as it was."""
+    nested = copy.deepcopy(raw)
+    for dotted, value in values.items():
         *sections, key = dotted.split(".")
         target = nested
         for section in sections:
             target = target.setdefault(section, {})
         target[key] = value
+    return nested
+
+
+def preset_params(name: str) -> dict:
+    """The preset as nested params (what params.yaml would hold), checked like params.yaml."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
+    nested = with_values({}, PRESETS[name])
     parse_params(nested, f"preset {name}")
     return nested
 

@@ -24,24 +24,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from tinyllm.bench import PRESETS
+from tinyllm.bench import PRESETS as MODELS
 from tinyllm.config import ModelConfig, parse_params
 from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.model.transformer import Transformer
-from tinyllm.presets import preset_params
+from tinyllm.presets import PRESETS, with_values
 from tinyllm.train.checkpoint import save_checkpoint
 from tinyllm.train.grpo import run_grpo
 
 TOKENIZER = Path("artifacts/grpo")
 PROMPTS = Path("artifacts/data/grpo.jsonl")
-
-
-def merged(base: dict, over: dict) -> dict:
-    """`base` with `over`'s values put in, section by section."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merged(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def main() -> None:
@@ -51,11 +43,12 @@ def main() -> None:
     parser.add_argument("--preset", default="768x8", help="the model (tinyllm.bench.PRESETS)")
     parser.add_argument("--steps", type=int, default=30, help="grpo.max_steps")
     args = parser.parse_args()
-    raw = merged(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")), preset_params("gpu"))
-    raw = merged(raw, {"runtime": {"device": args.device, "cuda_graphs": "auto" if args.graphs == "auto" else False},
-                       "grpo": {"max_steps": args.steps, "log_interval": max(1, args.steps // 6)}})
+    graphs = "auto" if args.graphs == "auto" else False
+    raw = with_values(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")), {
+        **PRESETS["gpu"], "runtime.device": args.device, "runtime.cuda_graphs": graphs,
+        "grpo.max_steps": args.steps, "grpo.log_interval": max(1, args.steps // 6)})
     params = parse_params(raw, "params.yaml with the gpu preset")
-    cfg = ModelConfig(**PRESETS[args.preset], max_seq_len=params.model.max_seq_len,
+    cfg = ModelConfig(**MODELS[args.preset], max_seq_len=params.model.max_seq_len,
                       vocab_size=load_tokenizer(TOKENIZER).get_vocab_size())
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:

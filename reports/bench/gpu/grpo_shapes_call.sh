@@ -1,8 +1,8 @@
 #!/bin/bash
 # One device call for issue 22: GRPO's step at one shape against rollouts of changing shapes
-# (grpo_shapes.py, through run_grpo, each in a fresh process and compile cache), then the regions
-# lead at 32 rows of 512 (compile_scope.py: whole model against regions, without and with CUDA
-# graphs). Carry .whl, artifacts/grpo (the tokenizer) and artifacts/data/grpo.jsonl (the prompts).
+# (grpo_shapes.py, through run_grpo, each in a fresh process and compile cache). The regions bench
+# is its own call (regions_graphs_call.sh). Carry .whl, artifacts/grpo (the tokenizer) and
+# artifacts/data/grpo.jsonl (the prompts).
 #   bash reports/bench/gpu/grpo_shapes_call.sh
 set -o pipefail
 cd "$(dirname "$0")/../../.."
@@ -14,8 +14,4 @@ for graphs in false auto; do
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout 150 python reports/bench/gpu/grpo_shapes.py --graphs $graphs \
         > "$out/grpo_$graphs.log" 2>&1
     grep "^|" "$out/grpo_$graphs.log" | tee -a "$out/grpo_shapes.txt" || tail -5 "$out/grpo_$graphs.log"
-done
-for graphs in "" --cuda-graphs; do
-    timeout 200 python reports/bench/gpu/compile_scope.py --model 768x8 --device cuda --seq-len 512 \
-        --batch-size 32 --steps 30 --scopes whole,regional $graphs 2>&1 | grep "^|" | tee -a "$out/grpo_shapes.txt"
 done
