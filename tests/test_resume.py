@@ -6,6 +6,7 @@ DeepSpeed, is in test_distributed.py.)"""
 import json
 import logging
 import shutil
+import threading
 
 import pytest
 import torch
@@ -139,3 +140,53 @@ def test_the_training_code_is_part_of_a_runs_identity(tmp_path, monkeypatch):
     fingerprint = resume.run_fingerprint(model, {"batch_size": 4})
     monkeypatch.setattr(resume, "code_digest", lambda: "other code")
     assert resume.run_fingerprint(model, {"batch_size": 4}) != fingerprint
+
+
+class RecordAt:
+    """The real objective; at call `n` it first records the weights the step starts from, and at
+    call `later` it sets `reached`."""
+
+    def __init__(self, n, later):
+        self.n, self.later, self.calls, self.weights = n, later, 0, None
+        self.reached = threading.Event()
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls == self.n:
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.calls == self.later:
+            self.reached.set()
+        return NextTokenLoss()(model, batch)
+
+
+def test_a_resume_point_is_written_while_training_goes_on_and_holds_its_steps_weights(tmp_path, monkeypatch):
+    """The write of step 8's resume point waits until step 10 has started, so it can only finish if
+    training went on meanwhile; what it writes must still be step 8's copy, not the live parameters
+    (on the CPU the engine's tensors are the parameters themselves)."""
+    recorder = RecordAt(9, later=11)  # call 9 starts from the weights saved after step 8
+    write = resume.save_resume_point
+
+    def write_once_step_10_runs(*args, **kwargs):
+        assert recorder.reached.wait(timeout=60), "training waited for the write"
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(resume, "save_resume_point", write_once_step_10_runs)
+    cfg = TrainConfig(max_steps=12, batch_size=4, lr=3e-3, warmup_steps=3, log_interval=4, eval_interval=100)
+    fit(_model(), recorder, _batches(), cfg, CPU, run=_run(tmp_path))  # one resume point: step 8
+    fingerprint = json.loads((tmp_path / "ckpt/step-00000008/state.json").read_text())["fingerprint"]
+    written = resume.load_newest(tmp_path / "ckpt", fingerprint)
+    assert written.step == 8 and written.weights.keys() == recorder.weights.keys() - {"lm_head.weight"}
+    for name, tensor in written.weights.items():
+        assert torch.equal(tensor, recorder.weights[name]), name
+
+
+def test_a_failed_background_write_is_raised_where_it_is_waited_for():
+    writer = resume.BackgroundWriter()
+
+    def full_disk():
+        raise OSError("No space left on device")
+
+    writer.submit(full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    writer.wait()  # raised once, then clear

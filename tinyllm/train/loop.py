@@ -13,6 +13,8 @@ losses stay on the device and are read only at log intervals and checkpoints.
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import logging
 import math
@@ -239,11 +241,15 @@ class ResumableCheckpoints:
 
     Checkpoints are written at the first log point at or after each multiple of `interval` (the
     metrics window is then empty, so the history holds everything), never at the last step (the
-    stage's own checkpoint follows).
+    stage's own checkpoint follows). They are written in the background (`resume.BackgroundWriter`)
+    from copies taken at that step; `wait` before relying on one being on disk.
     """
 
-    def __init__(self, run: TrainingRun, model: torch.nn.Module, cfg: TrainConfig, inputs: Iterable[Path]):
+    def __init__(self, run: TrainingRun, model: torch.nn.Module, cfg: TrainConfig, inputs: Iterable[Path],
+                 device: torch.device):
         self.run, self.point, self.fingerprint = run, None, ""
+        self.writer = resume.BackgroundWriter()
+        self.live_on_host = device.type == "cpu"  # the engine's tensors are then the parameters themselves
         self.config = run.checkpoint if run.checkpoint_dir is not None else None
         if self.config is not None:
             geometry = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len}
@@ -268,12 +274,18 @@ class ResumableCheckpoints:
         weights, optim = engine.full_state()
         rng = resume.rng_states(self.run.dist)
         if self.run.dist.is_main:
-            state = {"fingerprint": self.fingerprint, "world_size": self.run.dist.world_size, "best": best.state(),
-                     **state}
-            resume.save_resume_point(self.run.checkpoint_dir, steps_done, weights, optim, rng, state,
-                                     self.config.keep, best.weights or {})
+            if self.live_on_host:
+                weights, optim = ({k: v.clone() for k, v in tensors.items()} for tensors in (weights, optim))
+            state = copy.deepcopy({"fingerprint": self.fingerprint, "world_size": self.run.dist.world_size,
+                                   "best": best.state(), **state})  # the history goes on growing
+            self.writer.submit(functools.partial(resume.save_resume_point, self.run.checkpoint_dir, steps_done,
+                                                 weights, optim, rng, state, self.config.keep, best.weights or {}))
         self.last_good = resume.step_dir(self.run.checkpoint_dir, steps_done)
         self.next_step = steps_done // self.config.interval * self.config.interval + self.config.interval
+
+    def wait(self) -> None:
+        """Until the checkpoint being written is on disk; raises if writing it failed."""
+        self.writer.wait()
 
 
 def _restore(checkpoints: ResumableCheckpoints, batches, logger, dist, cfg: TrainConfig
@@ -336,7 +348,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         torch.zeros(1, device=device)
         torch.cuda.synchronize(device if device.index is not None else None)  # as in _first_step
     startup["device_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
-    checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
+    checkpoints = ResumableCheckpoints(run, model, cfg, inputs, device)
     start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
     result = FitResult(history=history)
     startup["resume_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -352,50 +364,54 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
     val_loss, stop = None, False
     bar = tqdm(range(start_step, cfg.max_steps), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not dist.is_main, initial=start_step, total=cfg.max_steps)
-    for step in bar:
-        cpu_threads.follow()
-        lr = lr_at(step, cfg)
-        engine.set_lr(lr)
-        step_loss = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            batch = next(it)
-            micro_batches += 1
-            loss, extras = engine.forward_backward(objective, to_device(batch, device), micro == cfg.grad_accum - 1)
-            step_loss += window.add_micro_batch(batch, loss, extras, cfg.grad_accum)
-        grad_norm = engine.complete_step()
-        window.end_step(step, step_loss)
-        if step == start_step:
-            speed = _first_step(device, window, dist, startup, fit_started, compiled_before)
-            speed["cuda_graphs"] = int(engine.replays_graphs)
+    try:
+        for step in bar:
+            cpu_threads.follow()
+            lr = lr_at(step, cfg)
+            engine.set_lr(lr)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = next(it)
+                micro_batches += 1
+                loss, extras = engine.forward_backward(objective, to_device(batch, device), micro == cfg.grad_accum - 1)
+                step_loss += window.add_micro_batch(batch, loss, extras, cfg.grad_accum)
+            grad_norm = engine.complete_step()
+            window.end_step(step, step_loss)
+            if step == start_step:
+                speed = _first_step(device, window, dist, startup, fit_started, compiled_before)
+                speed["cuda_graphs"] = int(engine.replays_graphs)
 
-        last = step == cfg.max_steps - 1
-        if (step + 1) % cfg.log_interval != 0 and not last:
-            continue
-        metrics = {**window.close(checkpoints.last_good), "lr": lr, "grad_norm": float(grad_norm)}
-        if peak and flops_per_token:  # tokens/s of all processes against all their GPUs' peak
-            metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / (peak * dist.world_size)
-        if val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
-            val_loss = evaluate(engine.eval_model, objective, val_batches(), device, dtype, cfg.eval_batches, dist)
-            metrics["val/loss"] = val_loss
-            best.offer(step + 1, val_loss, engine)
-            stop = best.stalled(step + 1, cfg) and not last
-        logger.log(step + 1, metrics)
-        if dist.is_main:
-            log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps,
-                     metrics["train/loss"], lr, metrics["tokens_per_sec"] / 1e3,
-                     f" | val {val_loss:.4f}" if "val/loss" in metrics else "")
-        result.history.append({"step": step + 1, **metrics})
-        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k",
-                        refresh=False)
-        if stop:
+            last = step == cfg.max_steps - 1
+            if (step + 1) % cfg.log_interval != 0 and not last:
+                continue
+            metrics = {**window.close(checkpoints.last_good), "lr": lr, "grad_norm": float(grad_norm)}
+            if peak and flops_per_token:  # tokens/s of all processes against all their GPUs' peak
+                metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / (peak * dist.world_size)
+            if val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
+                val_loss = evaluate(engine.eval_model, objective, val_batches(), device, dtype, cfg.eval_batches, dist)
+                metrics["val/loss"] = val_loss
+                best.offer(step + 1, val_loss, engine)
+                stop = best.stalled(step + 1, cfg) and not last
+            logger.log(step + 1, metrics)
             if dist.is_main:
-                log.info("stopping at step %d of %d: %d evaluations have not beaten step %d's validation loss "
-                         "(patience)", step + 1, cfg.max_steps, cfg.patience, best.step)
-            break
-        if checkpoints.due(step + 1, last):
-            checkpoints.save(step + 1, engine, {"micro_batches": micro_batches, "history": result.history,
-                                                "data": batches.state() if hasattr(batches, "state") else None}, best)
-        window.restart_clock()  # validation, logging and checkpoints are not training time
+                log.info("step %d/%d | loss %.4f | lr %.2e | %.1fk tok/s%s", step + 1, cfg.max_steps,
+                         metrics["train/loss"], lr, metrics["tokens_per_sec"] / 1e3,
+                         f" | val {val_loss:.4f}" if "val/loss" in metrics else "")
+            result.history.append({"step": step + 1, **metrics})
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['tokens_per_sec'] / 1e3:.1f}k",
+                            refresh=False)
+            if stop:
+                if dist.is_main:
+                    log.info("stopping at step %d of %d: %d evaluations have not beaten step %d's validation loss "
+                             "(patience)", step + 1, cfg.max_steps, cfg.patience, best.step)
+                break
+            if checkpoints.due(step + 1, last):
+                data = batches.state() if hasattr(batches, "state") else None
+                checkpoints.save(step + 1, engine, {"micro_batches": micro_batches, "history": result.history,
+                                                    "data": data}, best)
+            window.restart_clock()  # validation, logging and checkpoints are not training time
+    finally:  # the resume point being written, if any, is on disk before fit returns or raises
+        checkpoints.wait()
     bar.close()
     engine.finish()
     first_window = next((h for h in result.history if h["step"] > start_step), result.history[-1])
