@@ -5,7 +5,8 @@ while a second process compiling the same graph, whatever its weights, reads Ind
 disk in a few seconds (SFT does, after pretraining). The graphs of lora, dpo and grpo depend on the
 model's shape, the params and the data, all known before pretraining starts; not on the weights.
 So the pretrain stage starts one process per later stage, which trains that stage for one step
-from random weights into a temporary folder, and waits for them before it ends:
+from random weights into a temporary folder (for eval: decodes one token at eval's batch size,
+its one compiled graph), and waits for them before it ends:
 
     with compile_ahead(params, run.dist):     # stages/pretrain.py
         run_pretrain(...)
@@ -40,18 +41,20 @@ from pathlib import Path
 
 from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.errors import TrainingError
+from tinyllm.eval.metrics import GENERATION_ROWS
+from tinyllm.infer.generate import generate_batch
 from tinyllm.stage import stage_main
-from tinyllm.train.checkpoint import save_checkpoint
+from tinyllm.train.checkpoint import load_model, save_checkpoint
 from tinyllm.train.pretrain import build_model
 from tinyllm.train.runtime import compiled_graphs, compiles, resolve_device
 
 log = logging.getLogger(__name__)
 TOKENIZER = Path("artifacts/tokenizer")
-STAGES = ("lora", "dpo", "grpo")
+STAGES = ("lora", "dpo", "grpo", "eval")
 
 
 def stages_ahead(params, dist) -> list[str]:
-    """The later stages whose steps are compiled ahead: all of them where the stages compile and each
+    """The later stages whose graphs are compiled ahead: all of them where the stages compile and each
     trains in one process (not under torchrun, whatever the params say: DDP's graphs differ, and every
     rank would start its own). A switched-off stage's process ends at once; pretraining reads none of
     their params."""
@@ -119,6 +122,10 @@ def main(params):
         init = Path(folder) / "init"
         model = build_model(params, load_tokenizer(TOKENIZER).get_vocab_size())
         save_checkpoint(model, init, meta={"stage": "compile_ahead"}, tokenizer_dir=TOKENIZER)
+        if stage == "eval":  # every reply eval generates goes through one decode step, at this batch size
+            generate_batch(load_model(init, resolve_device(params.runtime)), [[0]], max_new_tokens=2,
+                           pad_to_rows=GENERATION_ROWS)
+            return
         try:
             importlib.import_module(f"stages.{stage}").train(one_step(params, stage), init, Path(folder) / "out")
         except TrainingError as err:  # after one step a check of the whole run may fail (DPO's margin is 0)

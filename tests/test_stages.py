@@ -74,7 +74,7 @@ def test_eval_prompts_that_are_not_objects_are_named_by_line(tmp_path):
 
 def test_steps_are_compiled_ahead_only_where_the_stages_compile_in_one_process():
     """`runtime.compile_ahead: auto`: on the CPU the stages do not compile (compile auto), so
-    pretraining starts nothing; with compiling on, it starts lora, dpo and grpo; not when switched
+    pretraining starts nothing; with compiling on, it starts lora, dpo, grpo and eval; not when switched
     off, nor for several processes (DDP's graphs are not one process's, and each rank would start
     its own), whether the params ask for them or torchrun started the stage."""
     from stages.compile_ahead import STAGES, stages_ahead
@@ -86,7 +86,7 @@ def test_steps_are_compiled_ahead_only_where_the_stages_compile_in_one_process()
 
     compiling = {"device": "cpu", "compile": True}
     assert ahead() == []
-    assert ahead(runtime=compiling) == list(STAGES) == ["lora", "dpo", "grpo"]
+    assert ahead(runtime=compiling) == list(STAGES) == ["lora", "dpo", "grpo", "eval"]
     assert ahead(runtime={**compiling, "compile_ahead": False}) == []
     assert ahead(runtime=compiling, distributed={"nproc": 2}) == []
     assert ahead(Dist(rank=0, world_size=2), runtime=compiling) == []
@@ -106,10 +106,10 @@ def test_a_step_that_cannot_be_compiled_ahead_is_logged_and_pretraining_goes_on(
     caplog.set_level(logging.INFO, logger="stages.compile_ahead")
     ran = False
     with compile_ahead(parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text())), Dist()) as stages:
-        assert list(stages) == ["lora", "dpo", "grpo"]
+        assert list(stages) == ["lora", "dpo", "grpo", "eval"]
         ran = True
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert ran and len(failures) == 3 and all("artifacts/tokenizer" in message for message in failures), failures
+    assert ran and len(failures) == 4 and all("artifacts/tokenizer" in message for message in failures), failures
 
 
 def test_when_pretraining_fails_the_processes_compiling_ahead_are_stopped_at_once(tmp_path, monkeypatch):
@@ -126,4 +126,4 @@ def test_when_pretraining_fails_the_processes_compiling_ahead_are_stopped_at_onc
     params = parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))
     with pytest.raises(KeyboardInterrupt), compile_ahead(params, Dist()) as processes:
         raise KeyboardInterrupt
-    assert [p.returncode for p in processes.values()] == [-signal.SIGKILL] * 3
+    assert [p.returncode for p in processes.values()] == [-signal.SIGKILL] * 4

@@ -59,8 +59,14 @@ def expert_balance(model, token_dir: Path, seq_len: int, max_windows: int = 16) 
             "load": {f"layer{first + i}": [round(float(v), 4) for v in row] for i, row in enumerate(load)}}
 
 
+GENERATION_ROWS = 64
+"""Prompts eval generates replies to at once. On a GPU every set's replies then go through one
+compiled decode step (a smaller last chunk is padded to it), which stages/compile_ahead.py
+compiles while pretraining runs."""
+
+
 def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,
-                  seed: int, batch_size: int = 64) -> tuple[dict, list[dict]]:
+                  seed: int, batch_size: int = GENERATION_ROWS) -> tuple[dict, list[dict]]:
     """Greedy cloze accuracy overall, per attribute and per person split.
 
     Each prompt starts after <|endoftext|>, as a document does in training.

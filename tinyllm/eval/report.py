@@ -36,7 +36,7 @@ from tinyllm.eval.chat_eval import (
 )
 from tinyllm.eval.metrics import expert_balance, fact_accuracy, perplexity
 from tinyllm.train.checkpoint import is_checkpoint, load_model, read_config
-from tinyllm.train.runtime import resolve_device, resolve_dtype
+from tinyllm.train.runtime import compile_cache_counts, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,10 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
         with clock.part("prompts"):
             rows["prompts"] = chat_replies(model, tok, prompts, cfg.max_new_tokens)
         rows["prompt_messages"] = prompts
-    log.info("scored %s in %s", ckpt_dir, clock)
+    cache = compile_cache_counts()  # on a GPU: the decode step, from the cache if compiled ahead
+    compiled = f"; graphs from the compile cache so far: {cache['hits']} of {sum(cache.values())}" \
+        if any(cache.values()) else ""
+    log.info("scored %s in %s%s", ckpt_dir, clock, compiled)
     return metrics, rows
 
 
