@@ -1,6 +1,7 @@
 """Continuous batching (tinyllm/infer/batcher.py) on the CPU: requests that share a batch get what
 they get alone, join a running batch, leave it at once, and respect the caps."""
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -71,8 +72,9 @@ def _mixed_requests(tok, count: int) -> list[dict]:
             for i in range(count)]
 
 
-def test_thirty_two_requests_together_get_what_each_gets_alone(served):
-    batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, slots=32)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_thirty_two_requests_together_get_what_each_gets_alone(served, overlap):
+    batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, slots=32, overlap=overlap)
     try:
         specs = _mixed_requests(served.tok, 32)
         alone, together = alone_then_together(batcher, specs)
@@ -142,6 +144,41 @@ def test_several_tokens_per_decode_launch_change_nothing(served):
         Batcher(served.model, served.tok, served.stop_ids, decode_steps=0)
 
 
+def _record_calls(batcher: Batcher, order: list[str], names: dict[str, str]) -> None:
+    """Each call of the batcher's methods `names` appends its label to `order`, then runs."""
+    def recording(run, label):
+        def recorded(*args):
+            order.append(label)
+            return run(*args)
+        return recorded
+
+    for method, label in names.items():
+        setattr(batcher, method, recording(getattr(batcher, method), label))
+
+
+def test_overlapped_launches_hand_out_the_same_replies_one_launch_later(served):
+    """`overlap`: a launch's tokens are handed out after the next launch has started, and the replies
+    (greedy, seeded, stopped early, with log-probs or not) and finishes are those without overlap."""
+    specs = _mixed_requests(served.tok, 12)
+    for spec in specs[9:]:
+        spec["logprobs"] = 2  # the last ones: launches with these live are handed out at once
+    order = []
+    results = {}
+    for overlap in (False, True):
+        batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, slots=4, overlap=overlap)
+        _record_calls(batcher, order, {"_decoder": "launch", "_hand_out": "hand out"})
+        try:
+            results[overlap] = [(o.text, o.finish, o.logprobs) for o in run(batcher, *specs)]
+            assert batcher.live_requests == 0 and batcher.queued == 0
+        finally:
+            batcher.close()
+        launched_before_handing_out = ("launch", "launch") in itertools.pairwise(order)
+        assert launched_before_handing_out == overlap, order
+        order.clear()
+    assert results[True] == results[False]
+    assert any(logprobs for _, _, logprobs in results[True]) and len({text for text, _, _ in results[True]}) > 6
+
+
 def test_fixed_shape_prefill_gives_the_replies_of_batched_prefill(served):
     """Prompts prefilled alone in fixed (1, 16) chunks (as on a GPU, in CUDA graphs of 64) give the
     replies of all a step's prompts in one right-padded forward, alone and among the others."""
@@ -198,8 +235,10 @@ def test_long_prompts_prefill_in_chunks_beside_running_requests(served):
         chunked.close()
 
 
-def test_a_short_request_joins_a_running_batch_and_leaves_first(served):
-    batcher = Batcher(served.model, served.tok, set(), served.utf8)  # no stop token: the long one runs its length
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_short_request_joins_a_running_batch_and_leaves_first(served, overlap):
+    batcher = Batcher(served.model, served.tok, set(), served.utf8, overlap=overlap)  # no stop token: the long one
+    # runs its length
     try:
         long, short = Outcome(), Outcome()
         prompt = served.tok.encode("讲个故事").ids
@@ -214,11 +253,12 @@ def test_a_short_request_joins_a_running_batch_and_leaves_first(served):
         batcher.close()
 
 
-def test_caps_on_live_tokens_and_on_the_queue(served):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_caps_on_live_tokens_and_on_the_queue(served, overlap):
     prompt = served.tok.encode("你好").ids
     most_live = []
     batcher = Batcher(served.model, served.tok, set(), served.utf8, slots=3, max_live_tokens=2 * (len(prompt) + 10),
-                      max_queue=4)  # 3 slots, but tokens for 2; 4 may wait beyond the free slots
+                      max_queue=4, overlap=overlap)  # 3 slots, but tokens for 2; 4 may wait beyond the free slots
     try:
         outcomes = [Outcome() for _ in range(6)]
 
@@ -242,8 +282,9 @@ def test_caps_on_live_tokens_and_on_the_queue(served):
         batcher.close()
 
 
-def test_cancelled_requests_free_their_slots_at_the_next_step(served):
-    batcher = Batcher(served.model, served.tok, set(), served.utf8, slots=2)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cancelled_requests_free_their_slots_at_the_next_step(served, overlap):
+    batcher = Batcher(served.model, served.tok, set(), served.utf8, slots=2, overlap=overlap)
     try:
         prompt = served.tok.encode("讲个故事").ids
         outcomes = [Outcome() for _ in range(3)]

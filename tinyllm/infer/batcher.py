@@ -171,6 +171,22 @@ class _Live:
         return len(self.request.prompt_ids) + self.budget
 
 
+class _Launch:
+    """One decode launch: the slots it ran for, its tokens (steps, slots) on their way to the host,
+    and its logits (on the device, overwritten by the next launch on a GPU)."""
+
+    def __init__(self, lives: list[_Live], tokens: torch.Tensor, logits: torch.Tensor):
+        self.lives, self.tokens, self.logits = lives, tokens, logits
+        self.copied = None
+        if logits.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def wait(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+
+
 PREFILL_CHUNK = 64
 """Prompt tokens per fixed-shape prefill forward (with CUDA graphs, or a dense model's weights narrower
 than fp32): on a GPU one CUDA graph covers any prompt, 64 at a time (eager prefills of ever-new
@@ -210,7 +226,7 @@ class Batcher:
     def __init__(self, model, tok, stop_ids: set[int], utf8: Utf8Guard | None = None, slots: int = 32,
                  max_live_tokens: int | None = None, prefill_tokens: int = 256, max_queue: int = 64,
                  compile: bool | None = None, decode_steps: int | None = None, prefill_chunk: int | None = None,
-                 invariant: bool = False, on_step: Callable[[], None] | None = None):
+                 invariant: bool = False, overlap: bool | None = None, on_step: Callable[[], None] | None = None):
         """slots: most requests decoding together. max_live_tokens: most prompt + max_tokens over
         the live requests (default: every slot full). prefill_tokens: prompt tokens per step.
         max_queue: most requests waiting for a slot (more: `submit` raises QueueFull).
@@ -236,6 +252,12 @@ class Batcher:
         whose results varied from one run to the next on an H100 (torch's switch is process-wide:
         it is back as it was once the batcher is closed). The price: idle slots are computed when
         few requests run. A dense model only (an MoE's experts take their rows from every request).
+        overlap: hand out a decode launch's tokens (text, stop strings, events: the host's work)
+        while the next launch runs (default: on a GPU, where launches run asynchronously). The
+        next launch needs nothing from the host: each slot's last token and sampling state stay
+        on the device. So a request that ends in one launch has run one launch more, whose
+        tokens are dropped, and its slot is free a launch later. Not while a live request asks
+        for log-probs, which are read from a launch's logits before the next one overwrites them.
         on_step: called on the scheduler thread after every step (the engine process sends a
         step's events in one message)."""
         self.model, self.tok, self.stop_ids, self.utf8 = model.eval(), tok, set(stop_ids), utf8
@@ -263,6 +285,8 @@ class Batcher:
                                 torch.zeros(1, dtype=torch.long, device=self.device))  # ids, slot, start
         self._prefill_forward: Callable[[], torch.Tensor] | None = None
         self.on_step = on_step
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _Launch | None = None  # a decode launch whose tokens are not handed out yet
         self.decode_steps = decode_steps if decode_steps is not None else (8 if compile else 4)
         if self.decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, not {decode_steps}")
@@ -490,13 +514,28 @@ class Batcher:
         return self.model(ids, cache=self.cache.prefill(slot, start, fixed=True)).logits
 
     def _decode(self) -> None:
+        """Launch the next decode steps of the live slots, then hand out the tokens of the launch
+        before it (`overlap`) or of this one."""
         lives = [live for live in self.live if live and live.decoding]
-        if not lives:
-            return
-        n = next(size for size in self.buckets if size > max(live.slot for live in lives))
-        tokens, logits = self._decoder(n)()
-        steps = tokens.tolist()
-        self._emit(lives, [[step[live.slot] for step in steps] for live in lives], logits,
+        earlier, self._in_flight = self._in_flight, None
+        launch = None
+        if lives:
+            n = next(size for size in self.buckets if size > max(live.slot for live in lives))
+            tokens, logits = self._decoder(n)()
+            launch = _Launch(lives, tokens.to("cpu", non_blocking=True), logits)
+            if self.overlap and all(live.request.logprobs is None for live in lives):
+                self._in_flight, launch = launch, None
+        for done in (earlier, launch):
+            if done is not None:
+                self._hand_out(done)
+
+    def _hand_out(self, launch: _Launch) -> None:
+        """A launch's tokens to the requests it ran for that are still in their slots (one that
+        ended or was cancelled meanwhile has had all its tokens)."""
+        launch.wait()
+        steps = launch.tokens.tolist()
+        lives = [live for live in launch.lives if self.live[live.slot] is live]
+        self._emit(lives, [[step[live.slot] for step in steps] for live in lives], launch.logits,
                    [live.slot for live in lives])
 
     def _decoder(self, n: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
