@@ -571,12 +571,24 @@ class Batcher:
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         compiled = torch.compile(forward, fullgraph=True, dynamic=False)  # the model; sampling stays eager
         try:
-            self._decoders[n] = self._graph(lambda: step(_Options.ALL, compiled))
+            with self._compile_caches():  # compiled at the capture's first run
+                self._decoders[n] = self._graph(lambda: step(_Options.ALL, compiled))
         except Exception:  # a compiler bug must not stop the server: the graph alone still pays
             log.exception("compiling the decode step failed; capturing it uncompiled")
             self._decoders[n] = self._graph(lambda: step(_Options.ALL))
         self.cache.live.copy_(live)
         return self._decoders[n]
+
+    def _compile_caches(self) -> contextlib.AbstractContextManager:
+        """Compile caches off for an invariant batcher: torch's on-disk caches do not key a graph on
+        the attention kernels allowed when it was compiled (pytorch/pytorch#185449), so an
+        invariant server took the default's cached graphs, cuDNN's attention in them, and parted
+        from solo replies again (25-28 of 32 on an H100), and a default server started after an
+        invariant one took its graphs without cuDNN (12-14k tokens/s at 32 clients where it makes
+        23-25k): reports/serving.md, 2026-12-06, fourteenth session."""
+        if not self.invariant:
+            return contextlib.nullcontext()
+        return torch._inductor.config.patch(force_disable_caches=True)
 
     def _graph(self, run: Callable[[], object]) -> Callable[[], object]:
         """`run` captured as a CUDA graph (`capture_graph`), in the memory pool of the others."""

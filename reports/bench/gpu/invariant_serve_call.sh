@@ -3,8 +3,12 @@
 # `--batch-invariant` (one decode shape over all slots, prompts prefilled alone), then as by
 # default (a decode shape per batch-size bucket), then invariant again while time is left: the
 # throughputs compare as ratios within the call, and the second invariant run says whether its
-# equality holds twice. (Until commit d865beb this script served a patched batcher instead, kernel
-# settings with the buckets: reports/serving/invariant_kernels_h100/.)
+# equality holds twice. Arguments give another order: `... default invariant default` checks that
+# neither server takes the other's compiled graphs from the compile cache (pytorch/pytorch#185449:
+# before the fix of 2026-12-06 an invariant server after a default one was not invariant, and a
+# default one after an invariant one was slow at 32 clients). (Until commit d865beb this script
+# served a patched batcher instead, kernel settings with the buckets:
+# reports/serving/invariant_kernels_h100/.)
 # Carry .whl and artifacts/grpo (its tokenizer). About 25 s of install + 3 x 150 s at most.
 #   bash reports/bench/gpu/invariant_serve_call.sh
 set -o pipefail
@@ -18,7 +22,12 @@ serve() {
         --max-tokens 256 --out "$out/serve_$name" "$@" 2>&1 | grep -v -i warn | tail -12 | tee -a "$out/log.txt" \
         || echo "(exit $?: 124 is the time limit)" | tee -a "$out/log.txt"
 }
-serve invariant --batch-invariant
-serve default
-if (( SECONDS < 380 )); then serve invariant_again --batch-invariant; fi
-tar czf "$out/serve.tgz" -C "$out" serve_invariant serve_default serve_invariant_again 2>/dev/null
+order=("$@")
+(( ${#order[@]} )) || order=(invariant default invariant)
+i=0
+for server in "${order[@]}"; do
+    i=$((i + 1))
+    if (( SECONDS > 380 )); then break; fi
+    if [[ $server == invariant ]]; then serve "${i}_invariant" --batch-invariant; else serve "${i}_default"; fi
+done
+tar czf "$out/serve.tgz" -C "$out" $(cd "$out" && ls -d serve_*) && rm -r "$out"/serve_*/
