@@ -19,10 +19,10 @@ Only the compile cache is written; a process that fails leaves its stage to comp
 and pretraining goes on (if pretraining fails, they are stopped). `runtime.compile_ahead: false`
 turns this off.
 
-Not a DVC stage: this file is a dep of pretrain (it runs inside it). The processes read the later
-stages' params and inputs (chat tokens, preference pairs, prompts), which pretrain does not declare:
-they change no output, only what is in the compile cache, and a stale input only costs the stage
-its cache hit.
+Not a DVC stage: this file is a dep of pretrain (it runs inside it). The processes run the later
+stages' code (imported by name, `stages.<stage>`) on their params and inputs (chat tokens,
+preference pairs, prompts), which pretrain does not declare: they change no output, only what is
+in the compile cache, and a stale input only costs the stage its cache hit.
 """
 
 from __future__ import annotations
@@ -41,10 +41,8 @@ from pathlib import Path
 
 from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.errors import TrainingError
-from tinyllm.eval.metrics import GENERATION_ROWS
-from tinyllm.infer.generate import generate_batch
 from tinyllm.stage import stage_main
-from tinyllm.train.checkpoint import load_model, save_checkpoint
+from tinyllm.train.checkpoint import save_checkpoint
 from tinyllm.train.pretrain import build_model
 from tinyllm.train.runtime import compiled_graphs, compiles, resolve_device
 
@@ -122,9 +120,8 @@ def main(params):
         init = Path(folder) / "init"
         model = build_model(params, load_tokenizer(TOKENIZER).get_vocab_size())
         save_checkpoint(model, init, meta={"stage": "compile_ahead"}, tokenizer_dir=TOKENIZER)
-        if stage == "eval":  # every reply eval generates goes through one decode step, at this batch size
-            generate_batch(load_model(init, resolve_device(params.runtime)), [[0]], max_new_tokens=2,
-                           pad_to_rows=GENERATION_ROWS)
+        if stage == "eval":
+            importlib.import_module("stages.eval").compile_ahead(params, init)
             return
         try:
             importlib.import_module(f"stages.{stage}").train(one_step(params, stage), init, Path(folder) / "out")
