@@ -121,7 +121,7 @@ def main(params):
         model = build_model(params, load_tokenizer(TOKENIZER).get_vocab_size())
         save_checkpoint(model, init, meta={"stage": "compile_ahead"}, tokenizer_dir=TOKENIZER)
         if stage == "eval":
-            importlib.import_module("stages.eval").compile_ahead(params, init)
+            importlib.import_module("stages.eval").compile_decode_step(params, init)
             return
         try:
             importlib.import_module(f"stages.{stage}").train(one_step(params, stage), init, Path(folder) / "out")

@@ -13,6 +13,7 @@ from conftest import make_chat_checkpoint, vary_weights
 
 from tinyllm.config import ModelConfig, MoEConfig
 from tinyllm.errors import UserError
+from tinyllm.infer import batcher as batcher_module
 from tinyllm.infer.batcher import Batcher, Finish, InvalidRequest, QueueFull, Request, row_uniform
 from tinyllm.infer.generate import generate, inverse_cdf
 from tinyllm.model.transformer import Transformer
@@ -156,9 +157,28 @@ def _record_calls(batcher: Batcher, order: list[str], names: dict[str, str]) -> 
         setattr(batcher, method, recording(getattr(batcher, method), label))
 
 
-def test_overlapped_launches_hand_out_the_same_replies_one_launch_later(served):
+def _newest_if_log_probs(hand_out, launches: list):
+    """`hand_out`, checking that a launch whose requests want log-probs is the newest one."""
+    def checked(launch):
+        if any(live.request.logprobs is not None for live in launch.lives):
+            assert launch is launches[-1], "a launch with log-probs was handed out after the next one"
+        return hand_out(launch)
+    return checked
+
+
+def test_overlapped_launches_hand_out_the_same_replies_one_launch_later(served, monkeypatch):
     """`overlap`: a launch's tokens are handed out after the next launch has started, and the replies
-    (greedy, seeded, stopped early, with log-probs or not) and finishes are those without overlap."""
+    (greedy, seeded, stopped early, with log-probs or not) and finishes are those without overlap.
+    A launch whose requests want log-probs is handed out before the next one (on a GPU the next
+    replay overwrites the logits they are read from)."""
+    launches = []
+
+    class Recorded(batcher_module._Launch):
+        def __init__(self, *args):
+            super().__init__(*args)
+            launches.append(self)
+
+    monkeypatch.setattr(batcher_module, "_Launch", Recorded)
     specs = _mixed_requests(served.tok, 12)
     for spec in specs[9:]:
         spec["logprobs"] = 2  # the last ones: launches with these live are handed out at once
@@ -167,6 +187,7 @@ def test_overlapped_launches_hand_out_the_same_replies_one_launch_later(served):
     for overlap in (False, True):
         batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, slots=4, overlap=overlap)
         _record_calls(batcher, order, {"_decoder": "launch", "_hand_out": "hand out"})
+        batcher._hand_out = _newest_if_log_probs(batcher._hand_out, launches)
         try:
             results[overlap] = [(o.text, o.finish, o.logprobs) for o in run(batcher, *specs)]
             assert batcher.live_requests == 0 and batcher.queued == 0

@@ -355,23 +355,27 @@ def test_exp_run_on_the_example_corpora_through_params_alone(repo):
 
 
 @pytest.mark.slow
-def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles(repo, tmp_path):
-    """`runtime.compile_ahead` (stages/compile_ahead.py): lora's step, compiled ahead from random
-    weights into an empty compile cache, is what the lora stage then compiles from the SFT model:
-    every graph of its first step comes from the cache (compiling forced on, as on a GPU)."""
+@pytest.mark.parametrize("stage", ["lora", "dpo", "grpo"])
+def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles(repo, tmp_path, stage):
+    """`runtime.compile_ahead` (stages/compile_ahead.py): a stage's step, compiled ahead from random
+    weights into an empty compile cache, is what the stage then compiles from its real starting
+    model: every graph of its first step comes from the cache (compiling forced on, as on a GPU)."""
     work = tmp_path / "work"
     (work / "artifacts").mkdir(parents=True)
-    for name in ("tokenizer", "tokens", "chat_tokens", "sft"):  # the stage's inputs; its outputs stay here
-        (work / "artifacts" / name).symlink_to(repo / "artifacts" / name)
+    for folder in (repo / "artifacts").iterdir():  # the stage's inputs; its own output stays here
+        if folder.name != stage:
+            (work / "artifacts" / folder.name).symlink_to(folder)
     (work / "stages").symlink_to(repo / "stages")
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()),  # as the artifacts were made, and:
-                   {"runtime": {"compile": True}, "lora": {"enabled": True}})  # (an earlier test may switch lora off)
+    # as the artifacts were made, compiling, and lora on for its own test (an earlier test may switch
+    # it off), off for the others (dpo then starts from sft, whatever artifacts/lora holds)
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()),
+                   {"runtime": {"compile": True}, "lora": {"enabled": stage == "lora"}})
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache")}
     before = sorted(work.rglob("*"))
-    log = sh(work, sys.executable, "-m", "stages.compile_ahead", "lora", env=env)
+    log = sh(work, sys.executable, "-m", "stages.compile_ahead", stage, env=env)
     assert "graphs from the compile cache: 0 of" in log  # it compiled, cold
     assert sorted(work.rglob("*")) == before  # and wrote nothing in the project
-    sh(work, sys.executable, "-m", "stages.lora", env=env)
-    lora = json.loads((work / "reports/metrics/lora.json").read_text())
-    assert lora["compile_cache_misses"] == 0 and lora["compile_cache_hits"] > 0, lora
+    sh(work, sys.executable, "-m", f"stages.{stage}", env=env)
+    metrics = json.loads((work / f"reports/metrics/{stage}.json").read_text())
+    assert metrics["compile_cache_misses"] == 0 and metrics["compile_cache_hits"] > 0, metrics

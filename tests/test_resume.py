@@ -161,8 +161,8 @@ class RecordAt:
 
 def test_a_resume_point_is_written_while_training_goes_on_and_holds_its_steps_weights(tmp_path, monkeypatch):
     """The write of step 8's resume point waits until step 10 has started, so it can only finish if
-    training went on meanwhile; what it writes must still be step 8's copy, not the live parameters
-    (on the CPU the engine's tensors are the parameters themselves)."""
+    training went on meanwhile; what it writes must still be step 8's weights, not the live
+    parameters (on the CPU, `.cpu()` of a parameter is the parameter itself: the engine copies)."""
     recorder = RecordAt(9, later=11)  # call 9 starts from the weights saved after step 8
     write = resume.save_resume_point
 
@@ -190,3 +190,14 @@ def test_a_failed_background_write_is_raised_where_it_is_waited_for():
     with pytest.raises(OSError, match="No space left"):
         writer.wait()
     writer.wait()  # raised once, then clear
+
+
+def test_a_failed_resume_point_write_is_raised_but_never_hides_the_error_that_stopped_training(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(resume, "save_resume_point", full_disk)
+    with pytest.raises(OSError, match="No space left"):  # a run that ends well raises its failed write
+        fit(_model(), NextTokenLoss(), _batches(), CFG, CPU, run=_run(tmp_path))
+    with pytest.raises(KeyboardInterrupt):  # the write at step 8 failed, then training was stopped
+        fit(_model(), CrashAt(10), _batches(), CFG, CPU, run=_run(tmp_path))

@@ -173,14 +173,14 @@ class _Live:
 
 class _Launch:
     """One decode launch: the slots it ran for, its tokens (steps, slots) on their way to the host,
-    and its logits (on the device, overwritten by the next launch on a GPU)."""
+    and its logits (on the device; a CUDA graph's are overwritten when it replays next)."""
 
     def __init__(self, lives: list[_Live], tokens: torch.Tensor, logits: torch.Tensor):
         self.lives, self.tokens, self.logits = lives, tokens, logits
         self.copied = None
-        if logits.device.type == "cuda":
+        if logits.device.type == "cuda":  # the copy's stream: that of the device it copies from
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(logits.device))
 
     def wait(self) -> None:
         if self.copied is not None:
@@ -531,7 +531,7 @@ class Batcher:
 
     def _hand_out(self, launch: _Launch) -> None:
         """A launch's tokens to the requests it ran for that are still in their slots (one that
-        ended or was cancelled meanwhile has had all its tokens)."""
+        ended or was cancelled since it was launched gets none of them)."""
         launch.wait()
         steps = launch.tokens.tolist()
         lives = [live for live in launch.lives if self.live[live.slot] is live]
@@ -585,7 +585,9 @@ class Batcher:
         invariant server took the default's cached graphs, cuDNN's attention in them, and parted
         from solo replies again (25-28 of 32 on an H100), and a default server started after an
         invariant one took its graphs without cuDNN (12-14k tokens/s at 32 clients where it makes
-        23-25k): reports/serving.md, 2026-12-06, fourteenth session."""
+        23-25k): reports/serving.md, 2026-12-06, fourteenth session. The price: an invariant
+        server compiles its decode step anew at every start, until torch keys its caches on the
+        attention kernels (pytorch/pytorch#185511)."""
         if not self.invariant:
             return contextlib.nullcontext()
         return torch._inductor.config.patch(force_disable_caches=True)

@@ -6,7 +6,7 @@ Both engines offer the same calls, so `fit` has a single loop whatever the strat
     engine.set_lr(lr)
     loss, extras = engine.forward_backward(objective, batch, last_micro)   # per micro-batch
     grad_norm = engine.complete_step()    # per optimizer step: clip and step, or (ZeRO) read the norm
-    weights, optim = engine.full_state()   # full fp32 tensors keyed by parameter name (collective)
+    weights, optim = engine.full_state()   # copies of the full fp32 tensors, by parameter name (collective)
     engine.finish()                        # leaves the trained fp32 weights in `model`
 
 `full_state` is the same for both engines and any number of processes, so a resumable checkpoint
@@ -43,8 +43,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 
 def persistent_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's saved tensors on the CPU, without the tied lm_head (it is the embedding)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Copies of the model's saved tensors on the CPU (copies on a CPU too: best weights and resume
+    points keep them while training goes on), without the tied lm_head (it is the embedding)."""
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     config = getattr(model, "config", None)
     if config is not None and config.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -123,7 +124,7 @@ class TorchEngine:
         state = self.optimizer.state_dict()["state"]
         for index, name in enumerate(self._indexed_names()):
             for key in ADAM_STATES if index in state else ():
-                optim[f"{key}.{name}"] = state[index][key].detach().cpu()
+                optim[f"{key}.{name}"] = state[index][key].detach().to("cpu", copy=True)
             if index in state:
                 optim["step"] = torch.tensor(float(state[index]["step"]))
         return self.full_weights(), optim
@@ -227,7 +228,7 @@ class DeepSpeedEngine:
         weights = {}
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                weights[name] = safe_get_full_fp32_param(param).cpu()
+                weights[name] = safe_get_full_fp32_param(param).to("cpu", copy=True)
             else:  # frozen (a LoRA base): not in the optimizer, gathered as is under ZeRO-3
                 with deepspeed.zero.GatheredParameters([param]):
                     weights[name] = param.detach().float().cpu().clone()
@@ -244,7 +245,7 @@ class DeepSpeedEngine:
         self._link_adam_state()
         for name, param in self._trainable():
             for key in ADAM_STATES:
-                optim[f"{key}.{name}"] = safe_get_full_optimizer_state(param, key).cpu()
+                optim[f"{key}.{name}"] = safe_get_full_optimizer_state(param, key).to("cpu", copy=True)
         return optim
 
     def _set_fp32_weights(self, weights: dict) -> None:

@@ -156,11 +156,11 @@ class MetricsWindow:
         if self.warm_graphs is None:
             self.warm_graphs = compiled_graphs()
 
-    def close(self, last_good: Path | None) -> dict:
+    def close(self, last_good: Callable[[], Path | None]) -> dict:
         """train/loss, train/<extra>, tokens_per_sec and padding_share of the window (the same on
         every process), and the recompiles since the first step; then the sums
         start again (the clock, at `restart_clock`). Raises NonFiniteLossError naming the step and
-        `last_good`."""
+        the checkpoint `last_good()` says is kept."""
         if self.dist.enabled:  # the mean over ranks; positions and padding summed (shares differ)
             for value in (self.loss, *self.extras.values()):
                 torch.distributed.all_reduce(value)
@@ -170,7 +170,8 @@ class MetricsWindow:
             torch.distributed.all_reduce(counts)
             self.tokens, self.padding = (int(c) for c in counts.tolist())
         if self.first_bad_step.item() >= 0:
-            kept = f"the last good checkpoint, {last_good}, is kept: rerun to resume from it" if last_good \
+            kept = last_good()
+            kept = f"the last good checkpoint, {kept}, is kept: rerun to resume from it" if kept \
                 else "nothing was saved"
             raise NonFiniteLossError(f"loss became non-finite at step {self.first_bad_step.item() + 1}; "
                                      f"lower the learning rate or check the data; {kept}")
@@ -217,9 +218,8 @@ class BestWeights:
 
     def offer(self, step: int, loss: float, engine) -> None:
         if self.enabled and loss < self.loss:  # the same on every rank: the loss is their mean
-            # a copy: on the CPU the engine's tensors are the live parameters
             self.step, self.loss = step, loss
-            self.weights = {k: v.clone() for k, v in engine.full_weights().items()}
+            self.weights = engine.full_weights()  # copies: training goes on
 
     def stalled(self, step: int, cfg: TrainConfig) -> bool:
         """Whether `cfg.patience` evaluations in a row have not beaten the best one: the weights
@@ -241,15 +241,15 @@ class ResumableCheckpoints:
 
     Checkpoints are written at the first log point at or after each multiple of `interval` (the
     metrics window is then empty, so the history holds everything), never at the last step (the
-    stage's own checkpoint follows). They are written in the background (`resume.BackgroundWriter`)
-    from copies taken at that step; `wait` before relying on one being on disk.
+    stage's own checkpoint follows). Rank 0 writes them on a thread of its own
+    (`resume.BackgroundWriter`), from the engine's copies taken at that step, while training goes
+    on; `last_good` is the newest one known to be on disk.
     """
 
-    def __init__(self, run: TrainingRun, model: torch.nn.Module, cfg: TrainConfig, inputs: Iterable[Path],
-                 device: torch.device):
+    def __init__(self, run: TrainingRun, model: torch.nn.Module, cfg: TrainConfig, inputs: Iterable[Path]):
         self.run, self.point, self.fingerprint = run, None, ""
         self.writer = resume.BackgroundWriter()
-        self.live_on_host = device.type == "cpu"  # the engine's tensors are then the parameters themselves
+        self.writing: Path | None = None  # the one being written
         self.config = run.checkpoint if run.checkpoint_dir is not None else None
         if self.config is not None:
             geometry = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len}
@@ -270,22 +270,34 @@ class ResumableCheckpoints:
         return self.next_step is not None and steps_done >= self.next_step and not last
 
     def save(self, steps_done: int, engine, state: dict, best: BestWeights) -> None:
-        """A collective call (every process gathers its share); rank 0 writes."""
+        """A collective call (every process gathers its share); rank 0 hands the write to its thread,
+        once the one before is done (so at most two copies of the state are held at once)."""
+        self.wait()
         weights, optim = engine.full_state()
         rng = resume.rng_states(self.run.dist)
         if self.run.dist.is_main:
-            if self.live_on_host:
-                weights, optim = ({k: v.clone() for k, v in tensors.items()} for tensors in (weights, optim))
             state = copy.deepcopy({"fingerprint": self.fingerprint, "world_size": self.run.dist.world_size,
                                    "best": best.state(), **state})  # the history goes on growing
             self.writer.submit(functools.partial(resume.save_resume_point, self.run.checkpoint_dir, steps_done,
                                                  weights, optim, rng, state, self.config.keep, best.weights or {}))
-        self.last_good = resume.step_dir(self.run.checkpoint_dir, steps_done)
+        self.writing = resume.step_dir(self.run.checkpoint_dir, steps_done)
         self.next_step = steps_done // self.config.interval * self.config.interval + self.config.interval
 
     def wait(self) -> None:
         """Until the checkpoint being written is on disk; raises if writing it failed."""
         self.writer.wait()
+        if self.writing is not None:
+            self.last_good, self.writing = self.writing, None
+
+    def kept(self) -> Path | None:
+        """The newest checkpoint on disk, once any write in progress has ended (for an error
+        message: a failed write is logged, not raised, so that the error being reported stays the
+        one raised)."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001  (logged by the writer when it failed)
+            self.writing = None
+        return self.last_good
 
 
 def _restore(checkpoints: ResumableCheckpoints, batches, logger, dist, cfg: TrainConfig
@@ -348,7 +360,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
         torch.zeros(1, device=device)
         torch.cuda.synchronize(device if device.index is not None else None)  # as in _first_step
     startup["device_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
-    checkpoints = ResumableCheckpoints(run, model, cfg, inputs, device)
+    checkpoints = ResumableCheckpoints(run, model, cfg, inputs)
     start_step, micro_batches, history, best = _restore(checkpoints, batches, logger, dist, cfg)
     result = FitResult(history=history)
     startup["resume_seconds"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -384,7 +396,7 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
             last = step == cfg.max_steps - 1
             if (step + 1) % cfg.log_interval != 0 and not last:
                 continue
-            metrics = {**window.close(checkpoints.last_good), "lr": lr, "grad_norm": float(grad_norm)}
+            metrics = {**window.close(checkpoints.kept), "lr": lr, "grad_norm": float(grad_norm)}
             if peak and flops_per_token:  # tokens/s of all processes against all their GPUs' peak
                 metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / (peak * dist.world_size)
             if val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
@@ -410,8 +422,10 @@ def fit(model: torch.nn.Module, objective: Callable, batches: Iterable[dict], cf
                 checkpoints.save(step + 1, engine, {"micro_batches": micro_batches, "history": result.history,
                                                     "data": data}, best)
             window.restart_clock()  # validation, logging and checkpoints are not training time
-    finally:  # the resume point being written, if any, is on disk before fit returns or raises
-        checkpoints.wait()
+    except BaseException:
+        checkpoints.kept()  # the resume point being written, if any, is on disk before this error goes on
+        raise
+    checkpoints.wait()  # and before fit returns (raising if writing it failed)
     bar.close()
     engine.finish()
     first_window = next((h for h in result.history if h["step"] > start_step), result.history[-1])

@@ -129,7 +129,9 @@ class BackgroundWriter:
         def run() -> None:
             try:
                 write()
-            except BaseException as err:  # noqa: BLE001  (raised in the training thread by wait)
+            except BaseException as err:  # raised in the training thread by wait
+                log.exception("writing a resume point failed (the training goes on; the error is raised "
+                              "at the next resume point or when training ends)")
                 self._error = err
 
         self._thread = threading.Thread(target=run, name="resume-point-writer")

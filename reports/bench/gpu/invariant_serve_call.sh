@@ -30,4 +30,5 @@ for server in "${order[@]}"; do
     if (( SECONDS > 380 )); then break; fi
     if [[ $server == invariant ]]; then serve "${i}_invariant" --batch-invariant; else serve "${i}_default"; fi
 done
-tar czf "$out/serve.tgz" -C "$out" $(cd "$out" && ls -d serve_*) && rm -r "$out"/serve_*/
+folders=$(cd "$out" && ls -d serve_* 2>/dev/null)  # none if every server failed
+if [[ -n $folders ]]; then tar czf "$out/serve.tgz" -C "$out" $folders && rm -r "$out"/serve_*/; fi

@@ -38,4 +38,5 @@ for run in ${RUNS:-old new old new}; do  # RUNS="old new": once each
     if [[ $run == old ]]; then serve "old${tag}_$i" .old_serve "$@"; else serve "new${tag}_$i" . "$@"; fi
 done
 # one archive: a call brings back only a few files
-tar czf "$out/serve$tag.tgz" -C "$out" $(cd "$out" && ls -d serve_*) && rm -r "$out"/serve_*/
+folders=$(cd "$out" && ls -d serve_* 2>/dev/null)  # none if every server failed
+if [[ -n $folders ]]; then tar czf "$out/serve$tag.tgz" -C "$out" $folders && rm -r "$out"/serve_*/; fi
