@@ -219,9 +219,10 @@ class RuntimeConfig:
     and waited on a slow host: reports/gpu_speed.md); false: never."""
     compile_ahead: bool | str = "auto"
     """`auto`: where the training stages compile and run in one process, the pretrain stage compiles
-    lora's, dpo's and grpo's steps in background processes while it trains, so that each of those
-    stages finds its compiled graphs in Inductor's cache instead of spending 20-40 s of its start-up
-    on them (stages/compile_ahead.py); false: each stage compiles when it starts."""
+    lora's, dpo's and grpo's steps and eval's decode step in background processes while it trains,
+    so that each of those stages finds its compiled graphs in Inductor's cache instead of spending
+    10-40 s of its start-up on them (stages/compile_ahead.py); false: each stage compiles when it
+    starts."""
     threads: int | str = "auto"
     """CPU threads for training and eval. `auto`: torch's own count (one per core), fixed for the
     run; `follow`: one per core that other programs leave free, re-checked every 2 s
