@@ -68,12 +68,16 @@ def test_causality_future_tokens_never_change_past_logits(tiny_config):
     assert not torch.allclose(a[:, 11:], b[:, 11:], atol=1e-3)
 
 
-def test_kv_cache_decoding_equals_full_recompute(tiny_config):
+@pytest.mark.parametrize("fold_query_groups", [False, True])
+def test_kv_cache_decoding_equals_full_recompute(tiny_config, fold_query_groups):
+    """Also with the query heads of each group folded into rows (the batch-invariant server's
+    attention): the same sums as SDPA's grouped heads, for chunks and single tokens."""
     torch.manual_seed(0)
     model = Transformer(tiny_config).eval()
     x = torch.randint(0, tiny_config.vocab_size, (2, 24))
     full = model(x).logits
     cache = KVCache(tiny_config, 2, 24, "cpu", torch.float32)
+    cache.fold_query_groups = fold_query_groups
     pieces = [model(x[:, :10], cache=cache).logits, model(x[:, 10:15], cache=cache).logits]  # chunked prefill
     pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(15, 24)]  # one token at a time
     assert torch.allclose(full, torch.cat(pieces, 1), atol=1e-5)

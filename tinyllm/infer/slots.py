@@ -20,7 +20,8 @@ from tinyllm.config import ModelConfig
 
 
 class SlotKVCache:
-    def __init__(self, cfg: ModelConfig, slots: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, slots: int, device, dtype, fold_query_groups: bool = False):
+        self.fold_query_groups = fold_query_groups  # see KVCache.fold_query_groups
         shape = (slots, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -49,7 +50,7 @@ class DecodeView:
     """Slots 0..n-1 decode one token each, at their own positions."""
 
     def __init__(self, cache: SlotKVCache, n: int):
-        self.n = n
+        self.n, self.fold_query_groups = n, cache.fold_query_groups
         self.keys = [k[:n] for k in cache.keys]
         self.values = [v[:n] for v in cache.values]
         self.positions, self.live, self.key_pos = cache.positions[:n], cache.live[:n], cache.key_pos
@@ -81,6 +82,7 @@ class PrefillView:
 
     def __init__(self, cache: SlotKVCache, rows: torch.Tensor, starts: torch.Tensor, fixed: bool = False):
         self.cache, self.rows, self.starts = cache, rows, starts
+        self.fold_query_groups = cache.fold_query_groups
         self.furthest = cache.max_len if fixed else int(starts.max())
         self.fresh = not fixed and self.furthest == 0  # every chunk starts its prompt: plain causal attention
 

@@ -63,6 +63,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys/values for every layer: (B, n_kv_heads, max_len, head_dim) each."""
 
+    fold_query_groups = False
+    """Attend with each group's query heads folded into rows (`Attention._grouped_rows`) rather
+    than through SDPA's grouped heads: set by a cache whose attention runs without cuDNN."""
+
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -183,6 +187,8 @@ class Attention(nn.Module):
         grouped = self.n_kv_heads != self.n_heads
         if cache is not None:
             k, v = cache.update(layer, k, v)
+            if mask is not None and grouped and cache.fold_query_groups:
+                return self.o_proj(self._grouped_rows(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         elif mask is not None and grouped:
             # a masked forward over whole rows (packed sequences, padded prompts): CUDA's kernel for
             # arbitrary masks takes no grouped heads, so the key/value heads are shared out first
@@ -193,6 +199,21 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=grouped,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _grouped_rows(self, q, k, v, mask):
+        """Masked attention over a cache for grouped heads, each group's query heads folded into
+        query rows of its key/value head: (B, n_heads, T, hd) -> (B, n_kv_heads, group * T, hd).
+        The same sums as `enable_gqa`, but without it: on CUDA only cuDNN's kernel takes grouped
+        heads with a mask, and without cuDNN (a batch-invariant server) SDPA fell back to copying
+        every key and value head out to the query heads, most of a decode step's memory traffic:
+        folded, such a server made 1.75x the tokens/s (reports/serving.md, 2026-12-07)."""
+        B, _, T, hd = q.shape
+        group = self.n_heads // self.n_kv_heads
+        rows = q.reshape(B, self.n_kv_heads, group * T, hd)
+        if mask.shape[2] > 1:  # each group's rows are its heads' T queries in turn, so the mask repeats
+            mask = mask.repeat(1, 1, group, 1)
+        y = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask)
+        return y.reshape(B, self.n_heads, T, hd)
 
 
 class DecoderLayer(nn.Module):

@@ -2,8 +2,8 @@
 # One device call for issue 20: `tinyllm bench serve` (768x8, random weights, bf16) from an older
 # commit's tinyllm and from this tree, alternated on one machine (old, new, old, new), with `top`
 # sampling which processes hold the CPUs if TOP is set. Arguments after the script go to every bench serve
-# (e.g. --batch-invariant); RUNS="old new" runs each once, and no run starts after UNTIL seconds
-# (470). Before the call, the older commit's package into an ignored folder:
+# (e.g. --batch-invariant); RUNS="old new" runs each once, a run named "new+invariant" adds
+# --batch-invariant to that run alone, and no run starts after UNTIL seconds (470). Before the call, the older commit's package into an ignored folder:
 #   rm -rf .old_serve && mkdir .old_serve && git archive COMMIT tinyllm | tar -x -C .old_serve
 # (.old_serve is ignored by git); carry .whl, artifacts/grpo and .old_serve. About
 # 25 s of install + 4 x 60-110 s.
@@ -35,7 +35,10 @@ i=0
 for run in ${RUNS:-old new old new}; do  # RUNS="old new": once each
     i=$((i + 1))
     if (( SECONDS > ${UNTIL:-470} )); then break; fi
-    if [[ $run == old ]]; then serve "old${tag}_$i" .old_serve "$@"; else serve "new${tag}_$i" . "$@"; fi
+    tree=${run%+invariant}; flags=(); name=$tree
+    [[ $run == *+invariant ]] && flags=(--batch-invariant) && name=${tree}inv
+    if [[ $tree == old ]]; then serve "$name${tag}_$i" .old_serve "$@" "${flags[@]}"
+    else serve "$name${tag}_$i" . "$@" "${flags[@]}"; fi
 done
 # one archive: a call brings back only a few files
 folders=$(cd "$out" && ls -d serve_* 2>/dev/null)  # none if every server failed
