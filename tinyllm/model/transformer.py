@@ -206,7 +206,8 @@ class Attention(nn.Module):
         The same sums as `enable_gqa`, but without it: on CUDA only cuDNN's kernel takes grouped
         heads with a mask, and without cuDNN (a batch-invariant server) SDPA fell back to copying
         every key and value head out to the query heads, most of a decode step's memory traffic:
-        folded, such a server made 1.75x the tokens/s (reports/serving.md, 2026-12-07)."""
+        folded, such a server made 1.75x the tokens/s (reports/serving.md, 2026-12-06, fifteenth
+        session)."""
         B, _, T, hd = q.shape
         group = self.n_heads // self.n_kv_heads
         rows = q.reshape(B, self.n_kv_heads, group * T, hd)
