@@ -100,22 +100,26 @@ def test_an_invariant_batcher_gives_a_request_bitwise_the_reply_it_gets_alone(se
     change with the batch, and on the CPU so do the last bits of the log-probs: only closeness
     holds there."""
     specs = [{**spec, "temperature": 0, "logprobs": 0} for spec in _mixed_requests(served.tok, 32)]
+    tokens = {}
     for invariant in (True, False):  # invariant: prompts alone in chunks of 64; else 16, as on a GPU with bf16
         batcher = Batcher(served.model, served.tok, served.stop_ids, served.utf8, decode_steps=4,
                           prefill_chunk=None if invariant else 16, invariant=invariant)
         try:
             assert (batcher.buckets, batcher.prefill_chunk) == (([32], 64) if invariant else ([1, 2, 4, 8, 16, 32], 16))
+            assert batcher.cache.decode(32).fold_query_groups == invariant  # its attention without grouped heads
             outcomes = alone_then_together(batcher, specs)
         finally:
             batcher.close()
         assert all(isinstance(o.finish, Finish) for side in outcomes for o in side)  # none ended in an error
         alone, together = ([o.exact for o in side] for side in outcomes)
+        tokens[invariant] = [[token for token, _ in reply] for reply in together]
         if invariant:
             assert alone == together
         else:  # the same tokens (fp32 has no near-ties here), log-probs equal up to rounding
-            assert [[token for token, _ in r] for r in alone] == [[token for token, _ in r] for r in together]
+            assert [[token for token, _ in r] for r in alone] == tokens[False]
             flat = [torch.tensor([logprob for reply in run for _, logprob in reply]) for run in (alone, together)]
             assert torch.allclose(*flat, atol=1e-4)
+    assert tokens[True] == tokens[False]  # the folded attention computes what the grouped one does
 
 
 def test_several_tokens_per_decode_launch_change_nothing(served):

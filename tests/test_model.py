@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tinyllm.config import TrainConfig
-from tinyllm.model.transformer import KVCache, Transformer, apply_rope, rope_tables
+from tinyllm.model.transformer import Attention, KVCache, Transformer, apply_rope, rope_tables
 
 
 def test_weight_names_follow_hugging_face_llama(tiny_config):
@@ -69,11 +69,14 @@ def test_causality_future_tokens_never_change_past_logits(tiny_config):
 
 
 @pytest.mark.parametrize("fold_query_groups", [False, True])
-def test_kv_cache_decoding_equals_full_recompute(tiny_config, fold_query_groups):
+def test_kv_cache_decoding_equals_full_recompute(tiny_config, fold_query_groups, monkeypatch):
     """Also with the query heads of each group folded into rows (the batch-invariant server's
     attention): the same sums as SDPA's grouped heads, for chunks and single tokens."""
     torch.manual_seed(0)
     model = Transformer(tiny_config).eval()
+    folded = []
+    fold = Attention._folded_gqa_attention
+    monkeypatch.setattr(Attention, "_folded_gqa_attention", lambda *args: folded.append(1) or fold(*args))
     x = torch.randint(0, tiny_config.vocab_size, (2, 24))
     full = model(x).logits
     cache = KVCache(tiny_config, 2, 24, "cpu", torch.float32)
@@ -81,6 +84,8 @@ def test_kv_cache_decoding_equals_full_recompute(tiny_config, fold_query_groups)
     pieces = [model(x[:, :10], cache=cache).logits, model(x[:, 10:15], cache=cache).logits]  # chunked prefill
     pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(15, 24)]  # one token at a time
     assert torch.allclose(full, torch.cat(pieces, 1), atol=1e-5)
+    # every forward after the first (which starts the cache: plain causal attention) has a mask
+    assert len(folded) == (10 * tiny_config.n_layers if fold_query_groups else 0)
 
 
 def test_too_long_input_is_refused(tiny_config):

@@ -250,9 +250,10 @@ class Batcher:
         buckets of different sizes pick different matmul kernels and a reply can part at a
         near-tie (reports/serving.md). On a GPU the scheduler also runs without cuDNN's attention,
         whose results varied from one run to the next on an H100 (torch's switch is process-wide:
-        it is back as it was once the batcher is closed), and its cache has each group's query
-        heads folded into rows (`KVCache.fold_query_groups`), which the other kernels take with a
-        mask. The price: idle slots are computed when few requests run. A dense model only (an
+        it is back as it was once the batcher is closed). Without cuDNN no masked kernel takes
+        grouped heads, so its cache folds each group's query heads into rows
+        (`KVCache.fold_query_groups`) rather than let SDPA copy the cache out to every query head.
+        The price: idle slots are computed when few requests run. A dense model only (an
         MoE's experts take their rows from every request).
         overlap: hand out a decode launch's tokens (text, stop strings, events: the host's work)
         while the next launch runs (default: on a GPU, where launches run asynchronously). The

@@ -64,8 +64,9 @@ class KVCache:
     """Preallocated keys/values for every layer: (B, n_kv_heads, max_len, head_dim) each."""
 
     fold_query_groups = False
-    """Attend with each group's query heads folded into rows (`Attention._grouped_rows`) rather
-    than through SDPA's grouped heads: set by a cache whose attention runs without cuDNN."""
+    """For masked attention with grouped heads: fold each group's query heads into rows
+    (`Attention._folded_gqa_attention`) rather than use SDPA's grouped heads. On for the
+    batch-invariant batcher's `SlotKVCache`, whose attention runs without cuDNN."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -185,29 +186,32 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = mask is None  # no mask: queries and keys start together, plain causal attention
         grouped = self.n_kv_heads != self.n_heads
+        fold = False
         if cache is not None:
             k, v = cache.update(layer, k, v)
-            if mask is not None and grouped and cache.fold_query_groups:
-                return self.o_proj(self._grouped_rows(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+            fold = mask is not None and grouped and cache.fold_query_groups
         elif mask is not None and grouped:
             # a masked forward over whole rows (packed sequences, padded prompts): CUDA's kernel for
             # arbitrary masks takes no grouped heads, so the key/value heads are shared out first
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
             grouped = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=grouped,
-        )
+        if fold:
+            y = self._folded_gqa_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=grouped,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def _grouped_rows(self, q, k, v, mask):
-        """Masked attention over a cache for grouped heads, each group's query heads folded into
-        query rows of its key/value head: (B, n_heads, T, hd) -> (B, n_kv_heads, group * T, hd).
-        The same sums as `enable_gqa`, but without it: on CUDA only cuDNN's kernel takes grouped
-        heads with a mask, and without cuDNN (a batch-invariant server) SDPA fell back to copying
-        every key and value head out to the query heads, most of a decode step's memory traffic:
-        folded, such a server made 1.75x the tokens/s (reports/serving.md, 2026-12-06, fifteenth
-        session)."""
+    def _folded_gqa_attention(self, q, k, v, mask):
+        """Masked attention of q (B, n_heads, T, hd) over a cache's grouped keys and values, each
+        group's query heads viewed as more query rows of their key/value head, (B, n_kv_heads,
+        group * T, hd); returns (B, n_heads, T, hd). The same sums as SDPA's `enable_gqa`, without
+        it: on CUDA only cuDNN's kernel takes grouped heads with a mask, and without cuDNN (the
+        batch-invariant server) SDPA's fallback copied every key and value head out to its query
+        heads, most of a decode step's memory traffic (reports/serving.md: "the invariant server's
+        attention without copies", 1.75x the tokens/s)."""
         B, _, T, hd = q.shape
         group = self.n_heads // self.n_kv_heads
         rows = q.reshape(B, self.n_kv_heads, group * T, hd)

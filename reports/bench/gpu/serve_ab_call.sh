@@ -1,15 +1,17 @@
 #!/bin/bash
 # One device call for issue 20: `tinyllm bench serve` (768x8, random weights, bf16) from an older
-# commit's tinyllm and from this tree, alternated on one machine (old, new, old, new), with `top`
-# sampling which processes hold the CPUs if TOP is set. Arguments after the script go to every bench serve
-# (e.g. --batch-invariant); RUNS="old new" runs each once, a run named "new+invariant" adds
-# --batch-invariant to that run alone, and no run starts after UNTIL seconds (470). Before the call, the older commit's package into an ignored folder:
+# commit's tinyllm and from this tree, alternated on one machine (by default old, new, old, new),
+# with `top` sampling which processes hold the CPUs if TOP is set. Arguments after the script go to
+# every bench serve (e.g. --batch-invariant); RUNS="old new" runs each once, a run named
+# "new+invariant" (or "old+invariant") adds --batch-invariant to that run alone, and no run starts
+# after UNTIL seconds (470). Before the call, the older commit's package into an ignored folder:
 #   rm -rf .old_serve && mkdir .old_serve && git archive COMMIT tinyllm | tar -x -C .old_serve
 # (.old_serve is ignored by git); carry .whl, artifacts/grpo and .old_serve. About
 # 25 s of install + 4 x 60-110 s.
 #   bash reports/bench/gpu/serve_ab_call.sh
 # Runs so far: COMMIT 7432b50 with TOP=1 (reports/serving/regression_ab/); COMMIT d1908aa, before
-# the batcher's overlap (reports/serving/overlap_ab/).
+# the batcher's overlap (reports/serving/overlap_ab/); COMMIT cecec42 with RUNS="new+invariant new
+# old old+invariant", before the invariant batcher's folded attention (reports/serving/grouped_rows_ab/).
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
@@ -31,6 +33,9 @@ serve() {
     cd "$root"
 }
 tag=$(echo "$*" | tr -cd 'a-z')  # the flags, in the output's names
+for run in ${RUNS:-old new old new}; do  # a typo would time the wrong tree
+    case $run in old|new|old+invariant|new+invariant) ;; *) echo "unknown run in RUNS: $run" >&2; exit 2;; esac
+done
 i=0
 for run in ${RUNS:-old new old new}; do  # RUNS="old new": once each
     i=$((i + 1))
