@@ -11,6 +11,8 @@
 # reports/serving/invariant_kernels_h100/.)
 # Carry .whl and artifacts/grpo (its tokenizer). About 25 s of install + 3 x 150 s at most.
 #   bash reports/bench/gpu/invariant_serve_call.sh
+# Runs so far: `default invariant default` (reports/serving/invariant_cache_fix/); with the
+# invariant batcher's folded attention, the default order (reports/serving/grouped_rows_h100_2/).
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
