@@ -6,7 +6,7 @@
 # "new+invariant" (or "old+invariant") adds --batch-invariant to that run alone, and no run starts
 # after UNTIL seconds (470). Before the call, the older commit's package into an ignored folder:
 #   rm -rf .old_serve && mkdir .old_serve && git archive COMMIT tinyllm | tar -x -C .old_serve
-# (.old_serve is ignored by git); carry .whl, artifacts/grpo and .old_serve. About
+# (.old_serve is ignored by git; only "old" runs need it); carry .whl, artifacts/grpo and .old_serve. About
 # 25 s of install + 4 x 60-110 s.
 #   bash reports/bench/gpu/serve_ab_call.sh
 # Runs so far: COMMIT 7432b50 with TOP=1 (reports/serving/regression_ab/); COMMIT d1908aa, before
