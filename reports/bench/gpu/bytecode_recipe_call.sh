@@ -1,0 +1,42 @@
+#!/bin/bash
+# One device call for issue 22: does the GPU machine's Python compile its libraries from source in
+# every process? Profiles of lora, dpo and export there (stage_profiles.sh, 2026-12-06) spent
+# 4.2-5.7 s each in `compile` on 1,700-4,000 modules per process: no bytecode (.pyc) beside the
+# preinstalled packages, and none written. A pip install writes it; this call writes it once, as
+# pip would have (`python -m compileall`), and times, on the same machine:
+#   1. importing the stages' modules before and after (each in a fresh process);
+#   2. the README's GPU recipe after it, cold (recipe_call.sh);
+#   3. eval again with its checkpoints scored one at a time (eval.processes=1), against the
+#      recipe's eval, which scored them all at once (auto), for the same-machine A/B.
+# Carry .whl.   bash reports/bench/gpu/bytecode_recipe_call.sh
+set -o pipefail
+cd "$(dirname "$0")/../../.."
+out=${OUT:-/tmp}
+bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt"
+python - <<'EOF' 2>&1 | tee -a "$out/log.txt"
+import os, sys, sysconfig, torch
+site = sysconfig.get_paths()["purelib"]
+cache = os.path.join(os.path.dirname(torch.__file__), "__pycache__")
+print(f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE')!r} dont_write_bytecode={sys.dont_write_bytecode} "
+      f"pycache_prefix={sys.pycache_prefix!r} site={site} writable={os.access(site, os.W_OK)} "
+      f"torch/__pycache__ exists={os.path.isdir(cache)}")
+EOF
+imports() {
+    for module in stages.sft stages.lora stages.export; do
+        SECONDS=0; python -c "import time; t = time.perf_counter(); import $module; print(f'import $module: {time.perf_counter() - t:.1f} s')" \
+            2>&1 | grep "^import" | tee -a "$out/log.txt"
+    done
+}
+echo "## imports before compileall" | tee -a "$out/log.txt"; imports
+site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+SECONDS=0
+python -m compileall -q -j 0 "$site" tinyllm stages > "$out/compileall.log" 2>&1
+echo "compileall: exit $?, $SECONDS s ($(grep -c . "$out/compileall.log") lines of output)" | tee -a "$out/log.txt"
+echo "## imports after compileall" | tee -a "$out/log.txt"; imports
+LIMIT=330 OUT=$out bash reports/bench/gpu/recipe_call.sh > /dev/null
+grep -h "^wall\|first step done\|scored artifacts" "$out/recipe.log" | sed -E 's/(after the process started).*/\1/' \
+    | tee -a "$out/log.txt"
+echo "## eval again, one checkpoint at a time" | tee -a "$out/log.txt"
+SECONDS=0  # the seconds since dvc exp run started, on every line, as in recipe_call.sh
+timeout 150 dvc exp run -S eval.processes=1 2>&1 | while IFS= read -r line; do echo "$SECONDS $line"; done \
+    | grep "Running stage\|scored artifacts\|Updating lock" | tee -a "$out/log.txt"
