@@ -34,8 +34,6 @@ def test_defaults_derive_head_and_ffn_dims():
         ({"runtime": {"threads": "all"}}, "runtime.threads='all' must be auto, follow"),
         ({"runtime": {"cuda_graphs": True}}, "runtime.cuda_graphs=True must be auto or false"),
         ({"runtime": {"compile_ahead": "yes"}}, "runtime.compile_ahead='yes' must be auto or false"),
-        ({"eval": {"processes": 0}}, "eval.processes=0 must be auto or a number of processes >= 1"),
-        ({"eval": {"processes": "all"}}, "eval.processes='all' must be auto or a number of processes >= 1"),
         ({"model": {"dropout": 1.5}}, "model.dropout=1.5"),
         ({"sft": {"batch_size": 2, "pretrain_mix": 0.75}}, "sft.batch_size=2 with sft.pretrain_mix=0.75 leaves no row"),
         ({"eval": {"max_new_tokens": 128}}, "eval.max_new_tokens=128 must be below model.max_seq_len=128"),

@@ -428,10 +428,6 @@ class EvalConfig:
     """Few-shot examples before each benchmark question, from the subject's dev file when it has one."""
     max_bench_items: int = 300
     """Cap on questions scored per benchmark subject (a seeded sample when there are more)."""
-    processes: int | str = "auto"
-    """Checkpoints scored at once, each in a process of its own. `auto`: all of them on a GPU (a
-    checkpoint's scoring is mostly the host's work, so they overlap on one card), one at a time
-    on the CPU (its cores are already busy with one). The metrics do not depend on it."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -676,9 +672,6 @@ def _check_tokens_and_eval(p: Params) -> list[str]:
                  "(the prompt needs room)")
     if p.eval.shots < 0:
         e.append(f"eval.shots={p.eval.shots} must be >= 0")
-    processes = p.eval.processes
-    if processes != "auto" and not (isinstance(processes, int) and processes >= 1):
-        e.append(f"eval.processes={processes!r} must be auto or a number of processes >= 1")
     if not all(isinstance(x, str) and x for x in p.eval.benchmarks):
         e.append(f"eval.benchmarks={p.eval.benchmarks!r} must be a list of paths")
     if p.tokenizer.vocab_size < 260:

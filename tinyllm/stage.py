@@ -43,19 +43,13 @@ def write_skipped(stage: str, out: Path, reason: str, run) -> None:
     write_json(Path("reports/metrics") / f"{stage}.json", {"enabled": False, "reason": reason})
 
 
-def start_process() -> None:
-    """What every process of a stage does first (its helpers' too, e.g. eval's scoring processes):
-    log lines with their time, and the CPU's math kernels warmed before any tensor work."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cpu_threads.warm_up_math_kernels()  # before any tensor work: data, reference log-probs, the model
-
-
 def stage_main(fn):
     """Run `fn(params)` with params.yaml loaded; user errors exit 2 with a one-line message."""
 
     @functools.wraps(fn)
     def main() -> None:
-        start_process()
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        cpu_threads.warm_up_math_kernels()  # before any tensor work: data, reference log-probs, the model
         try:
             fn(load_params("params.yaml"))
         except USER_ERRORS as err:

@@ -12,10 +12,7 @@ import csv
 import json
 import logging
 import math
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -38,7 +35,6 @@ from tinyllm.eval.chat_eval import (
     verified_accuracy,
 )
 from tinyllm.eval.metrics import expert_balance, fact_accuracy, perplexity
-from tinyllm.stage import start_process
 from tinyllm.train.checkpoint import is_checkpoint, load_model, read_config
 from tinyllm.train.runtime import compile_cache_counts, resolve_device, resolve_dtype
 
@@ -224,27 +220,8 @@ def evaluate_checkpoint(params: Params, ckpt_dir: Path, token_dir: Path, data_di
     cache = compile_cache_counts()  # on a GPU: the decode step, from the cache if compiled ahead
     compiled = f"; graphs from the compile cache so far: {cache['hits']} of {sum(cache.values())}" \
         if any(cache.values()) else ""
-    log.info("scored %s (process %d) in %s%s", ckpt_dir, os.getpid(), clock, compiled)
+    log.info("scored %s in %s%s", ckpt_dir, clock, compiled)
     return metrics, rows
-
-
-def score_checkpoints(params: Params, checkpoints: dict[str, Path], token_dir: Path,
-                      data_dir: Path) -> dict[str, tuple[dict, dict]]:
-    """`evaluate_checkpoint` for each checkpoint, in their order; `eval.processes` of them at once,
-    each in a process of its own. On a GPU one checkpoint's scoring is mostly the host's work:
-    small decode batches, and the first use of the compiled decode step in each process (about
-    10 s, from the compile cache). One after another, five checkpoints took 43 s of an H100
-    recipe's 51 s eval (reports/gpu_speed.md); side by side they share the card."""
-    n = params.eval.processes
-    if n == "auto":
-        n = len(checkpoints) if resolve_device(params.runtime).type == "cuda" else 1
-    if min(n, len(checkpoints)) <= 1:
-        return {stage: evaluate_checkpoint(params, path, token_dir, data_dir) for stage, path in checkpoints.items()}
-    spawn = multiprocessing.get_context("spawn")  # a forked process cannot use CUDA
-    with ProcessPoolExecutor(min(n, len(checkpoints)), mp_context=spawn, initializer=start_process) as pool:
-        futures = {stage: pool.submit(evaluate_checkpoint, params, path, token_dir, data_dir)
-                   for stage, path in checkpoints.items()}
-        return {stage: future.result() for stage, future in futures.items()}
 
 
 PLAIN_NUMBERS = ("val_loss", "val_ppl", "moe_max_load", "heldout_loss", "heldout_loss_single", "heldout_loss_multi",
@@ -358,8 +335,9 @@ def run_eval(params: Params, checkpoints: dict[str, Path], token_dir: Path, data
     A stage whose folder holds no checkpoint (lora with lora.enabled false) is left out.
     """
     checkpoints = {stage: path for stage, path in checkpoints.items() if is_checkpoint(path)}
-    scored = score_checkpoints(params, checkpoints, token_dir, data_dir)
-    results, rows = {stage: m for stage, (m, _) in scored.items()}, {stage: r for stage, (_, r) in scored.items()}
+    results, rows = {}, {}
+    for stage, ckpt_dir in checkpoints.items():
+        results[stage], rows[stage] = evaluate_checkpoint(params, ckpt_dir, token_dir, data_dir)
     reference = rows.get("sft", {}).get("pair_logps")
     for stage, metrics in results.items():  # DPO's implicit reward of each stage, the SFT model as reference
         if reference is not None and "pair_logps" in rows[stage]:
