@@ -56,7 +56,8 @@ def dvc(repo: Path, *args: str, env: dict | None = None) -> str:
 PARAMS_TRACER = """
 # Loaded by every Python process of the first repro (PYTHONPATH). In a stage process
 # (`python -m stages.X`) it records which params the stage reads after loading them (leaf names,
-# like sft.lr), and writes them to $TINYLLM_TRACE_PARAMS/X.json at exit.
+# like sft.lr), and writes them to $TINYLLM_TRACE_PARAMS/X.json at exit, with X.torch beside it
+# where the process had loaded torch by then.
 import atexit, dataclasses, json, os, sys
 argv = getattr(sys, "orig_argv", [])
 if os.environ.get("TINYLLM_TRACE_PARAMS") and "-m" in argv and argv[argv.index("-m") + 1].startswith("stages."):
@@ -98,6 +99,8 @@ if os.environ.get("TINYLLM_TRACE_PARAMS") and "-m" in argv and argv[argv.index("
         os.makedirs(os.path.dirname(out), exist_ok=True)
         before = set(json.load(open(out))) if os.path.exists(out) else set()
         json.dump(sorted(before | read), open(out, "w"))
+        if "torch" in sys.modules:
+            open(out[:-len(".json")] + ".torch", "w").close()
 
     atexit.register(write)
 """
@@ -222,6 +225,14 @@ def test_every_stage_lists_the_params_it_reads(repo):
                      if not any(key == p or key.startswith(p + ".") for p in listed)]
     assert not problems, "dvc.yaml params miss what the stage reads:\n  " + "\n  ".join(problems)
     assert "pretrain.lr" in json.loads((repo / "params_read/pretrain.json").read_text())  # the tracer saw reads
+
+
+def test_the_data_stages_never_load_torch(repo):
+    """Each stage is a process of its own, and torch's import took 2.3 s of one on the GPU machine;
+    the data stages do no tensor work (recorded by PARAMS_TRACER at each stage's exit)."""
+    loaded = {path.stem for path in (repo / "params_read").glob("*.torch")}
+    assert not loaded & {"prepare", "train_tokenizer", "encode_chats", "tokenize_corpus"}, loaded
+    assert {"pretrain", "sft", "eval", "export"} <= loaded  # the tracer saw torch where it is used
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from tinyllm import cpu_threads
 from tinyllm.config import load_params
 from tinyllm.errors import UserError
 
@@ -49,7 +48,10 @@ def stage_main(fn):
     @functools.wraps(fn)
     def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        cpu_threads.warm_up_math_kernels()  # before any tensor work: data, reference log-probs, the model
+        if "torch" in sys.modules:  # loaded by the stage's imports where it does tensor work (not the data stages)
+            from tinyllm import cpu_threads
+
+            cpu_threads.warm_up_math_kernels()  # before any tensor work: data, reference log-probs, the model
         try:
             fn(load_params("params.yaml"))
         except USER_ERRORS as err:

@@ -7,6 +7,10 @@ stop), and nothing else: not the system prompt, not the user turns, not the role
     ids, mask = encode_conversation(tok, messages)          # mask[i]: token i is a target
     batches = ChatBatches(encode_conversations(tok, convs), batch_size=16, seq_len=128, seed=0)
     batch = pack_sequences([(ids, mask), ...], width=128, pad_id=pad)   # each sequence sees only itself
+
+torch is imported where batches are made (here, in preference.py and in tokens.py), not at the
+top: the data stages validate and encode conversations and never load it, which spared each of
+them 2.3 s of imports on the GPU machine (reports/gpu_speed.md).
 """
 
 from __future__ import annotations
@@ -14,15 +18,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from tinyllm.data.jsonl import read_jsonl
 from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.tokenizer import IM_END, IM_START
 from tinyllm.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +168,8 @@ class ChatBatches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of input_ids, labels and padding (True at the padded tail: counted apart in throughput)."""
+        import torch
+
         rows = self._rows()
         while True:
             ids, mask, padding = map(np.stack, zip(*(next(rows) for _ in range(self.batch_size))))
@@ -174,6 +183,8 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int, width: i
     """Right-pad whole conversations to the longest one, or to `width` tokens where given (one
     shape for every batch); for per-sequence scores, not packing. "padding" marks the padded
     positions."""
+    import torch
+
     longest = max(len(ids) for ids, _ in examples)
     if width is not None and width < longest:
         raise ValueError(f"width {width} is shorter than the longest example ({longest} tokens)")
@@ -220,6 +231,8 @@ def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, p
     lets a position attend only within its own sequence, with positions counted from its start,
     so a sequence scores what it would alone, without the padding a row per sequence would need.
     """
+    import torch
+
     pieces = [(ids[-(width + 1):], mask[-(width + 1):]) for ids, mask in sequences]
     rows = pack_rows(sequences, width)
     shape = (max(len(rows), min_rows), width)
@@ -243,6 +256,8 @@ def pack_sequences(sequences: list[tuple[np.ndarray, np.ndarray]], width: int, p
 def mixed_batches(*sources: Iterable[dict]) -> Iterator[dict[str, torch.Tensor]]:
     """Concatenate the rows of one batch from each source into one batch (e.g. chats + pretraining
     text); a source without padding (packed text) gets an all-False padding mask."""
+    import torch
+
     for parts in zip(*sources):
         batch = {key: torch.cat([p[key] for p in parts]) for key in ("input_ids", "labels")}
         if any("padding" in p for p in parts):

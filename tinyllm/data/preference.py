@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from tinyllm.data.chat import encode_conversations, pack_rows, pack_sequences, validate_conversation
+
+if TYPE_CHECKING:
+    import torch  # imported where batches are made: the prepare stage validates pairs without it (chat.py)
 
 Encoded = tuple[np.ndarray, np.ndarray]
 
@@ -77,6 +80,8 @@ def pack_pairs(pairs: list[tuple[Encoded, Encoded]], seq_len: int, pad_id: int, 
     rows are interleaved, so `rank_share`'s rows [rank::N] are that process's whole pairs, and the
     reference log-probs [rank::N] of the 2B sequences line up with them.
     """
+    import torch
+
     if len(pairs) % shares:
         raise ValueError(f"{len(pairs)} pairs do not split evenly over {shares} processes")
     sides = _shares(pairs, shares)

@@ -19,9 +19,9 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from tinyllm.config import TokenizeConfig
@@ -29,6 +29,9 @@ from tinyllm.data.jsonl import read_jsonl, validate_pretrain
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
 from tinyllm.errors import DataError
 from tinyllm.folders import replaced_folder
+
+if TYPE_CHECKING:
+    import torch  # imported where batches are made: the tokenize stage runs without it (chat.py)
 
 SPLITS = ("train", "val")
 
@@ -182,6 +185,8 @@ class PackedBatches:
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        import torch
+
         order = self._order()
         step = self.batch_size * self.world_size
         while True:

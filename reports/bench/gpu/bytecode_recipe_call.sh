@@ -5,9 +5,7 @@
 # preinstalled packages, and none written. A pip install writes it; this call writes it once, as
 # pip would have (`python -m compileall`), and times, on the same machine:
 #   1. importing the stages' modules before and after (each in a fresh process);
-#   2. the README's GPU recipe after it, cold (recipe_call.sh);
-#   3. eval again with its checkpoints scored one at a time (eval.processes=1), against the
-#      recipe's eval, which scored them all at once (auto), for the same-machine A/B.
+#   2. the README's GPU recipe after it, cold (recipe_call.sh).
 # Carry .whl.   bash reports/bench/gpu/bytecode_recipe_call.sh
 set -o pipefail
 cd "$(dirname "$0")/../../.."
@@ -36,7 +34,3 @@ echo "## imports after compileall" | tee -a "$out/log.txt"; imports
 LIMIT=330 OUT=$out bash reports/bench/gpu/recipe_call.sh > /dev/null
 grep -h "^wall\|first step done\|scored artifacts" "$out/recipe.log" | sed -E 's/(after the process started).*/\1/' \
     | tee -a "$out/log.txt"
-echo "## eval again, one checkpoint at a time" | tee -a "$out/log.txt"
-SECONDS=0  # the seconds since dvc exp run started, on every line, as in recipe_call.sh
-timeout 150 dvc exp run -S eval.processes=1 2>&1 | while IFS= read -r line; do echo "$SECONDS $line"; done \
-    | grep "Running stage\|scored artifacts\|Updating lock" | tee -a "$out/log.txt"
