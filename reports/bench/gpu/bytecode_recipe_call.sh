@@ -31,6 +31,6 @@ SECONDS=0
 python -m compileall -q -j 0 "$site" tinyllm stages > "$out/compileall.log" 2>&1
 echo "compileall: exit $?, $SECONDS s ($(grep -c . "$out/compileall.log") lines of output)" | tee -a "$out/log.txt"
 echo "## imports after compileall" | tee -a "$out/log.txt"; imports
-LIMIT=330 OUT=$out bash reports/bench/gpu/recipe_call.sh > /dev/null
+LIMIT=${LIMIT:-260} OUT=$out bash reports/bench/gpu/recipe_call.sh > /dev/null
 grep -h "^wall\|first step done\|scored artifacts" "$out/recipe.log" | sed -E 's/(after the process started).*/\1/' \
     | tee -a "$out/log.txt"
