@@ -5,7 +5,8 @@
 # preinstalled packages, and none written. A pip install writes it; this call writes it once, as
 # pip would have (`python -m compileall`), and times, on the same machine:
 #   1. importing the stages' modules before and after (each in a fresh process);
-#   2. the README's GPU recipe after it, cold (recipe_call.sh).
+#   2. the README's GPU recipe after it, cold (recipe_call.sh; arguments go to its dvc exp run:
+#      `... bytecode_recipe_call.sh tokenize` runs the data stages alone).
 # Carry .whl.   bash reports/bench/gpu/bytecode_recipe_call.sh
 set -o pipefail
 cd "$(dirname "$0")/../../.."
@@ -28,9 +29,9 @@ imports() {
 echo "## imports before compileall" | tee -a "$out/log.txt"; imports
 site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 SECONDS=0
-python -m compileall -q -j 0 "$site" tinyllm stages > "$out/compileall.log" 2>&1
+timeout 150 python -m compileall -q -j 0 "$site" tinyllm stages > "$out/compileall.log" 2>&1
 echo "compileall: exit $?, $SECONDS s ($(grep -c . "$out/compileall.log") lines of output)" | tee -a "$out/log.txt"
 echo "## imports after compileall" | tee -a "$out/log.txt"; imports
-LIMIT=${LIMIT:-260} OUT=$out bash reports/bench/gpu/recipe_call.sh > /dev/null
-grep -h "^wall\|first step done\|scored artifacts" "$out/recipe.log" | sed -E 's/(after the process started).*/\1/' \
+LIMIT=${LIMIT:-260} OUT=$out bash reports/bench/gpu/recipe_call.sh "$@" > /dev/null
+grep -h "^wall\|Running stage\|first step done\|scored artifacts" "$out/recipe.log" | sed -E 's/(after the process started).*/\1/' \
     | tee -a "$out/log.txt"
