@@ -11,7 +11,7 @@
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
-bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt"
+BYTECODE=0 bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt"  # the bytecode comes below
 python - <<'EOF' 2>&1 | tee -a "$out/log.txt"
 import os, sys, sysconfig, torch
 site = sysconfig.get_paths()["purelib"]
