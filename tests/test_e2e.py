@@ -176,6 +176,9 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
     scored = re.search(r"scored artifacts/sft in [\d.]+ s in its parts \((.*)\)", log)  # eval's time by part
     assert scored and {"load", "val perplexity", "qa", "arith", "benchmark world"} <= {
         part.rsplit(" ", 1)[0] for part in scored[1].split(", ")}, scored
+    # each training stage's end, for its exit and DVC's commit after it (reports/gpu_speed.md)
+    training = ("pretrain", "sft", "lora", "dpo", "grpo")
+    assert all(re.search(rf"{s}: done [\d.]+ s after the process started", log) for s in training), training
     card = (repo / "artifacts/hf/README.md").read_text()
     assert "## Evaluation" in card and "| qa_heldout |" in card  # the exported model's card carries its metrics
     tokens = json.loads((repo / "reports/metrics/tokens.json").read_text())

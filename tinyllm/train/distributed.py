@@ -23,7 +23,7 @@ import torch.distributed as torch_dist
 
 from tinyllm.config import CheckpointConfig, DistributedConfig, Params
 from tinyllm.data.labels import IGNORE_INDEX
-from tinyllm.train.runtime import STARTED_AT, process_started_at
+from tinyllm.train.runtime import STARTED_AT, process_seconds, process_started_at
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +147,5 @@ def training_run(stage: str, params: Params):
         if run.logger is not None:
             run.logger.close()
         close_distributed()
+        if dist.is_main:  # what comes after this line in a pipeline's log is the process's exit and DVC's commit
+            log.info("%s: done %.1f s after the process started", stage, process_seconds())
