@@ -8,6 +8,8 @@
 #   2. the README's GPU recipe after it, cold (recipe_call.sh; arguments go to its dvc exp run:
 #      `... bytecode_recipe_call.sh tokenize` runs the data stages alone).
 # Carry .whl.   bash reports/bench/gpu/bytecode_recipe_call.sh
+# Run so far: with `tokenize` on an H100, then the whole recipe alone on the same machine
+# (reports/bench/gpu/pipeline/bytecode_h100/). Since then install.sh writes the bytecode itself (BYTECODE=0 here).
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}

@@ -5,6 +5,8 @@
 # compiling ahead), and each stage module's imports are timed alone (-X importtime). Profiles in
 # $OUT/profiles.tgz; read them with `python -m pstats`.
 #   bash reports/bench/gpu/recipe_call.sh && bash reports/bench/gpu/stage_profiles.sh lora dpo export
+# Run so far: lora dpo export after the 230 s H100 recipe (imports and log in
+# reports/bench/gpu/pipeline/eval_side_by_side_h100/profiles/; the .prof files were not kept: 4 MB).
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 out=${OUT:-/tmp}
