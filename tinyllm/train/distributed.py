@@ -147,5 +147,5 @@ def training_run(stage: str, params: Params):
         if run.logger is not None:
             run.logger.close()
         close_distributed()
-        if dist.is_main:  # what comes after this line in a pipeline's log is the process's exit and DVC's commit
-            log.info("%s: done %.1f s after the process started", stage, process_seconds())
+    if dist.is_main:  # what comes after this line in a pipeline's log is the process's exit and DVC's commit
+        log.info("%s: done %.1f s after the process started", stage, process_seconds())

@@ -11,7 +11,9 @@ cd "$(dirname "$0")/../../.."
 # every process compiled its imports from source (2.2-2.5x slower imports; reports/gpu_speed.md,
 # "Bytecode written once"). Write it once, as a pip install would: 7 s. BYTECODE=0 skips it.
 if [[ ${BYTECODE:-1} != 0 ]]; then
+    SECONDS=0
     python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
         tinyllm stages >> "$1/install.log" 2>&1
+    echo "bytecode written: exit $?, $SECONDS s"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
