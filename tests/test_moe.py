@@ -124,6 +124,31 @@ def test_a_compiled_fp32_moe_trains_as_the_eager_one_does():
     assert losses[1] == pytest.approx(losses[0], abs=1e-3)
 
 
+def test_a_compiled_fp32_moe_compiles_the_same_graphs_whatever_its_weights_route():
+    """The experts' loop reads the row counts back to the host. Compiled, it baked the first batch's
+    counts into a graph, so a step compiled ahead from random weights (stages/compile_ahead.py) was
+    not the step its stage compiled from trained ones. The loop runs eagerly between the graphs now."""
+    tokens = torch.randint(0, 61, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def graphs_and_load(seed: int) -> tuple[list[str], torch.Tensor]:
+        torch.manual_seed(seed)
+        model = Transformer(moe_config(first_dense_layers=0))
+        codes = []
+
+        def record(graph, example_inputs):
+            codes.append(graph.code)
+            return graph.forward
+
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=record)(tokens)
+        assert torch.allclose(out.logits, model(tokens).logits, atol=1e-5)
+        return codes, out.expert_load
+
+    (codes, load), (other_codes, other_load) = graphs_and_load(0), graphs_and_load(1)
+    assert not torch.equal(load, other_load)  # the two models route the batch differently
+    assert codes and codes == other_codes
+
+
 def test_load_stays_balanced_during_training():
     # Bound: with 8 experts and top-2, a router collapsing onto 2 experts gives max/mean = 4; the balance
     # loss should hold every expert within 2x of the mean share (random routing sits near 1.3 at this size).

@@ -68,10 +68,18 @@ class RoutedExperts(nn.Module):
                 return GROUPED_MM(a, w.transpose(-2, -1), offs=offsets)
 
             return mm(F.silu(mm(x, gate_w)) * mm(x, up_w), down_w)
-        # fallback (e.g. CUDA fp32): one matmul per expert, reading the counts back to the host
-        out = [F.linear(F.silu(F.linear(rows, gate_w[e])) * F.linear(rows, up_w[e]), down_w[e])
-               for e, rows in enumerate(x.split(counts.tolist()))]
-        return torch.cat(out)
+        return expert_by_expert(x, counts, gate_w, up_w, down_w)
+
+
+@torch.compiler.disable
+def expert_by_expert(x, counts, gate_w, up_w, down_w):
+    """The fallback where the grouped matmul does not run (CUDA fp32, compiled fp32 on the CPU): one
+    matmul per expert, reading the counts back to the host. Never compiled: a compiled loop bakes
+    each step's row counts into its graph, so every step recompiled, and a graph compiled ahead
+    from random weights (stages/compile_ahead.py) never matched the stage's own."""
+    out = [F.linear(F.silu(F.linear(rows, gate_w[e])) * F.linear(rows, up_w[e]), down_w[e])
+           for e, rows in enumerate(x.split(counts.tolist()))]
+    return torch.cat(out)
 
 
 class MLP(nn.Module):
