@@ -17,6 +17,25 @@ def test_save_load_reproduces_logits(tmp_path, tiny_config, tie):
     assert torch.equal(model(x).logits, loaded(x).logits)
     assert read_config(tmp_path / "ckpt")["stage"] == "test"
     assert loaded.config == model.config
+    # what the file leaves out is rebuilt: the tied head is the embedding itself, the RoPE tables a new model's
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
+    assert torch.equal(loaded.rope_cos, model.rope_cos) and torch.equal(loaded.rope_sin, model.rope_sin)
+    assert all(p.dtype == torch.float32 and p.requires_grad and not p.is_meta for p in loaded.parameters())
+
+
+def test_loading_draws_no_random_weights_unless_asked(tmp_path, tiny_config):
+    """The file's weights replace the random ones, so load_model does not draw them (0.6 s at 768×8);
+    load_for_finetuning does, so LoRA's adapters start from the random state they always did."""
+    save_checkpoint(Transformer(tiny_config), tmp_path / "ckpt")
+    def next_numbers_after(build) -> torch.Tensor:
+        torch.manual_seed(0)
+        build()
+        return torch.rand(3)
+
+    unbuilt = next_numbers_after(lambda: None)
+    assert torch.equal(next_numbers_after(lambda: load_model(tmp_path / "ckpt")), unbuilt)
+    drawn = next_numbers_after(lambda: load_model(tmp_path / "ckpt", draw_random_init=True))
+    assert torch.equal(drawn, next_numbers_after(lambda: Transformer(tiny_config))) and not torch.equal(drawn, unbuilt)
 
 
 def test_overwrite_is_atomic_and_leaves_no_temp_folders(tmp_path, tiny_config):

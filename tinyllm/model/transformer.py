@@ -271,16 +271,22 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.tie_head_and_build_rope_tables()
         self.apply(self._init_weights)
         # residual-branch outputs scaled down so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def tie_head_and_build_rope_tables(self) -> None:
+        """What a checkpoint's weights leave out: the head tied to the embedding (when it is) and
+        the RoPE tables. Again after `load_model` has put a file's tensors in place of the weights."""
+        cfg = self.config
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
