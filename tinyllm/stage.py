@@ -9,11 +9,14 @@ naming the file, line or param, and exit status 2 — not a traceback from deep 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
+import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 from tinyllm.config import load_params
@@ -57,5 +60,25 @@ def stage_main(fn):
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        exit_without_teardown()
 
     return main
+
+
+def exit_without_teardown() -> None:
+    """End a stage that finished well without the interpreter's teardown.
+
+    By now the stage has written and closed everything it makes (checkpoints renamed into place,
+    dvclive ended, the resume-point writer joined). A normal exit goes on to free every object one
+    by one and run torch's C++ destructors: 1.2-1.6 s after a compiled stage on a 2-core CPU, while
+    DVC waits to hash its outputs. This exit keeps what a normal one does before that: it waits for
+    threads that are not daemons and runs the atexit handlers (logging's flush, the compile
+    workers' shutdown), then flushes the standard streams and leaves.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
