@@ -73,12 +73,15 @@ def test_eval_prompts_that_are_not_objects_are_named_by_line(tmp_path):
 
 
 STAGE_THAT_LEAVES_WORK = """
-import atexit, threading, time
+import atexit, concurrent.futures, threading, time
 from pathlib import Path
 from tinyllm.stage import stage_main
 
+POOL = concurrent.futures.ThreadPoolExecutor(1)  # left running to the end, as the compile workers' pool is
+
 @stage_main
 def main(params):
+    POOL.submit(print, end="")
     def write_late():
         time.sleep(0.5)
         Path("thread.txt").write_text("written")
@@ -93,12 +96,12 @@ main()
 def test_a_stage_that_ends_well_skips_teardown_but_not_its_threads_atexit_handlers_or_output(tmp_path):
     """stage_main leaves with os._exit once the stage is done (the interpreter's teardown took 1.2-1.6 s
     after a compiled stage): a thread that is not a daemon still finishes, atexit handlers still run,
-    and what is buffered on stdout still comes out."""
+    what is buffered on stdout still comes out, and a thread pool left running does not stop it."""
     write_params(tmp_path, seed=7)
     (tmp_path / "leaves_work.py").write_text(STAGE_THAT_LEAVES_WORK)
     env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # stdout buffered
     proc = subprocess.run([sys.executable, "leaves_work.py"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**env, "PYTHONPATH": str(ROOT)})
+                          env={**env, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "no newline, so still in the buffer"
     assert (tmp_path / "thread.txt").read_text() == "written" and (tmp_path / "atexit.txt").read_text() == "7"

@@ -74,9 +74,9 @@ class RoutedExperts(nn.Module):
 @torch.compiler.disable
 def expert_by_expert(x, counts, gate_w, up_w, down_w):
     """The fallback where the grouped matmul does not run (CUDA fp32, compiled fp32 on the CPU): one
-    matmul per expert, reading the counts back to the host. Never compiled: a compiled loop bakes
-    each step's row counts into its graph, so every step recompiled, and a graph compiled ahead
-    from random weights (stages/compile_ahead.py) never matched the stage's own."""
+    matmul per expert, reading the counts back to the host. Never compiled: compiled, the loop baked
+    the first batch's row counts into its graph, so a step compiled ahead from random weights
+    (stages/compile_ahead.py) never matched the one its stage compiled from trained ones."""
     out = [F.linear(F.silu(F.linear(rows, gate_w[e])) * F.linear(rows, up_w[e]), down_w[e])
            for e, rows in enumerate(x.split(counts.tolist()))]
     return torch.cat(out)

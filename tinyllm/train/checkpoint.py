@@ -80,9 +80,10 @@ def load_model(ckpt_dir: Path, device: str | torch.device = "cpu", draw_random_i
     """Build the model a checkpoint describes and load its weights.
 
     The model is built on the meta device, shapes without storage, and the file's tensors take the
-    weights' places: drawing random weights only to overwrite them cost 0.6-0.8 s at 768×8 on a
-    2-core CPU, for each checkpoint eval scores and each export. `draw_random_init` draws them all
-    the same, for a caller whose later random numbers follow that draw (`load_for_finetuning`).
+    weights' places: a load at 768×8 took 0.9-1.1 s on a 2-core CPU when it drew random weights
+    first only to overwrite them, 0.07-0.09 s without; eval loads five checkpoints, export one.
+    `draw_random_init` draws them all the same, for a caller whose later random numbers follow
+    that draw (`load_for_finetuning`).
     """
     ckpt_dir = Path(ckpt_dir)
     cfg = ModelConfig(**read_config(ckpt_dir)["model"])
@@ -105,7 +106,7 @@ def load_for_finetuning(ckpt_dir: Path, seed: int, seq_len: int = 0) -> tuple[Tr
 
     Seeds torch first, so adapters and dropout start the same way for the same params. The random
     weights a new model draws are drawn before the checkpoint's replace them, as they always were:
-    LoRA's adapters start from the random state after that draw, and skipping it (0.6 s at 768×8)
+    LoRA's adapters start from the random state after that draw, and skipping it (1 s at 768×8)
     would change every LoRA result and the stages after it. `seq_len` 0 means the model's max_seq_len.
     """
     torch.manual_seed(seed)
