@@ -24,9 +24,10 @@ def test_save_load_reproduces_logits(tmp_path, tiny_config, tie):
 
 
 def test_loading_draws_no_random_weights_unless_asked(tmp_path, tiny_config):
-    """The file's weights replace the random ones, so load_model does not draw them (0.6 s at 768×8);
+    """The file's weights replace the random ones, so load_model does not draw them (1 s at 768×8);
     load_for_finetuning does, so LoRA's adapters start from the random state they always did."""
     save_checkpoint(Transformer(tiny_config), tmp_path / "ckpt")
+
     def next_numbers_after(build) -> torch.Tensor:
         torch.manual_seed(0)
         build()

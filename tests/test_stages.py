@@ -94,7 +94,7 @@ main()
 
 
 def test_a_stage_that_ends_well_skips_teardown_but_not_its_threads_atexit_handlers_or_output(tmp_path):
-    """stage_main leaves with os._exit once the stage is done (the interpreter's teardown took 1.2-1.6 s
+    """stage_main leaves with os._exit once the stage is done (the interpreter's teardown took 1.1-1.6 s
     after a compiled stage): a thread that is not a daemon still finishes, atexit handlers still run,
     what is buffered on stdout still comes out, and a thread pool left running does not stop it."""
     write_params(tmp_path, seed=7)

@@ -70,7 +70,7 @@ def exit_without_teardown() -> None:
 
     By now the stage has written and closed everything it makes (checkpoints renamed into place,
     dvclive ended, the resume-point writer joined). A normal exit goes on to free every object one
-    by one and run torch's C++ destructors: 1.2-1.6 s after a compiled stage on a 2-core CPU, while
+    by one and run torch's C++ destructors: 1.1-1.6 s after a compiled stage on a 2-core CPU, while
     DVC waits to hash its outputs. This exit keeps what a normal one does before that, in the same
     order (the interpreter's own calls): threading's shutdown, which stops the thread pools and then
     waits for the threads that are not daemons (joining them before their pools are stopped waits
