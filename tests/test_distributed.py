@@ -113,7 +113,8 @@ def test_two_processes_train_what_one_does(tmp_path, tokenizer, launch):
 
 def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, tokenizer):
     """kill -9, then resume: on 1 process (bit-exact), on 2 (DDP), and on 2 with DeepSpeed ZeRO-3."""
-    long_run = {"pretrain": {**PARAMS["pretrain"], "max_steps": 300, "log_interval": 10, "eval_interval": 100},
+    # killed after the checkpoint of step 40, with an evaluation (its best weights so far) behind it and three ahead
+    long_run = {"pretrain": {**PARAMS["pretrain"], "max_steps": 120, "log_interval": 10, "eval_interval": 30},
                 "checkpoint": {"interval": 20, "keep": 2}}
     reference, killed = _workdir(tmp_path, tokenizer, "reference"), _workdir(tmp_path, tokenizer, "killed")
     for work in (reference, killed):
@@ -135,7 +136,7 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, toke
         shutil.copytree(killed, work)
         _set_params(work, distributed=distributed)
         log = _run(work)
-        resumed = r"resuming from checkpoints/pretrain/step-0000\d\d[02468]0 \(step \d+ of 300, written by 1 "
+        resumed = r"resuming from checkpoints/pretrain/step-0000\d\d[02468]0 \(step \d+ of 120, written by 1 "
         assert re.search(resumed, log)
         _assert_same_run(work, reference, exact=name == "one")
 

@@ -41,10 +41,14 @@ def merge(base: dict, override: dict) -> dict:
     return base
 
 
+def environment(env: dict | None = None) -> dict:
+    """This process's environment with a git identity, this Python's scripts first on PATH, and `env`."""
+    return {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            **(env or {})}
+
+
 def sh(repo: Path, *cmd: str, env: dict | None = None) -> str:
-    env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           **(env or {})}
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=repo, env=environment(env), capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -368,26 +372,53 @@ def test_exp_run_on_the_example_corpora_through_params_alone(repo):
 
 
 
+COMPILED_AHEAD = ("lora", "dpo", "grpo")
+
+
+@pytest.fixture(scope="module")
+def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, str, list]]:
+    """For each stage of COMPILED_AHEAD, a work folder holding the repo's artifacts but the stage's own
+    output, with the step compiled ahead into an empty compile cache of its own, as the pipeline does
+    it: the three `stages.compile_ahead` processes at once, beside each other. By stage: (the folder,
+    its environment, the process's log, the folder's files before it ran)."""
+    started = {}
+    for stage in COMPILED_AHEAD:
+        work = tmp_path_factory.mktemp(f"ahead-{stage}")
+        (work / "artifacts").mkdir()
+        for folder in (repo / "artifacts").iterdir():  # the stage's inputs; its own output stays here
+            if folder.name != stage:
+                (work / "artifacts" / folder.name).symlink_to(folder)
+        (work / "stages").symlink_to(repo / "stages")
+        # as the artifacts were made, compiling, and lora on for its own stage (an earlier test may switch
+        # it off), off for the others (dpo then starts from sft, whatever artifacts/lora holds); one
+        # step, as the graphs compared are the first step's (two for dpo, which fails a run that leaves
+        # the policy where it started, as its first step does)
+        params = merge(yaml.safe_load((repo / "params.yaml").read_text()),
+                       {"runtime": {"compile": True}, "lora": {"enabled": stage == "lora"},
+                        stage: {"max_steps": 2 if stage == "dpo" else 1, "warmup_steps": 0}})
+        (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(work.parent / f"{work.name}-compile-cache")}
+        before = sorted(work.rglob("*"))
+        log = work.parent / f"{work.name}.log"
+        with log.open("w") as output:
+            process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", stage], cwd=work,
+                                       env=environment(env), stdout=output, stderr=subprocess.STDOUT)
+        started[stage] = work, env, process, log, before
+    ahead = {}
+    for stage, (work, env, process, log, before) in started.items():
+        process.wait(timeout=600)
+        assert process.returncode == 0, f"compile_ahead {stage} failed:\n{log.read_text()[-3000:]}"
+        ahead[stage] = work, env, log.read_text(), before
+    return ahead
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["lora", "dpo", "grpo"])
-def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles(repo, tmp_path, stage):
+@pytest.mark.parametrize("stage", COMPILED_AHEAD)
+def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles(compiled_ahead, stage):
     """`runtime.compile_ahead` (stages/compile_ahead.py): a stage's step, compiled ahead from random
     weights into an empty compile cache, is what the stage then compiles from its real starting
     model: every graph of its first step comes from the cache (compiling forced on, as on a GPU)."""
-    work = tmp_path / "work"
-    (work / "artifacts").mkdir(parents=True)
-    for folder in (repo / "artifacts").iterdir():  # the stage's inputs; its own output stays here
-        if folder.name != stage:
-            (work / "artifacts" / folder.name).symlink_to(folder)
-    (work / "stages").symlink_to(repo / "stages")
-    # as the artifacts were made, compiling, and lora on for its own test (an earlier test may switch
-    # it off), off for the others (dpo then starts from sft, whatever artifacts/lora holds)
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()),
-                   {"runtime": {"compile": True}, "lora": {"enabled": stage == "lora"}})
-    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache")}
-    before = sorted(work.rglob("*"))
-    log = sh(work, sys.executable, "-m", "stages.compile_ahead", stage, env=env)
+    work, env, log, before = compiled_ahead[stage]
     assert "graphs from the compile cache: 0 of" in log  # it compiled, cold
     assert sorted(work.rglob("*")) == before  # and wrote nothing in the project
     sh(work, sys.executable, "-m", f"stages.{stage}", env=env)
