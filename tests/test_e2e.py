@@ -394,8 +394,8 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, str, l
         # step, as the graphs compared are the first step's (two for dpo, which fails a run that leaves
         # the policy where it started, as its first step does)
         params = merge(yaml.safe_load((repo / "params.yaml").read_text()),
-                       {"runtime": {"compile": True}, "lora": {"enabled": stage == "lora"},
-                        stage: {"max_steps": 2 if stage == "dpo" else 1, "warmup_steps": 0}})
+                       {"runtime": {"compile": True}, "lora": {"enabled": stage == "lora"}})
+        params[stage].update(max_steps=2 if stage == "dpo" else 1, warmup_steps=0)
         (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
         env = {"TORCHINDUCTOR_CACHE_DIR": str(work.parent / f"{work.name}-compile-cache")}
         before = sorted(work.rglob("*"))
