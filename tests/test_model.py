@@ -52,8 +52,9 @@ def test_rope_tables_are_the_correctly_rounded_values_in_every_process():
     assert torch.equal(cos, expected)
     script = ("import hashlib; from tinyllm.model.transformer import rope_tables; "
               "print(hashlib.sha256(rope_tables(48, 128, 10000.0)[0].numpy().tobytes()).hexdigest())")
-    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-               for _ in range(4)}
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    digests = {process.communicate(timeout=120)[0] for process in processes}  # four fresh processes side by side
+    assert [process.returncode for process in processes] == [0] * 4
     assert digests == {hashlib.sha256(expected.numpy().tobytes()).hexdigest() + "\n"}
 
 
