@@ -371,7 +371,6 @@ def test_exp_run_on_the_example_corpora_through_params_alone(repo):
     assert math.isfinite(dpo["train/loss"])
 
 
-
 COMPILED_AHEAD = ("lora", "dpo", "grpo")
 
 
@@ -405,10 +404,14 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, str, l
                                        env=environment(env), stdout=output, stderr=subprocess.STDOUT)
         started[stage] = work, env, process, log, before
     ahead = {}
-    for stage, (work, env, process, log, before) in started.items():
-        process.wait(timeout=600)
-        assert process.returncode == 0, f"compile_ahead {stage} failed:\n{log.read_text()[-3000:]}"
-        ahead[stage] = work, env, log.read_text(), before
+    try:
+        for stage, (work, env, process, log, before) in started.items():
+            process.wait(timeout=600)
+            assert process.returncode == 0, f"compile_ahead {stage} failed:\n{log.read_text()[-3000:]}"
+            ahead[stage] = work, env, log.read_text(), before
+    finally:  # none left running after a failure
+        for _, _, process, _, _ in started.values():
+            process.kill()
     return ahead
 
 
