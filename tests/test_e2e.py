@@ -375,12 +375,12 @@ COMPILED_AHEAD = ("lora", "dpo", "grpo")
 
 
 @pytest.fixture(scope="module")
-def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, str, list]]:
+def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, list]]:
     """For each stage of COMPILED_AHEAD, a work folder holding the repo's artifacts but the stage's own
     output, with the step compiled ahead into an empty compile cache of its own, as the pipeline does
     it: the three `stages.compile_ahead` processes at once, beside each other. By stage: (the folder,
-    its environment, the process's log, the folder's files before it ran)."""
-    started = {}
+    its environment, the process's log file, the folder's files before it ran)."""
+    ahead, processes = {}, {}
     for stage in COMPILED_AHEAD:
         work = tmp_path_factory.mktemp(f"ahead-{stage}")
         (work / "artifacts").mkdir()
@@ -402,15 +402,13 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, str, l
         with log.open("w") as output:
             process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", stage], cwd=work,
                                        env=environment(env), stdout=output, stderr=subprocess.STDOUT)
-        started[stage] = work, env, process, log, before
-    ahead = {}
+        ahead[stage], processes[stage] = (work, env, log, before), process
     try:
-        for stage, (work, env, process, log, before) in started.items():
+        for stage, process in processes.items():
             process.wait(timeout=600)
-            assert process.returncode == 0, f"compile_ahead {stage} failed:\n{log.read_text()[-3000:]}"
-            ahead[stage] = work, env, log.read_text(), before
+            assert process.returncode == 0, f"compile_ahead {stage} failed:\n{ahead[stage][2].read_text()[-3000:]}"
     finally:  # none left running after a failure
-        for _, _, process, _, _ in started.values():
+        for process in processes.values():
             process.kill()
     return ahead
 
@@ -422,7 +420,7 @@ def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles
     weights into an empty compile cache, is what the stage then compiles from its real starting
     model: every graph of its first step comes from the cache (compiling forced on, as on a GPU)."""
     work, env, log, before = compiled_ahead[stage]
-    assert "graphs from the compile cache: 0 of" in log  # it compiled, cold
+    assert "graphs from the compile cache: 0 of" in log.read_text()  # it compiled, cold
     assert sorted(work.rglob("*")) == before  # and wrote nothing in the project
     sh(work, sys.executable, "-m", f"stages.{stage}", env=env)
     metrics = json.loads((work / f"reports/metrics/{stage}.json").read_text())
