@@ -189,6 +189,11 @@ class DeepSpeedEngine:
 
         if not dist.enabled and not torch.distributed.is_initialized():
             join_single_process_group(device)  # no launcher (a benchmark, a notebook): DeepSpeed still wants one
+        if device.type == "cpu":
+            # On the CPU DeepSpeed would compile its shared-memory all-reduce (about 45 s, once per
+            # machine, and a C++ compiler needed) before the first step; gloo does the job as it
+            # does for plain DDP, and ZeRO on a CPU is for checking the GPU path, not for speed.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.model = model.to(device).train()
         self._own_param_attrs = {id(p): set(vars(p)) for p in model.parameters()}  # DeepSpeed adds its own
         fp32_start = persistent_state(model)
