@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tinyllm.eval.metrics import generation_rows
+from tinyllm.eval.metrics import GENERATION_ROWS
 from tinyllm.eval.report import run_eval
 from tinyllm.infer.generate import decodes_static, generate_batch
 from tinyllm.stage import stage_main
@@ -19,12 +19,12 @@ def main(params):
 
 
 def compile_decode_step(params, init: Path) -> None:
-    """Eval's one compiled graph, the decode step at `generation_rows` that every reply goes
+    """Eval's one compiled graph, the decode step at `GENERATION_ROWS` rows that every reply goes
     through where decoding is static (a dense model on a GPU), compiled from the random checkpoint
     `init` into the compile cache while pretraining runs (stages/compile_ahead.py)."""
     model = load_model(init, resolve_device(params.runtime))
     if decodes_static(model, None):
-        generate_batch(model, [[0]], max_new_tokens=2, pad_to_rows=generation_rows(model))
+        generate_batch(model, [[0]], max_new_tokens=2, pad_to_rows=GENERATION_ROWS)
 
 
 if __name__ == "__main__":

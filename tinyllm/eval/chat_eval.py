@@ -18,7 +18,7 @@ from tinyllm.data.chat import collate, encode_conversations
 from tinyllm.data.labels import IGNORE_INDEX
 from tinyllm.data.preference import encode_pairs
 from tinyllm.data.tokenizer import ENDOFTEXT, render_chat, reply_stop_ids, special_id
-from tinyllm.eval.metrics import generation_rows
+from tinyllm.eval.metrics import GENERATION_ROWS
 from tinyllm.eval.verify import is_correct
 from tinyllm.infer.generate import generate_batch
 from tinyllm.train.dpo import pair_logprobs
@@ -26,10 +26,9 @@ from tinyllm.train.objectives import sequence_logprobs
 
 
 def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int,
-                 batch_size: int | None = None, temperature: float = 0.0, seed: int | None = None) -> list[str]:
-    """The model's replies to conversations that end with a user turn (generated in batches of
-    `batch_size`, by default `generation_rows`): greedy, or sampled at `temperature` (seeded)."""
-    batch_size = batch_size or generation_rows(model)
+                 batch_size: int = GENERATION_ROWS, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    """The model's replies to conversations that end with a user turn (generated in batches):
+    greedy, or sampled at `temperature` (seeded)."""
     keep = model.config.max_seq_len - max_new_tokens  # the newest context when a prompt is too long
     prompts = [tok.encode(render_chat(m, add_generation_prompt=True), add_special_tokens=False).ids[-keep:]
                for m in conversations]

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from tinyllm.data.tokenizer import ENDOFTEXT, special_id
 from tinyllm.data.tokens import PackedBatches, TokenStream
-from tinyllm.infer.generate import decodes_static, generate_batch
+from tinyllm.infer.generate import generate_batch
 from tinyllm.train.loop import evaluate
 from tinyllm.train.objectives import NextTokenLoss
 
@@ -60,22 +60,13 @@ def expert_balance(model, token_dir: Path, seq_len: int, max_windows: int = 16) 
 
 
 GENERATION_ROWS = 64
-"""Prompts eval generates replies to at once where decoding is eager (the CPU, an MoE)."""
-STATIC_GENERATION_ROWS = 320
-"""The same where decoding is static (a dense model on a GPU). Every set's replies there go
-through one compiled decode step (a smaller last chunk is padded to it), which
-stages/compile_ahead.py compiles while pretraining runs. Each step waits on the host, so fewer,
-fuller chunks take fewer steps: the GPU preset's sets (600 facts, 300 questions, 8 samples of 80
-sums) fit in one or two."""
-
-
-def generation_rows(model) -> int:
-    """How many prompts eval decodes at once with `model`, where it is now."""
-    return STATIC_GENERATION_ROWS if decodes_static(model, None) else GENERATION_ROWS
+"""Prompts eval generates replies to at once. On a GPU every set's replies then go through one
+compiled decode step (a smaller last chunk is padded to it), which stages/compile_ahead.py
+compiles while pretraining runs."""
 
 
 def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int, max_items: int,
-                  seed: int, batch_size: int | None = None) -> tuple[dict, list[dict]]:
+                  seed: int, batch_size: int = GENERATION_ROWS) -> tuple[dict, list[dict]]:
     """Greedy cloze accuracy overall, per attribute and per person split.
 
     Each prompt starts after <|endoftext|>, as a document does in training.
@@ -89,7 +80,6 @@ def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int,
     hits: dict[str, list[bool]] = defaultdict(list)
     rows = []
     prompts = [[eot] + tok.encode(item["prompt"], add_special_tokens=False).ids for item in items]
-    batch_size = batch_size or generation_rows(model)
     outputs = [tok.decode(ids) for start in range(0, len(prompts), batch_size)
                for ids in generate_batch(model, prompts[start:start + batch_size], max_new_tokens,
                                          stop_ids={eot}, pad_id=eot, pad_to_rows=batch_size)]
