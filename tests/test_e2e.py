@@ -57,6 +57,12 @@ def dvc(repo: Path, *args: str, env: dict | None = None) -> str:
     return sh(repo, sys.executable, "-m", "dvc", *args, env=env)
 
 
+def back_to_the_committed_run(repo: Path) -> None:
+    """The workspace as the last commit's params made it, whichever experiment ran since."""
+    sh(repo, "git", "checkout", "params.yaml", "dvc.lock")
+    dvc(repo, "checkout")
+
+
 PARAMS_TRACER = """
 # Loaded by every Python process of the first repro (PYTHONPATH). In a stage process
 # (`python -m stages.X`) it records which params the stage reads after loading them (leaf names,
@@ -129,6 +135,8 @@ def repo(tmp_path_factory) -> Path:
     (tracer / "sitecustomize.py").write_text(PARAMS_TRACER)
     env = {"PYTHONPATH": str(tracer), "TINYLLM_TRACE_PARAMS": str(repo / "params_read")}
     repo.joinpath("first_repro.log").write_text(dvc(repo, "repro", env=env))
+    sh(repo, "git", "add", "dvc.lock")  # the run that back_to_the_committed_run returns to, in any test order
+    sh(repo, "git", "commit", "-qm", "first repro")
     return repo
 
 
@@ -275,8 +283,7 @@ def test_exp_run_on_two_processes_with_deepspeed(repo):
     assert list(json.loads((repo / "reports/eval/metrics.json").read_text())) == ["pretrain", "sft", "lora", "dpo",
                                                                                   "grpo"]
     assert not (repo / "checkpoints").exists() or not any((repo / "checkpoints").iterdir())
-    sh(repo, "git", "checkout", "params.yaml", "dvc.lock")  # back to the committed (single-process) run
-    dvc(repo, "checkout")
+    back_to_the_committed_run(repo)  # the single-process run
 
 
 @pytest.mark.slow
@@ -380,10 +387,9 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, 
     output, with the step compiled ahead into an empty compile cache of its own, as the pipeline does
     it: the three `stages.compile_ahead` processes at once, beside each other. By stage: (the folder,
     its environment, the process's log file, the folder's files before it ran)."""
-    # from the committed tiny run, whichever experiment an earlier test left in the workspace (after
-    # the example corpora's run, its longer rows made these tests take twice as long: 193 s, now 90 s)
-    sh(repo, "git", "checkout", "params.yaml", "dvc.lock")
-    dvc(repo, "checkout")
+    # from the committed tiny run, not an earlier test's experiment (after the example corpora's run,
+    # its longer rows made these tests take twice as long: 193 s, now 90 s)
+    back_to_the_committed_run(repo)
     ahead, processes = {}, {}
     for stage in COMPILED_AHEAD:
         work = tmp_path_factory.mktemp(f"ahead-{stage}")
