@@ -69,7 +69,11 @@ def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int,
                   seed: int, batch_size: int = GENERATION_ROWS) -> tuple[dict, list[dict]]:
     """Greedy cloze accuracy overall, per attribute and per person split.
 
-    Each prompt starts after <|endoftext|>, as a document does in training.
+    Each prompt starts after <|endoftext|>, as a document does in training. A completion is right
+    when it starts with the answer, so it is cut at as many tokens as the longest answer has bytes
+    (an ordinary token decodes to at least one byte): the same verdicts as at max_new_tokens in
+    fewer decode steps (17 against 44 in the default world), since a pretrained model seldom
+    stops before its budget.
 
     Returns:
         (metrics, rows): rows hold prompt, answer, output and correctness for the report.
@@ -80,8 +84,9 @@ def fact_accuracy(model, tok: Tokenizer, items: list[dict], max_new_tokens: int,
     hits: dict[str, list[bool]] = defaultdict(list)
     rows = []
     prompts = [[eot] + tok.encode(item["prompt"], add_special_tokens=False).ids for item in items]
+    budget = min(max_new_tokens, max(len(item["answer"].encode()) for item in items))
     outputs = [tok.decode(ids) for start in range(0, len(prompts), batch_size)
-               for ids in generate_batch(model, prompts[start:start + batch_size], max_new_tokens,
+               for ids in generate_batch(model, prompts[start:start + batch_size], budget,
                                          stop_ids={eot}, pad_id=eot, pad_to_rows=batch_size)]
     for item, output in zip(items, outputs):
         correct = output.startswith(item["answer"])
