@@ -5,18 +5,23 @@ decode step alone runs 64 rows at about 0.9 ms (decode_capture/decode.txt): is t
 syncs, the eager prompt pass, or the host?
 
     python reports/bench/gpu/eval_profile.py                     # 768x8, random weights, on the GPU
+    python reports/bench/gpu/eval_profile.py --rows 0 --replies folded.json             # no profile: 3 runs
+    python reports/bench/gpu/eval_profile.py --rows 0 --replies unfolded.json --unfolded  # SDPA's grouped heads
     python reports/bench/gpu/eval_profile.py --model tiny --device cpu    # a smoke test
 
 Random weights of a preset (fp32, as eval loads a checkpoint) with this run's tokenizer and eval
 sets (artifacts/tokenizer, artifacts/data, artifacts/tokens from the default `dvc repro`): their
 replies never stop early, so each set decodes its whole budget, as a pretrained model's fact
-completions do. Prints each run's parts and the profiler's tables. Not part of CI.
+completions do. Prints each run's parts and the profiler's tables; the replies files of two
+processes say how many replies two ways of decoding share. Not part of CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import logging
 import tempfile
 import time
@@ -28,6 +33,7 @@ from tinyllm.bench import PRESETS
 from tinyllm.config import ModelConfig, load_params
 from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.eval.report import evaluate_checkpoint
+from tinyllm.infer import generate
 from tinyllm.model.transformer import Transformer
 from tinyllm.train.checkpoint import save_checkpoint
 
@@ -36,8 +42,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="768x8", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    parser.add_argument("--rows", type=int, default=25, help="profiler table rows (0: no profile)")
+    parser.add_argument("--unfolded", action="store_true",
+                        help="SDPA's grouped heads in the static decode step, as before 2026-12-07")
+    parser.add_argument("--replies", help="write the last run's replies and completions to this JSON file")
     args = parser.parse_args()
+    if args.unfolded:
+        make_decoder = generate._static_decoder
+
+        def unfolded_decoder(*args):
+            cache, run = make_decoder(*args)
+            cache.fold_query_groups = False
+            return cache, run
+
+        generate._static_decoder = unfolded_decoder
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # evaluate_checkpoint logs its parts
     params = load_params()
     params = dataclasses.replace(params, runtime=dataclasses.replace(params.runtime, device=args.device))
@@ -47,11 +65,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         save_checkpoint(model, ckpt, meta={"stage": "sft"}, tokenizer_dir=Path("artifacts/tokenizer"))
-        score = lambda: evaluate_checkpoint(params, ckpt, Path("artifacts/tokens"), Path("artifacts/data"))  # noqa: E731
-        for run in range(2):
+        score = functools.partial(evaluate_checkpoint, params, ckpt, Path("artifacts/tokens"), Path("artifacts/data"))
+        for run in range(2 if args.rows else 3):
             start = time.perf_counter()
-            score()
+            _, rows = score()
             print(f"run {run + 1}: {time.perf_counter() - start:.2f} s", flush=True)
+        if args.replies:
+            texts = {name: [row.get("reply", row.get("output")) for row in set_rows]
+                     for name, set_rows in rows.items() if isinstance(set_rows, list) and set_rows
+                     and isinstance(set_rows[0], dict)}
+            Path(args.replies).write_text(json.dumps(texts, ensure_ascii=False))
+        if not args.rows:
+            return
         cuda = torch.cuda.is_available() and args.device != "cpu"
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities) as prof:
