@@ -66,7 +66,9 @@ class KVCache:
     fold_query_groups = False
     """For masked attention with grouped heads: fold each group's query heads into rows
     (`Attention._folded_gqa_attention`) rather than use SDPA's grouped heads. On for the
-    batch-invariant batcher's `SlotKVCache`, whose attention runs without cuDNN."""
+    batch-invariant batcher's `SlotKVCache`, whose attention runs without cuDNN, and for the static
+    decode step of `generate` (eval, GRPO's rollouts, chat on a GPU), where Inductor copied the
+    grouped heads out instead."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
