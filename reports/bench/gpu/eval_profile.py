@@ -50,8 +50,8 @@ def main() -> None:
     if args.unfolded:
         make_decoder = generate._static_decoder
 
-        def unfolded_decoder(*args):
-            cache, run = make_decoder(*args)
+        def unfolded_decoder(*decoder_args):
+            cache, run = make_decoder(*decoder_args)
             cache.fold_query_groups = False
             return cache, run
 
