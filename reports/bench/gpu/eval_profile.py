@@ -12,7 +12,9 @@ syncs, the eager prompt pass, or the host?
 Random weights of a preset (fp32, as eval loads a checkpoint) with this run's tokenizer and eval
 sets (artifacts/tokenizer, artifacts/data, artifacts/tokens from the default `dvc repro`): their
 replies never stop early, so each set decodes its whole budget, as a pretrained model's fact
-completions do. Prints each run's parts and the profiler's tables; the replies files of two
+completions do. `--max-seq-len` is the static cache's length, which every decode step attends
+over: 512 as in the GPU preset (the runs in eval_profile_h100/ and eval_fold_h100/ had the
+default params' 128, before the option). Prints each run's parts and the profiler's tables; the replies files of two
 processes say how many replies two ways of decoding share. Not part of CI.
 """
 
@@ -42,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="768x8", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-seq-len", type=int, default=512, help="the model's (the GPU preset's: 512)")
     parser.add_argument("--rows", type=int, default=25, help="profiler table rows (0: no profile)")
     parser.add_argument("--unfolded", action="store_true",
                         help="SDPA's grouped heads in the static decode step, as before 2026-12-07")
@@ -61,7 +64,7 @@ def main() -> None:
     params = dataclasses.replace(params, runtime=dataclasses.replace(params.runtime, device=args.device))
     vocab = load_tokenizer(Path("artifacts/tokenizer")).get_vocab_size()
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**PRESETS[args.model], max_seq_len=params.model.max_seq_len, vocab_size=vocab))
+    model = Transformer(ModelConfig(**PRESETS[args.model], max_seq_len=args.max_seq_len, vocab_size=vocab))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         save_checkpoint(model, ckpt, meta={"stage": "sft"}, tokenizer_dir=Path("artifacts/tokenizer"))
