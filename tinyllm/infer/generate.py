@@ -61,10 +61,6 @@ def decodes_static(model: Transformer, static: bool | None) -> bool:
 
 def _static_decoder(model: Transformer, batch_size: int, device, dtype):
     cache = StaticKVCache(model.config, batch_size, model.config.max_seq_len, device, dtype)
-    # Every static step is masked (the whole buffer, padding out). On CUDA SDPA takes grouped heads
-    # with a mask in cuDNN's kernel only; under Inductor it copied each layer's keys and values out
-    # to every query head, a quarter of an eval decode step's GPU time at 768x8 (reports/gpu_speed.md).
-    cache.fold_query_groups = True
     # The decoder is kept in _STATIC under the model, weakly: if it held the model itself, the
     # entry would keep its own key alive, and every model ever decoded (eval's checkpoints) would
     # stay in memory with its caches. Dynamo traces the dereference without a recompile per model.

@@ -66,9 +66,8 @@ class KVCache:
     fold_query_groups = False
     """For masked attention with grouped heads: fold each group's query heads into rows
     (`Attention._folded_gqa_attention`) rather than use SDPA's grouped heads. On for the
-    batch-invariant batcher's `SlotKVCache`, whose attention runs without cuDNN, and for the static
-    decode step of `generate` (eval, GRPO's rollouts, chat on a GPU), where Inductor copied the
-    grouped heads out instead."""
+    batch-invariant batcher's `SlotKVCache`, whose attention runs without cuDNN, and for every
+    `StaticKVCache`."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -104,6 +103,12 @@ class StaticKVCache(KVCache):
     the position is a device tensor updated in place, and the buffers have fixed addresses
     (`mark_static_address`). Reusable: `reset()` starts a new sequence without clearing memory.
     """
+
+    fold_query_groups = True
+    """Every step here is masked (the whole buffer, positions ahead masked out). On CUDA only cuDNN's
+    kernel takes grouped heads with a mask; under Inductor SDPA copied each layer's keys and values
+    out to every query head instead, a quarter of an eval decode step's GPU time at 768x8
+    (reports/gpu_speed.md, "Eval's fact completions cut")."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         super().__init__(cfg, batch_size, max_len, device, dtype)

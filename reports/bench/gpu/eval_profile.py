@@ -35,8 +35,7 @@ from tinyllm.bench import PRESETS
 from tinyllm.config import ModelConfig, load_params
 from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.eval.report import evaluate_checkpoint
-from tinyllm.infer import generate
-from tinyllm.model.transformer import Transformer
+from tinyllm.model.transformer import StaticKVCache, Transformer
 from tinyllm.train.checkpoint import save_checkpoint
 
 
@@ -50,15 +49,7 @@ def main() -> None:
                         help="SDPA's grouped heads in the static decode step, as before 2026-12-07")
     parser.add_argument("--replies", help="write the last run's replies and completions to this JSON file")
     args = parser.parse_args()
-    if args.unfolded:
-        make_decoder = generate._static_decoder
-
-        def unfolded_decoder(*decoder_args):
-            cache, run = make_decoder(*decoder_args)
-            cache.fold_query_groups = False
-            return cache, run
-
-        generate._static_decoder = unfolded_decoder
+    StaticKVCache.fold_query_groups = not args.unfolded
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # evaluate_checkpoint logs its parts
     params = load_params()
     params = dataclasses.replace(params, runtime=dataclasses.replace(params.runtime, device=args.device))
