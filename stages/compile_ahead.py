@@ -106,7 +106,7 @@ def one_step(params, stage: str):
     return dataclasses.replace(params, **{stage: train})
 
 
-@stage_main
+@stage_main(parses_arguments=True)
 def main(params):
     parser = argparse.ArgumentParser(description="Train a stage for one step from random weights, to compile it.")
     parser.add_argument("stage", choices=STAGES)

@@ -12,9 +12,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_stage(cwd: Path, stage: str) -> subprocess.CompletedProcess:
+def run_stage(cwd: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True)
 
 
 def write_params(cwd: Path, **sections) -> None:
@@ -56,6 +57,20 @@ def test_missing_input_says_which_stage_to_run(tmp_path):
     proc = run_stage(tmp_path, "tokenize_corpus")
     assert proc.returncode == 2
     assert "dvc repro train_tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_stage_asked_for_help_prints_its_docstring_and_one_given_arguments_refuses_them(tmp_path):
+    """A stage reads params.yaml only: `--help` must not train and overwrite the stage's outputs
+    (it used to run the whole stage), and an argument that looks like a setting is refused, not ignored.
+    The ZeRO-1 case of test_distributed runs DeepSpeed's launcher, which adds --local_rank=N."""
+    write_params(tmp_path)
+    helped = run_stage(tmp_path, "sft", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("Stage sft:") and "params.yaml" in helped.stdout
+    refused = run_stage(tmp_path, "prepare", "--local_rank=0", "--max_steps", "5")
+    assert refused.returncode == 2
+    assert "a stage takes no arguments, got '--max_steps 5'" in refused.stderr and "Traceback" not in refused.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_eval_prompts_that_are_not_objects_are_named_by_line(tmp_path):

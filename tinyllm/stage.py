@@ -45,11 +45,16 @@ def write_skipped(stage: str, out: Path, reason: str, run) -> None:
     write_json(Path("reports/metrics") / f"{stage}.json", {"enabled": False, "reason": reason})
 
 
-def stage_main(fn):
-    """Run `fn(params)` with params.yaml loaded; user errors exit 2 with a one-line message."""
+def stage_main(fn=None, *, parses_arguments: bool = False):
+    """Run `fn(params)` with params.yaml loaded; user errors exit 2 with a one-line message.
+    A script that parses its own command line (compile_ahead) says so: `@stage_main(parses_arguments=True)`."""
+    if fn is None:
+        return functools.partial(stage_main, parses_arguments=parses_arguments)
 
     @functools.wraps(fn)
     def main() -> None:
+        if not parses_arguments:
+            check_arguments(sys.argv[1:], sys.modules[fn.__module__].__doc__)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         if "torch" in sys.modules:  # loaded by the stage's imports where it does tensor work (not the data stages)
             from tinyllm import cpu_threads
@@ -63,6 +68,23 @@ def stage_main(fn):
         exit_without_teardown()
 
     return main
+
+
+def check_arguments(args: list[str], doc: str | None) -> None:
+    """A stage takes its settings from params.yaml only, so it refuses arguments rather than
+    ignoring them: `python -m stages.sft --help` prints the stage's docstring instead of training
+    and overwriting artifacts/sft. DeepSpeed's launcher adds `--local_rank=N` (the environment
+    says the same), which is let through."""
+    args = [arg for arg in args if not arg.startswith(("--local_rank=", "--local-rank="))]
+    if not args:
+        return
+    if args[0] in ("-h", "--help"):
+        print(f"{(doc or '').strip()}\n\nA stage takes no arguments: it reads params.yaml "
+              "(`dvc exp run -S key=value`).")
+        sys.exit(0)
+    print(f"error: a stage takes no arguments, got {' '.join(args)!r}: set params in params.yaml "
+          "or with `dvc exp run -S key=value`", file=sys.stderr)
+    sys.exit(2)
 
 
 def exit_without_teardown() -> None:
