@@ -3,6 +3,7 @@ reports/bench/grpo/rollouts_<device>.md.
 
     python reports/bench/grpo/rollouts.py --model 768x8 --device cuda     # the target shape
     python reports/bench/grpo/rollouts.py --model 192x4 --device cpu      # the default pipeline's
+    python reports/bench/grpo/rollouts.py --unfolded   # decode as before the fold (commit 24689a5), to compare
 
 It runs `RolloutBatches._rollout` itself (the stage's code: prompts from artifacts/data/grpo.jsonl
 rendered as chat, G samples each in one KV-cached batch, the bf16 sampler copy with CUDA-graph
@@ -22,7 +23,7 @@ import torch
 
 from tinyllm.config import GRPOConfig, ModelConfig
 from tinyllm.data.tokenizer import load_tokenizer
-from tinyllm.model.transformer import Transformer
+from tinyllm.model.transformer import StaticKVCache, Transformer
 from tinyllm.train.distributed import Dist
 from tinyllm.train.grpo import RolloutBatches
 from tinyllm.train.runtime import device_name
@@ -40,13 +41,17 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per row, after one warm-up round")
+    parser.add_argument("--unfolded", action="store_true",
+                        help="SDPA's grouped heads in the decode step instead of folded query groups")
     args = parser.parse_args()
+    StaticKVCache.fold_query_groups = not args.unfolded
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tok = load_tokenizer(ROOT / "artifacts/tokenizer")
     prompts = [json.loads(line) for line in (ROOT / "artifacts/data/grpo.jsonl").open()]
     lines = [(f"GRPO rollouts, {args.model}, {device_name(device)}, {str(dtype).removeprefix('torch.')}, "
-             f"G = {args.group_size}, torch {torch.__version__}, {platform.node()}"), "",
+              f"G = {args.group_size}, {'unfolded' if args.unfolded else 'folded'} query groups, "
+              f"torch {torch.__version__}, {platform.node()}"), "",
              "| prompts × G | max new tokens | generated tokens/s | s per round |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for max_new in args.max_new_tokens:
@@ -67,7 +72,8 @@ def main() -> None:
                    f"| {sum(seconds) / len(seconds):.2f} |")
             lines.append(row)
             print(row, flush=True)
-    out = ROOT / f"reports/bench/grpo/rollouts_{args.model}_{device_name(device).replace(' ', '_')}.md"
+    name = f"rollouts_{args.model}_{device_name(device).replace(' ', '_')}{'_unfolded' if args.unfolded else ''}.md"
+    out = ROOT / "reports/bench/grpo" / name
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 
