@@ -173,11 +173,14 @@ def export_hf(ckpt_dir: Path, out_dir: Path, adapter: Path | None = None, metric
 
         check_moe_exportable(model, ckpt_dir)
         width = next(t.shape[1] for n, t in state.items() if n.endswith("mlp.experts.gate_proj"))  # (E, width, dim)
-        hf = Qwen2MoeForCausalLM(qwen2_moe_config(cfg, width, bos, [im_end, bos], pad))
+        architecture, hf_config = Qwen2MoeForCausalLM, qwen2_moe_config(cfg, width, bos, [im_end, bos], pad)
         state = moe_to_qwen2(state, cfg, width)
     else:
-        hf = LlamaForCausalLM(llama_config(cfg, bos, [im_end, bos], pad))
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+        architecture, hf_config = LlamaForCausalLM, llama_config(cfg, bos, [im_end, bos], pad)
+    with torch.device("meta"):  # shapes only; ours take their places (random ones first: 0.6-1 s more at 768x8)
+        hf = architecture(hf_config)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    hf.tie_weights()
     if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
         raise ValueError(f"weights do not map onto {type(hf).__name__} (missing {missing}, unexpected {unexpected})")
     with replaced_folder(out_dir) as tmp:
