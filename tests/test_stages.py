@@ -59,7 +59,7 @@ def test_missing_input_says_which_stage_to_run(tmp_path):
     assert "dvc repro train_tokenizer" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_stage_asked_for_help_prints_its_docstring_and_one_given_arguments_refuses_them(tmp_path):
+def test_a_stage_prints_its_docstring_on_help_and_refuses_other_arguments(tmp_path):
     """A stage reads params.yaml only: `--help` must not train and overwrite the stage's outputs
     (it used to run the whole stage), and an argument that looks like a setting is refused, not ignored.
     The ZeRO-1 case of test_distributed runs DeepSpeed's launcher, which adds --local_rank=N."""
