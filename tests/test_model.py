@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tinyllm.config import TrainConfig
-from tinyllm.model.transformer import Attention, KVCache, Transformer, apply_rope, rope_tables
+from tinyllm.model.transformer import Attention, KVCache, StaticKVCache, Transformer, apply_rope, rope_tables
 
 
 def test_weight_names_follow_hugging_face_llama(tiny_config):
@@ -87,6 +87,14 @@ def test_kv_cache_decoding_equals_full_recompute(tiny_config, fold_query_groups,
     assert torch.allclose(full, torch.cat(pieces, 1), atol=1e-5)
     # every forward after the first (which starts the cache: plain causal attention) has a mask
     assert len(folded) == (10 * tiny_config.n_layers if fold_query_groups else 0)
+
+
+def test_a_static_cache_folds_grouped_heads_in_float32_only(tiny_config):
+    """cuDNN's attention, the one CUDA kernel that takes grouped heads with a mask, runs in half
+    precision only: float32 decode steps fold the groups (eval), bf16 ones leave them to it (GRPO's
+    rollouts, where folding was slower)."""
+    assert StaticKVCache(tiny_config, 2, 16, "cpu", torch.float32).fold_query_groups
+    assert not StaticKVCache(tiny_config, 2, 16, "cpu", torch.bfloat16).fold_query_groups
 
 
 def test_too_long_input_is_refused(tiny_config):

@@ -66,8 +66,8 @@ class KVCache:
     fold_query_groups = False
     """For masked attention with grouped heads: fold each group's query heads into rows
     (`Attention._folded_gqa_attention`) rather than use SDPA's grouped heads. On for the
-    batch-invariant batcher's `SlotKVCache`, whose attention runs without cuDNN, and for every
-    `StaticKVCache`."""
+    batch-invariant batcher's `SlotKVCache`, whose attention runs without cuDNN, and for a
+    `StaticKVCache` in float32, where cuDNN's kernel does not run either."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -104,11 +104,17 @@ class StaticKVCache(KVCache):
     (`mark_static_address`). Reusable: `reset()` starts a new sequence without clearing memory.
     """
 
-    fold_query_groups = True
-    """Every step here is masked (the whole buffer, positions ahead masked out). On CUDA only cuDNN's
-    kernel takes grouped heads with a mask; under Inductor SDPA copied each layer's keys and values
-    out to every query head instead, a quarter of an eval decode step's GPU time at 768x8
-    (reports/gpu_speed.md, "Eval's fact completions cut")."""
+    folded_dtypes = (torch.float32,)
+    """The dtypes whose decode steps fold grouped heads (`fold_query_groups`). Every step here is
+    masked (the whole buffer, positions ahead masked out), and on CUDA only cuDNN's kernel takes
+    grouped heads with a mask. It takes no float32: there SDPA copied each layer's keys and values
+    out to every query head, a quarter of an fp32 eval decode step's GPU time at 768x8, and folding
+    took 0.9 s off a checkpoint. In bf16 SDPA can use cuDNN's kernel, and folding made GRPO's rollouts 5-12% slower
+    at 320 positions (reports/gpu_speed.md, "The fold in bf16")."""
+
+    @property
+    def fold_query_groups(self) -> bool:
+        return self.keys[0].dtype in self.folded_dtypes
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         super().__init__(cfg, batch_size, max_len, device, dtype)

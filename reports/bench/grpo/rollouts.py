@@ -3,7 +3,8 @@ reports/bench/grpo/rollouts_<device>.md.
 
     python reports/bench/grpo/rollouts.py --model 768x8 --device cuda     # the target shape
     python reports/bench/grpo/rollouts.py --model 192x4 --device cpu      # the default pipeline's
-    python reports/bench/grpo/rollouts.py --unfolded   # decode as before the fold (commit 24689a5), to compare
+    python reports/bench/grpo/rollouts.py --folded     # bf16 decode steps fold grouped heads, as from commit
+                                                       # 24689a5 until "The fold in bf16" (reports/gpu_speed.md)
 
 It runs `RolloutBatches._rollout` itself (the stage's code: prompts from artifacts/data/grpo.jsonl
 rendered as chat, G samples each in one KV-cached batch, the bf16 sampler copy with CUDA-graph
@@ -41,16 +42,17 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per row, after one warm-up round")
-    parser.add_argument("--unfolded", action="store_true",
-                        help="SDPA's grouped heads in the decode step instead of folded query groups")
+    parser.add_argument("--folded", action="store_true",
+                        help="fold the decode step's grouped heads in bf16 too (StaticKVCache.folded_dtypes)")
     args = parser.parse_args()
-    StaticKVCache.fold_query_groups = not args.unfolded
+    if args.folded:
+        StaticKVCache.folded_dtypes = (torch.float32, torch.bfloat16)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tok = load_tokenizer(ROOT / "artifacts/tokenizer")
     prompts = [json.loads(line) for line in (ROOT / "artifacts/data/grpo.jsonl").open()]
     lines = [(f"GRPO rollouts, {args.model}, {device_name(device)}, {str(dtype).removeprefix('torch.')}, "
-              f"G = {args.group_size}, {'unfolded' if args.unfolded else 'folded'} query groups, "
+              f"G = {args.group_size}, {'folded' if args.folded else 'unfolded'} query groups in bf16, "
               f"torch {torch.__version__}, {platform.node()}"), "",
              "| prompts × G | max new tokens | generated tokens/s | s per round |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -72,7 +74,7 @@ def main() -> None:
                    f"| {sum(seconds) / len(seconds):.2f} |")
             lines.append(row)
             print(row, flush=True)
-    name = f"rollouts_{args.model}_{device_name(device).replace(' ', '_')}{'_unfolded' if args.unfolded else ''}.md"
+    name = f"rollouts_{args.model}_{device_name(device).replace(' ', '_')}{'_folded' if args.folded else ''}.md"
     out = ROOT / "reports/bench/grpo" / name
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
