@@ -89,12 +89,25 @@ def test_kv_cache_decoding_equals_full_recompute(tiny_config, fold_query_groups,
     assert len(folded) == (10 * tiny_config.n_layers if fold_query_groups else 0)
 
 
-def test_a_static_cache_folds_grouped_heads_in_float32_only(tiny_config):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_static_cache_folds_grouped_heads_in_float32_only(tiny_config, dtype, monkeypatch):
     """cuDNN's attention, the one CUDA kernel that takes grouped heads with a mask, runs in half
-    precision only: float32 decode steps fold the groups (eval), bf16 ones leave them to it (GRPO's
-    rollouts, where folding was slower)."""
-    assert StaticKVCache(tiny_config, 2, 16, "cpu", torch.float32).fold_query_groups
-    assert not StaticKVCache(tiny_config, 2, 16, "cpu", torch.bfloat16).fold_query_groups
+    precision only: float32 decode steps fold the groups (eval), bf16 ones leave them to SDPA
+    (GRPO's rollouts, where folding was slower). Either way the steps decode what the model computes."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).to(dtype).eval()
+    folded = []
+    fold = Attention._folded_gqa_attention
+    monkeypatch.setattr(Attention, "_folded_gqa_attention", lambda *args: folded.append(1) or fold(*args))
+    x = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    cache = StaticKVCache(tiny_config, 2, 12, "cpu", dtype)
+    with torch.no_grad():
+        full = model(x).logits
+        pieces = [model(x[:, :8], cache=cache).logits]  # the prompt, then one token at a time
+        pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(8, 12)]
+    assert cache.fold_query_groups == (dtype == torch.float32)
+    assert len(folded) == (5 * tiny_config.n_layers if dtype == torch.float32 else 0)  # every step is masked
+    assert torch.allclose(full.float(), torch.cat(pieces, 1).float(), atol=1e-5 if dtype == torch.float32 else 0.1)
 
 
 def test_too_long_input_is_refused(tiny_config):

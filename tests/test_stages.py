@@ -64,10 +64,11 @@ def test_a_stage_prints_its_docstring_on_help_and_refuses_other_arguments(tmp_pa
     (it used to run the whole stage), and an argument that looks like a setting is refused, not ignored.
     The ZeRO-1 case of test_distributed runs DeepSpeed's launcher, which adds --local_rank=N."""
     write_params(tmp_path)
-    helped = run_stage(tmp_path, "sft", "--help")
-    assert helped.returncode == 0, helped.stderr
-    assert helped.stdout.startswith("Stage sft:") and "params.yaml" in helped.stdout
-    refused = run_stage(tmp_path, "prepare", "--local_rank=0", "--max_steps", "5")
+    for flag in ("--help", "-h"):
+        helped = run_stage(tmp_path, "sft", flag)
+        assert helped.returncode == 0, helped.stderr
+        assert helped.stdout.startswith("Stage sft:") and "params.yaml" in helped.stdout
+    refused = run_stage(tmp_path, "prepare", "--local_rank=0", "--local-rank=0", "--max_steps", "5")
     assert refused.returncode == 2
     assert "a stage takes no arguments, got '--max_steps 5'" in refused.stderr and "Traceback" not in refused.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]

@@ -54,7 +54,7 @@ def stage_main(fn=None, *, parses_arguments: bool = False):
     @functools.wraps(fn)
     def main() -> None:
         if not parses_arguments:
-            check_arguments(sys.argv[1:], sys.modules[fn.__module__].__doc__)
+            check_arguments(sys.argv[1:], fn.__globals__.get("__doc__"))  # the stage module's docstring
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         if "torch" in sys.modules:  # loaded by the stage's imports where it does tensor work (not the data stages)
             from tinyllm import cpu_threads

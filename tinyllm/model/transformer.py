@@ -109,8 +109,8 @@ class StaticKVCache(KVCache):
     masked (the whole buffer, positions ahead masked out), and on CUDA only cuDNN's kernel takes
     grouped heads with a mask. It takes no float32: there SDPA copied each layer's keys and values
     out to every query head, a quarter of an fp32 eval decode step's GPU time at 768x8, and folding
-    took 0.9 s off a checkpoint. In bf16 SDPA can use cuDNN's kernel, and folding made GRPO's rollouts 5-12% slower
-    at 320 positions (reports/gpu_speed.md, "The fold in bf16")."""
+    took 0.9 s off a checkpoint. In bf16, where SDPA may use cuDNN's kernel (not profiled), folding
+    made GRPO's rollouts 5-12% slower at 320 positions (reports/gpu_speed.md, "The fold in bf16")."""
 
     @property
     def fold_query_groups(self) -> bool:

@@ -52,7 +52,8 @@ def main() -> None:
     tok = load_tokenizer(ROOT / "artifacts/tokenizer")
     prompts = [json.loads(line) for line in (ROOT / "artifacts/data/grpo.jsonl").open()]
     lines = [(f"GRPO rollouts, {args.model}, {device_name(device)}, {str(dtype).removeprefix('torch.')}, "
-              f"G = {args.group_size}, {'folded' if args.folded else 'unfolded'} query groups in bf16, "
+              f"G = {args.group_size}, {'folded' if args.folded else 'unfolded'} query groups in bf16 "
+              f"(a static cache on CUDA only), "
               f"torch {torch.__version__}, {platform.node()}"), "",
              "| prompts × G | max new tokens | generated tokens/s | s per round |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
