@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import itertools
 import math
 import subprocess
 import sys
@@ -75,18 +76,15 @@ def test_kv_cache_decoding_equals_full_recompute(tiny_config, fold_query_groups,
     attention): the same sums as SDPA's grouped heads, for chunks and single tokens."""
     torch.manual_seed(0)
     model = Transformer(tiny_config).eval()
-    folded = []
-    fold = Attention._folded_gqa_attention
-    monkeypatch.setattr(Attention, "_folded_gqa_attention", lambda *args: folded.append(1) or fold(*args))
     x = torch.randint(0, tiny_config.vocab_size, (2, 24))
     full = model(x).logits
     cache = KVCache(tiny_config, 2, 24, "cpu", torch.float32)
     cache.fold_query_groups = fold_query_groups
-    pieces = [model(x[:, :10], cache=cache).logits, model(x[:, 10:15], cache=cache).logits]  # chunked prefill
-    pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(15, 24)]  # one token at a time
-    assert torch.allclose(full, torch.cat(pieces, 1), atol=1e-5)
+    # a chunked prefill (0:10, 10:15), then one token at a time
+    decoded, folded = decode_in_pieces(model, cache, x, [0, 10, *range(15, 25)], monkeypatch)
+    assert torch.allclose(full, decoded, atol=1e-5)
     # every forward after the first (which starts the cache: plain causal attention) has a mask
-    assert len(folded) == (10 * tiny_config.n_layers if fold_query_groups else 0)
+    assert folded == (10 * tiny_config.n_layers if fold_query_groups else 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,18 +94,24 @@ def test_a_static_cache_folds_grouped_heads_in_float32_only(tiny_config, dtype, 
     (GRPO's rollouts, where folding was slower). Either way the steps decode what the model computes."""
     torch.manual_seed(0)
     model = Transformer(tiny_config).to(dtype).eval()
-    folded = []
-    fold = Attention._folded_gqa_attention
-    monkeypatch.setattr(Attention, "_folded_gqa_attention", lambda *args: folded.append(1) or fold(*args))
     x = torch.randint(0, tiny_config.vocab_size, (2, 12))
     cache = StaticKVCache(tiny_config, 2, 12, "cpu", dtype)
     with torch.no_grad():
         full = model(x).logits
-        pieces = [model(x[:, :8], cache=cache).logits]  # the prompt, then one token at a time
-        pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(8, 12)]
+        decoded, folded = decode_in_pieces(model, cache, x, [0, *range(8, 13)], monkeypatch)  # prompt, then tokens
     assert cache.fold_query_groups == (dtype == torch.float32)
-    assert len(folded) == (5 * tiny_config.n_layers if dtype == torch.float32 else 0)  # every step is masked
-    assert torch.allclose(full.float(), torch.cat(pieces, 1).float(), atol=1e-5 if dtype == torch.float32 else 0.1)
+    assert folded == (5 * tiny_config.n_layers if dtype == torch.float32 else 0)  # every step is masked
+    assert torch.allclose(full.float(), decoded.float(), atol=1e-5 if dtype == torch.float32 else 0.1)
+
+
+def decode_in_pieces(model, cache, x, bounds, monkeypatch) -> tuple[torch.Tensor, int]:
+    """The logits of `x` fed through `cache` piece by piece (x[:, a:b] for each pair of `bounds`), and
+    how many attention calls folded their grouped heads."""
+    folded = []
+    fold = Attention._folded_gqa_attention
+    monkeypatch.setattr(Attention, "_folded_gqa_attention", lambda *args: folded.append(1) or fold(*args))
+    pieces = [model(x[:, start:end], cache=cache).logits for start, end in itertools.pairwise(bounds)]
+    return torch.cat(pieces, 1), len(folded)
 
 
 def test_too_long_input_is_refused(tiny_config):

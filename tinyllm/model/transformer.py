@@ -112,12 +112,9 @@ class StaticKVCache(KVCache):
     took 0.9 s off a checkpoint. In bf16, where SDPA may use cuDNN's kernel (not profiled), folding
     made GRPO's rollouts 5-12% slower at 320 positions (reports/gpu_speed.md, "The fold in bf16")."""
 
-    @property
-    def fold_query_groups(self) -> bool:
-        return self.keys[0].dtype in self.folded_dtypes
-
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         super().__init__(cfg, batch_size, max_len, device, dtype)
+        self.fold_query_groups = dtype in self.folded_dtypes
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.key_pos = torch.arange(max_len, device=device)
         for buffer in (*self.keys, *self.values, self.position):

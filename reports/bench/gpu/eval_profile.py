@@ -49,7 +49,8 @@ def main() -> None:
                         help="SDPA's grouped heads in the static decode step, as before 2026-12-07")
     parser.add_argument("--replies", help="write the last run's replies and completions to this JSON file")
     args = parser.parse_args()
-    StaticKVCache.folded_dtypes = () if args.unfolded else StaticKVCache.folded_dtypes
+    if args.unfolded:
+        StaticKVCache.folded_dtypes = ()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # evaluate_checkpoint logs its parts
     params = load_params()
     params = dataclasses.replace(params, runtime=dataclasses.replace(params.runtime, device=args.device))
