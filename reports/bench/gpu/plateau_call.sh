@@ -1,0 +1,40 @@
+#!/bin/bash
+# One device call: the GPU preset's pretraining again and again, as given and with other params, to
+# see when its validation loss leaves the plateau near 0.72 that decides the preset's chat quality
+# (reports/gpu_speed.md, "The recipe as committed"). The data stages run once through DVC; then each
+# run is `python -m stages.pretrain` on params.yaml with that run's flags (no compiling ahead), its
+# validation losses to $OUT/plateau.log as it goes. Arguments: one run each, its flags in one word
+# ("" for the preset as it is); no run starts after $UNTIL seconds (default 480). Carry .whl.
+#   bash reports/bench/gpu/plateau_call.sh "" "" "pretrain.lr=0.001" "pretrain.lr=0.001"
+set -o pipefail
+cd "$(dirname "$0")/../../.."
+out=${OUT:-/tmp}
+log=$out/plateau.log
+BYTECODE=0 bash reports/bench/gpu/install.sh "$out" | tee -a "$log"
+preset=$(tinyllm preset gpu) || { echo "no preset: see install.log" | tee -a "$log"; exit 1; }
+SECONDS=0
+dvc exp run $preset -S runtime.compile_ahead=false tokenize >> "$out/data.log" 2>&1 \
+    || { echo "data stages failed: see data.log" | tee -a "$log"; exit 1; }
+cp params.yaml "$out/preset_params.yaml"
+echo "$SECONDS s: data stages done" | tee -a "$log"
+for flags in "$@"; do
+    (( SECONDS < ${UNTIL:-480} )) || { echo "$SECONDS s: no time left for [$flags]" | tee -a "$log"; break; }
+    cp "$out/preset_params.yaml" params.yaml
+    python3 - "$flags" <<'PY'
+import sys, yaml
+params = yaml.safe_load(open("params.yaml"))
+for flag in sys.argv[1].split():
+    key, value = flag.split("=", 1)
+    *path, leaf = key.split(".")
+    section = params
+    for name in path:
+        section = section[name]
+    section[leaf] = yaml.safe_load(value)
+yaml.safe_dump(params, open("params.yaml", "w"), allow_unicode=True, sort_keys=False)
+PY
+    echo "$SECONDS s: run [$flags]" | tee -a "$log"
+    python3 -m stages.pretrain 2>&1 | grep --line-buffered "val \|first step done\|Error\|error" | tee -a "$log"
+    python3 -c "import json; m = json.load(open('reports/metrics/pretrain.json')); print('final', {k: m[k] for k in ('val/loss', 'tokens_per_sec', 'kept_step')})" \
+        | tee -a "$log"
+done
+echo "$SECONDS s: done" | tee -a "$log"
