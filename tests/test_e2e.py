@@ -276,31 +276,38 @@ def test_exp_run_of_an_moe_on_two_processes_with_deepspeed(repo):
     itself under torchrun (here with DeepSpeed ZeRO-2), an MoE model goes through the whole pipeline,
     eval reads the consolidated checkpoints, and `dvc exp show` shows the run. (One run for both: each
     reruns every stage, 60 s of the suite's time apiece on a 2-core CPU.)"""
-    out = dvc(repo, "exp", "run", "-S", "distributed.nproc=2", "-S", "distributed.strategy=deepspeed",
-              "-S", "model.dim=48", "-S", "model.n_layers=2", "-S", "model.moe.enabled=true",
-              "-S", "model.moe.n_routed_experts=4", "-S", "pretrain.max_steps=20")
-    assert all(f"Running stage '{s}'" in out for s in ("pretrain", "sft", "lora", "dpo", "grpo", "eval"))
-    assert "torch.distributed.run --standalone --nproc_per_node 2 -m stages.pretrain" in out
-    pretrain = json.loads((repo / "reports/metrics/pretrain.json").read_text())
-    assert pretrain["processes"] == 2 and pretrain["params_active"] < pretrain["params"]
-    for stage in ("pretrain", "sft", "lora", "dpo", "grpo"):
-        assert math.isfinite(json.loads((repo / f"reports/metrics/{stage}.json").read_text())["train/loss"]), stage
-    assert not (repo / "checkpoints").exists() or not any((repo / "checkpoints").iterdir())
-    name = re.search(r"Ran experiment\(s\): (\S+)", out)[1]
-    shown = [run for row in json.loads(dvc(repo, "exp", "show", "--json")) for run in row["experiments"] or []]
-    run = next(run["revs"][0]["data"] for run in shown if run["name"] == name)  # as `dvc exp show` tabulates it
-    params = run["params"]["params.yaml"]["data"]
-    assert params["model"]["dim"] == 48 and params["model"]["moe"]["enabled"] and params["distributed"]["nproc"] == 2
-    metrics = json.loads((repo / "reports/eval/metrics.json").read_text())  # the workspace holds the experiment
-    shown_metrics = run["metrics"]["reports/eval/metrics.json"]["data"]
-    assert shown_metrics["grpo"]["moe_max_load"] == metrics["grpo"]["moe_max_load"]
-    assert list(metrics) == ["pretrain", "sft", "lora", "dpo", "grpo"]
-    for stage in metrics.values():
-        assert 1 <= stage["moe_max_load"] <= 4 and len(stage["moe_balance"]["load"]["layer1"]) == 4
-    assert (repo / "reports/live/pretrain/plots/metrics/train/moe/layer1/expert3.tsv").is_file()
-    assert (repo / "reports/live/pretrain/plots/metrics/train/balance_loss.tsv").is_file()
-    assert "busiest expert" in (repo / "reports/eval/report.md").read_text()
-    back_to_the_committed_run(repo)  # the single-process dense run
+    try:
+        out = dvc(repo, "exp", "run", "-S", "distributed.nproc=2", "-S", "distributed.strategy=deepspeed",
+                  "-S", "model.dim=48", "-S", "model.n_layers=2", "-S", "model.moe.enabled=true",
+                  "-S", "model.moe.n_routed_experts=4", "-S", "pretrain.max_steps=20")
+        assert all(f"Running stage '{s}'" in out for s in ("pretrain", "sft", "lora", "dpo", "grpo", "eval"))
+        assert "torch.distributed.run --standalone --nproc_per_node 2 -m stages.pretrain" in out
+        pretrain = json.loads((repo / "reports/metrics/pretrain.json").read_text())
+        assert pretrain["processes"] == 2 and pretrain["params_active"] < pretrain["params"]
+        for stage in ("pretrain", "sft", "lora", "dpo", "grpo"):
+            assert math.isfinite(json.loads((repo / f"reports/metrics/{stage}.json").read_text())["train/loss"]), stage
+        assert not (repo / "checkpoints").exists() or not any((repo / "checkpoints").iterdir())
+        name = re.search(r"Ran experiment\(s\): (\S+)", out)
+        assert name, out[-2000:]
+        shown = {run["name"]: run["revs"][0]["data"]  # each experiment as `dvc exp show` tabulates it
+                 for row in json.loads(dvc(repo, "exp", "show", "--json")) for run in row["experiments"] or []}
+        assert name[1] in shown, sorted(shown)
+        run = shown[name[1]]
+        params = run["params"]["params.yaml"]["data"]
+        assert params["model"]["dim"] == 48 and params["model"]["moe"]["enabled"]
+        assert params["distributed"] == {**params["distributed"], "nproc": 2, "strategy": "deepspeed"}
+        assert params["pretrain"]["max_steps"] == 20
+        metrics = json.loads((repo / "reports/eval/metrics.json").read_text())  # the workspace holds the experiment
+        shown_metrics = run["metrics"]["reports/eval/metrics.json"]["data"]
+        assert shown_metrics["grpo"]["moe_max_load"] == metrics["grpo"]["moe_max_load"]
+        assert list(metrics) == ["pretrain", "sft", "lora", "dpo", "grpo"]
+        for stage in metrics.values():
+            assert 1 <= stage["moe_max_load"] <= 4 and len(stage["moe_balance"]["load"]["layer1"]) == 4
+        assert (repo / "reports/live/pretrain/plots/metrics/train/moe/layer1/expert3.tsv").is_file()
+        assert (repo / "reports/live/pretrain/plots/metrics/train/balance_loss.tsv").is_file()
+        assert "busiest expert" in (repo / "reports/eval/report.md").read_text()
+    finally:  # later tests run on the single-process dense run, whatever failed here
+        back_to_the_committed_run(repo)
 
 
 @pytest.mark.slow

@@ -22,10 +22,10 @@ GPU = {
     # 768×8 drove the training loss to 0.02 while the validation loss rose from 1.46 to 1.79; on this
     # one both fall together, to 0.43 / 0.46 (H200, 1,600 steps).
     "data.world.n_people": 3000, "data.world.bios_per_person": 24,
-    # At the CPU default's 2e-3 pretraining's validation loss sat near 0.72 until the cosine schedule
-    # had lowered the rate; runs left that plateau at different steps, so held-out QA after SFT was
-    # anywhere in 7-92% (nine H100 runs). At 1e-3 all three runs left it by step 400, stopped early
-    # at a validation loss of 0.437-0.444, and one through the pipeline reached 96% (gpu_speed.md).
+    # At the CPU default's 2e-3 pretraining's validation loss sat at a plateau of about 0.70-0.75, and
+    # runs left it at different steps, so held-out QA after SFT was anywhere in 7-92% (nine H100
+    # runs). At 1e-3 all three runs left it by step 400, kept weights at a validation loss of
+    # 0.437-0.444 and stopped early; the one through the pipeline reached 96% (gpu_speed.md).
     "pretrain.lr": 0.001,
     # Post-training steps as big as pretraining's (32 rows × 512): SFT runs at pretraining's speed
     # and reuses its compiled graph; half the steps see the rows the CPU defaults see.
