@@ -295,7 +295,7 @@ def test_exp_run_of_an_moe_on_two_processes_with_deepspeed(repo):
         run = shown[name[1]]
         params = run["params"]["params.yaml"]["data"]
         assert params["model"]["dim"] == 48 and params["model"]["moe"]["enabled"]
-        assert params["distributed"] == {**params["distributed"], "nproc": 2, "strategy": "deepspeed"}
+        assert params["distributed"]["nproc"] == 2 and params["distributed"]["strategy"] == "deepspeed"
         assert params["pretrain"]["max_steps"] == 20
         metrics = json.loads((repo / "reports/eval/metrics.json").read_text())  # the workspace holds the experiment
         shown_metrics = run["metrics"]["reports/eval/metrics.json"]["data"]

@@ -25,20 +25,19 @@ for flags in "$@"; do
     rm -f reports/metrics/pretrain.json  # so a failed run cannot report an earlier one's metrics
     python3 - "$flags" <<'PY' || { echo "$SECONDS s: bad flags [$flags]" | tee -a "$log"; continue; }
 import sys, yaml
-params = yaml.safe_load(open("params.yaml"))
-for flag in sys.argv[1].split():
-    key, value = flag.split("=", 1)
-    *path, leaf = key.split(".")
-    section = params
-    for name in path:
-        section = section[name]
-    value = yaml.safe_load(value)
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    section[leaf] = value
+from tinyllm.config import parse_params
+from tinyllm.presets import with_values
+
+def value_of(text):
+    value = yaml.safe_load(text)
+    try:
+        return float(value) if isinstance(value, str) else value  # YAML 1.1 reads 1e-3 as a string
+    except ValueError:
+        return value
+
+flags = dict(flag.split("=", 1) for flag in sys.argv[1].split())
+params = with_values(yaml.safe_load(open("params.yaml")), {key: value_of(text) for key, text in flags.items()})
+parse_params(params, "flags")  # a flag that names no param stops here, by name
 yaml.safe_dump(params, open("params.yaml", "w"), allow_unicode=True, sort_keys=False)
 PY
     echo "$SECONDS s: run [$flags]" | tee -a "$log"
