@@ -13,7 +13,8 @@
 # Carry .whl and artifacts/grpo (its tokenizer). About 25 s of install + 3 x 150 s at most.
 #   bash reports/bench/gpu/invariant_serve_call.sh
 # Runs so far: `default invariant default` (reports/serving/invariant_cache_fix/); with the
-# invariant batcher's folded attention, the default order (reports/serving/grouped_rows_h100_2/).
+# invariant batcher's folded attention, the default order (reports/serving/grouped_rows_h100_2/);
+# `invariant default` on an H200 (reports/serving/invariant_h200/).
 order=("$@")
 (( ${#order[@]} )) || order=(invariant default invariant)
 runs=()
