@@ -19,6 +19,9 @@ Only the compile cache is written; a process that fails leaves its stage to comp
 and pretraining goes on (if pretraining fails, they are stopped). `runtime.compile_ahead: false`
 turns this off.
 
+Pretraining's own step is compiled ahead the same way, from random tokens, by a process the
+train_tokenizer stage starts (`tinyllm/pretrain_ahead.py`): `python -m stages.compile_ahead pretrain`.
+
 Not a DVC stage: this file is a dep of pretrain (it runs inside it). The processes run the later
 stages' code (imported by name, `stages.<stage>`) on their params and inputs (chat tokens,
 preference pairs, prompts), which pretrain does not declare: they change no output, only what is
@@ -31,6 +34,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import subprocess
@@ -39,11 +43,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from tinyllm import pretrain_ahead
 from tinyllm.data.tokenizer import load_tokenizer
 from tinyllm.errors import TrainingError
 from tinyllm.stage import stage_main
 from tinyllm.train.checkpoint import save_checkpoint
-from tinyllm.train.pretrain import build_model
+from tinyllm.train.distributed import Dist
+from tinyllm.train.pretrain import build_model, run_pretrain
 from tinyllm.train.runtime import compiled_graphs, compiles, resolve_device
 
 log = logging.getLogger(__name__)
@@ -51,15 +59,18 @@ TOKENIZER = Path("artifacts/tokenizer")
 STAGES = ("lora", "dpo", "grpo", "eval")
 
 
+def compiles_ahead(params, dist) -> bool:
+    """Whether steps are compiled ahead: where the stages compile and each trains in one process (not
+    under torchrun, whatever the params say: DDP's graphs differ, and every rank would start its own)."""
+    return not (params.runtime.compile_ahead is False or not compiles(params.runtime, resolve_device(params.runtime))
+                or dist.enabled or params.distributed.nproc != 1 or params.distributed.strategy != "ddp")
+
+
 def stages_ahead(params, dist) -> list[str]:
-    """The later stages whose graphs are compiled ahead: all of them where the stages compile and each
-    trains in one process (not under torchrun, whatever the params say: DDP's graphs differ, and every
-    rank would start its own). A switched-off stage's process ends at once; pretraining reads none of
-    their params."""
-    if (params.runtime.compile_ahead is False or not compiles(params.runtime, resolve_device(params.runtime))
-            or dist.enabled or params.distributed.nproc != 1 or params.distributed.strategy != "ddp"):
-        return []
-    return list(STAGES)
+    """The later stages whose graphs are compiled ahead while pretraining runs: all of them where
+    `compiles_ahead`. A switched-off stage's process ends at once; pretraining reads none of their
+    params."""
+    return list(STAGES) if compiles_ahead(params, dist) else []
 
 
 @contextlib.contextmanager
@@ -106,11 +117,45 @@ def one_step(params, stage: str):
     return dataclasses.replace(params, **{stage: train})
 
 
+def random_tokens(folder: Path, params, vocab_size: int) -> Path:
+    """A token folder as the tokenize stage writes it, of random ids, with enough for one batch and
+    for validation: pretraining's graphs depend on its batches' shape, not on their tokens."""
+    cfg = params.pretrain
+    window = (cfg.seq_len or params.model.max_seq_len) + 1
+    rows = {"train": cfg.batch_size * cfg.grad_accum + 1, "val": cfg.eval_batches + 1}
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    splits = {}
+    for split, n in rows.items():
+        generator.integers(0, vocab_size, n * window, dtype=np.uint32).tofile(folder / f"{split}_0000.bin")
+        splits[split] = {"shards": [{"file": f"{split}_0000.bin", "n_tokens": n * window}], "n_tokens": n * window}
+    index = {"dtype": "uint32", "vocab_size": vocab_size, "endoftext_id": 0, "splits": splits}
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def compile_pretraining(params) -> None:
+    """Pretraining for one step on random tokens, where `compiles_ahead`; the pretrain stage waits
+    for it (`tinyllm.pretrain_ahead.wait`) and then reads its graphs from the cache."""
+    try:
+        if not compiles_ahead(params, Dist()):
+            log.info("pretrain: its stage does not compile in one process, nothing to compile ahead")
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            tokens = random_tokens(Path(folder) / "tokens", params, load_tokenizer(TOKENIZER).get_vocab_size())
+            run_pretrain(one_step(params, "pretrain"), tokens, TOKENIZER, Path(folder) / "out")
+    finally:
+        pretrain_ahead.finished()
+
+
 @stage_main(parses_arguments=True)
 def main(params):
     parser = argparse.ArgumentParser(description="Train a stage for one step from random weights, to compile it.")
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=("pretrain", *STAGES))
     stage = parser.parse_args().stage
+    if stage == "pretrain":  # nothing else trains yet
+        compile_pretraining(params)
+        return
     if hasattr(os, "nice"):
         os.nice(10)  # pretraining first
     if not getattr(getattr(params, stage), "enabled", True):

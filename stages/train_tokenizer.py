@@ -11,6 +11,7 @@ import logging
 import math
 from pathlib import Path
 
+from tinyllm import pretrain_ahead
 from tinyllm.data.chat import validate_conversation
 from tinyllm.data.jsonl import read_jsonl, validate_pretrain
 from tinyllm.data.tokenizer import render_chat, save_tokenizer, train_tokenizer
@@ -38,6 +39,7 @@ def texts(max_bytes: int):
 def main(params):
     save_tokenizer(train_tokenizer(texts(params.tokenizer.max_corpus_bytes), params.tokenizer),
                    Path("artifacts/tokenizer"))
+    pretrain_ahead.start_on_a_gpu()  # pretraining's step compiles while the tokens are made
 
 
 if __name__ == "__main__":

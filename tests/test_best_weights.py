@@ -55,7 +55,8 @@ def test_patience_stops_early_with_exactly_the_weights_the_full_run_keeps():
     full, full_result = _train("best")
     model, result = _train("best", patience=3)
     kept = full_result.final["kept_step"]
-    assert result.history[-1]["step"] == kept + 3 * 5 < 120  # three evaluations without a better loss
+    assert result.history[-1]["step"] == result.steps == kept + 3 * 5 < 120  # three evaluations without a better loss
+    assert full_result.steps == 120
     assert result.final["kept_step"] == kept and result.final["val/loss"] == full_result.final["val/loss"]
     for name, tensor in full.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name

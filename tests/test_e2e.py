@@ -198,6 +198,8 @@ def test_repro_writes_every_output_with_sensible_metrics(repo):
     loss_rows = (repo / "reports/live/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()
     first, last = float(loss_rows[1].split("\t")[-1]), float(loss_rows[-1].split("\t")[-1])
     assert len(loss_rows) == 1 + 30 // 5 and last < first  # the model learned something
+    steps_taken = int(loss_rows[-1].split("\t")[0])  # fewer than max_steps where patience stops the run
+    assert pretrain["tokens_seen"] == steps_taken * TINY["pretrain"]["batch_size"] * TINY["model"]["max_seq_len"]
     assert (repo / "reports/live/pretrain/plots/metrics/val/loss.tsv").is_file()
 
 
@@ -383,15 +385,17 @@ def test_exp_run_on_the_example_corpora_through_params_alone(repo):
     assert math.isfinite(dpo["train/loss"])
 
 
-COMPILED_AHEAD = ("lora", "dpo", "grpo")
+COMPILED_AHEAD = ("pretrain", "lora", "dpo", "grpo")
 
 
 @pytest.fixture(scope="module")
 def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, list]]:
     """For each stage of COMPILED_AHEAD, a work folder holding the repo's artifacts but the stage's own
     output, with the step compiled ahead into an empty compile cache of its own, as the pipeline does
-    it: the three `stages.compile_ahead` processes at once, beside each other. By stage: (the folder,
-    its environment, the process's log file, the folder's files before it ran)."""
+    it: the four `stages.compile_ahead` processes at once, beside each other; pretrain's started as
+    the train_tokenizer stage starts it (`tinyllm.pretrain_ahead.start`) and waited for as the
+    pretrain stage waits. By stage: (the folder, its environment, the process's log file, the
+    folder's files before it ran)."""
     # from the committed tiny run, not an earlier test's experiment (after the example corpora's run,
     # its longer rows made these tests take twice as long: 193 s, now 90 s)
     back_to_the_committed_run(repo)
@@ -413,6 +417,10 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, 
         (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
         env = {"TORCHINDUCTOR_CACHE_DIR": str(work.parent / f"{work.name}-compile-cache")}
         before = sorted(work.rglob("*"))
+        if stage == "pretrain":  # its log in the project's checkpoints/, the process in a session of its own
+            sh(work, sys.executable, "-c", "from tinyllm import pretrain_ahead; pretrain_ahead.start()", env=env)
+            ahead[stage] = (work, env, work / "checkpoints/pretrain_ahead/log", before)
+            continue
         log = work.parent / f"{work.name}.log"
         with log.open("w") as output:
             process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", stage], cwd=work,
@@ -425,6 +433,13 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, 
     finally:  # none left running after a failure
         for process in processes.values():
             process.kill()
+    work = ahead["pretrain"][0]
+    sh(work, sys.executable, "-c", "from tinyllm import pretrain_ahead; pretrain_ahead.wait()")
+    assert "first step done" in ahead["pretrain"][2].read_text()  # it had compiled, not timed out
+    # the stage itself without the later stages' processes, which would compile beside it on 2 cores
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    (work / "params.yaml").write_text(yaml.safe_dump(merge(params, {"runtime": {"compile_ahead": False}}),
+                                                     allow_unicode=True, sort_keys=False))
     return ahead
 
 
@@ -436,7 +451,9 @@ def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles
     model: every graph of its first step comes from the cache (compiling forced on, as on a GPU)."""
     work, env, log, before = compiled_ahead[stage]
     assert "graphs from the compile cache: 0 of" in log.read_text()  # it compiled, cold
-    assert sorted(work.rglob("*")) == before  # and wrote nothing in the project
+    if stage == "pretrain":
+        before = sorted([*before, *(work / "checkpoints/pretrain_ahead/log").parents[:2], log])
+    assert sorted(work.rglob("*")) == before  # and wrote nothing in the project (but pretrain's log)
     sh(work, sys.executable, "-m", f"stages.{stage}", env=env)
     metrics = json.loads((work / f"reports/metrics/{stage}.json").read_text())
     assert metrics["compile_cache_misses"] == 0 and metrics["compile_cache_hits"] > 0, metrics

@@ -163,6 +163,41 @@ def test_a_step_that_cannot_be_compiled_ahead_is_logged_and_pretraining_goes_on(
     assert ran and len(failures) == 4 and all("artifacts/tokenizer" in message for message in failures), failures
 
 
+def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longer(tmp_path, monkeypatch):
+    """tinyllm/pretrain_ahead.py: `wait` returns once the process in the pid file has ended, a zombie
+    counting as ended (an orphan's reaper may be slow), and removes the file; it does not wait for a
+    pid that is gone, nor past WAIT_SECONDS from the file's writing. The process removes its own file."""
+    import time
+
+    from tinyllm import pretrain_ahead
+
+    monkeypatch.chdir(tmp_path)
+    assert pretrain_ahead.wait() == 0.0  # none was started
+    pid_file = tmp_path / pretrain_ahead.FOLDER / "pid"
+    pid_file.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    pid_file.write_text(str(sleeper.pid))
+    assert 1.2 < pretrain_ahead.wait() < 10 and not pid_file.exists()  # until it ended; unreaped, a zombie
+    sleeper.wait()
+    pid_file.write_text(str(sleeper.pid))
+    assert pretrain_ahead.wait() < 0.5 and not pid_file.exists()  # gone
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pid_file.write_text(str(sleeper.pid))
+        written = time.time() - pretrain_ahead.WAIT_SECONDS - 1
+        os.utime(pid_file, (written, written))
+        assert pretrain_ahead.wait() < 0.5 and not pid_file.exists()  # running, but started too long ago
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    pid_file.write_text("1")
+    pretrain_ahead.finished()
+    assert pid_file.exists()  # another process's file
+    pid_file.write_text(str(os.getpid()))
+    pretrain_ahead.finished()
+    assert not pid_file.exists()
+
+
 def test_when_pretraining_fails_the_processes_compiling_ahead_are_stopped_at_once(tmp_path, monkeypatch):
     """Killed, not waited for: a failing pretrain stage reports its error without delay."""
     import signal

@@ -110,7 +110,7 @@ def run_dpo(params: Params, init_dir: Path, pairs_file: Path, out_dir: Path,
         "reference_seconds": round(ref_seconds, 1),
         "train_seconds": round(time.perf_counter() - start, 1),
     }
-    meta = {"stage": "dpo", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
+    meta = {"stage": "dpo", "steps": result.steps, "train": to_dict(cfg), "summary": summary}
     if dist.is_main:
         save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=init_dir)
     return summary

@@ -217,6 +217,6 @@ def run_grpo(params: Params, init_dir: Path, prompts_file: Path, out_dir: Path,
     summary = {**result.final, "first/reward": first["train/reward"], "prompts": len(prompts),
                "rollout_rounds": batches.round, "train_seconds": round(time.perf_counter() - start, 1)}
     if run.dist.is_main:
-        save_checkpoint(model.cpu(), out_dir, meta={"stage": "grpo", "steps": cfg.max_steps, "train": to_dict(cfg),
+        save_checkpoint(model.cpu(), out_dir, meta={"stage": "grpo", "steps": result.steps, "train": to_dict(cfg),
                                                     "summary": summary}, tokenizer_dir=init_dir)
     return summary

@@ -63,6 +63,12 @@ class FitResult:
     step Dynamo and Inductor took, where the step is compiled, with compile_cache_hits and
     compile_cache_misses: its graphs read from Inductor's cache on disk and compiled anew) and mfu."""
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps the stage took, a resumed run's earlier ones included: fewer than
+        max_steps where `patience` stopped it early."""
+        return self.history[-1]["step"]
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""

@@ -165,7 +165,7 @@ def run_lora(params: Params, init_dir: Path, identity: Path, replay: list[Path],
         "target_modules": sorted(model.peft_config["default"].target_modules),
         "train_seconds": round(time.perf_counter() - start, 1),
     }
-    meta = {"stage": "lora", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
+    meta = {"stage": "lora", "steps": result.steps, "train": to_dict(cfg), "summary": summary}
     save_checkpoint(model.merge_and_unload(), out_dir, meta=meta, tokenizer_dir=init_dir,
                     subdirs={ADAPTER_DIR: adapter_tmp})
     return summary

@@ -63,7 +63,7 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
                  run=run, flops_per_token=model.flops_per_token(seq_len), inputs=[token_dir / "index.json"],
                  fixed_shapes=True)  # PackedBatches: rows of seq_len, the ragged end dropped
     seconds = time.perf_counter() - start
-    tokens = cfg.max_steps * cfg.grad_accum * cfg.batch_size * seq_len
+    tokens = result.steps * cfg.grad_accum * cfg.batch_size * seq_len
     summary = {
         **result.final,
         "tokens_seen": tokens,
@@ -74,7 +74,7 @@ def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: 
         "params_active": model.num_params(active=True),
         "train_seconds": round(seconds, 1),
     }
-    meta = {"stage": "pretrain", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
+    meta = {"stage": "pretrain", "steps": result.steps, "train": to_dict(cfg), "summary": summary}
     if dist.is_main:
         save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=tokenizer_dir)
     return summary

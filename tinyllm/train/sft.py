@@ -76,7 +76,7 @@ def run_sft(params: Params, init_dir: Path, chats: list[Path], token_dir: Path, 
         "chat_epochs_completed": chat.epoch,
         "train_seconds": round(time.perf_counter() - start, 1),
     }
-    meta = {"stage": "sft", "steps": cfg.max_steps, "train": to_dict(cfg), "summary": summary}
+    meta = {"stage": "sft", "steps": result.steps, "train": to_dict(cfg), "summary": summary}
     if dist.is_main:
         save_checkpoint(model.cpu(), out_dir, meta=meta, tokenizer_dir=init_dir)
     return summary
