@@ -27,8 +27,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 FOLDER = Path("checkpoints/pretrain_ahead")  # checkpoints/: a running stage's files, neither git's nor DVC's
-WAIT_SECONDS = 180.0
-"""The longest pretraining waits, counted from the process's start: a cold compile took 22-25 s."""
+WAIT_SECONDS = 120.0
+"""The longest pretraining waits, counted from the process's start (a cold compile took 22-25 s on an
+H200); after it, pretraining compiles for itself."""
 
 
 def start_on_a_gpu() -> None:
