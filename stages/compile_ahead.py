@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
-import json
 import logging
 import os
 import subprocess
@@ -43,10 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from tinyllm import pretrain_ahead
 from tinyllm.data.tokenizer import load_tokenizer
+from tinyllm.data.tokens import random_tokens
 from tinyllm.errors import TrainingError
 from tinyllm.stage import stage_main
 from tinyllm.train.checkpoint import save_checkpoint
@@ -117,32 +115,19 @@ def one_step(params, stage: str):
     return dataclasses.replace(params, **{stage: train})
 
 
-def random_tokens(folder: Path, params, vocab_size: int) -> Path:
-    """A token folder as the tokenize stage writes it, of random ids, with enough for one batch and
-    for validation: pretraining's graphs depend on its batches' shape, not on their tokens."""
-    cfg = params.pretrain
-    window = (cfg.seq_len or params.model.max_seq_len) + 1
-    rows = {"train": cfg.batch_size * cfg.grad_accum + 1, "val": cfg.eval_batches + 1}
-    folder.mkdir(parents=True)
-    generator = np.random.default_rng(0)
-    splits = {}
-    for split, n in rows.items():
-        generator.integers(0, vocab_size, n * window, dtype=np.uint32).tofile(folder / f"{split}_0000.bin")
-        splits[split] = {"shards": [{"file": f"{split}_0000.bin", "n_tokens": n * window}], "n_tokens": n * window}
-    index = {"dtype": "uint32", "vocab_size": vocab_size, "endoftext_id": 0, "splits": splits}
-    (folder / "index.json").write_text(json.dumps(index))
-    return folder
-
-
 def compile_pretraining(params) -> None:
     """Pretraining for one step on random tokens, where `compiles_ahead`; the pretrain stage waits
     for it (`tinyllm.pretrain_ahead.wait`) and then reads its graphs from the cache."""
     try:
         if not compiles_ahead(params, Dist()):
-            log.info("pretrain: its stage does not compile in one process, nothing to compile ahead")
+            log.info("pretrain: its step is not compiled ahead with these params")
             return
+        cfg = params.pretrain
+        window = (cfg.seq_len or params.model.max_seq_len) + 1  # a batch row's tokens, its labels' last too
+        rows = {"train": cfg.batch_size * cfg.grad_accum + 1, "val": cfg.eval_batches + 1}
         with tempfile.TemporaryDirectory() as folder:
-            tokens = random_tokens(Path(folder) / "tokens", params, load_tokenizer(TOKENIZER).get_vocab_size())
+            tokens = random_tokens(Path(folder) / "tokens", load_tokenizer(TOKENIZER).get_vocab_size(),
+                                   {split: n * window for split, n in rows.items()})
             run_pretrain(one_step(params, "pretrain"), tokens, TOKENIZER, Path(folder) / "out")
     finally:
         pretrain_ahead.finished()

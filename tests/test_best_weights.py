@@ -92,3 +92,26 @@ def test_a_resumed_run_still_ends_on_the_best_weights_of_the_whole_run(tmp_path)
     resumed, result = _train("best", run)
     assert result.final["kept_step"] == expected.final["kept_step"]
     assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), resumed.parameters()))
+
+
+def test_pretraining_that_patience_stops_counts_the_steps_it_took(tmp_path, tokenizer):
+    """tokens_seen, epochs and the checkpoint's steps count the steps taken, not pretrain.max_steps:
+    on random tokens the validation loss stops falling at once, and patience stops the run."""
+    from tinyllm.config import parse_params
+    from tinyllm.data.tokenizer import save_tokenizer
+    from tinyllm.data.tokens import random_tokens
+    from tinyllm.train.checkpoint import read_config
+    from tinyllm.train.pretrain import run_pretrain
+
+    save_tokenizer(tokenizer, tmp_path / "tokenizer")
+    tokens = random_tokens(tmp_path / "tokens", tokenizer.get_vocab_size(), {"train": 4000, "val": 400})
+    params = parse_params({
+        "runtime": {"device": "cpu", "threads": 1},
+        "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 64, "max_seq_len": 64},
+        "pretrain": {"max_steps": 60, "batch_size": 4, "warmup_steps": 1, "log_interval": 2, "eval_interval": 2,
+                     "eval_batches": 2, "patience": 1, "seq_len": 16}})
+    summary = run_pretrain(params, tokens, tmp_path / "tokenizer", tmp_path / "out")
+    steps = summary["kept_step"] + 2  # one evaluation after the best without a lower loss
+    assert steps < 60
+    assert summary["tokens_seen"] == steps * 4 * 16 and summary["epochs"] == steps * 4 * 16 / 4000
+    assert read_config(tmp_path / "out")["steps"] == steps

@@ -166,7 +166,9 @@ def test_a_step_that_cannot_be_compiled_ahead_is_logged_and_pretraining_goes_on(
 def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longer(tmp_path, monkeypatch):
     """tinyllm/pretrain_ahead.py: `wait` returns once the process in the pid file has ended, a zombie
     counting as ended (an orphan's reaper may be slow), and removes the file; it does not wait for a
-    pid that is gone, nor past WAIT_SECONDS from the file's writing. The process removes its own file."""
+    pid that is gone or another program's, nor past WAIT_SECONDS from the file's writing (it stops
+    the process then). The process removes its own file."""
+    import signal
     import time
 
     from tinyllm import pretrain_ahead
@@ -175,21 +177,27 @@ def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longe
     assert pretrain_ahead.wait() == 0.0  # none was started
     pid_file = tmp_path / pretrain_ahead.FOLDER / "pid"
     pid_file.parent.mkdir(parents=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    def stand_in(seconds, named=True):  # a process that runs as long as the compile would
+        code = f"import time; time.sleep({seconds})" + ("  # stages.compile_ahead" if named else "")
+        return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
+    sleeper = stand_in(1.5)
     pid_file.write_text(str(sleeper.pid))
     assert 1.2 < pretrain_ahead.wait() < 10 and not pid_file.exists()  # until it ended; unreaped, a zombie
     sleeper.wait()
     pid_file.write_text(str(sleeper.pid))
     assert pretrain_ahead.wait() < 0.5 and not pid_file.exists()  # gone
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        pid_file.write_text(str(sleeper.pid))
-        written = time.time() - pretrain_ahead.WAIT_SECONDS - 1
-        os.utime(pid_file, (written, written))
-        assert pretrain_ahead.wait() < 0.5 and not pid_file.exists()  # running, but started too long ago
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    other = stand_in(60, named=False)  # a stale file's pid, now another program's: neither waited for nor stopped
+    pid_file.write_text(str(other.pid))
+    assert pretrain_ahead.wait() < 0.5 and other.poll() is None
+    other.kill()
+    other.wait()
+    sleeper = stand_in(60)
+    pid_file.write_text(str(sleeper.pid))
+    written = time.time() - pretrain_ahead.WAIT_SECONDS - 1
+    os.utime(pid_file, (written, written))
+    assert pretrain_ahead.wait() < 0.5 and not pid_file.exists()  # started too long ago:
+    assert sleeper.wait(timeout=10) == -signal.SIGKILL  # stopped, not left to compete with pretraining
     pid_file.write_text("1")
     pretrain_ahead.finished()
     assert pid_file.exists()  # another process's file

@@ -18,8 +18,10 @@ does load torch, and ends at once unless the params compile pretraining in one p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,18 +37,26 @@ H200); after it, pretraining compiles for itself."""
 def start_on_a_gpu() -> None:
     """`start()` where an NVIDIA GPU is present (the driver's folder, looked up without torch). On a
     CPU the stages do not compile by default, and a process importing torch would only take a core
-    from the data stages."""
+    from the data stages. (The process reads the other switches itself: `runtime.compile_ahead:
+    false` or several processes end it at once. Reading them here would make them params of the
+    train_tokenizer stage, which would then rerun when they change.) A failure to start it is
+    logged; the stage's own work is done."""
     if Path("/proc/driver/nvidia/gpus").is_dir():
-        start()
+        try:
+            start()
+        except OSError as err:
+            log.warning("compile ahead: pretraining's step could not be compiled ahead: %s", err)
 
 
 def start() -> None:
     """Start the process that compiles pretraining's step, in a session of its own so that it
-    outlives this stage, and write its pid where `wait` finds it."""
+    outlives this stage, and write its pid where `wait` finds it (an earlier one still running is
+    stopped first: its pid file is about to be replaced)."""
+    stop()
     FOLDER.mkdir(parents=True, exist_ok=True)
-    with open(FOLDER / "log", "wb") as log:
+    with open(FOLDER / "log", "wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", "pretrain"], stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     (FOLDER / "pid").write_text(str(process.pid))
 
 
@@ -58,28 +68,54 @@ def finished() -> None:
 
 
 def wait() -> float:
-    """Wait until the process `start` began has ended, or WAIT_SECONDS have passed since it began;
-    return the seconds waited (0 where none was started, or it has ended)."""
-    pid_file = FOLDER / "pid"
-    try:
-        pid, started = int(pid_file.read_text()), pid_file.stat().st_mtime
-    except (FileNotFoundError, ValueError):
+    """Wait until the process `start` began has ended, or WAIT_SECONDS have passed since it began
+    (then stop it: pretraining compiles for itself, and the process would only compete with it);
+    return the seconds waited (0 where none was started, or it has ended). Logs the wait, and the
+    end of the process's output where it did not compile the step."""
+    started = _started()
+    if started is None:
         return 0.0
+    pid, since = started
     begun = time.monotonic()
-    while pid_file.exists() and _running(pid) and time.time() - started < WAIT_SECONDS:
+    while _running(pid) and (FOLDER / "pid").exists() and time.time() - since < WAIT_SECONDS:
         time.sleep(0.05)
-    pid_file.unlink(missing_ok=True)
+    stop()
     waited = time.monotonic() - begun
-    log.info("compile ahead: waited %.1f s for pretraining's step compiled while the tokens were made (%s)",
-             waited, FOLDER / "log")
+    output = (FOLDER / "log").read_text(errors="replace") if (FOLDER / "log").is_file() else ""
+    if "first step done" in output:  # the training loop's line after its first step, so compiled
+        log.info("compile ahead: waited %.1f s for pretraining's step compiled while the tokens were made (%s)",
+                 waited, FOLDER / "log")
+    else:
+        log.warning("compile ahead: pretraining's step was not compiled ahead (waited %.1f s); the end of %s:\n  %s",
+                    waited, FOLDER / "log", "\n  ".join(output.splitlines()[-5:]))
     return waited
 
 
+def stop() -> None:
+    """Stop the process `start` began, if it still runs (with the compile workers of its session),
+    and remove its pid file."""
+    started = _started()
+    if started is not None and _running(started[0]):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started[0], signal.SIGKILL)
+    (FOLDER / "pid").unlink(missing_ok=True)
+
+
+def _started() -> tuple[int, float] | None:
+    """The pid in the pid file and when the file was written, or None where there is none."""
+    try:
+        return int((FOLDER / "pid").read_text()), (FOLDER / "pid").stat().st_mtime
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def _running(pid: int) -> bool:
-    """Whether process `pid` runs: it exists and is not a zombie (an orphan ends up with the
-    container's first process, which need not reap it)."""
+    """Whether process `pid` runs and is the one `start` began: it exists, is not a zombie (an
+    orphan ends up with the container's first process, which need not reap it) and runs
+    stages.compile_ahead (a stale pid file may name a pid since given to another program)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"stages.compile_ahead" in command

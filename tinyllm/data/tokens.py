@@ -90,16 +90,10 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
     """
     eot = special_id(tok, ENDOFTEXT)
     vocab_size = tok.get_vocab_size()
-    dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
     with replaced_folder(out_dir) as tmp:
-        writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in SPLITS}
+        writers = {s: _ShardWriter(tmp, s, token_dtype(vocab_size), cfg.shard_tokens) for s in SPLITS}
         _encode_documents(corpus, tok, cfg, seed, eot, writers)
-        index = {
-            "dtype": dtype.name,
-            "vocab_size": vocab_size,
-            "endoftext_id": eot,
-            "splits": {s: w.summary() for s, w in writers.items()},
-        }
+        index = _index(vocab_size, eot, writers)
         for split in SPLITS:
             if index["splits"][split]["n_tokens"] == 0:
                 raise DataError(
@@ -107,6 +101,31 @@ def tokenize_corpus(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int
                 )
         (tmp / "index.json").write_text(json.dumps(index, indent=2))
     return index
+
+
+def random_tokens(out_dir: Path, vocab_size: int, n_tokens: dict[str, int], seed: int = 0) -> Path:
+    """A token folder as `tokenize_corpus` writes it, of `n_tokens[split]` uniformly random ids per
+    split (one document each), for a run that needs batches of the right shape and not real text:
+    pretraining's step compiled ahead (stages/compile_ahead.py)."""
+    out_dir.mkdir(parents=True)
+    generator = np.random.default_rng(seed)
+    writers = {s: _ShardWriter(out_dir, s, token_dtype(vocab_size), n_tokens[s]) for s in SPLITS}
+    for split, writer in writers.items():
+        writer.write(generator.integers(0, vocab_size, n_tokens[split]))
+        writer.close()
+    (out_dir / "index.json").write_text(json.dumps(_index(vocab_size, None, writers), indent=2))
+    return out_dir
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The shards' integer type: 2 bytes a token while every id fits."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def _index(vocab_size: int, eot: int | None, writers: dict[str, _ShardWriter]) -> dict:
+    """index.json's content: the shards of each split, and what reading them needs."""
+    return {"dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size, "endoftext_id": eot,
+            "splits": {s: w.summary() for s, w in writers.items()}}
 
 
 def _encode_documents(corpus: Path, tok: Tokenizer, cfg: TokenizeConfig, seed: int, eot: int,

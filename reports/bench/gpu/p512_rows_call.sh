@@ -12,7 +12,7 @@ bash reports/bench/gpu/install.sh "$out" | tee -a "$out/log.txt"
 for rows in ${ROWS:-128 256 128 256}; do
     echo "## 512x8, $rows rows of 512 (at $SECONDS s)" | tee -a "$out/log.txt"
     timeout 140 tinyllm bench train --models 512x8 --compile on --dtype bfloat16 --seq-len 512 --batch-size $rows \
-        --steps "${STEPS:-40}" --warmup "${WARMUP:-10}" --name "p512_b${rows}_$SECONDS" --out "$out/tables" 2>&1 | grep -v -i warn | tail -4 \
-        | tee -a "$out/log.txt"
+        --steps "${STEPS:-40}" --warmup "${WARMUP:-10}" --name "p512_b${rows}_$SECONDS" --out "$out/tables" 2>&1 \
+        | grep -v -i warn | tail -4 | tee -a "$out/log.txt"
 done
 tar czf "$out/tables.tgz" -C "$out" tables && rm -r "$out/tables"  # a call brings back 8 files at most
