@@ -76,15 +76,22 @@ def compile_ahead(params, dist, wait_seconds: float = 600):
     """Run the block while one process per later stage compiles its step (`stages_ahead`; the block
     gets them, by stage); then wait for them (at most `wait_seconds` from the start) and log how
     each went, with the end of the output of one that failed. If the block raises, they are
-    stopped at once."""
+    stopped at once. Before the block, pretraining's own step compiled while the tokens were made
+    is waited for where steps are compiled ahead, and stopped where not (graphs this run would not
+    use: several processes, say; `tinyllm.pretrain_ahead`)."""
     started = time.perf_counter()
     with contextlib.ExitStack() as outputs:
         running = {}
         try:
-            for stage in stages_ahead(params, dist):
+            stages = stages_ahead(params, dist)
+            for stage in stages:
                 output = outputs.enter_context(tempfile.TemporaryFile())
                 running[stage] = output, subprocess.Popen(
                     [sys.executable, "-m", "stages.compile_ahead", stage], stdout=output, stderr=subprocess.STDOUT)
+            if stages:
+                pretrain_ahead.wait()
+            else:
+                pretrain_ahead.stop()
             yield {stage: process for stage, (_, process) in running.items()}
         except BaseException:
             for _, process in running.values():

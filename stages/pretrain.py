@@ -5,8 +5,7 @@ Several processes: `distributed.nproc` in params (or `torchrun --nproc_per_node 
 
 from pathlib import Path
 
-from stages.compile_ahead import compile_ahead, compiles_ahead
-from tinyllm import pretrain_ahead
+from stages.compile_ahead import compile_ahead
 from tinyllm.stage import stage_main, write_json
 from tinyllm.train.distributed import training_run
 from tinyllm.train.pretrain import run_pretrain
@@ -15,10 +14,6 @@ from tinyllm.train.pretrain import run_pretrain
 @stage_main
 def main(params):
     with training_run("pretrain", params) as run, compile_ahead(params, run.dist):
-        if compiles_ahead(params, run.dist):  # for the step compiled while the tokens were made
-            pretrain_ahead.wait()
-        else:  # graphs this run does not use (several processes, say)
-            pretrain_ahead.stop()
         summary = run_pretrain(params, Path("artifacts/tokens"), Path("artifacts/tokenizer"),
                                Path("artifacts/pretrain"), run)
         if run.dist.is_main:

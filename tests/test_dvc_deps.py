@@ -129,15 +129,17 @@ def test_the_committed_lock_matches_the_committed_params_and_code():
     tinyllm/model's) is DVC's own listing format, left to `dvc status`."""
     import hashlib
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    from dvc.utils.serialize import load_yaml  # YAML 1.2, as DVC writes the lock (PyYAML reads 1e-05 as a string)
+
+    params = load_yaml(ROOT / "params.yaml")
+    lock = load_yaml(ROOT / "dvc.lock")["stages"]
     problems = []
     for name, stage in lock.items():
         for key, value in stage.get("params", {}).get("params.yaml", {}).items():
             current = params
             for part in key.split("."):
                 current = current[part]
-            if _yaml12(current) != _yaml12(value):
+            if current != value:
                 problems.append(f"{name}: param {key} is {current!r} in params.yaml, {value!r} in dvc.lock")
         for dep in stage["deps"]:
             file = ROOT / dep["path"]
@@ -146,14 +148,3 @@ def test_the_committed_lock_matches_the_committed_params_and_code():
                 problems.append(f"{name}: {dep['path']} changed since dvc.lock was written")
     assert not problems, "update dvc.lock (dvc repro, or commit the stages' deps):\n  " + "\n  ".join(problems)
 
-
-def _yaml12(value):
-    """`value` as YAML 1.2 reads it (DVC writes the lock so): PyYAML reads `1e-05` as a string."""
-    if isinstance(value, dict):
-        return {key: _yaml12(item) for key, item in value.items()}
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value

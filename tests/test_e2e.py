@@ -429,12 +429,13 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, 
             process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", stage], cwd=work,
                                        env=environment(env), stdout=output, stderr=subprocess.STDOUT)
         ahead[stage], processes[stage] = (work, env, log, before), process
-    pretrain_pid = int((ahead["pretrain"][0] / "checkpoints/pretrain_ahead/pid").read_text())
+    pid_file = ahead["pretrain"][0] / "checkpoints/pretrain_ahead/pid"
+    pretrain_pid = int(pid_file.read_text())
     try:
         for stage, process in processes.items():
             process.wait(timeout=600)
             assert process.returncode == 0, f"compile_ahead {stage} failed:\n{ahead[stage][2].read_text()[-3000:]}"
-        pid_file, deadline = ahead["pretrain"][0] / "checkpoints/pretrain_ahead/pid", time.monotonic() + 600
+        deadline = time.monotonic() + 600
         while pid_file.exists() and time.monotonic() < deadline:  # the process removes it as it ends
             time.sleep(0.2)
         assert not pid_file.exists(), "compile_ahead pretrain did not end in time"

@@ -177,6 +177,7 @@ def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longe
     assert pretrain_ahead.wait() == 0.0  # none was started
     pid_file = tmp_path / pretrain_ahead.FOLDER / "pid"
     pid_file.parent.mkdir(parents=True)
+
     def stand_in(seconds, named=True):  # a process that runs as long as the compile would
         code = f"import time; time.sleep({seconds})" + ("  # stages.compile_ahead" if named else "")
         return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)

@@ -28,16 +28,9 @@ import sys, yaml
 from tinyllm.config import parse_params
 from tinyllm.presets import with_values
 
-def value_of(text):
-    value = yaml.safe_load(text)
-    try:
-        return float(value) if isinstance(value, str) else value  # YAML 1.1 reads 1e-3 as a string
-    except ValueError:
-        return value
-
 flags = dict(flag.split("=", 1) for flag in sys.argv[1].split())
-params = with_values(yaml.safe_load(open("params.yaml")), {key: value_of(text) for key, text in flags.items()})
-parse_params(params, "flags")  # a flag that names no param stops here, by name
+params = with_values(yaml.safe_load(open("params.yaml")), {key: yaml.safe_load(text) for key, text in flags.items()})
+parse_params(params, "flags")  # a flag that names no param stops here, by name; "1e-3" is read as a float there
 yaml.safe_dump(params, open("params.yaml", "w"), allow_unicode=True, sort_keys=False)
 PY
     echo "$SECONDS s: run [$flags]" | tee -a "$log"
