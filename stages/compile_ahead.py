@@ -129,6 +129,7 @@ def compile_pretraining(params) -> None:
         if not compiles_ahead(params, Dist()):
             log.info("pretrain: its step is not compiled ahead with these params")
             return
+        log.info("pretrain: waited %.1f s for train_tokenizer to end", pretrain_ahead.wait_for_starter())
         cfg = params.pretrain
         window = (cfg.seq_len or params.model.max_seq_len) + 1  # a batch row's tokens, its labels' last too
         rows = {"train": cfg.batch_size * cfg.grad_accum + 1, "val": cfg.eval_batches + 1}

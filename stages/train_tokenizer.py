@@ -37,9 +37,9 @@ def texts(max_bytes: int):
 
 @stage_main
 def main(params):
+    pretrain_ahead.start_on_a_gpu()  # pretraining's step compiles while the tokens are made
     save_tokenizer(train_tokenizer(texts(params.tokenizer.max_corpus_bytes), params.tokenizer),
                    Path("artifacts/tokenizer"))
-    pretrain_ahead.start_on_a_gpu()  # pretraining's step compiles while the tokens are made
 
 
 if __name__ == "__main__":

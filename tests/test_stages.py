@@ -207,6 +207,58 @@ def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longe
     assert not pid_file.exists()
 
 
+def test_the_process_compiling_pretraining_ahead_reads_the_tokenizer_once_its_starter_has_ended(tmp_path, monkeypatch):
+    """train_tokenizer starts the process before it trains the tokenizer (so it imports torch
+    meanwhile); the process waits for train_tokenizer to exit before it reads the tokenizer
+    (`pretrain_ahead.wait_for_starter`). Here no tokenizer is ever written: the process fails on
+    reading it, but not while its starter still runs."""
+    import time
+
+    from tinyllm import pretrain_ahead
+
+    write_params(tmp_path, runtime={"device": "cpu", "compile": True})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    starts_and_lives_on = "import time; from tinyllm import pretrain_ahead; pretrain_ahead.start(); time.sleep(6)"
+    starter = subprocess.Popen([sys.executable, "-c", starts_and_lives_on])
+    pid_file, log = pretrain_ahead.FOLDER / "pid", pretrain_ahead.FOLDER / "log"
+    try:
+        while starter.poll() is None:  # the process imports, then waits: it has not read the tokenizer
+            assert not log.exists() or "artifacts/tokenizer" not in log.read_text(errors="replace")
+            time.sleep(0.1)
+        deadline = time.monotonic() + 60
+        while pid_file.exists() and time.monotonic() < deadline:  # the process removes it as it ends
+            time.sleep(0.1)
+        output = log.read_text(errors="replace")
+        assert not pid_file.exists(), output
+    finally:
+        starter.kill()
+        pretrain_ahead.stop()  # the process, if it still runs
+    assert "waited" in output and "for train_tokenizer to end" in output and "artifacts/tokenizer" in output, output
+
+
+def test_pretraining_s_wait_limit_counts_from_the_end_of_train_tokenizer(tmp_path, monkeypatch):
+    """`wait_for_starter` returns when the pipe's other end closes, and then dates the pid file, from
+    which `wait` counts WAIT_SECONDS: a long tokenizer training does not use them up."""
+    import threading
+    import time
+
+    from tinyllm import pretrain_ahead
+
+    monkeypatch.chdir(tmp_path)
+    pid_file = pretrain_ahead.FOLDER / "pid"
+    pid_file.parent.mkdir(parents=True)
+    pid_file.write_text(str(os.getpid()))
+    long_ago = time.time() - pretrain_ahead.WAIT_SECONDS - 1
+    os.utime(pid_file, (long_ago, long_ago))
+    reading, writing = os.pipe()
+    monkeypatch.setenv(pretrain_ahead.STARTER_FD, str(reading))
+    threading.Timer(0.5, os.close, [writing]).start()  # the starter exits
+    assert 0.4 < pretrain_ahead.wait_for_starter() < 10
+    assert time.time() - pid_file.stat().st_mtime < 5
+    assert pretrain_ahead.wait_for_starter() == 0.0  # read once: the variable is gone
+
+
 def test_when_pretraining_fails_the_processes_compiling_ahead_are_stopped_at_once(tmp_path, monkeypatch):
     """Killed, not waited for: a failing pretrain stage reports its error without delay."""
     import signal

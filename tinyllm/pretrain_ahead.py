@@ -2,12 +2,14 @@
 
 On a GPU, compiling pretraining's step from a cold cache took 22-25 s of the stage's 31-36 s
 start-up on an H200 (reports/gpu_speed.md). What compiles depends on the model's shape and the
-batch's, not on the tokens. So the train_tokenizer stage, once the vocabulary is known, starts a
-process that trains pretraining for one step on random tokens (`python -m stages.compile_ahead
-pretrain`). It fills the compile cache on disk while encode_chats and tokenize run. The pretrain
-stage waits for that process before it compiles, then reads its graphs from the cache:
+batch's, not on the tokens. So the train_tokenizer stage starts a process that trains pretraining
+for one step on random tokens of the vocabulary (`python -m stages.compile_ahead pretrain`). The
+process imports torch while the tokenizer trains, waits for train_tokenizer to exit (then the
+tokenizer is on disk: `wait_for_starter`), and fills the compile cache while encode_chats and
+tokenize run. The pretrain stage waits for that process before it compiles, then reads its graphs
+from the cache:
 
-    pretrain_ahead.start_on_a_gpu()    # stages/train_tokenizer.py, after the tokenizer is saved
+    pretrain_ahead.start_on_a_gpu()    # stages/train_tokenizer.py, before training the tokenizer
     pretrain_ahead.wait()              # stages/pretrain.py, before training
 
 The process is found by a file holding its pid (FOLDER/pid). It removes that file when it ends;
@@ -29,9 +31,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 FOLDER = Path("checkpoints/pretrain_ahead")  # checkpoints/: a running stage's files, neither git's nor DVC's
+STARTER_FD = "TINYLLM_STARTER_FD"
+"""The environment variable that gives the process its end of a pipe the starting process holds."""
 WAIT_SECONDS = 120.0
-"""The longest pretraining waits, counted from the process's start (a cold compile took 22-25 s on an
-H200); after it, pretraining compiles for itself."""
+"""The longest pretraining waits, counted from when the process began to compile, after
+train_tokenizer ended (a cold compile took 22-25 s on an H200); after it, pretraining compiles for
+itself."""
 
 
 def start_on_a_gpu() -> None:
@@ -51,13 +56,37 @@ def start_on_a_gpu() -> None:
 def start() -> None:
     """Start the process that compiles pretraining's step, in a session of its own so that it
     outlives this stage, and write its pid where `wait` finds it (an earlier one still running is
-    stopped first: its pid file is about to be replaced)."""
+    stopped first: its pid file is about to be replaced). The process reads the tokenizer only
+    after this one has exited (`wait_for_starter`)."""
     stop()
     FOLDER.mkdir(parents=True, exist_ok=True)
-    with open(FOLDER / "log", "wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", "pretrain"], stdin=subprocess.DEVNULL,
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    # This process keeps the pipe's writing end, unwritten, until it exits; the kernel closes it then.
+    reading, _ = os.pipe()
+    try:
+        with open(FOLDER / "log", "wb") as output:
+            process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", "pretrain"],
+                                       stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                       start_new_session=True, pass_fds=(reading,),
+                                       env={**os.environ, STARTER_FD: str(reading)})
+    finally:
+        os.close(reading)
     (FOLDER / "pid").write_text(str(process.pid))
+
+
+def wait_for_starter() -> float:
+    """In the process: wait until the process that started it has exited, so that what that
+    stage writes (the tokenizer) is whole on disk; return the seconds waited. No wait where the
+    process was started some other way (no STARTER_FD). The pid file's time becomes now, so that
+    `wait`'s WAIT_SECONDS do not count the tokenizer's training (minutes on a big corpus)."""
+    descriptor = os.environ.pop(STARTER_FD, None)
+    if descriptor is None:
+        return 0.0
+    begun = time.monotonic()
+    with os.fdopen(int(descriptor), "rb") as pipe:
+        pipe.read()  # nothing is written: it returns at the end of the file, when the starter's end closes
+    with contextlib.suppress(FileNotFoundError):  # (written by the starter before it exited)
+        os.utime(FOLDER / "pid")
+    return time.monotonic() - begun
 
 
 def finished() -> None:
