@@ -129,12 +129,20 @@ def compile_pretraining(params) -> None:
         if not compiles_ahead(params, Dist()):
             log.info("pretrain: its step is not compiled ahead with these params")
             return
-        log.info("pretrain: waited %.1f s for train_tokenizer to end", pretrain_ahead.wait_for_starter())
+        if pretrain_ahead.STARTER_FD in os.environ:  # started by train_tokenizer, before the tokenizer is saved
+            waiting = time.perf_counter()
+            vocab_size = pretrain_ahead.vocabulary_from_starter()
+            log.info("pretrain: waited %.1f s for the tokenizer", time.perf_counter() - waiting)
+            if vocab_size is None:
+                log.info("pretrain: train_tokenizer ended without saving a tokenizer; nothing compiled")
+                return
+        else:  # by hand, after train_tokenizer
+            vocab_size = load_tokenizer(TOKENIZER).get_vocab_size()
         cfg = params.pretrain
         window = (cfg.seq_len or params.model.max_seq_len) + 1  # a batch row's tokens, its labels' last too
         rows = {"train": cfg.batch_size * cfg.grad_accum + 1, "val": cfg.eval_batches + 1}
         with tempfile.TemporaryDirectory() as folder:
-            tokens = random_tokens(Path(folder) / "tokens", load_tokenizer(TOKENIZER).get_vocab_size(),
+            tokens = random_tokens(Path(folder) / "tokens", vocab_size,
                                    {split: n * window for split, n in rows.items()})
             run_pretrain(one_step(params, "pretrain"), tokens, TOKENIZER, Path(folder) / "out")
     finally:

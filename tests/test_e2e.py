@@ -421,7 +421,9 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, 
         env = {"TORCHINDUCTOR_CACHE_DIR": str(work.parent / f"{work.name}-compile-cache")}
         before = sorted(work.rglob("*"))
         if stage == "pretrain":  # its log in the project's checkpoints/, the process in a session of its own
-            sh(work, sys.executable, "-c", "from tinyllm import pretrain_ahead; pretrain_ahead.start()", env=env)
+            sh(work, sys.executable, "-c", "from tinyllm import pretrain_ahead; from tinyllm.data.tokenizer import "
+               "load_tokenizer; pretrain_ahead.start(); "
+               "pretrain_ahead.tokenizer_saved(load_tokenizer('artifacts/tokenizer').get_vocab_size())", env=env)
             ahead[stage] = (work, env, work / "checkpoints/pretrain_ahead/log", before)
             continue
         log = work.parent / f"{work.name}.log"

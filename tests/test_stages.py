@@ -207,11 +207,11 @@ def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longe
     assert not pid_file.exists()
 
 
-def test_the_process_compiling_pretraining_ahead_reads_the_tokenizer_once_its_starter_has_ended(tmp_path, monkeypatch):
+def test_the_process_compiling_pretraining_ahead_waits_for_the_tokenizer_while_its_starter_runs(tmp_path, monkeypatch):
     """train_tokenizer starts the process before it trains the tokenizer (so it imports torch
-    meanwhile); the process waits for train_tokenizer to exit before it reads the tokenizer
-    (`pretrain_ahead.wait_for_starter`). Here no tokenizer is ever written: the process fails on
-    reading it, but not while its starter still runs."""
+    meanwhile), and the process waits for the vocabulary's size (`tokenizer_saved`). Here the
+    starter never sends it: the process waits as long as the starter lives, then ends without
+    compiling."""
     import time
 
     from tinyllm import pretrain_ahead
@@ -223,8 +223,8 @@ def test_the_process_compiling_pretraining_ahead_reads_the_tokenizer_once_its_st
     starter = subprocess.Popen([sys.executable, "-c", starts_and_lives_on])
     pid_file, log = pretrain_ahead.FOLDER / "pid", pretrain_ahead.FOLDER / "log"
     try:
-        while starter.poll() is None:  # the process imports, then waits: it has not read the tokenizer
-            assert not log.exists() or "artifacts/tokenizer" not in log.read_text(errors="replace")
+        while starter.poll() is None:  # the process imports, then waits
+            assert not log.exists() or "waited" not in log.read_text(errors="replace")
             time.sleep(0.1)
         deadline = time.monotonic() + 60
         while pid_file.exists() and time.monotonic() < deadline:  # the process removes it as it ends
@@ -234,12 +234,13 @@ def test_the_process_compiling_pretraining_ahead_reads_the_tokenizer_once_its_st
     finally:
         starter.kill()
         pretrain_ahead.stop()  # the process, if it still runs
-    assert "waited" in output and "for train_tokenizer to end" in output and "artifacts/tokenizer" in output, output
+    assert "train_tokenizer ended without saving a tokenizer; nothing compiled" in output, output
 
 
-def test_pretraining_s_wait_limit_counts_from_the_end_of_train_tokenizer(tmp_path, monkeypatch):
-    """`wait_for_starter` returns when the pipe's other end closes, and then dates the pid file, from
-    which `wait` counts WAIT_SECONDS: a long tokenizer training does not use them up."""
+def test_the_vocabulary_comes_through_the_pipe_and_the_wait_limit_counts_from_then(tmp_path, monkeypatch):
+    """`vocabulary_from_starter` returns what `tokenizer_saved` sent once the pipe closes (None where
+    it closed empty: the starter failed), and dates the pid file, from which `wait` counts
+    WAIT_SECONDS: a long tokenizer training does not use them up."""
     import threading
     import time
 
@@ -249,14 +250,21 @@ def test_pretraining_s_wait_limit_counts_from_the_end_of_train_tokenizer(tmp_pat
     pid_file = pretrain_ahead.FOLDER / "pid"
     pid_file.parent.mkdir(parents=True)
     pid_file.write_text(str(os.getpid()))
-    long_ago = time.time() - pretrain_ahead.WAIT_SECONDS - 1
-    os.utime(pid_file, (long_ago, long_ago))
-    reading, writing = os.pipe()
-    monkeypatch.setenv(pretrain_ahead.STARTER_FD, str(reading))
-    threading.Timer(0.5, os.close, [writing]).start()  # the starter exits
-    assert 0.4 < pretrain_ahead.wait_for_starter() < 10
-    assert time.time() - pid_file.stat().st_mtime < 5
-    assert pretrain_ahead.wait_for_starter() == 0.0  # read once: the variable is gone
+    for sent in (2048, None):
+        long_ago = time.time() - pretrain_ahead.WAIT_SECONDS - 1
+        os.utime(pid_file, (long_ago, long_ago))
+        reading, writing = os.pipe()
+        monkeypatch.setenv(pretrain_ahead.STARTER_FD, str(reading))
+        monkeypatch.setattr(pretrain_ahead, "_to_process", writing)
+        # the starter saves the tokenizer, or exits without one (its end closes)
+        timer = threading.Timer(0.5, pretrain_ahead.tokenizer_saved, [sent]) if sent else \
+            threading.Timer(0.5, os.close, [writing])
+        began = time.monotonic()
+        timer.start()
+        assert pretrain_ahead.vocabulary_from_starter() == sent
+        assert time.monotonic() - began > 0.4 and pretrain_ahead.STARTER_FD not in os.environ
+        assert time.time() - pid_file.stat().st_mtime < 5
+        timer.join()
 
 
 def test_when_pretraining_fails_the_processes_compiling_ahead_are_stopped_at_once(tmp_path, monkeypatch):

@@ -4,12 +4,13 @@ On a GPU, compiling pretraining's step from a cold cache took 22-25 s of the sta
 start-up on an H200 (reports/gpu_speed.md). What compiles depends on the model's shape and the
 batch's, not on the tokens. So the train_tokenizer stage starts a process that trains pretraining
 for one step on random tokens of the vocabulary (`python -m stages.compile_ahead pretrain`). The
-process imports torch while the tokenizer trains, waits for train_tokenizer to exit (then the
-tokenizer is on disk: `wait_for_starter`), and fills the compile cache while encode_chats and
-tokenize run. The pretrain stage waits for that process before it compiles, then reads its graphs
-from the cache:
+process imports torch while the tokenizer trains, waits for the vocabulary's size, which
+train_tokenizer sends through a pipe once the tokenizer is saved (`vocabulary_from_starter`), and
+fills the compile cache while encode_chats and tokenize run. The pretrain stage waits for that
+process before it compiles, then reads its graphs from the cache:
 
     pretrain_ahead.start_on_a_gpu()    # stages/train_tokenizer.py, before training the tokenizer
+    pretrain_ahead.tokenizer_saved(n)  # stages/train_tokenizer.py, after saving it
     pretrain_ahead.wait()              # stages/pretrain.py, before training
 
 The process is found by a file holding its pid (FOLDER/pid). It removes that file when it ends;
@@ -32,11 +33,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 FOLDER = Path("checkpoints/pretrain_ahead")  # checkpoints/: a running stage's files, neither git's nor DVC's
 STARTER_FD = "TINYLLM_STARTER_FD"
-"""The environment variable that gives the process its end of a pipe the starting process holds."""
+"""The environment variable that gives the process its end of the pipe from the process that started it."""
 WAIT_SECONDS = 120.0
-"""The longest pretraining waits, counted from when the process began to compile, after
-train_tokenizer ended (a cold compile took 22-25 s on an H200); after it, pretraining compiles for
-itself."""
+"""The longest pretraining waits, counted from when the process began to compile, once the tokenizer
+was saved (a cold compile took 22-25 s on an H200); after it, pretraining compiles for itself."""
+_to_process: int | None = None
+"""The writing end of the pipe to the process `start` began, until `tokenizer_saved` closes it."""
 
 
 def start_on_a_gpu() -> None:
@@ -56,12 +58,13 @@ def start_on_a_gpu() -> None:
 def start() -> None:
     """Start the process that compiles pretraining's step, in a session of its own so that it
     outlives this stage, and write its pid where `wait` finds it (an earlier one still running is
-    stopped first: its pid file is about to be replaced). The process reads the tokenizer only
-    after this one has exited (`wait_for_starter`)."""
+    stopped first: its pid file is about to be replaced). The process waits for `tokenizer_saved`."""
+    global _to_process
     stop()
+    if _to_process is not None:
+        os.close(_to_process)  # the earlier process reads the end of its pipe, if it still runs
     FOLDER.mkdir(parents=True, exist_ok=True)
-    # This process keeps the pipe's writing end, unwritten, until it exits; the kernel closes it then.
-    reading, _ = os.pipe()
+    reading, _to_process = os.pipe()
     try:
         with open(FOLDER / "log", "wb") as output:
             process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", "pretrain"],
@@ -73,20 +76,27 @@ def start() -> None:
     (FOLDER / "pid").write_text(str(process.pid))
 
 
-def wait_for_starter() -> float:
-    """In the process: wait until the process that started it has exited, so that what that
-    stage writes (the tokenizer) is whole on disk; return the seconds waited. No wait where the
-    process was started some other way (no STARTER_FD). The pid file's time becomes now, so that
-    `wait`'s WAIT_SECONDS do not count the tokenizer's training (minutes on a big corpus)."""
-    descriptor = os.environ.pop(STARTER_FD, None)
-    if descriptor is None:
-        return 0.0
-    begun = time.monotonic()
-    with os.fdopen(int(descriptor), "rb") as pipe:
-        pipe.read()  # nothing is written: it returns at the end of the file, when the starter's end closes
-    with contextlib.suppress(FileNotFoundError):  # (written by the starter before it exited)
+def tokenizer_saved(vocab_size: int) -> None:
+    """Send the process `start` began the saved tokenizer's vocabulary size, all it needs of the
+    tokenizer to compile (it reads none of its files until a checkpoint copies them, after the
+    compile, so not while DVC moves them into its cache). Nothing where none was started."""
+    global _to_process
+    if _to_process is not None:
+        with os.fdopen(_to_process, "w") as pipe:
+            pipe.write(f"{vocab_size}\n")
+        _to_process = None
+
+
+def vocabulary_from_starter() -> int | None:
+    """In the process: the vocabulary size `tokenizer_saved` sends, waited for while the tokenizer
+    trains; None where the starter exited without sending it (train_tokenizer failed: its end of the
+    pipe closed with nothing written). The pid file's time becomes now, so that `wait`'s
+    WAIT_SECONDS do not count the tokenizer's training (minutes on a big corpus)."""
+    with os.fdopen(int(os.environ.pop(STARTER_FD)), "r") as pipe:
+        sent = pipe.read()  # returns at the end of the file: once the starter's end is closed
+    with contextlib.suppress(FileNotFoundError):  # (written by the starter right after it started this one)
         os.utime(FOLDER / "pid")
-    return time.monotonic() - begun
+    return int(sent) if sent.strip() else None
 
 
 def finished() -> None:

@@ -27,6 +27,7 @@ with modify_yaml("params.yaml") as params:
             section = section[name]
         section[key] = value
 EOF
+    [[ $? == 0 ]] || { echo "params.yaml not set for $pairs pairs: stopped"; exit 1; }
     python3 -m stages.dpo > "$out/dpo_${pairs}_$run.log" 2>&1 || { echo "dpo at $pairs pairs failed: see its log"; continue; }
     python3 - "$pairs" <<'EOF'
 import json
