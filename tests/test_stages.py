@@ -240,7 +240,8 @@ def test_the_process_compiling_pretraining_ahead_waits_for_the_tokenizer_while_i
 def test_the_vocabulary_comes_through_the_pipe_and_the_wait_limit_counts_from_then(tmp_path, monkeypatch):
     """`vocabulary_from_starter` returns what `tokenizer_saved` sent once the pipe closes (None where
     it closed empty: the starter failed), and dates the pid file, from which `wait` counts
-    WAIT_SECONDS: a long tokenizer training does not use them up."""
+    WAIT_SECONDS: a long tokenizer training does not use them up. Sending to a process that has
+    ended is not an error."""
     import threading
     import time
 
@@ -265,6 +266,10 @@ def test_the_vocabulary_comes_through_the_pipe_and_the_wait_limit_counts_from_th
         assert time.monotonic() - began > 0.4 and pretrain_ahead.STARTER_FD not in os.environ
         assert time.time() - pid_file.stat().st_mtime < 5
         timer.join()
+    reading, writing = os.pipe()
+    os.close(reading)  # a process that has ended already (its params do not compile ahead)
+    monkeypatch.setattr(pretrain_ahead, "_to_process", writing)
+    pretrain_ahead.tokenizer_saved(2048)  # and train_tokenizer goes on
 
 
 def test_when_pretraining_fails_the_processes_compiling_ahead_are_stopped_at_once(tmp_path, monkeypatch):

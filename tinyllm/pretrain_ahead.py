@@ -79,10 +79,11 @@ def start() -> None:
 def tokenizer_saved(vocab_size: int) -> None:
     """Send the process `start` began the saved tokenizer's vocabulary size, all it needs of the
     tokenizer to compile (it reads none of its files until a checkpoint copies them, after the
-    compile, so not while DVC moves them into its cache). Nothing where none was started."""
+    compile, so not while DVC moves them into its cache). Nothing where none was started, or where
+    it has ended already (its params do not compile ahead, say): the pipe is broken then."""
     global _to_process
     if _to_process is not None:
-        with os.fdopen(_to_process, "w") as pipe:
+        with contextlib.suppress(BrokenPipeError), os.fdopen(_to_process, "w") as pipe:
             pipe.write(f"{vocab_size}\n")
         _to_process = None
 
