@@ -62,7 +62,7 @@ def start() -> None:
     global _to_process
     stop()
     if _to_process is not None:
-        os.close(_to_process)  # the earlier process reads the end of its pipe, if it still runs
+        os.close(_to_process)  # the earlier pipe, not left open; stop() has ended its process
     FOLDER.mkdir(parents=True, exist_ok=True)
     reading, _to_process = os.pipe()
     try:
@@ -108,10 +108,11 @@ def finished() -> None:
 
 
 def wait() -> float:
-    """Wait until the process `start` began has ended, or WAIT_SECONDS have passed since it began
-    (then stop it: pretraining compiles for itself, and the process would only compete with it);
-    return the seconds waited (0 where none was started, or it has ended). Logs the wait, and the
-    end of the process's output where it did not compile the step."""
+    """Wait until the process `start` began has ended, or WAIT_SECONDS have passed since the pid
+    file's time, when the process began to compile (then stop it: pretraining compiles for itself,
+    and the process would only compete with it); return the seconds waited (0 where none was
+    started, or it has ended). Logs the wait, and the end of the process's output where it did not
+    compile the step."""
     started = _started()
     if started is None:
         return 0.0
@@ -142,7 +143,8 @@ def stop() -> None:
 
 
 def _started() -> tuple[int, float] | None:
-    """The pid in the pid file and when the file was written, or None where there is none."""
+    """The pid in the pid file and the file's time (when the process began to compile), or None
+    where there is none."""
     try:
         return int((FOLDER / "pid").read_text()), (FOLDER / "pid").stat().st_mtime
     except (FileNotFoundError, ValueError):
