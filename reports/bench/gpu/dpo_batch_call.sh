@@ -17,15 +17,10 @@ import sys
 
 from dvc.utils.serialize import modify_yaml
 
-from tinyllm.presets import PRESETS
+from tinyllm.presets import PRESETS, with_values
 
-with modify_yaml("params.yaml") as params:
-    for dotted, value in {**PRESETS["gpu"], "dpo.batch_size": int(sys.argv[1])}.items():
-        *sections, key = dotted.split(".")
-        section = params
-        for name in sections:
-            section = section[name]
-        section[key] = value
+with modify_yaml("params.yaml") as params:  # (comments kept)
+    params.update(with_values(params, {**PRESETS["gpu"], "dpo.batch_size": int(sys.argv[1])}))
 EOF
     [[ $? == 0 ]] || { echo "params.yaml not set for $pairs pairs: stopped"; exit 1; }
     python3 -m stages.dpo > "$out/dpo_${pairs}_$run.log" 2>&1 || { echo "dpo at $pairs pairs failed: see its log"; continue; }
