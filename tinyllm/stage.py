@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 from tinyllm.config import load_params
@@ -97,10 +98,14 @@ def exit_without_teardown() -> None:
     order (the interpreter's own calls): threading's shutdown, which stops the thread pools and then
     waits for the threads that are not daemons (joining them before their pools are stopped waits
     forever: the compile workers' pool), and the atexit handlers (logging's flush, the compile
-    workers' shutdown); then it flushes the standard streams and leaves.
+    workers' shutdown); then it flushes the standard streams and leaves. The time that took is
+    printed, so a pipeline's log splits the pause between a stage's "done" line and DVC's next one.
     """
+    started = time.perf_counter()
     threading._shutdown()
     atexit._run_exitfuncs()
+    if "torch" in sys.modules:  # the stages whose shutdown stops thread pools and compile workers
+        print(f"the process's shutdown took {time.perf_counter() - started:.1f} s", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
