@@ -17,12 +17,12 @@ SAMPLE_TEXTS = [
 
 @pytest.fixture(autouse=True)
 def float32_on_the_cpu(monkeypatch):
-    """runtime.dtype auto picks bf16 on a CPU with native bf16 (tinyllm/train/runtime.py). Tests run
+    """runtime.dtype auto picks bf16 on a CPU where bf16 runs faster (tinyllm/train/runtime.py). Tests run
     in float32 unless they ask otherwise: their exact equalities and tolerances are float32's, and
     their results must not depend on which CPU runs them. (Stages run as subprocesses still detect.)"""
     from tinyllm.train import runtime
 
-    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: False)
 
 
 @pytest.fixture(scope="session")

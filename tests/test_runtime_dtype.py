@@ -1,4 +1,4 @@
-"""runtime.dtype auto: bf16 where the hardware multiplies bf16 natively, float32 elsewhere."""
+"""runtime.dtype auto: bf16 where the hardware multiplies bf16 faster than fp32, float32 elsewhere."""
 
 import pytest
 import torch
@@ -12,10 +12,10 @@ from tinyllm.train.runtime import resolve_dtype
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_auto_is_bf16_on_cuda_and_on_a_cpu_with_native_bf16(monkeypatch):
+def test_auto_is_bf16_on_cuda_and_on_a_cpu_where_bf16_is_faster(monkeypatch):
     assert resolve_dtype(RuntimeConfig(), CUDA) == torch.bfloat16
-    assert resolve_dtype(RuntimeConfig(), CPU) == torch.float32  # conftest: a CPU without it
-    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: True)
+    assert resolve_dtype(RuntimeConfig(), CPU) == torch.float32  # conftest: a CPU where it is not
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: True)
     assert resolve_dtype(RuntimeConfig(), CPU) == torch.bfloat16
     assert resolve_dtype(RuntimeConfig(dtype="float32"), CPU) == torch.float32  # asked for: kept
     assert resolve_dtype(RuntimeConfig(dtype="bfloat16"), CUDA) == torch.bfloat16
@@ -36,6 +36,34 @@ def test_the_cpu_check_reads_the_instruction_flags(monkeypatch, tmp_path):
         runtime.cpu_multiplies_bf16.cache_clear()
         assert runtime.cpu_multiplies_bf16() is native, text
     runtime.cpu_multiplies_bf16.cache_clear()
+
+
+@pytest.mark.parametrize(("flags", "speedup", "picked"), [
+    (True, 2.2, True),    # the AVX512-BF16 VM of 2026-12-04
+    (True, 0.55, False),  # the AVX512-BF16 VM of 2026-12-07: same flags, half fp32's speed
+    (True, 1.05, False),  # under the margin
+    (False, None, False),  # no instructions: not even measured
+])
+def test_the_cpu_pick_needs_the_instructions_and_the_speed(monkeypatch, flags, speedup, picked):
+    monkeypatch.undo()  # conftest's stand-in
+    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: flags)
+    measured = []
+    monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda: measured.append(1) or speedup)
+    runtime.cpu_bf16_is_faster.cache_clear()
+    try:
+        assert runtime.cpu_bf16_is_faster() is picked
+        assert runtime.cpu_bf16_is_faster() is picked and len(measured) == (1 if flags else 0)  # once a process
+    finally:
+        runtime.cpu_bf16_is_faster.cache_clear()
+
+
+def test_the_speed_check_measures_without_drawing_random_numbers():
+    """It runs in every CPU stage before the weights are drawn: a draw here would move them."""
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    speedup = runtime.bf16_matmul_speedup(rounds=2, matmuls=1)
+    assert speedup > 0 and speedup != float("inf")
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_one_named_gpu_for_several_processes_is_refused():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 
 from tinyllm.config import COMPILE_MODES, RuntimeConfig, compile_problem
 from tinyllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peak per card (vendor datasheets), for MFU.
 PEAK_BF16_FLOPS = {
@@ -49,14 +52,15 @@ def resolve_device(cfg: RuntimeConfig, dist=None) -> torch.device:
 
 
 def resolve_dtype(cfg: RuntimeConfig, device: torch.device) -> torch.dtype:
-    """Autocast dtype. auto: bf16 on CUDA and on a CPU that multiplies bf16 natively, else fp32.
+    """Autocast dtype. auto: bf16 on CUDA and on a CPU where bf16 matmuls run faster, else fp32.
 
-    On the 2-core dev VM (AVX512-BF16) a bf16 matmul runs at 2.2x fp32's speed and the default
-    `dvc repro` takes 8 min instead of 11 (reports/quality.md). A CPU without those instructions
-    would emulate bf16, slower than fp32, so it keeps fp32."""
+    On one 2-core dev VM (AVX512-BF16) a bf16 matmul ran at 2.2x fp32's speed and the default
+    `dvc repro` took 8 min instead of 11 (reports/quality.md); on another with the same flags, at
+    half fp32's speed, and pretraining took 433 s instead of about 265. So on a CPU the instructions
+    are asked for and then the speed is measured (`cpu_bf16_is_faster`)."""
     if cfg.dtype == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_multiplies_bf16())
-        return torch.bfloat16 if native else torch.float32
+        faster = device.type == "cuda" or (device.type == "cpu" and cpu_bf16_is_faster())
+        return torch.bfloat16 if faster else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
@@ -73,6 +77,42 @@ def cpu_multiplies_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+BF16_MARGIN = 1.1
+"""How much faster than fp32 a bf16 matmul must run on a CPU for `runtime.dtype: auto` to pick bf16.
+The two dev VMs measured 2.2x and 0.5x (0.44-0.94x with another program busy on both cores), far on
+either side, so the pick does not flip between runs; `runtime.dtype` pins it where it might."""
+
+
+def bf16_matmul_speedup(rounds: int = 10, matmuls: int = 3) -> float:
+    """fp32's time over bf16's for a matmul of the default model's shapes (2,048 x 192 by 192 x 512):
+    the fastest of `rounds` rounds of each, taken in turns, so that a burst of another program's work
+    slows rounds of both rather than all of one (about 0.15 s on 2 cores). Made of ones, not random
+    numbers, so a stage's random draws (its weights, its data order) do not depend on this check."""
+    operands = {dtype: (torch.ones(2048, 192, dtype=dtype), torch.ones(192, 512, dtype=dtype))
+                for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(operands, float("inf"))
+    for _ in range(rounds):  # the first round also sets the kernels up: the fastest is a later one
+        for dtype, (a, b) in operands.items():
+            start = time.perf_counter()
+            for _ in range(matmuls):
+                a @ b
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+@functools.cache
+def cpu_bf16_is_faster() -> bool:
+    """Whether this CPU has bf16 instructions and bf16 matmuls run at least `BF16_MARGIN` times as
+    fast as fp32's here (once a process; logged, since it decides `runtime.dtype: auto`)."""
+    if not cpu_multiplies_bf16():
+        return False
+    speedup = bf16_matmul_speedup()
+    faster = speedup >= BF16_MARGIN
+    log.info("runtime.dtype auto: on this CPU a bf16 matmul runs at %.2fx fp32's speed, so %s "
+             "(set runtime.dtype to choose)", speedup, "bf16 autocast" if faster else "fp32")
+    return faster
 
 
 def compiles(cfg: RuntimeConfig, device: torch.device) -> bool:
