@@ -57,13 +57,14 @@ def test_the_cpu_pick_needs_the_instructions_and_the_speed(monkeypatch, flags, s
         runtime.cpu_bf16_is_faster.cache_clear()
 
 
-def test_the_speed_check_measures_without_drawing_random_numbers():
-    """It runs in every CPU stage before the weights are drawn: a draw here would move them."""
+def test_the_speed_check_draws_no_random_numbers_and_keeps_the_thread_count():
+    """It runs in every CPU stage before the weights are drawn: a draw here would move them. It
+    measures on one thread; the stage's own count (which changes the weights too) comes back."""
     torch.manual_seed(0)
-    state = torch.get_rng_state()
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
     speedup = runtime.bf16_matmul_speedup(rounds=2, matmuls=1)
     assert speedup > 0 and speedup != float("inf")
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
 
 
 def test_one_named_gpu_for_several_processes_is_refused():

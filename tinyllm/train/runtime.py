@@ -81,24 +81,32 @@ def cpu_multiplies_bf16() -> bool:
 
 BF16_MARGIN = 1.1
 """How much faster than fp32 a bf16 matmul must run on a CPU for `runtime.dtype: auto` to pick bf16.
-The two dev VMs measured 2.2x and 0.5x (0.44-0.94x with another program busy on both cores), far on
-either side, so the pick does not flip between runs; `runtime.dtype` pins it where it might."""
+The two dev VMs measured 2.2x (on all threads, by the clock) and 0.53-0.73x (`bf16_matmul_speedup`),
+far on either side, so the pick does not flip between runs; `runtime.dtype` pins it where it might."""
 
 
 def bf16_matmul_speedup(rounds: int = 10, matmuls: int = 3) -> float:
-    """fp32's time over bf16's for a matmul of the default model's shapes (2,048 x 192 by 192 x 512):
-    the fastest of `rounds` rounds of each, taken in turns, so that a burst of another program's work
-    slows rounds of both rather than all of one (about 0.15 s on 2 cores). Made of ones, not random
-    numbers, so a stage's random draws (its weights, its data order) do not depend on this check."""
+    """fp32's time over bf16's for a matmul of the default model's shapes (2,048 x 192 by 192 x 512),
+    the fastest of `rounds` rounds of each, taken in turns, on one thread and timed by that thread's
+    CPU time: other programs then change what it measures little. Timed by the clock, with four
+    processes compiling beside it on 2 cores, one process measured 1.11x where the others measured
+    0.91x and picked another dtype than they did; by CPU time, with three busy programs beside it,
+    0.53-0.73x, as on the idle VM. About 0.25 s. Made of ones, not random numbers, so a stage's
+    random draws (its weights, its data order) do not depend on this check."""
     operands = {dtype: (torch.ones(2048, 192, dtype=dtype), torch.ones(192, 512, dtype=dtype))
                 for dtype in (torch.float32, torch.bfloat16)}
     best = dict.fromkeys(operands, float("inf"))
-    for _ in range(rounds):  # the first round also sets the kernels up: the fastest is a later one
-        for dtype, (a, b) in operands.items():
-            start = time.perf_counter()
-            for _ in range(matmuls):
-                a @ b
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):  # the first round also sets the kernels up: the fastest is a later one
+            for dtype, (a, b) in operands.items():
+                start = time.thread_time()
+                for _ in range(matmuls):
+                    a @ b
+                best[dtype] = min(best[dtype], time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
     return best[torch.float32] / best[torch.bfloat16]
 
 
