@@ -19,7 +19,7 @@ SAMPLE_TEXTS = [
 def float32_on_the_cpu(monkeypatch):
     """runtime.dtype auto picks bf16 on a CPU where bf16 runs faster (tinyllm/train/runtime.py). Tests run
     in float32 unless they ask otherwise: their exact equalities and tolerances are float32's, and
-    their results must not depend on which CPU runs them. (Stages run as subprocesses still detect.)"""
+    their results must not depend on which CPU runs them. (Stages run as subprocesses still measure.)"""
     from tinyllm.train import runtime
 
     monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: False)

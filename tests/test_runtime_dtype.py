@@ -58,7 +58,7 @@ def test_the_cpu_pick_needs_the_instructions_and_the_speed(monkeypatch, flags, s
 
 
 def test_the_speed_check_draws_no_random_numbers_and_keeps_the_thread_count():
-    """It runs in every CPU stage before the weights are drawn: a draw here would move them. It
+    """It runs in every CPU stage before its data order and other draws: a draw here would move them. It
     measures on one thread; the stage's own count (which changes the weights too) comes back."""
     torch.manual_seed(0)
     state, threads = torch.get_rng_state(), torch.get_num_threads()

@@ -203,7 +203,7 @@ class RuntimeConfig:
     device: str = "auto"
     """`auto` (cuda if present, else cpu), `cpu`, `cuda` or `cuda:N`."""
     dtype: str = "auto"
-    """`auto` (bfloat16 on CUDA and on CPUs with native bf16 instructions, else float32),
+    """`auto` (bfloat16 on CUDA and on CPUs where bf16 matmuls measure faster, else float32),
     `float32` or `bfloat16` (autocast; weights and optimizer state stay float32)."""
     compile: bool | str = "auto"
     """Wrap the training model in torch.compile: `auto` compiles on a GPU (2-3x there) and not on

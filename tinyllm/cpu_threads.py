@@ -22,6 +22,7 @@ they left free, back up to torch's own default when they stop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -120,12 +121,20 @@ def warm_up_math_kernels() -> None:
     out 7e-9 off in half a table in 3 fresh processes of 40, and pretraining's weights after 20
     steps differed between runs of the same params in 2 of 12 (reports/quality.md). One call on
     one thread settles the choice for good. Once per process (cached), about 20 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for dtype in (torch.float32, torch.float64):
             x = torch.linspace(0.1, 0.9, 64, dtype=dtype)
             for name in MATH_FUNCTIONS:
                 getattr(torch, name)(x)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside the block; the thread count it had (which changes the weights a
+    stage trains) comes back after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)

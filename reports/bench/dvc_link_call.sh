@@ -2,18 +2,20 @@
 # What DVC's cache link type costs at the end of a stage: a throwaway DVC repo whose one stage writes
 # a file the size of the GPU preset's checkpoint (768x8 in float32: about 240 MB), run with
 # `dvc repro --force` under each cache.type, alternating, several times. The stage's own command
-# is timed apart, so the table's last column is DVC's part: hashing the output, moving it into the
-# cache and linking it back (with `copy`: two copies). Prints a table; the filesystem first.
-#   bash reports/bench/dvc_link_call.sh                 # 240 MB, 3 rounds, in a folder under $PWD
+# is timed apart, so the table's last column is DVC's own time: its start, reading the repo, hashing
+# the output, moving it into the cache and linking it back (with `copy`: two copies), the lock.
+# Prints a table; the filesystem first.
+#   bash reports/bench/dvc_link_call.sh                 # 240 MB, 3 rounds, in a folder under .dvc/tmp
 #   MB=100 ROUNDS=5 bash reports/bench/dvc_link_call.sh
 set -eo pipefail
 mb=${MB:-240}
 rounds=${ROUNDS:-3}
-repo=$(mktemp -d "$PWD/.dvc_link_bench.XXXXXX")  # on the filesystem the project's cache is on
+mkdir -p .dvc/tmp
+repo=$(mktemp -d "$PWD/.dvc/tmp/link_bench.XXXXXX")  # where the project's cache is; git ignores it
 trap 'chmod -R u+w "$repo"; rm -rf "$repo"' EXIT
 echo "filesystem: $(df -T "$repo" | awk 'NR == 2 {print $2}'), $mb MB a run, $rounds rounds"
 cd "$repo"
-git init -q && dvc init -q && git commit -qm init
+git init -q && dvc init -q
 cat > dvc.yaml <<YAML
 stages:
   write:
@@ -22,9 +24,9 @@ stages:
     outs:
       - out
 YAML
-echo "| cache.type | dvc repro (s) | the stage's command (s) | DVC's part (s) |"
+echo "| cache.type | dvc repro (s) | the stage's command (s) | DVC's own time (s) |"
 echo "|---|---|---|---|"
-for round in $(seq "$rounds"); do
+for _ in $(seq "$rounds"); do
     for kind in copy hardlink; do
         dvc config cache.type "$kind"
         start=$(date +%s.%N)

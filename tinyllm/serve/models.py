@@ -44,7 +44,7 @@ class ServedModel:
         model, _, _ = load_chat_model(self.checkpoint, self.adapter, device)
         placed = next(model.parameters()).device
         if dtype == "auto" and placed.type == "cpu":
-            dtype = "float32"  # training's auto would take bf16 on a CPU that has it
+            dtype = "float32"  # training's auto would take bf16 on a CPU where it runs faster
         model = model.to(resolve_dtype(RuntimeConfig(dtype=dtype), placed))
         return model, Utf8Guard.for_model(self.tok, model)
 

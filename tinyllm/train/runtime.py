@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from tinyllm import cpu_threads
 from tinyllm.config import COMPILE_MODES, RuntimeConfig, compile_problem
 from tinyllm.errors import ConfigError
 
@@ -90,23 +91,19 @@ def bf16_matmul_speedup(rounds: int = 10, matmuls: int = 3) -> float:
     the fastest of `rounds` rounds of each, taken in turns, on one thread and timed by that thread's
     CPU time: other programs then change what it measures little. Timed by the clock, with four
     processes compiling beside it on 2 cores, one process measured 1.11x where the others measured
-    0.91x and picked another dtype than they did; by CPU time, with three busy programs beside it,
+    0.91-1.00x and picked another dtype than they did; by CPU time, with three busy programs beside it,
     0.53-0.73x, as on the idle VM. About 0.25 s. Made of ones, not random numbers, so a stage's
     random draws (its weights, its data order) do not depend on this check."""
     operands = {dtype: (torch.ones(2048, 192, dtype=dtype), torch.ones(192, 512, dtype=dtype))
                 for dtype in (torch.float32, torch.bfloat16)}
     best = dict.fromkeys(operands, float("inf"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads.one_thread():
         for _ in range(rounds):  # the first round also sets the kernels up: the fastest is a later one
             for dtype, (a, b) in operands.items():
                 start = time.thread_time()
                 for _ in range(matmuls):
                     a @ b
                 best[dtype] = min(best[dtype], time.thread_time() - start)
-    finally:
-        torch.set_num_threads(threads)
     return best[torch.float32] / best[torch.bfloat16]
 
 

@@ -25,7 +25,10 @@ with modify_yaml("params.yaml") as params:  # (comments kept)
     params.update(with_values(params, {**PRESETS["gpu"], "dpo.batch_size": int(sys.argv[1])}))
 EOF
     [[ $? == 0 ]] || { echo "params.yaml not set for $pairs pairs: stopped"; exit 1; }
-    python3 -m stages.dpo > "$logs/dpo_${pairs}_$run.log" 2>&1 || { echo "dpo at $pairs pairs failed: see its log"; continue; }
+    python3 -m stages.dpo > "$logs/dpo_${pairs}_$run.log" 2>&1
+    ok=$?
+    tar czf "$out/dpo_logs.tgz" -C "$logs" .  # after every run, so a call cut short keeps the runs before
+    [[ $ok == 0 ]] || { echo "dpo at $pairs pairs failed: see its log"; continue; }
     python3 - "$pairs" <<'EOF'
 import json
 import sys
@@ -37,4 +40,4 @@ print(f"| {sys.argv[1]} | {dpo['tokens_per_sec']:,.0f} | {dpo['tokens_per_sec'] 
       f"| {dpo['train_seconds']} | {dpo['recompiles']} |")
 EOF
 done
-tar czf "$out/dpo_logs.tgz" -C "$logs" .
+rm -rf "$logs"
