@@ -100,7 +100,7 @@ def exit_without_teardown() -> None:
     forever: the compile workers' pool), and the atexit handlers (logging's flush); then it flushes
     the standard streams and leaves. The time that took is printed, so a pipeline's log splits the
     pause between a stage's "done" line and DVC's next one. One step is left out, the compile workers'
-    shutdown: it sends their helper process a message and waits for it to stop them (1.06 s for two
+    shutdown: it sends their helper process a message and waits for it to stop them (1.06-1.3 s for two
     workers on a 2-core VM; the whole shutdown took 0.8-3.1 s after compiled stages on an H100).
     The helper reads a pipe from this process and stops its workers by itself once the pipe closes,
     which `os._exit` does, so DVC's next stage need not wait for it.

@@ -57,7 +57,7 @@ def resolve_dtype(cfg: RuntimeConfig, device: torch.device) -> torch.dtype:
 
     On one 2-core dev VM (AVX512-BF16) a bf16 matmul ran at 2.2x fp32's speed and the default
     `dvc repro` took 8 min instead of 11 (reports/quality.md); on another with the same flags, at
-    half fp32's speed, and pretraining took 433 s instead of about 265. So on a CPU the instructions
+    half fp32's speed, and pretraining took 433 s instead of 235. So on a CPU the instructions
     are asked for and then the speed is measured (`cpu_bf16_is_faster`)."""
     if cfg.dtype == "auto":
         faster = device.type == "cuda" or (device.type == "cpu" and cpu_bf16_is_faster())
