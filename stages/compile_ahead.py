@@ -19,8 +19,8 @@ Only the compile cache is written; a process that fails leaves its stage to comp
 and pretraining goes on (if pretraining fails, they are stopped). `runtime.compile_ahead: false`
 turns this off.
 
-Pretraining's own step is compiled ahead the same way, from random tokens, by a process the
-train_tokenizer stage starts (`tinyllm/pretrain_ahead.py`): `python -m stages.compile_ahead pretrain`.
+Pretraining's own step is compiled ahead the same way, from random tokens, by a process the first
+data stage starts (`tinyllm/pretrain_ahead.py`): `python -m stages.compile_ahead pretrain`.
 
 Not a DVC stage: this file is a dep of pretrain (it runs inside it). The processes run the later
 stages' code (imported by name, `stages.<stage>`) on their params and inputs (chat tokens,
@@ -76,7 +76,7 @@ def compile_ahead(params, dist, wait_seconds: float = 600):
     """Run the block while one process per later stage compiles its step (`stages_ahead`; the block
     gets them, by stage); then wait for them (at most `wait_seconds` from the start) and log how
     each went, with the end of the output of one that failed. If the block raises, they are
-    stopped at once. Before the block, pretraining's own step compiled while the tokens were made
+    stopped at once. Before the block, pretraining's own step compiled while the data was made
     is waited for where steps are compiled ahead, and stopped where not (graphs this run would not
     use: several processes, say; `tinyllm.pretrain_ahead`)."""
     started = time.perf_counter()
@@ -129,22 +129,15 @@ def compile_pretraining(params) -> None:
         if not compiles_ahead(params, Dist()):
             log.info("pretrain: its step is not compiled ahead with these params")
             return
-        if pretrain_ahead.STARTER_FD in os.environ:  # started by train_tokenizer, before the tokenizer is saved
-            waiting = time.perf_counter()
-            vocab_size = pretrain_ahead.vocabulary_from_starter()
-            log.info("pretrain: waited %.1f s for the tokenizer", time.perf_counter() - waiting)
-            if vocab_size is None:
-                log.info("pretrain: train_tokenizer ended without saving a tokenizer; nothing compiled")
-                return
-        else:  # by hand, after train_tokenizer
-            vocab_size = load_tokenizer(TOKENIZER).get_vocab_size()
+        vocab_size = params.tokenizer.vocab_size  # the trained tokenizer's size (it is filled to it)
         cfg = params.pretrain
         window = (cfg.seq_len or params.model.max_seq_len) + 1  # a batch row's tokens, its labels' last too
         rows = {"train": cfg.batch_size * cfg.grad_accum + 1, "val": cfg.eval_batches + 1}
         with tempfile.TemporaryDirectory() as folder:
             tokens = random_tokens(Path(folder) / "tokens", vocab_size,
                                    {split: n * window for split, n in rows.items()})
-            run_pretrain(one_step(params, "pretrain"), tokens, TOKENIZER, Path(folder) / "out")
+            # (no tokenizer for its checkpoint: the data stages may be writing it)
+            run_pretrain(one_step(params, "pretrain"), tokens, Path(folder) / "no_tokenizer", Path(folder) / "out")
     finally:
         pretrain_ahead.finished()
 

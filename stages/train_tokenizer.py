@@ -14,7 +14,7 @@ from pathlib import Path
 from tinyllm import pretrain_ahead
 from tinyllm.data.chat import validate_conversation
 from tinyllm.data.jsonl import read_jsonl, validate_pretrain
-from tinyllm.data.tokenizer import load_tokenizer, render_chat, save_tokenizer, train_tokenizer
+from tinyllm.data.tokenizer import render_chat, save_tokenizer, train_tokenizer
 from tinyllm.stage import stage_main
 
 DATA = Path("artifacts/data")
@@ -38,9 +38,8 @@ def texts(max_bytes: int):
 
 @stage_main
 def main(params):
-    pretrain_ahead.start_on_a_gpu()  # pretraining's step compiles while the tokens are made; it imports meanwhile
+    pretrain_ahead.start_on_a_gpu()  # where prepare did not rerun; pretraining's step compiles meanwhile
     save_tokenizer(train_tokenizer(texts(params.tokenizer.max_corpus_bytes), params.tokenizer), OUT)
-    pretrain_ahead.tokenizer_saved(load_tokenizer(OUT).get_vocab_size())  # what tokenize_corpus will read
 
 
 if __name__ == "__main__":

@@ -396,7 +396,7 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, 
     """For each stage of COMPILED_AHEAD, a work folder holding the repo's artifacts but the stage's own
     output, with the step compiled ahead into an empty compile cache of its own, as the pipeline does
     it: the four `stages.compile_ahead` processes at once, beside each other; pretrain's started as
-    the train_tokenizer stage starts it (`tinyllm.pretrain_ahead.start`) and waited for as the
+    the data stages start it (`tinyllm.pretrain_ahead.start`) and waited for as the
     pretrain stage waits. By stage: (the folder, its environment, the process's log file, the
     folder's files before it ran)."""
     # from the committed tiny run, not an earlier test's experiment (after the example corpora's run,
@@ -421,9 +421,7 @@ def compiled_ahead(repo, tmp_path_factory) -> dict[str, tuple[Path, dict, Path, 
         env = {"TORCHINDUCTOR_CACHE_DIR": str(work.parent / f"{work.name}-compile-cache")}
         before = sorted(work.rglob("*"))
         if stage == "pretrain":  # its log in the project's checkpoints/, the process in a session of its own
-            sh(work, sys.executable, "-c", "from tinyllm import pretrain_ahead; from tinyllm.data.tokenizer import "
-               "load_tokenizer; pretrain_ahead.start(); "
-               "pretrain_ahead.tokenizer_saved(load_tokenizer('artifacts/tokenizer').get_vocab_size())", env=env)
+            sh(work, sys.executable, "-c", "from tinyllm import pretrain_ahead; pretrain_ahead.start()", env=env)
             ahead[stage] = (work, env, work / "checkpoints/pretrain_ahead/log", before)
             continue
         log = work.parent / f"{work.name}.log"
@@ -463,8 +461,9 @@ def test_a_step_compiled_ahead_from_random_weights_is_the_one_its_stage_compiles
     work, env, log, before = compiled_ahead[stage]
     assert "graphs from the compile cache: 0 of" in log.read_text()  # it compiled, cold
     if stage == "pretrain":
-        before = sorted([*before, *(work / "checkpoints/pretrain_ahead/log").parents[:2], log])
-    assert sorted(work.rglob("*")) == before  # and wrote nothing in the project (but pretrain's log)
+        folder = work / "checkpoints/pretrain_ahead"
+        before = sorted([*before, work / "checkpoints", folder, folder / "params", log])
+    assert sorted(work.rglob("*")) == before  # and wrote nothing in the project (but pretrain's log and params)
     sh(work, sys.executable, "-m", f"stages.{stage}", env=env)
     metrics = json.loads((work / f"reports/metrics/{stage}.json").read_text())
     assert metrics["compile_cache_misses"] == 0 and metrics["compile_cache_hits"] > 0, metrics

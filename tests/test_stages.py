@@ -243,6 +243,10 @@ def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longe
     os.utime(pid_file, (written, written))
     assert pretrain_ahead.wait() < 0.5 and not pid_file.exists()  # started too long ago:
     assert sleeper.wait(timeout=10) == -signal.SIGKILL  # stopped, not left to compete with pretraining
+    digest = tmp_path / pretrain_ahead.FOLDER / "params"
+    digest.write_text("this run's params")  # a process of this run that compiled and ended before pretraining
+    (tmp_path / pretrain_ahead.FOLDER / "log").write_text("... first step done 30.2 s after the process started")
+    assert pretrain_ahead.wait() < 0.5 and not digest.exists()  # counted, and removed: the next run starts anew
     pid_file.write_text("1")
     pretrain_ahead.finished()
     assert pid_file.exists()  # another process's file
@@ -251,70 +255,44 @@ def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longe
     assert not pid_file.exists()
 
 
-def test_the_process_compiling_pretraining_ahead_waits_for_the_tokenizer_while_its_starter_runs(tmp_path, monkeypatch):
-    """train_tokenizer starts the process before it trains the tokenizer (so it imports torch
-    meanwhile), and the process waits for the vocabulary's size (`tokenizer_saved`). Here the
-    starter never sends it: the process waits as long as the starter lives, then ends without
-    compiling."""
+def test_each_data_stage_starts_pretrainings_compile_ahead_unless_one_for_these_params_runs_or_compiled(
+        tmp_path, monkeypatch):
+    """prepare and train_tokenizer both call `pretrain_ahead.start`: the second keeps the process the
+    first started for the same params.yaml, running or done compiling, and replaces one started for
+    other params (stopped: its graphs are not this run's)."""
+    import hashlib
+    import signal
 
     from tinyllm import pretrain_ahead
 
-    write_params(tmp_path, runtime={"device": "cpu", "compile": True})
+    write_params(tmp_path, runtime={"device": "cpu", "compile": False})  # the real process ends at once
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    starts_and_lives_on = "import time; from tinyllm import pretrain_ahead; pretrain_ahead.start(); time.sleep(6)"
-    starter = subprocess.Popen([sys.executable, "-c", starts_and_lives_on])
     pid_file, log = pretrain_ahead.FOLDER / "pid", pretrain_ahead.FOLDER / "log"
+    pretrain_ahead.start()
+    first = int(pid_file.read_text())
+    deadline = time.monotonic() + 120
+    while pid_file.exists() and time.monotonic() < deadline:  # the process removes it as it ends
+        time.sleep(0.1)
+    assert "its step is not compiled ahead with these params" in log.read_text()
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # stages.compile_ahead"],
+                                start_new_session=True)
     try:
-        while True:  # the process imports, then waits as long as the starter runs
-            output = log.read_text(errors="replace") if log.exists() else ""
-            if starter.poll() is not None:  # (what was read before it ended)
-                break
-            assert "waited" not in output
-            time.sleep(0.1)
-        deadline = time.monotonic() + 180
-        while pid_file.exists() and time.monotonic() < deadline:  # the process removes it as it ends
-            time.sleep(0.1)
-        output = log.read_text(errors="replace")
-        assert not pid_file.exists(), output
+        pid_file.write_text(str(stand_in.pid))  # one for these params, still compiling
+        pretrain_ahead.start()
+        assert pid_file.read_text() == str(stand_in.pid) and stand_in.poll() is None  # kept
+        write_params(tmp_path, runtime={"device": "cpu", "compile": False}, seed=7)  # another run's params
+        pretrain_ahead.start()
+        assert stand_in.wait(timeout=10) == -signal.SIGKILL  # stopped
+        assert int(pid_file.read_text()) not in (stand_in.pid, first)  # and a new one started
     finally:
-        starter.kill()
-        pretrain_ahead.stop()  # the process, if it still runs
-    assert "train_tokenizer ended without saving a tokenizer; nothing compiled" in output, output
-
-
-def test_the_vocabulary_comes_through_the_pipe_and_the_wait_limit_counts_from_then(tmp_path, monkeypatch):
-    """`vocabulary_from_starter` returns what `tokenizer_saved` sent once the pipe closes (None where
-    it closed empty: the starter failed), and dates the pid file, from which `wait` counts
-    WAIT_SECONDS: a long tokenizer training does not use them up. Sending to a process that has
-    ended is not an error."""
-    import threading
-
-    from tinyllm import pretrain_ahead
-
-    monkeypatch.chdir(tmp_path)
-    pid_file = pretrain_ahead.FOLDER / "pid"
-    pid_file.parent.mkdir(parents=True)
-    pid_file.write_text(str(os.getpid()))
-    for sent in (2048, None):
-        long_ago = time.time() - pretrain_ahead.WAIT_SECONDS - 1
-        os.utime(pid_file, (long_ago, long_ago))
-        reading, writing = os.pipe()
-        monkeypatch.setenv(pretrain_ahead.STARTER_FD, str(reading))
-        monkeypatch.setattr(pretrain_ahead, "_to_process", writing)
-        # the starter saves the tokenizer, or exits without one (its end closes)
-        timer = threading.Timer(0.5, pretrain_ahead.tokenizer_saved, [sent]) if sent else \
-            threading.Timer(0.5, os.close, [writing])
-        began = time.monotonic()
-        timer.start()
-        assert pretrain_ahead.vocabulary_from_starter() == sent
-        assert time.monotonic() - began > 0.4 and pretrain_ahead.STARTER_FD not in os.environ
-        assert time.time() - pid_file.stat().st_mtime < 5
-        timer.join()
-    reading, writing = os.pipe()
-    os.close(reading)  # a process that has ended already (its params do not compile ahead)
-    monkeypatch.setattr(pretrain_ahead, "_to_process", writing)
-    pretrain_ahead.tokenizer_saved(2048)  # and train_tokenizer goes on
+        stand_in.kill()
+        pretrain_ahead.stop()  # as pretraining does once it has waited: the digest goes too
+    assert not (pretrain_ahead.FOLDER / "params").exists()
+    (pretrain_ahead.FOLDER / "params").write_text(hashlib.sha256(Path("params.yaml").read_bytes()).hexdigest())
+    log.write_text("... first step done 31.0 s after the process started ...")  # one that compiled, ended
+    pretrain_ahead.start()
+    assert not pid_file.exists()  # kept: not started again
 
 
 def test_when_pretraining_fails_the_processes_compiling_ahead_are_stopped_at_once(tmp_path, monkeypatch):

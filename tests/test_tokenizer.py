@@ -16,6 +16,22 @@ def test_special_tokens_are_single_ids(tokenizer):
     assert tokenizer.decode(tokenizer.encode(f"a{IM_END}b").ids, skip_special_tokens=False) == f"a{IM_END}b"
 
 
+def test_the_vocabulary_is_filled_to_its_size_with_reserved_tokens_that_decode_to_nothing(tokenizer, tmp_path):
+    """BPE found fewer merges than asked for in the sample texts; the rest are reserved, special
+    tokens: the size is the param's (the model's shape follows from params), a reply holding one
+    decodes without it, and transformers reads them as special too."""
+    from tinyllm.data.tokenizer import RESERVED
+
+    assert tokenizer.get_vocab_size() == 400
+    last = tokenizer.id_to_token(399)
+    assert last.startswith("<|reserved_") and tokenizer.token_to_id(RESERVED.format(0)) < 399
+    ids = tokenizer.encode("你好").ids
+    assert tokenizer.decode([*ids, 399]) == "你好"
+    save_tokenizer(tokenizer, tmp_path)
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path))) == 400
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).decode([*ids, 399], skip_special_tokens=True) == "你好"
+
+
 def test_han_characters_are_never_merged_together(tokenizer):
     for piece in tokenizer.encode("李明住在杭州").tokens:
         assert len(tokenizer.decode([tokenizer.token_to_id(piece)])) <= 1

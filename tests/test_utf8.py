@@ -87,6 +87,22 @@ def test_sampling_with_the_guard_never_breaks_a_character(tokenizer):
     assert all(_valid_prefix(_raw_bytes(tokenizer, ids)) for ids in rows)
 
 
+def test_the_guard_never_allows_a_reserved_token_and_allows_chatml_between_characters(tokenizer):
+    """The tokenizer's reserved tokens (filling it to its size) were never trained: an untrained
+    model samples them (so the check can fail), a guarded one never does."""
+    from tinyllm.data.tokenizer import IM_END, RESERVED, special_id
+
+    reserved = {i for i in range(tokenizer.get_vocab_size()) if tokenizer.id_to_token(i).startswith(RESERVED[:11])}
+    guard = Utf8Guard.from_tokenizer(tokenizer)
+    assert reserved and not guard.table[:, sorted(reserved)].ge(0).any()
+    end = special_id(tokenizer, IM_END)
+    assert guard.table[0, end] == 0 and guard.table[1:, end].lt(0).all()
+    model = _random_model(tokenizer)
+    prompt = tokenizer.encode("李明住在").ids
+    assert any(reserved & set(generate(model, prompt, 40, temperature=1.5, seed=s)) for s in range(5))
+    assert not any(reserved & set(generate(model, prompt, 40, temperature=1.5, seed=s, utf8=guard)) for s in range(5))
+
+
 def test_greedy_decoding_is_unchanged_where_it_was_already_valid(tokenizer):
     model = _random_model(tokenizer, seed=1)
     guard = Utf8Guard.from_tokenizer(tokenizer)

@@ -83,7 +83,8 @@ class DataConfig:
 @dataclass(kw_only=True, frozen=True)
 class TokenizerConfig:
     vocab_size: int = 1024
-    """Target BPE vocabulary size, special tokens included."""
+    """The vocabulary's size, special tokens included: BPE's tokens, then reserved ones where BPE
+    found fewer, so the model's shape follows from params (tinyllm/data/tokenizer.py)."""
     min_frequency: int = 2
     """A pair must occur this often to be merged."""
     split_han: bool = True

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from tinyllm.config import ModelConfig
-from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, SPECIAL_TOKENS, load_tokenizer, special_id
+from tinyllm.data.tokenizer import ENDOFTEXT, IM_END, load_tokenizer, special_id
 from tinyllm.errors import UserError
 from tinyllm.train.checkpoint import is_checkpoint, load_model
 
@@ -190,9 +190,10 @@ def _add_tokenizer(writer, tok, vocab_size: int, ckpt_dir: Path) -> None:
                         f"vocabulary of {vocab_size}")
     tokens = [""] * vocab_size
     types = [gguf.TokenType.UNUSED] * vocab_size  # rows beyond the tokenizer (none with our trainer)
+    special = {index for index, token in tok.get_added_tokens_decoder().items() if token.special}  # ChatML's, reserved
     for text, index in vocab.items():
         tokens[index] = text
-        types[index] = gguf.TokenType.CONTROL if text in SPECIAL_TOKENS else gguf.TokenType.NORMAL
+        types[index] = gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
     for index in range(len(vocab), vocab_size):
         tokens[index] = f"[PAD{index}]"
     model = json.loads(tok.to_str())["model"]

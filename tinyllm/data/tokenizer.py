@@ -7,6 +7,11 @@
 Byte-level means any string round-trips (emoji, unseen scripts). With `split_han`, every Han
 character is its own pre-token, so merges never cross Chinese characters: on a small templated
 corpus, BPE otherwise fuses "name + 住在 + city" into single tokens and facts stop sharing tokens.
+
+The vocabulary has exactly `vocab_size` tokens: where BPE finds fewer merges than asked for (the
+default world: 1,902 of 2,048), reserved special tokens fill the rest, as Llama 3 reserves some.
+So the model's shape follows from params alone, and pretraining's step can compile on a GPU before
+the tokenizer exists (`tinyllm/pretrain_ahead.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+RESERVED = "<|reserved_{}|>"
+"""The filling tokens' names. Special, like the ChatML ones: decoding drops them."""
 
 # ChatML: every message is <|im_start|>role\ncontent<|im_end|>\n; generation continues after
 # "<|im_start|>assistant\n" and a finished reply ends with <|im_end|>.
@@ -52,7 +59,8 @@ def _pre_tokenizer(split_han: bool, split_digits: int):
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
-    """Train a byte-level BPE on `texts` (any iterable; it is streamed, not held in memory)."""
+    """Train a byte-level BPE on `texts` (any iterable; it is streamed, not held in memory), filled to
+    `cfg.vocab_size` tokens with reserved ones."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = _pre_tokenizer(cfg.split_han, cfg.split_digits)
     tok.decoder = decoders.ByteLevel()
@@ -64,6 +72,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([RESERVED.format(i) for i in range(cfg.vocab_size - tok.get_vocab_size())])
     return tok
 
 

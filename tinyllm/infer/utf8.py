@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
+from tinyllm.data.tokenizer import SPECIAL_TOKENS
+
 # States: (lowest, highest) byte allowed next, and the state after it. State 0 expects a new character.
 _CONTINUATION = {
     1: ((0x80, 0xBF), 0),  # the last continuation byte
@@ -89,7 +91,8 @@ class Utf8Guard:
     def from_tokenizer(cls, tok: Tokenizer, device: torch.device | str = "cpu", vocab_size: int | None = None
                        ) -> Utf8Guard:
         """The table for a byte-level BPE tokenizer. Ids past the tokenizer (a model's padded
-        vocabulary) are never allowed."""
+        vocabulary) and its reserved tokens (never trained) are never allowed; ChatML's special
+        tokens only between characters."""
         size = vocab_size or tok.get_vocab_size()
         table = torch.full((N_STATES, size), -1, dtype=torch.long)
         special = {t.content for t in tok.get_added_tokens_decoder().values()}
@@ -97,7 +100,8 @@ class Utf8Guard:
             if token >= size:
                 continue
             if tok.id_to_token(token) in special:
-                table[0, token] = 0
+                if tok.id_to_token(token) in SPECIAL_TOKENS:
+                    table[0, token] = 0
                 continue
             for state in range(N_STATES):
                 after = next_state(state, data)
