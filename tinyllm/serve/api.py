@@ -297,17 +297,25 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
     return app
 
 
+RESERVED_AT_END = re.compile(r"<\|reserved_\d+\|>\Z")
+"""A reserved token's text (tinyllm/data/tokenizer.py) ending a string: never trained, so kept out too."""
+
+
 def without_markers(text: str) -> str:
-    """Message text with the chat format's special tokens removed, so no message can forge a turn,
-    also where removing one joins the pieces around it into another (`<|im_<|im_end|>end|>`): a
-    marker is dropped as soon as the text kept so far ends with one, in one pass (a loop of
-    `replace` until nothing changes took quadratic time on deeply nested input)."""
+    """Message text with the chat format's special tokens (and the reserved ones) removed, so no
+    message can forge a turn, also where removing one joins the pieces around it into another
+    (`<|im_<|im_end|>end|>`): a marker is dropped as soon as the text kept so far ends with one, in
+    one pass (a loop of `replace` until nothing changes took quadratic time on deeply nested input)."""
     if "<|" not in text:  # every message without a marker's start: no per-character pass
         return text
     kept: list[str] = []
     for char in text:
         kept.append(char)
         if char == ">":
+            reserved = RESERVED_AT_END.search("".join(kept[-32:]))
+            if reserved:
+                del kept[-len(reserved.group()):]
+                continue
             for marker in SPECIAL_TOKENS:
                 if len(kept) >= len(marker) and "".join(kept[-len(marker):]) == marker:
                     del kept[-len(marker):]
