@@ -211,40 +211,53 @@ def test_pretraining_waits_for_the_process_compiling_its_step_ahead_and_no_longe
     """tinyllm/pretrain_ahead.py: `wait` returns once the process in the pid file has ended, a zombie
     counting as ended (an orphan's reaper may be slow), and removes the file; it does not wait for a
     pid that is gone or another program's, nor past WAIT_SECONDS from the file's writing (it stops
-    the process then). The process removes its own file."""
+    the process then), nor for one compiling for other params (stopped at once: an earlier run's).
+    One for these params that ended before counts, and its digest goes. The process removes its own
+    pid file."""
+    import hashlib
     import signal
     import time
 
     from tinyllm import pretrain_ahead
 
+    write_params(tmp_path, seed=1)
     monkeypatch.chdir(tmp_path)
     assert pretrain_ahead.wait() == 0.0  # none was started
-    pid_file = tmp_path / pretrain_ahead.FOLDER / "pid"
+    pid_file, digest = tmp_path / pretrain_ahead.FOLDER / "pid", tmp_path / pretrain_ahead.FOLDER / "params"
     pid_file.parent.mkdir(parents=True)
 
     def stand_in(seconds, named=True):  # a process that runs as long as the compile would
         code = f"import time; time.sleep({seconds})" + ("  # stages.compile_ahead" if named else "")
         return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
 
+    def started(pid, params=None):  # as `start` leaves it, for these params or others
+        digest.write_text(hashlib.sha256(params or Path("params.yaml").read_bytes()).hexdigest())
+        pid_file.write_text(str(pid))
+
     sleeper = stand_in(1.5)
-    pid_file.write_text(str(sleeper.pid))
+    started(sleeper.pid)
     assert 1.2 < pretrain_ahead.wait() < 10 and not pid_file.exists()  # until it ended; unreaped, a zombie
+    assert not digest.exists()
     sleeper.wait()
-    pid_file.write_text(str(sleeper.pid))
+    started(sleeper.pid)
     assert pretrain_ahead.wait() < 0.5 and not pid_file.exists()  # gone
     other = stand_in(60, named=False)  # a stale file's pid, now another program's: neither waited for nor stopped
-    pid_file.write_text(str(other.pid))
+    started(other.pid)
     assert pretrain_ahead.wait() < 0.5 and other.poll() is None
     other.kill()
     other.wait()
     sleeper = stand_in(60)
-    pid_file.write_text(str(sleeper.pid))
+    started(sleeper.pid)
     written = time.time() - pretrain_ahead.WAIT_SECONDS - 1
     os.utime(pid_file, (written, written))
     assert pretrain_ahead.wait() < 0.5 and not pid_file.exists()  # started too long ago:
     assert sleeper.wait(timeout=10) == -signal.SIGKILL  # stopped, not left to compete with pretraining
-    digest = tmp_path / pretrain_ahead.FOLDER / "params"
-    digest.write_text("this run's params")  # a process of this run that compiled and ended before pretraining
+    sleeper = stand_in(60)
+    started(sleeper.pid, params=b"seed: 2\n")  # an earlier run's, for other params, still compiling
+    assert pretrain_ahead.wait() == 0.0 and not pid_file.exists() and not digest.exists()
+    assert sleeper.wait(timeout=10) == -signal.SIGKILL
+    started(12345678)  # for these params, compiled and ended before pretraining (its pid file gone)
+    pid_file.unlink()
     (tmp_path / pretrain_ahead.FOLDER / "log").write_text("... first step done 30.2 s after the process started")
     assert pretrain_ahead.wait() < 0.5 and not digest.exists()  # counted, and removed: the next run starts anew
     pid_file.write_text("1")

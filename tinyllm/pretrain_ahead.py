@@ -57,14 +57,12 @@ def start() -> None:
     outlives this stage, and write its pid where `wait` finds it; unless one for the same params.yaml
     runs or has compiled (an earlier data stage of this run started it). One for other params is
     stopped first: its graphs would not be this run's."""
-    params, kept = hashlib.sha256(PARAMS.read_bytes()).hexdigest(), FOLDER / "params"
     started = _started()
-    if kept.is_file() and kept.read_text() == params and (
-            started is not None and _running(started[0]) or "first step done" in _output()):
+    if _for_these_params() and (started is not None and _running(started[0]) or "first step done" in _output()):
         return
     stop()
     FOLDER.mkdir(parents=True, exist_ok=True)
-    kept.write_text(params)
+    (FOLDER / "params").write_text(_digest())
     with open(FOLDER / "log", "wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", "pretrain"],
                                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
@@ -84,11 +82,13 @@ def wait() -> float:
     file's time, when the process started (then stop it: pretraining compiles for itself,
     and the process would only compete with it); return the seconds waited (0 where none was
     started, or it has ended). Logs the wait, and the end of the process's output where it did not
-    compile the step. A process of this run (its params digest is there) that ended before counts
-    the same: its files are removed, so the next run starts anew."""
-    started = _started()
-    if started is None and not (FOLDER / "params").exists():
+    compile the step. A process for these params that ended before counts the same; its files are
+    removed, so the next run starts anew. One for other params (an earlier run's data stages started
+    it, and its pretraining did not run) is stopped without a wait: its graphs are not this run's."""
+    if not _for_these_params():
+        stop()
         return 0.0
+    started = _started()
     begun = time.monotonic()
     if started is not None:
         pid, since = started
@@ -116,6 +116,16 @@ def stop() -> None:
             os.killpg(started[0], signal.SIGKILL)
     (FOLDER / "pid").unlink(missing_ok=True)
     (FOLDER / "params").unlink(missing_ok=True)
+
+
+def _digest() -> str:
+    return hashlib.sha256(PARAMS.read_bytes()).hexdigest()
+
+
+def _for_these_params() -> bool:
+    """Whether the process `start` began last (if any) compiles for the params.yaml here."""
+    kept = FOLDER / "params"
+    return kept.is_file() and kept.read_text() == _digest()
 
 
 def _output() -> str:
