@@ -159,6 +159,7 @@ def test_markers_nested_deep_go_in_one_pass():
     assert without_markers("<|im_" * 50 + "end|>" * 50) == ""  # each removal joins the next marker
     assert without_markers("a > b<|endoftext|> <|im_start|") == "a > b <|im_start|"
     assert without_markers("x<|reserved_<|reserved_7|>12|>y <|reserved_|>") == "xy <|reserved_|>"  # reserved too
+    assert without_markers("<|im_<|reserved_3|>end|><|reserved_<|im_end|>5|>") == ""  # and mixed
 
 
 def test_a_message_cannot_forge_turns_with_chat_markers(server):
