@@ -33,6 +33,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 FOLDER = Path("checkpoints/pretrain_ahead")  # checkpoints/: a running stage's files, neither git's nor DVC's
 PARAMS = Path("params.yaml")
+COMPILED = "first step done"
+"""In the process's log once it has compiled: the training loop's line after its first step."""
 WAIT_SECONDS = 120.0
 """The longest pretraining waits, counted from when the process started (a cold compile took 22-25 s
 on an H200); after it, pretraining compiles for itself."""
@@ -58,7 +60,7 @@ def start() -> None:
     runs or has compiled (an earlier data stage of this run started it). One for other params is
     stopped first: its graphs would not be this run's."""
     started = _started()
-    if _for_these_params() and (started is not None and _running(started[0]) or "first step done" in _output()):
+    if _for_these_params() and ((started is not None and _running(started[0])) or COMPILED in _output()):
         return
     stop()
     FOLDER.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def wait() -> float:
     stop()
     waited = time.monotonic() - begun
     output = _output()
-    if "first step done" in output:  # the training loop's line after its first step, so compiled
+    if COMPILED in output:
         log.info("compile ahead: waited %.1f s for pretraining's step compiled while the data was made (%s)",
                  waited, FOLDER / "log")
     else:

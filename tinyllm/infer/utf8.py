@@ -99,8 +99,9 @@ class Utf8Guard:
         for token, data in token_bytes(tok).items():
             if token >= size:
                 continue
-            if tok.id_to_token(token) in special:
-                if tok.id_to_token(token) in SPECIAL_TOKENS:
+            piece = tok.id_to_token(token)
+            if piece in special:
+                if piece in SPECIAL_TOKENS:  # (a reserved one never)
                     table[0, token] = 0
                 continue
             for state in range(N_STATES):

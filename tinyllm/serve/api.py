@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tinyllm.data.tokenizer import SPECIAL_TOKENS, render_chat
+from tinyllm.data.tokenizer import RESERVED, SPECIAL_TOKENS, render_chat
 from tinyllm.infer.batcher import Finish, InvalidRequest, Piece, QueueFull, Request, TokenLogprob
 from tinyllm.infer.utf8 import token_bytes
 from tinyllm.serve.engine import EngineProcess, EngineStopped
@@ -297,8 +297,10 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_queue:
     return app
 
 
-RESERVED_AT_END = re.compile(r"<\|reserved_\d+\|>\Z")
-"""A reserved token's text (tinyllm/data/tokenizer.py) ending a string: never trained, so kept out too."""
+MARKER_AT_END = re.compile("(?:" + "|".join([*map(re.escape, SPECIAL_TOKENS),
+                                              re.escape(RESERVED).replace(re.escape("{}"), r"\d+")]) + r")\Z")
+"""A special token's text ending a string: ChatML's, or a reserved one (tinyllm/data/tokenizer.py;
+never trained, so kept out too)."""
 
 
 def without_markers(text: str) -> str:
@@ -312,14 +314,9 @@ def without_markers(text: str) -> str:
     for char in text:
         kept.append(char)
         if char == ">":
-            reserved = RESERVED_AT_END.search("".join(kept[-32:]))
-            if reserved:
-                del kept[-len(reserved.group()):]
-                continue
-            for marker in SPECIAL_TOKENS:
-                if len(kept) >= len(marker) and "".join(kept[-len(marker):]) == marker:
-                    del kept[-len(marker):]
-                    break
+            marker = MARKER_AT_END.search("".join(kept[-32:]))  # (a reserved one's index has at most 19 digits)
+            if marker:
+                del kept[-len(marker.group()):]
     return "".join(kept)
 
 
