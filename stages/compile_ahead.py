@@ -136,8 +136,8 @@ def compile_pretraining(params) -> None:
         with tempfile.TemporaryDirectory() as folder:
             tokens = random_tokens(Path(folder) / "tokens", vocab_size,
                                    {split: n * window for split, n in rows.items()})
-            # (no tokenizer for its checkpoint: the data stages may be writing it)
-            run_pretrain(one_step(params, "pretrain"), tokens, Path(folder) / "no_tokenizer", Path(folder) / "out")
+            # no tokenizer in its checkpoint: the data stages may be writing it
+            run_pretrain(one_step(params, "pretrain"), tokens, None, Path(folder) / "out")
     finally:
         pretrain_ahead.finished()
 

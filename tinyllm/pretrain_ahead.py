@@ -59,12 +59,12 @@ def start() -> None:
     outlives this stage, and write its pid where `wait` finds it; unless one for the same params.yaml
     runs or has compiled (an earlier data stage of this run started it). One for other params is
     stopped first: its graphs would not be this run's."""
-    started = _started()
-    if _for_these_params() and ((started is not None and _running(started[0])) or COMPILED in _output()):
+    started, digest = _started(), _digest()
+    if _kept_digest() == digest and ((started is not None and _running(started[0])) or COMPILED in _output()):
         return
     stop()
     FOLDER.mkdir(parents=True, exist_ok=True)
-    (FOLDER / "params").write_text(_digest())
+    (FOLDER / "params").write_text(digest)
     with open(FOLDER / "log", "wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "stages.compile_ahead", "pretrain"],
                                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
@@ -87,7 +87,7 @@ def wait() -> float:
     compile the step. A process for these params that ended before counts the same; its files are
     removed, so the next run starts anew. One for other params (an earlier run's data stages started
     it, and its pretraining did not run) is stopped without a wait: its graphs are not this run's."""
-    if not _for_these_params():
+    if _kept_digest() != _digest():
         stop()
         return 0.0
     started = _started()
@@ -121,13 +121,14 @@ def stop() -> None:
 
 
 def _digest() -> str:
+    """The params.yaml here, as `start` keeps it beside the pid."""
     return hashlib.sha256(PARAMS.read_bytes()).hexdigest()
 
 
-def _for_these_params() -> bool:
-    """Whether the process `start` began last (if any) compiles for the params.yaml here."""
+def _kept_digest() -> str | None:
+    """The digest of the params.yaml the process `start` began last compiles for (None: none)."""
     kept = FOLDER / "params"
-    return kept.is_file() and kept.read_text() == _digest()
+    return kept.read_text() if kept.is_file() else None
 
 
 def _output() -> str:

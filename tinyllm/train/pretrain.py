@@ -30,9 +30,10 @@ def build_model(params: Params, vocab_size: int) -> Transformer:
     return Transformer(dataclasses.replace(params.model, vocab_size=vocab_size))
 
 
-def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path, out_dir: Path,
+def run_pretrain(params: Params, token_dir: Path, tokenizer_dir: Path | None, out_dir: Path,
                  run: TrainingRun | None = None) -> dict:
-    """Train from scratch on the token shards; save the final checkpoint to `out_dir` (rank 0).
+    """Train from scratch on the token shards; save the final checkpoint to `out_dir` (rank 0), with
+    the tokenizer's files from `tokenizer_dir` (None: without them).
 
     Under torchrun each of the N processes takes pretrain.batch_size / N rows of every batch, so
     the global batch, and the losses, are the same for any N.
